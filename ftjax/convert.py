@@ -1,0 +1,82 @@
+"""Format conversion (Hugging Face directory <-> Orbax) and `inspect`: whole-checkpoint operations over io."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftjax.config import ModelConfig
+from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path, save_hf
+from ftjax.io.orbax import is_orbax_dir, read_manifest, restore_orbax, save_orbax
+from ftjax.params import check_params, model_tensor_names
+
+
+def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = False) -> Path:
+    """HF directory -> ftjax Orbax directory (`to="orbax"`) or back (`to="hf"`); tensors bit-exact.
+
+    config.json and the tokenizer / generation files travel along verbatim. A redundant `lm_head.weight`
+    of a tied model is dropped, as the HF writer would.
+    """
+    dst = Path(dst)
+    if to == "orbax":
+        ckpt = HFCheckpoint(src)
+        cfg = ModelConfig.from_hf(ckpt.config)
+        flat = {n: np.asarray(ckpt.get(n)) for n in model_tensor_names(ckpt, cfg)}
+        check_params(flat, cfg, source=str(ckpt.path))
+        return save_orbax(flat, dst, config=ckpt.config, aux_from=ckpt.path, overwrite=overwrite, inputs=[ckpt.path])
+    if to == "hf":
+        src = Path(src)
+        if not is_orbax_dir(src):
+            raise FtjaxError(f"{src} is not an ftjax Orbax checkpoint; convert a Hugging Face directory with --to orbax")
+        config, flat = restore_orbax(src)
+        tensors = {n: np.asarray(x) for n, x in flat.items()}
+        check_params(tensors, ModelConfig.from_hf(config), source=str(src))
+        return save_hf(dst, tensors, config=config, aux_from=src, overwrite=overwrite, inputs=[src])
+    raise FtjaxError(f"unknown conversion target {to!r}; use 'orbax' or 'hf'")
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Summary of a checkpoint (HF directory, cached Hub id, or ftjax Orbax directory) as a JSON-able dict."""
+    if is_orbax_dir(path):
+        import json
+
+        config = json.loads((Path(path) / "config.json").read_text())
+        shapes = {n: (dt, shape) for n, (dt, shape) in read_manifest(path).items()}
+        files = [str(Path(path) / "params")]
+        kind = "orbax"
+    else:
+        ckpt = HFCheckpoint(resolve_model_path(path))
+        config = ckpt.config
+        shapes = {n: (ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names()}
+        files = [f.name for f in ckpt.files]
+        kind = "huggingface"
+        path = ckpt.path
+    cfg = ModelConfig.from_hf(config)
+    dtypes: dict[str, int] = collections.Counter()
+    params = nbytes = 0
+    for dt, shape in shapes.values():
+        n = int(np.prod(shape, dtype=np.int64))
+        params += n
+        nbytes += n * np.dtype(dt).itemsize
+        dtypes[str(np.dtype(dt))] += n
+    return {
+        "path": str(path),
+        "format": kind,
+        "family": cfg.model_type,
+        "architecture": ", ".join(config.get("architectures") or [cfg.model_type]),
+        "parameters": params,
+        "bytes": nbytes,
+        "dtypes": dict(dtypes),
+        "tensors": len(shapes),
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "lm_head_in_file": "lm_head.weight" in shapes,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": f"{cfg.num_heads} query / {cfg.num_kv_heads} kv, head_dim {cfg.head_dim}",
+        "vocab_size": cfg.vocab_size,
+        "files": files,
+    }

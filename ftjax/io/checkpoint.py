@@ -1,0 +1,471 @@
+"""Hugging Face model directories: lazy sharded reads, sharded streaming writes, atomic output.
+
+Weight files are chosen only through `model.safetensors.index.json` (its `weight_map`) or a single
+`model.safetensors`, never by globbing: repos such as Mistral's also ship `consolidated.safetensors`
+with different tensor names. PyTorch pickles (`*.bin`, `*.pth`) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ftjax.errors import FtjaxError
+from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+_NOT_AUX = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time.
+
+    HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub.
+    """
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
+        home = env.get("HF_HOME") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+        )
+        cache = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def resolve_model_path(path_or_repo_id: str | os.PathLike) -> Path:
+    """An existing local model directory, or a Hub repo id ("org/name[@revision]") found in the local
+    HF cache (offline only: never touches the network). FtjaxError otherwise."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FtjaxError(f"{path}: is a file; expected a Hugging Face model directory (with config.json)")
+    text = str(path_or_repo_id)
+    cache = hub_cache_dir()
+    if _REPO_ID.match(text):
+        repo_id, _, revision = text.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+        except Exception:  # not cached, incomplete snapshot, invalid id: all mean "not usable offline"
+            pass
+    raise FtjaxError(
+        f"{text}: neither a directory nor a Hub repo in the local cache {cache}; "
+        f"give a model directory, or download it first (e.g. `hf download {text}`)"
+    )
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FtjaxError(f"{path}: {what} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise FtjaxError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def _no_weights_error(path: Path) -> FtjaxError:
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        return FtjaxError(
+            f"{path}: only PyTorch pickle weights ({', '.join(pickles[:3])}) and no {SINGLE_FILE} or {INDEX_FILE}; "
+            "ftjax never unpickles. Convert once with transformers: "
+            f"AutoModelForCausalLM.from_pretrained('{path}').save_pretrained(OUT, safe_serialization=True)"
+        )
+    others = [f for f in files if f.endswith(".safetensors")]
+    hint = f" (found {', '.join(others[:3])}, which is not the Hugging Face layout)" if others else ""
+    return FtjaxError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}; not a Hugging Face safetensors checkpoint")
+
+
+def aux_files(path: Path) -> list[Path]:
+    """Non-weight files of a model directory to carry along (config, tokenizer, chat template, ...)."""
+    return sorted(
+        p
+        for p in Path(path).iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in _NOT_AUX
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
+    )
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory (or cached Hub repo), read lazily: shard headers are opened on
+    first use, tensors are read-only memory-mapped views."""
+
+    def __init__(self, path_or_repo_id: str | os.PathLike):
+        self.path = resolve_model_path(path_or_repo_id)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise FtjaxError(f"{self.path}: no config.json; not a Hugging Face model directory")
+        self.config: dict = _read_json(config_path, "config.json")
+        if not isinstance(self.config, dict):
+            raise FtjaxError(f"{config_path}: config.json must be a JSON object")
+        self._shards: dict[str, SafetensorsFile] = {}
+        self._index_path: Path | None = None
+        index_path = self.path / INDEX_FILE
+        if index_path.is_file():
+            self._weight_map = self._read_index(index_path)
+        elif (self.path / SINGLE_FILE).is_file():
+            f = self._shards[SINGLE_FILE] = SafetensorsFile(self.path / SINGLE_FILE)
+            self._weight_map = {name: SINGLE_FILE for name in f.names()}
+        else:
+            raise _no_weights_error(self.path)
+
+    def _read_index(self, index_path: Path) -> dict[str, str]:
+        self._index_path = index_path
+        index = _read_json(index_path, "index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FtjaxError(f"{index_path}: has no \"weight_map\" object; corrupt index")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or ".." in shard:
+                raise FtjaxError(
+                    f"{index_path}: tensor {name!r} maps to shard {shard!r}, which is not a plain file name "
+                    "in the model directory"
+                )
+        for shard in dict.fromkeys(weight_map.values()):
+            if not (self.path / shard).is_file():
+                raise FtjaxError(f"{index_path}: names shard {shard!r}, which does not exist in {self.path}")
+        return dict(weight_map)
+
+    def _shard(self, name: str) -> SafetensorsFile:
+        try:
+            shard = self._weight_map[name]
+        except KeyError:
+            raise FtjaxError(f"{self.path}: checkpoint has no tensor {name!r}") from None
+        f = self._shards.get(shard)
+        if f is None:
+            f = self._shards[shard] = SafetensorsFile(self.path / shard)
+        if name not in f:
+            raise FtjaxError(f"{self._index_path}: lists tensor {name!r} in {f.path}, but that file does not contain it")
+        return f
+
+    def names(self) -> list[str]:
+        """Tensor names in checkpoint order (index order, or file order for a single file)."""
+        return list(self._weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def info(self, name: str) -> TensorInfo:
+        """Name, dtype and shape of tensor `name`."""
+        return self._shard(name).info(name)
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as a read-only zero-copy memmap view (stored dtype, HF layout)."""
+        return self._shard(name).get(name)
+
+    def get_slice(self, name: str, index: Any) -> np.ndarray:
+        """A basic-indexing view of tensor `name`, e.g. `(slice(r0, r1),)` for a block of rows."""
+        return self._shard(name).get_slice(name, index)
+
+    def file_of(self, name: str) -> Path:
+        """The shard file holding tensor `name`."""
+        return self._shard(name).path
+
+    @property
+    def files(self) -> list[Path]:
+        """Weight files in first-use order of the index (or the single file)."""
+        return [self.path / s for s in dict.fromkeys(self._weight_map.values())]
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of tensor data sizes in bytes (opens every shard header)."""
+        return sum(self.info(name).nbytes for name in self._weight_map)
+
+    def aux_files(self) -> list[Path]:
+        """Non-weight files to carry along (config.json, tokenizer*, generation_config.json, ...)."""
+        return aux_files(self.path)
+
+    def close(self) -> None:
+        """Close all opened shards (views already handed out stay valid)."""
+        for f in self._shards.values():
+            f.close()
+        self._shards.clear()
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HFCheckpoint({str(self.path)!r}, {len(self._weight_map)} tensors)"
+
+
+def plan_shards(infos: Sequence[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Split `infos` in order into shards of at most `max_shard_bytes` (greedy; a bigger tensor
+    gets a shard of its own). Always at least one (possibly empty) shard."""
+    if max_shard_bytes <= 0:
+        raise FtjaxError(f"max shard size must be positive, got {max_shard_bytes} bytes")
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+class HFCheckpointWriter:
+    """Writes a Hugging Face safetensors checkpoint into `dir`, streaming, in the order of `infos`.
+
+    One shard -> `model.safetensors`; several -> `model-0000i-of-0000N.safetensors` plus
+    `model.safetensors.index.json`. `write(name, array)` takes the whole tensor or consecutive
+    leading-axis row chunks. `close()` checks completeness, fsyncs and writes the index.
+    """
+
+    def __init__(
+        self,
+        dir: str | os.PathLike,
+        infos: Sequence[TensorInfo],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.dir = Path(dir)
+        self.infos = list(infos)
+        self.shards = plan_shards(self.infos, max_shard_bytes)
+        n = len(self.shards)
+        self.filenames = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._metadata = {"format": "pt"} if metadata is None else metadata
+        self._shard_of = {info.name: i for i, shard in enumerate(self.shards) for info in shard}
+        self._current = -1
+        self._writer: SafetensorsWriter | None = None
+        self._closed = False
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _open(self, i: int) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._current = i
+        self._writer = SafetensorsWriter(self.dir / self.filenames[i], self.shards[i], self._metadata)
+
+    def write(self, name: str, array: Any) -> None:
+        """Append `array` (the whole tensor or its next row chunk) to tensor `name`."""
+        if self._closed:
+            raise FtjaxError(f"{self.dir}: checkpoint writer is closed")
+        i = self._shard_of.get(name)
+        if i is None:
+            raise FtjaxError(f"{self.dir}: tensor {name!r} is not in the planned checkpoint")
+        while self._current < i:  # earlier shards get closed (and checked complete) on the way
+            self._open(self._current + 1)
+        if i < self._current:
+            raise FtjaxError(f"{self.dir}: tensor {name!r} written out of order (its shard is already closed)")
+        self._writer.write(name, array)
+
+    def close(self) -> None:
+        """Finish every shard, check all tensors were written, write the index if sharded."""
+        if self._closed:
+            return
+        while self._current < len(self.shards) - 1:
+            self._open(self._current + 1)
+        self._writer.close()
+        self._closed = True
+        if len(self.shards) > 1:
+            weight_map = {info.name: self.filenames[i] for i, s in enumerate(self.shards) for info in s}
+            index = {
+                "metadata": {"total_size": sum(info.nbytes for info in self.infos)},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            write_json(self.dir / INDEX_FILE, index)
+
+    def abort(self) -> None:
+        """Stop and remove every file this writer created."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.abort()
+        for name in self.filenames[: self._current + 1] + [INDEX_FILE]:
+            (self.dir / name).unlink(missing_ok=True)
+
+    def __enter__(self) -> "HFCheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _raise_enospc(e: OSError, fallback: Path) -> None:
+    if e.errno == errno.ENOSPC:
+        raise FtjaxError(f"no space left on device while writing {e.filename or fallback}") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON (HF style) and fsync; ENOSPC -> FtjaxError naming the file."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _raise_enospc(e, path)
+        raise FtjaxError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike, skip: Iterable[str] = ()) -> list[Path]:
+    """Copy the non-weight files of model dir `src` into `dst` (following cache symlinks), except
+    the names in `skip`. Returns the written paths."""
+    skip = set(skip)
+    written = []
+    for p in aux_files(Path(src)):
+        if p.name in skip:
+            continue
+        target = Path(dst) / p.name
+        try:
+            shutil.copyfile(p, target)
+        except OSError as e:
+            _raise_enospc(e, target)
+            raise FtjaxError(f"{p}: cannot copy to {target}: {e.strerror or e}") from None
+        written.append(target)
+    return written
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(out: Path) -> None:
+    """Remove `.<name>.ftjax-tmp-<pid>` (and `-old-` if out exists) left by dead processes."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.ftjax-(tmp|old)-(\d+)$")
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "tmp" or out.exists():  # an orphaned -old- may be the only copy: keep it
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_not_nested(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    real_out = Path(os.path.realpath(out))
+    for inp in inputs:
+        if inp is None:
+            continue
+        real_in = Path(os.path.realpath(inp))
+        if real_out == real_in or real_in in real_out.parents or real_out in real_in.parents:
+            raise FtjaxError(
+                f"output {out} is, contains or lies inside input {inp}; choose an output directory outside the inputs"
+            )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
+    """Yield a temp sibling `.<name>.ftjax-tmp-<pid>` to write into; on success fsync it and rename it
+    to `out` (an existing `out` is replaced only then, and only with `overwrite`); on any exception
+    remove it, leaving `out` untouched. Refuses an `out` equal to, inside, or containing an input."""
+    out = Path(os.path.abspath(out))
+    _check_not_nested(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FtjaxError(f"{out} already exists; pass --overwrite to replace it, or choose another output")
+        if not out.is_dir() or out.is_symlink():
+            raise FtjaxError(f"{out} exists and is not a directory; remove it or choose another output")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FtjaxError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    _remove_stale_siblings(out)
+    tmp = out.parent / f".{out.name}.ftjax-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _finish(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            _raise_enospc(e, tmp)
+        raise
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    """fsync `tmp`, then rename it to `out`, swapping out an existing `out` only at the very end."""
+    try:
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.ftjax-old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        _raise_enospc(e, tmp)
+        raise FtjaxError(f"cannot finish output {out}: {e.strerror or e} ({e.filename or tmp})") from None
+
+
+def save_hf(
+    out: str | os.PathLike,
+    tensors: dict[str, Any],
+    *,
+    config: dict,
+    aux_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Atomically write a HF checkpoint dir: `tensors` (flat HF names -> arrays, stored in their own
+    dtype, in dict order), `config` as config.json, and the aux files (tokenizer, ...) of `aux_from`."""
+    src = resolve_model_path(aux_from) if aux_from is not None else None
+    infos = [TensorInfo(name, np.dtype(a.dtype), tuple(a.shape)) for name, a in tensors.items()]
+    with atomic_output_dir(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
+        if src is not None:
+            copy_aux_files(src, tmp, skip=("config.json",))
+        write_json(tmp / "config.json", config)
+        with HFCheckpointWriter(tmp, infos, max_shard_bytes) as writer:
+            for name, array in tensors.items():
+                writer.write(name, np.asarray(array))
+    return Path(out)

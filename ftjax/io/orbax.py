@@ -1,0 +1,102 @@
+"""Orbax checkpoints of HF-named parameter trees, with the config and tokenizer files beside them.
+
+Layout of an ftjax Orbax directory:
+    DIR/config.json, tokenizer files, generation_config.json ...   (copied verbatim)
+    DIR/ftjax_orbax.json   {"format": "ftjax-orbax", "tensors": {name: {"dtype": ..., "shape": [...]}}}
+    DIR/params/            an `orbax.checkpoint.StandardCheckpointer` checkpoint of the nested tree
+The manifest lets a restore build its abstract target (shape, dtype, sharding) without reading Orbax
+metadata, whose Python API moves between releases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import atomic_output_dir, copy_aux_files
+from ftjax.io.safetensors import DTYPES, dtype_code
+
+MANIFEST = "ftjax_orbax.json"
+
+
+def is_orbax_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save_orbax(
+    flat: Mapping[str, Any],
+    out: str | Path,
+    *,
+    config: Mapping[str, Any],
+    aux_from: str | Path | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+) -> Path:
+    """Write flat HF-named tensors (numpy or jax arrays) as an ftjax Orbax directory, atomically."""
+    from ftjax.params import nest  # local import: params imports io
+
+    out = Path(out)
+    manifest = {
+        "format": "ftjax-orbax",
+        "tensors": {n: {"dtype": dtype_code(np.dtype(x.dtype)), "shape": list(x.shape)} for n, x in flat.items()},
+    }
+    all_inputs = [Path(p) for p in inputs] + ([Path(aux_from)] if aux_from else [])
+    with atomic_output_dir(out, overwrite=overwrite, inputs=all_inputs) as tmp:
+        if aux_from is not None:
+            copy_aux_files(Path(aux_from), tmp)
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save((tmp / "params").absolute(), nest(dict(flat)))
+        except OSError as e:
+            raise FtjaxError(f"writing Orbax checkpoint {out}/params failed: {e.strerror or e}") from None
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in an ftjax Orbax directory."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+        return {n: (DTYPES[t["dtype"]], tuple(t["shape"])) for n, t in manifest["tensors"].items()}
+    except FileNotFoundError:
+        raise FtjaxError(f"{path} is not an ftjax Orbax checkpoint (no {MANIFEST})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise FtjaxError(f"{file}: malformed manifest ({e})") from None
+
+
+def restore_orbax(
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """Restore (config dict, flat params) from an ftjax Orbax directory.
+
+    dtype: cast floating tensors on restore. sharding_for(name, shape): target sharding of each leaf
+    (default: the first device).
+    """
+    from ftjax.params import flatten, nest
+
+    path = Path(path)
+    tensors = read_manifest(path)
+    config = json.loads((path / "config.json").read_text())
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {}
+    for name, (dt, shape) in tensors.items():
+        leaf_dtype = np.dtype(dtype) if dtype is not None and np.issubdtype(dt, np.floating) else dt
+        sharding = sharding_for(name, shape) if sharding_for else device
+        abstract[name] = jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=sharding)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore((path / "params").absolute(), nest(abstract))
+    except (OSError, ValueError) as e:
+        raise FtjaxError(f"{path}/params: cannot restore Orbax checkpoint ({str(e).splitlines()[0]})") from None
+    return config, flatten(restored)

@@ -1,0 +1,248 @@
+"""Parameter pytrees with Hugging Face names: nest/flatten, load onto devices (optionally sharded), export.
+
+The tree mirrors checkpoint names: `model.layers.3.mlp.up_proj.weight` is
+`params["model"]["layers"]["3"]["mlp"]["up_proj"]["weight"]`, in the checkpoint's own `[out, in]` layout, so
+transfer, interpolation and export are identity maps. `lm_head` is absent when embeddings are tied.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ftjax.config import ModelConfig
+from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import HFCheckpoint, save_hf
+
+Params = dict[str, Any]
+LM_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+
+def nest(flat: Mapping[str, Any]) -> Params:
+    """`{"a.b.c": x}` -> `{"a": {"b": {"c": x}}}` (layer indices stay string keys)."""
+    tree: Params = {}
+    for name, leaf in flat.items():
+        *parents, last = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FtjaxError(f"tensor name {name!r} collides with another tensor's prefix")
+        node[last] = leaf
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of `nest`: nested dict -> `{"a.b.c": leaf}`, in insertion order."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def model_tensor_names(ckpt: HFCheckpoint, cfg: ModelConfig) -> list[str]:
+    """Tensor names that form the parameter tree: the checkpoint's, minus a redundant tied `lm_head.weight`."""
+    names = ckpt.names()
+    if cfg.tie_word_embeddings and LM_HEAD in names:
+        names = [n for n in names if n != LM_HEAD]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding: one small rule table from tensor names to PartitionSpecs over the mesh axes ("data", "fsdp").
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from `"data=2,fsdp=4"` (or a dict). Default: every device on the `fsdp` axis, `data=1`.
+
+    One axis size may be -1 (whatever is left). The product must equal the number of devices.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    if spec is None:
+        axes = {"data": 1, "fsdp": -1}
+    elif isinstance(spec, str):
+        axes = {}
+        for part in spec.split(","):
+            name, _, size = part.partition("=")
+            try:
+                axes[name.strip()] = int(size)
+            except ValueError:
+                raise FtjaxError(f"bad mesh spec {spec!r}: write axes as name=size, e.g. data=2,fsdp=4") from None
+    else:
+        axes = dict(spec)
+    known = math_prod(v for v in axes.values() if v != -1)
+    if list(axes.values()).count(-1) > 1 or known == 0 or len(devices) % known:
+        raise FtjaxError(f"mesh {axes} does not fit {len(devices)} devices")
+    axes = {k: (len(devices) // known if v == -1 else v) for k, v in axes.items()}
+    if math_prod(axes.values()) != len(devices):
+        raise FtjaxError(f"mesh {axes} uses {math_prod(axes.values())} devices but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
+
+
+def math_prod(values: Iterable[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+# (name regex, rule). A rule maps (shape, fsdp size) to a PartitionSpec; first match wins.
+def _shard_largest(shape: tuple[int, ...], n: int) -> PartitionSpec:
+    """Shard the largest dimension that the fsdp axis divides; replicate if none does."""
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if n > 1 and shape[d] % n == 0:
+            return PartitionSpec(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return PartitionSpec()
+
+
+def _replicate(shape: tuple[int, ...], n: int) -> PartitionSpec:
+    return PartitionSpec()
+
+
+SHARDING_RULES: list[tuple[str, Callable[[tuple[int, ...], int], PartitionSpec]]] = [
+    (r"(norm|bias)$", _replicate),  # small vectors: replicate
+    (r".*", _shard_largest),  # matrices and embeddings: FSDP over the largest divisible dim
+]
+
+
+def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of tensor `name` under `SHARDING_RULES` on `mesh`."""
+    n = mesh.shape.get("fsdp", 1)
+    for pattern, rule in SHARDING_RULES:
+        if re.search(pattern, name.removesuffix(".weight")):
+            return rule(shape, n)
+    return PartitionSpec()
+
+
+def shardings_for(shapes: Mapping[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Flat name -> NamedSharding for every tensor."""
+    return {n: NamedSharding(mesh, partition_spec(n, tuple(s), mesh)) for n, s in shapes.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load and save.
+
+
+def _cast(x: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    return np.asarray(x) if dtype is None or x.dtype == dtype else np.asarray(x).astype(dtype)
+
+
+def load_params(
+    path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None
+) -> tuple[ModelConfig, Params]:
+    """Load a Hugging Face checkpoint (local dir or cached Hub id) into a pytree of `jax.Array`s.
+
+    dtype: cast floating tensors to this dtype (None keeps the checkpoint's); integer tensors are never cast.
+    mesh: place leaves with `NamedSharding`s from `SHARDING_RULES`; each device reads only its own slice
+    straight from the memory-mapped file. Without a mesh, leaves go to the default device.
+    """
+    ckpt = HFCheckpoint(path)
+    cfg = ModelConfig.from_hf(ckpt.config)
+    names = model_tensor_names(ckpt, cfg)
+    target = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    flat: dict[str, jax.Array] = {}
+    for name in names:
+        info = ckpt.info(name)
+        leaf_dtype = target if target is not None and np.issubdtype(info.dtype, np.floating) else None
+        if mesh is None:
+            flat[name] = jnp.asarray(_cast(ckpt.get(name), leaf_dtype))
+        else:
+            sharding = NamedSharding(mesh, partition_spec(name, info.shape, mesh))
+
+            def read(index, name=name, leaf_dtype=leaf_dtype):
+                return _cast(ckpt.get_slice(name, index), leaf_dtype)
+
+            flat[name] = jax.make_array_from_callback(info.shape, sharding, read)
+    check_params(flat, cfg, source=str(ckpt.path))
+    return cfg, nest(flat)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the model needs, with its shape, derived from the config alone."""
+    d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {EMBED: (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        attn = {
+            "q_proj.weight": (h * hd, d), "k_proj.weight": (kv * hd, d),
+            "v_proj.weight": (kv * hd, d), "o_proj.weight": (d, h * hd),
+        }
+        if cfg.attention_bias:
+            attn.update({"q_proj.bias": (h * hd,), "k_proj.bias": (kv * hd,), "v_proj.bias": (kv * hd,)})
+            if cfg.o_proj_bias:
+                attn["o_proj.bias"] = (d,)
+        if cfg.qk_norm:
+            attn.update({"q_norm.weight": (h * hd,), "k_norm.weight": (kv * hd,)})
+        shapes.update({p + "self_attn." + k: v for k, v in attn.items()})
+        mlp = {"gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f)}
+        if cfg.mlp_bias:
+            mlp.update({"gate_proj.bias": (f,), "up_proj.bias": (f,), "down_proj.bias": (d,)})
+        shapes.update({p + "mlp." + k: v for k, v in mlp.items()})
+        for norm in cfg.layer_norm_names:
+            shapes[p + norm + ".weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        shapes[LM_HEAD] = (cfg.vocab_size, d)
+    return shapes
+
+
+def check_params(flat: Mapping[str, Any], cfg: ModelConfig, *, source: str) -> None:
+    """Every expected tensor present with its expected shape, nothing unknown; one error lists all problems."""
+    want = expected_shapes(cfg)
+    problems = [f"missing {n}" for n in want if n not in flat]
+    problems += [f"unexpected {n}" for n in flat if n not in want]
+    problems += [
+        f"{n} has shape {tuple(flat[n].shape)}, config says {want[n]}"
+        for n in want if n in flat and tuple(flat[n].shape) != want[n]
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise FtjaxError(f"{source}: tensors do not match config.json: {shown}")
+
+
+def save_params(
+    params: Params,
+    out: str | Path,
+    *,
+    config: Mapping[str, Any] | ModelConfig,
+    aux_from: str | Path | None = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+    max_shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """Export a parameter tree as a Hugging Face directory (atomic; `lm_head.weight` omitted when tied).
+
+    config: the `config.json` dict to write (or a ModelConfig, written through `to_hf()`).
+    aux_from: a directory whose tokenizer / generation files are copied along.
+    dtype: cast floating tensors to this dtype on the way out (None keeps each leaf's dtype).
+    """
+    config_dict = config.to_hf() if isinstance(config, ModelConfig) else dict(config)
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config_dict)
+    flat = flatten(params)
+    if cfg.tie_word_embeddings:
+        flat.pop(LM_HEAD, None)
+    check_params(flat, cfg, source="parameters to save")
+    target = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    tensors = {}
+    for name, leaf in flat.items():
+        host = np.asarray(jax.device_get(leaf))
+        tensors[name] = _cast(host, target if np.issubdtype(host.dtype, np.floating) else None)
+    if target is not None:
+        config_dict["torch_dtype" if "torch_dtype" in config_dict else "dtype"] = str(np.dtype(target))
+    aux = Path(aux_from) if aux_from is not None else None
+    return save_hf(
+        Path(out), tensors, config=config_dict, aux_from=aux, overwrite=overwrite,
+        inputs=[Path(p) for p in inputs] + ([aux] if aux else []), max_shard_bytes=max_shard_bytes,
+    )

@@ -1,0 +1,58 @@
+"""Tiny random Hugging Face models for tests, built with transformers (the reference implementation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LLAMA = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def make_hf_model(path: Path, family: str = "llama", *, dtype: str = "float32", seed: int = 0, std: float = 0.05,
+                  **overrides) -> Path:
+    """Save a random `{family}ForCausalLM` with non-trivial weights (norms and biases randomised too) to `path`."""
+    import torch
+    import transformers
+
+    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "olmo2": "Olmo2"}
+    name = classes[family]
+    config = getattr(transformers, f"{name}Config")(**{**LLAMA, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    return path
+
+
+WORDS = ("the a an of to and in is was for on with as by at from it that this be are or not but"
+         " one two three four five six seven eight nine ten plus minus equals answer question").split()
+
+
+def make_tokenizer(path: Path, vocab_size: int = 128, chat_template: str | None = None) -> Path:
+    """A word-level tokenizer.json (BOS added by its post-processor) plus tokenizer_config.json, in `path`."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "model_max_length": 1024}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
