@@ -1,5 +1,63 @@
-"""ftjax: fine-tuning transfer between LLM versions, in JAX."""
+"""ftjax: fine-tuning transfer between LLM versions, in JAX.
+
+The public API, imported lazily (so `ftjax --help` does not start JAX):
+
+    Checkpoints   load_params, save_params, HFCheckpoint, convert, inspect_checkpoint, make_mesh, nest, flatten
+    Model         ModelConfig, forward, init_params
+    Transfer      ftjax.transfer.transfer (the module `ftjax.transfer` keeps its name), diff, apply,
+                  transfer_params, and tree ops tree_diff, tree_add, tree_scale, tree_lerp, tree_norms, tree_cosine
+    Evaluation    evaluate_loss
+    Errors        FtjaxError
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
 from ftjax.errors import FtjaxError
+
+_API = {
+    "load_params": "ftjax.params",
+    "save_params": "ftjax.params",
+    "make_mesh": "ftjax.params",
+    "nest": "ftjax.params",
+    "flatten": "ftjax.params",
+    "HFCheckpoint": "ftjax.io.checkpoint",
+    "convert": "ftjax.convert",
+    "inspect_checkpoint": "ftjax.convert",
+    "ModelConfig": "ftjax.config",
+    "forward": "ftjax.model",
+    "init_params": "ftjax.model",
+    "diff": "ftjax.transfer",
+    "apply": "ftjax.transfer",
+    "transfer_params": "ftjax.transfer",
+    "tree_diff": "ftjax.treeops",
+    "tree_add": "ftjax.treeops",
+    "tree_scale": "ftjax.treeops",
+    "tree_lerp": "ftjax.treeops",
+    "tree_norms": "ftjax.treeops",
+    "tree_cosine": "ftjax.treeops",
+    "evaluate_loss": "ftjax.evaluate",
+}
+
+_SUBMODULES = {"transfer", "treeops", "params", "model", "config", "evaluate", "data", "lmc", "stats", "plots",
+               "train", "recycle", "generate", "convert", "io", "demo"}
+
+__all__ = ["FtjaxError", "__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"ftjax.{name}")
+    raise AttributeError(f"module 'ftjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -55,6 +55,23 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     _add_output_flags(p)
 
 
+def _allow_negative_values(p: argparse.ArgumentParser) -> None:
+    """Let `--range -0.5:1.5` parse: argparse (< 3.13) only takes plain negative numbers as values, so widen its
+    private matcher to what Python 3.13 uses (anything starting with -digit or -.digit)."""
+    p._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path,
+                   help="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"}, {\"input_ids\"} or "
+                        "{\"question\", \"choices\", \"answer\"}")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=None, help="truncate longer sequences (default: the context length)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--mesh", default=None, metavar="SPEC", help="shard parameters over devices, e.g. data=2,fsdp=4")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ftjax import __version__
 
@@ -96,19 +113,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="DIR|REPO")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("eval", help="token-weighted next-token loss of a model on a JSONL file")
+    p = sub.add_parser("eval", help="loss, perplexity, exact match and multiple-choice accuracy on a JSONL file")
     p.add_argument("--model", required=True, metavar="DIR|REPO")
-    p.add_argument("--data", required=True, type=Path, help="JSONL rows of {\"input_ids\": [...]} or {\"text\": ...}")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=None, help="truncate longer sequences (default: the context length)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--json", action="store_true")
+    _add_eval_flags(p)
+
+    p = sub.add_parser("scan", help="loss along (1-λ)·A + λ·B (or T + λ·(F − S) with --along-diff); scan.json + plots")
+    p.add_argument("--a", metavar="DIR|REPO", help="model at λ = 0")
+    p.add_argument("--b", metavar="DIR|REPO", help="model at λ = 1")
+    p.add_argument("--along-diff", action="store_true",
+                   help="scan T + λ·(F − S) instead, with --target, --source-ft and --source-base")
+    p.add_argument("--target", metavar="DIR|REPO", help="with --along-diff: T, the model at λ = 0")
+    p.add_argument("--source-ft", metavar="DIR|REPO", help="with --along-diff: F")
+    p.add_argument("--source-base", metavar="DIR|REPO", help="with --along-diff: S")
+    p.add_argument("--points", type=int, default=11, help="grid points (0 and 1 are always added; default 11)")
+    p.add_argument("--range", default="0:1", metavar="LO:HI", help="λ range, e.g. -0.5:1.5 (default 0:1)")
+    _allow_negative_values(p)
+    p.add_argument("--out", required=True, type=Path, help="directory for scan.json, scan.png, scan.pdf")
+    _add_eval_flags(p)
+
+    p = sub.add_parser("plane", help="loss over the plane A + u(B-A) + v(C-A) through three models; contour plot")
+    p.add_argument("--a", required=True, metavar="DIR|REPO", help="origin, e.g. the source base")
+    p.add_argument("--b", required=True, metavar="DIR|REPO", help="e.g. the target base")
+    p.add_argument("--c", required=True, metavar="DIR|REPO", help="e.g. the transferred model target + Δ")
+    p.add_argument("--points", type=int, default=7, help="grid points per axis (0 and 1 are always added)")
+    p.add_argument("--range", default="-0.25:1.25", metavar="LO:HI", help="range of u and v (default -0.25:1.25)")
+    _allow_negative_values(p)
+    p.add_argument("--out", required=True, type=Path, help="directory for plane.json, plane.png, plane.pdf")
+    _add_eval_flags(p)
+
+    p = sub.add_parser("stats", help="per-tensor / per-layer diff norms, base distance and diff cosine, streamed")
+    p.add_argument("--source-base", required=True, metavar="DIR|REPO", help="S")
+    p.add_argument("--source-ft", required=True, metavar="DIR|REPO", help="F (Δs = F − S)")
+    p.add_argument("--target-base", metavar="DIR|REPO", help="T (base distance ‖T − S‖)")
+    p.add_argument("--target-ft", metavar="DIR|REPO", help="G (Δt = G − T, cos(Δs, Δt))")
+    p.add_argument("--out", required=True, type=Path, help="directory for stats.json, stats.png, stats.pdf")
+    p.add_argument("--json", action="store_true", help="print the totals as one JSON object")
 
     p = sub.add_parser("demo", help="the embedded default: transfer between tiny generated model versions")
     p.add_argument("--out", type=Path, default=Path("ftjax_demo"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("finetune", help="fine-tune a model (optax AdamW), resumable; exports DIR/final as HF")
+    p.add_argument("--init", required=True, metavar="DIR|REPO", help="the model to start from, e.g. Mi + Δ")
+    _add_train_flags(p)
+
+    p = sub.add_parser("recycle", help="Algorithm 1: Mi* = FT(Mi + (M(i-1)* - M(i-1))) over versions M1..Mn")
+    p.add_argument("--versions", required=True, nargs="+", metavar="DIR|REPO", help="base versions, oldest first")
+    p.add_argument("--mode", choices=["iterative", "direct", "plain"], default="iterative",
+                   help="iterative (Alg. 1), direct (diff of a plain FT of the previous version) or plain FT")
+    _add_train_flags(p, recycle=True)
+
+    p = sub.add_parser("plot-curves", help="overlay the loss curves of several finetune runs (curves.png/pdf)")
+    p.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="`ftjax finetune` output directories")
+    p.add_argument("--labels", nargs="+", help="one label per run (default: directory names)")
+    p.add_argument("--out", type=Path, default=Path("curves"), help="output path stem (default ./curves)")
+    p.add_argument("--title")
     return parser
+
+
+def _warmup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.03) or a number of steps (100), got {text!r}") from None
+    return value
+
+
+def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
+    p.add_argument("--data", required=True, type=Path, help="training JSONL (same row forms as `ftjax eval`)")
+    p.add_argument("--eval-data", type=Path, help="JSONL evaluated at step 0, every --eval-every steps and at the end")
+    p.add_argument("--steps", required=True, type=int, help="optimizer steps" + (" per version (0: transfer only)"
+                                                                                 if recycle else ""))
+    p.add_argument("--out", required=True, type=Path, help="run directory (re-run the same command to resume)")
+    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6, the paper's)")
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
+    p.add_argument("--warmup", type=_warmup, default=0.03, help="fraction of steps (< 1) or steps (default 0.03)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens per row; longer examples keep their start")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--eval-every", type=int, default=0, metavar="STEPS")
+    p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="checkpoint period (0: at the end)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="compute dtype (master weights and optimizer state are float32 either way)")
+    p.add_argument("--remat", action="store_true", help="gradient checkpointing (recompute all but weight matmuls)")
+    p.add_argument("--pack", action="store_true", help="pack several documents per row (segment ids)")
+    p.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,fsdp=4")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def _print_report(report, args) -> None:
@@ -172,25 +267,137 @@ def _cmd_inspect(args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def _cmd_eval(args) -> None:
-    from ftjax.data import examples_from_rows, load_tokenizer, read_jsonl
-    from ftjax.evaluate import evaluate_loss
-    from ftjax.io.checkpoint import resolve_model_path
-    from ftjax.params import load_params
+def _examples(args, *model_dirs: Path):
+    """The data file's examples, tokenized where rows hold text with the first of model_dirs that has a tokenizer."""
+    from ftjax.data import examples_from_rows, load_tokenizer, needs_tokenizer, read_jsonl
 
     rows = read_jsonl(args.data)
+    tokenizer = None
+    if needs_tokenizer(rows):
+        with_tokenizer = [d for d in model_dirs if (Path(d) / "tokenizer.json").is_file()]
+        tokenizer = load_tokenizer(with_tokenizer[0] if with_tokenizer else model_dirs[0])
+    return examples_from_rows(rows, tokenizer, source=str(args.data))
+
+
+def _mesh(args):
+    from ftjax.params import make_mesh
+
+    return make_mesh(args.mesh) if args.mesh else None
+
+
+def _metrics_line(result: dict) -> str:
+    extra = "".join(f"  {k} {result[k]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result)
+    return f"loss {result['loss']:.6f} nats  ppl {result['ppl']:.4f}  tokens {result['tokens']}{extra}"
+
+
+def _cmd_eval(args) -> None:
+    from ftjax.data import check_vocab
+    from ftjax.evaluate import evaluate_loss
+    from ftjax.io.checkpoint import resolve_model_path
+    from ftjax.lmc import finite_or_none
+    from ftjax.params import load_params
+
     model_dir = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_dir) if any("input_ids" not in r for r in rows) else None
-    examples = examples_from_rows(rows, tokenizer, source=str(args.data))
-    cfg, params = load_params(model_dir)
-    if args.max_len is not None and args.max_len < 2:
-        raise FtjaxError(f"--max-len must be at least 2, got {args.max_len}")
-    result = evaluate_loss(params, cfg, examples, batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype)
+    examples = _examples(args, model_dir)
+    mesh = _mesh(args)
+    cfg, params = load_params(model_dir, mesh=mesh)
+    check_vocab(examples, cfg.vocab_size, source=str(args.data))
+    result = evaluate_loss(params, cfg, examples, batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype,
+                           mesh=mesh)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(finite_or_none(result)))
     else:
-        print(f"loss {result['loss']:.6f} nats  ppl {result['ppl']:.4f}  tokens {result['tokens']}  "
-              f"({result['tokens_per_s']:.0f} tokens/s)")
+        print(f"{_metrics_line(result)}  ({result['tokens_per_s']:.0f} tokens/s)")
+
+
+def _labels(*models: str) -> list[str]:
+    """Directory names (or repo ids) as plot labels; generic names if they collide."""
+    names = [Path(str(m)).name or str(m) for m in models]
+    return names if len(set(names)) == len(names) else [f"Model {chr(65 + i)}" for i in range(len(models))]
+
+
+def _write_json(path: Path, result: dict) -> None:
+    from ftjax.lmc import finite_or_none
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite_or_none(result), indent=1) + "\n")
+
+
+def _cmd_scan(args) -> None:
+    from ftjax import lmc, plots
+    from ftjax.data import check_vocab
+    from ftjax.io.checkpoint import resolve_model_path
+
+    if args.along_diff:
+        need = {"--target": args.target, "--source-ft": args.source_ft, "--source-base": args.source_base}
+        if args.a or args.b:
+            raise FtjaxError("--along-diff takes --target, --source-ft and --source-base, not --a/--b")
+    else:
+        need = {"--a": args.a, "--b": args.b}
+    missing = [k for k, v in need.items() if v is None]
+    if missing:
+        raise FtjaxError(f"scan needs {', '.join(missing)}")
+    lambdas = lmc.grid(args.points, *lmc.parse_range(args.range))
+    dirs = {k: resolve_model_path(v) for k, v in need.items()}
+    examples = _examples(args, *dirs.values())
+    mesh = _mesh(args)
+    cfg, thetas = lmc.load_models({k.lstrip("-"): v for k, v in dirs.items()}, mesh=mesh)
+    check_vocab(examples, cfg.vocab_size, source=str(args.data))
+    common = dict(batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, mesh=mesh)
+    if args.along_diff:
+        label = _labels(args.target)[0]
+        result = lmc.scan_along_diff(*thetas, cfg, examples, lambdas, labels=(label, f"{label} + Δ"), **common)
+    else:
+        result = lmc.scan(*thetas, cfg, examples, lambdas, labels=_labels(args.a, args.b), **common)
+    result["models"] = {k.lstrip("-"): str(v) for k, v in dirs.items()}
+    _write_json(args.out / "scan.json", result)
+    plots.plot_scan(result, args.out / "scan")
+    if args.json:
+        print(json.dumps(lmc.finite_or_none(result)))
+        return
+    for i, lam in enumerate(result["lambda"]):
+        print(f"λ {lam:+.3f}  loss {result['loss'][i]:.6f}" +
+              "".join(f"  {k} {result[k][i]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result))
+    print(f"barrier_linear {result['barrier_linear']:.6f} (λ {result['barrier_linear_lambda']:.3f})  "
+          f"barrier_mean {result['barrier_mean']:.6f} (λ {result['barrier_mean_lambda']:.3f}) nats; "
+          f"wrote {args.out / 'scan.json'}, scan.png, scan.pdf")
+
+
+def _cmd_plane(args) -> None:
+    from ftjax import lmc, plots
+    from ftjax.data import check_vocab
+    from ftjax.io.checkpoint import resolve_model_path
+
+    axis = lmc.grid(args.points, *lmc.parse_range(args.range))
+    dirs = {k: resolve_model_path(getattr(args, k)) for k in ("a", "b", "c")}
+    examples = _examples(args, *dirs.values())
+    mesh = _mesh(args)
+    cfg, thetas = lmc.load_models(dirs, mesh=mesh)
+    check_vocab(examples, cfg.vocab_size, source=str(args.data))
+    result = lmc.plane(*thetas, cfg, examples, axis, axis, labels=_labels(args.a, args.b, args.c),
+                       batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, mesh=mesh)
+    result["models"] = {k: str(v) for k, v in dirs.items()}
+    _write_json(args.out / "plane.json", result)
+    plots.plot_plane(result, args.out / "plane")
+    if args.json:
+        print(json.dumps(lmc.finite_or_none(result)))
+    else:
+        print(f"{len(axis)}x{len(axis)} points; wrote {args.out / 'plane.json'}, plane.png, plane.pdf")
+
+
+def _cmd_stats(args) -> None:
+    from ftjax import plots
+    from ftjax.lmc import finite_or_none
+    from ftjax.stats import diff_stats, format_table
+
+    result = diff_stats(args.source_base, args.source_ft, args.target_base, args.target_ft)
+    _write_json(args.out / "stats.json", result)
+    plots.plot_stats(result, args.out / "stats")
+    if args.json:
+        print(json.dumps(finite_or_none(result["total"])))
+    else:
+        print(format_table(result))
+        print(f"wrote {args.out / 'stats.json'}, stats.png, stats.pdf")
 
 
 def _cmd_demo(args) -> None:
@@ -199,9 +406,64 @@ def _cmd_demo(args) -> None:
     run_demo(args.out, seed=args.seed, overwrite=args.overwrite)
 
 
+def _train_config(args):
+    from ftjax.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
+                       weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, dtype=args.dtype,
+                       remat=args.remat, pack=args.pack)
+
+
+def _train_kwargs(args) -> dict:
+    return dict(config=_train_config(args), eval_data=args.eval_data, eval_every=args.eval_every,
+                save_every=args.save_every, mesh=_mesh(args), progress=not (args.quiet or args.json))
+
+
+def _cmd_finetune(args) -> None:
+    from ftjax.lmc import finite_or_none
+    from ftjax.train import finetune
+
+    if args.steps < 1:
+        raise FtjaxError(f"--steps must be positive, got {args.steps}")
+    result = finetune(args.init, args.data, args.out, **_train_kwargs(args))
+    if args.json:
+        print(json.dumps(finite_or_none(result)))
+    elif not args.quiet:
+        ev = result.get("eval", {})
+        print(f"finetune: {result['steps']} steps, final train loss {result.get('loss', float('nan')):.4f}"
+              + (f", eval loss {ev['loss']:.4f}" if "loss" in ev else "") + f"; wrote {result['final']}")
+
+
+def _cmd_recycle(args) -> None:
+    from ftjax.lmc import finite_or_none
+    from ftjax.recycle import format_table, recycle
+
+    summary = recycle(args.versions, args.data, args.out, mode=args.mode, **_train_kwargs(args))
+    if args.json:
+        print(json.dumps(finite_or_none(summary)))
+    elif not args.quiet:
+        print(format_table(summary))
+        print(f"wrote {args.out / 'summary.json'}, summary.md" + (", curves.png" if args.steps else ""))
+
+
+def _cmd_plot_curves(args) -> None:
+    from ftjax import plots
+    from ftjax.train import read_curves
+
+    labels = args.labels or _labels(*map(str, args.runs))
+    if len(labels) != len(args.runs):
+        raise FtjaxError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    paths = plots.plot_curves({label: read_curves(run) for label, run in zip(labels, args.runs)}, args.out,
+                              title=args.title)
+    print("wrote " + ", ".join(map(str, paths)))
+
+
 COMMANDS = {
+    "finetune": _cmd_finetune, "recycle": _cmd_recycle, "plot-curves": _cmd_plot_curves,
     "transfer": _cmd_transfer, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
-    "inspect": _cmd_inspect, "eval": _cmd_eval, "demo": _cmd_demo,
+    "inspect": _cmd_inspect, "eval": _cmd_eval, "scan": _cmd_scan, "plane": _cmd_plane,
+    "stats": _cmd_stats, "demo": _cmd_demo,
 }
 
 

@@ -34,7 +34,7 @@ _HARMLESS = frozenset("""
     typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids
     num_return_sequences output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id
     remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
-    embd_pdrop resid_pdrop residual_dropout mlp_dropout
+    embd_pdrop resid_pdrop residual_dropout mlp_dropout unsloth_version
 """.split())
 
 # Keys read by every family.
@@ -53,7 +53,7 @@ _FAMILY_KEYS = {
 
 # Keys a family does not read, accepted only at the value that leaves the forward pass unchanged.
 _NEUTRAL = {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "use_sliding_window": False,
-            "partial_rotary_factor": 1.0}
+            "partial_rotary_factor": 1.0, "use_mrope": False}
 
 # transformers' per-family defaults for keys that may be absent from config.json.
 _DEFAULT_EPS = {"llama": 1e-6, "mistral": 1e-6, "qwen2": 1e-6, "olmo2": 1e-5}
@@ -123,6 +123,8 @@ class ModelConfig:
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise FtjaxError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
     @property
     def architecture(self) -> str:
@@ -212,11 +214,12 @@ def _from_hf(c: dict[str, Any], src: str) -> ModelConfig:
     attention_bias = bool(c.get("attention_bias", False))
     window, layer_types = _attention_layout(c, family, n_layers, src)
     eos = c.get("eos_token_id")
+    eps = c.get("rms_norm_eps")
     return ModelConfig(
         model_type=family, vocab_size=req("vocab_size"), hidden_size=hidden,
         intermediate_size=req("intermediate_size"), num_hidden_layers=n_layers, num_attention_heads=n_heads,
         num_key_value_heads=n_kv, head_dim=c.get("head_dim") or hidden // n_heads,
-        rms_norm_eps=float(_DEFAULT_EPS[family] if c.get("rms_norm_eps") is None else c["rms_norm_eps"]), rope=_rope(c, src),
+        rms_norm_eps=float(_DEFAULT_EPS[family] if eps is None else eps), rope=_rope(c, src),
         max_position_embeddings=c.get("max_position_embeddings"),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or (family in ("llama", "olmo2") and attention_bias),

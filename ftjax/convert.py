@@ -74,9 +74,9 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "tensors": len(shapes),
         "tied_embeddings": cfg.tie_word_embeddings,
         "lm_head_in_file": "lm_head.weight" in shapes,
-        "layers": cfg.num_layers,
+        "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
-        "heads": f"{cfg.num_heads} query / {cfg.num_kv_heads} kv, head_dim {cfg.head_dim}",
+        "heads": f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}",
         "vocab_size": cfg.vocab_size,
         "files": files,
     }

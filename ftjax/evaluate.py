@@ -1,32 +1,51 @@
-"""Token-level evaluation: weighted next-token NLL (nats), perplexity, token counts, throughput."""
+"""Evaluation: weighted next-token NLL (nats), perplexity, exact match and multiple-choice accuracy.
+
+Every batch has a fixed shape (length buckets, see ftjax.data), so an evaluation compiles once per bucket. The
+device returns per-row sums; the host adds them in float64, so results do not depend on batch size or padding.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.config import ModelConfig
-from ftjax.data import Example, batches, truncate
+from ftjax.data import CHOICE, COMPLETION, Batch, Example, batches, truncate
 from ftjax.model import forward
 
+# (tokens_bt, mask_bt, weights_bt) -> (nll_b, count_b, greedy_b): per-row sums for one fixed-shape batch.
+BatchFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
-def token_nll(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """NLL (nats, float32) of predicting tokens_bt[:, t] from tokens_bt[:, :t]; shape [B, T] with column 0 = 0."""
-    logits_btv = forward(params, tokens_bt, cfg, attention_mask_bt=mask_bt)
-    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    nll_bt = -jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(nll_bt, ((0, 0), (1, 0)))
+
+def row_stats(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
+              weights_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row weighted NLL sum (nats, f32 [B]), weight sum (f32 [B]) and all-weighted-tokens-greedy (bool [B]).
+
+    weights_bt[:, t] weighs predicting tokens_bt[:, t] from tokens_bt[:, :t]; column 0 is never scored.
+    """
+    logits_btv = forward(params, tokens_bt, cfg, attention_mask_bt=mask_bt)[:, :-1].astype(jnp.float32)
+    targets_bt = tokens_bt[:, 1:]
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+    w_bt = weights_bt[:, 1:]
+    scored_bt = w_bt > 0
+    # where(), not a product: a fully padded row may hold NaN logits, and NaN * 0 is NaN.
+    nll_b = jnp.sum(jnp.where(scored_bt, nll_bt * w_bt, 0.0), axis=1)
+    greedy_b = jnp.all(~scored_bt | (jnp.argmax(logits_btv, axis=-1) == targets_bt), axis=1)
+    return nll_b, jnp.sum(w_bt, axis=1), greedy_b
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _batch_sums(params, cfg, tokens_bt, mask_bt, weights_bt):
-    nll_bt = token_nll(params, cfg, tokens_bt, mask_bt)
-    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt)
+def _row_stats_jit(params, cfg, tokens_bt, mask_bt, weights_bt):
+    return row_stats(params, cfg, tokens_bt, mask_bt, weights_bt)
 
 
 def cast_params(params: Any, dtype: Any) -> Any:
@@ -37,6 +56,75 @@ def cast_params(params: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowStats:
+    """Per-example results, aligned with the examples list (float64 / bool numpy arrays)."""
+
+    nll: np.ndarray  # summed weighted NLL of each example, nats
+    count: np.ndarray  # summed weights (scored tokens)
+    greedy: np.ndarray  # every scored token is the argmax
+
+
+def device_batches(examples: Sequence[Example], batch_size: int, max_len: int,
+                   mesh: Mesh | None = None) -> list[tuple[Batch, tuple[jax.Array, ...]]]:
+    """The fixed-shape batches, already on device (batch axis over the mesh's `data` axis when it divides)."""
+    sharding = None
+    if mesh is not None:
+        n = mesh.shape.get("data", 1)
+        sharding = NamedSharding(mesh, PartitionSpec("data" if n > 1 and batch_size % n == 0 else None))
+    out = []
+    for b in batches(examples, batch_size, max_len):
+        arrays = (b.tokens_bt, b.mask_bt, b.weights_bt)
+        out.append((b, tuple(jax.device_put(a, sharding) if sharding else jnp.asarray(a) for a in arrays)))
+    return out
+
+
+def run_batches(fn: BatchFn, prepared: Sequence[tuple[Batch, tuple[jax.Array, ...]]], n: int) -> RowStats:
+    """Apply a per-batch function to every prepared batch; scatter row results back to example order."""
+    outputs = [fn(*arrays) for _, arrays in prepared]  # dispatched asynchronously, fetched once below
+    nll, count, greedy = np.zeros(n), np.zeros(n), np.zeros(n, bool)
+    for (batch, _), out in zip(prepared, jax.device_get(outputs)):
+        real = batch.index_b >= 0
+        idx = batch.index_b[real]
+        nll[idx] = np.asarray(out[0], np.float64)[real]
+        count[idx] = np.asarray(out[1], np.float64)[real]
+        greedy[idx] = np.asarray(out[2])[real]
+    return RowStats(nll, count, greedy)
+
+
+def summarize(examples: Sequence[Example], stats: RowStats) -> dict[str, Any]:
+    """Aggregate per-example stats into metrics.
+
+    loss: token-weighted mean NLL (nats) over LM rows, completion tokens and the correct choice of each
+    multiple-choice row; ppl = exp(loss); tokens: scored tokens. exact_match (completion rows): fraction whose
+    every completion token is greedy. acc / acc_norm (multiple choice): argmax of the summed log-likelihood, and of
+    log-likelihood / character length of the choice, equal to the answer (lm-evaluation-harness).
+    """
+    in_loss = [i for i, e in enumerate(examples) if e.kind != CHOICE or e.choice == e.answer]
+    total = math.fsum(stats.nll[i] for i in in_loss)
+    count = math.fsum(stats.count[i] for i in in_loss)
+    loss = total / count if count else math.nan
+    out: dict[str, Any] = {"loss": loss, "ppl": math.exp(loss) if count else math.nan, "tokens": int(round(count))}
+    completions = [i for i, e in enumerate(examples) if e.kind == COMPLETION]
+    if completions:
+        out["exact_match"] = float(np.mean(stats.greedy[completions]))
+        out["completion_rows"] = len(completions)
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        if e.kind == CHOICE:
+            groups.setdefault(e.row, []).append(i)
+    if groups:
+        acc, acc_norm = [], []
+        for idx in groups.values():
+            ll = -stats.nll[idx]
+            chars = np.array([max(examples[i].chars, 1) for i in idx], np.float64)
+            answer = examples[idx[0]].answer
+            acc.append(examples[idx[int(np.argmax(ll))]].choice == answer)
+            acc_norm.append(examples[idx[int(np.argmax(ll / chars))]].choice == answer)
+        out["acc"], out["acc_norm"], out["choice_rows"] = float(np.mean(acc)), float(np.mean(acc_norm)), len(groups)
+    return out
+
+
 def evaluate_loss(
     params: Any,
     cfg: ModelConfig,
@@ -45,25 +133,23 @@ def evaluate_loss(
     batch_size: int = 8,
     max_len: int | None = None,
     dtype: Any = None,
-) -> dict[str, float]:
-    """Token-weighted mean NLL over all examples.
+    mesh: Mesh | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model on examples: the metrics of `summarize` plus "tokens_per_s" (forward tokens, padding
+    included, per second of wall time, compilation included) and "compiles" (distinct batch shapes).
 
-    Returns {"loss": mean NLL in nats, "ppl": exp(loss), "tokens": number of scored tokens,
-    "tokens_per_s": forward tokens (padding included) per second}. The result does not depend on batch
-    size or padding: padded positions carry zero weight and causal attention never sees them.
+    dtype: compute dtype (None: the params' own). The result does not depend on batch size or padding: padded
+    positions carry zero weight and causal attention never lets a real token see them.
     """
-    max_len = max_len or cfg.max_position_embeddings
+    max_len = max_len or cfg.max_position_embeddings or max(len(e.tokens_t) for e in examples) or 4096
     examples = truncate(examples, max_len)
     params = cast_params(params, dtype)
-    sums, seen = [], 0
     start = time.perf_counter()
-    for batch in batches(examples, batch_size, max_len):
-        sums.append(_batch_sums(params, cfg, batch.tokens_bt, batch.mask_bt, batch.weights_bt))
-        seen += batch.tokens_bt.size
-    # Per-batch sums are added on the host in float64 so the result does not depend on the batching.
-    total = math.fsum(float(s) for s, _ in sums)
-    count = math.fsum(float(c) for _, c in sums)
+    prepared = device_batches(examples, batch_size, max_len, mesh)
+    stats = run_batches(functools.partial(_row_stats_jit, params, cfg), prepared, len(examples))
     seconds = time.perf_counter() - start
-    loss = total / count if count else math.nan
-    return {"loss": loss, "ppl": math.exp(loss) if count else math.nan, "tokens": int(count),
-            "tokens_per_s": seen / seconds if seconds > 0 else math.nan}
+    out = summarize(examples, stats)
+    seen = sum(b.tokens_bt.size for b, _ in prepared)
+    out["tokens_per_s"] = seen / seconds if seconds > 0 else math.nan
+    out["compiles"] = len({b.tokens_bt.shape for b, _ in prepared})
+    return out

@@ -155,7 +155,7 @@ def load_params(
     flat: dict[str, jax.Array] = {}
     for name in names:
         info = ckpt.info(name)
-        leaf_dtype = target if target is not None and np.issubdtype(info.dtype, np.floating) else None
+        leaf_dtype = target if target is not None and jnp.issubdtype(info.dtype, jnp.floating) else None
         if mesh is None:
             flat[name] = jnp.asarray(_cast(ckpt.get(name), leaf_dtype))
         else:
@@ -171,18 +171,19 @@ def load_params(
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name the model needs, with its shape, derived from the config alone."""
-    d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     shapes: dict[str, tuple[int, ...]] = {EMBED: (cfg.vocab_size, d), "model.norm.weight": (d,)}
-    for i in range(cfg.num_layers):
+    for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         attn = {
             "q_proj.weight": (h * hd, d), "k_proj.weight": (kv * hd, d),
             "v_proj.weight": (kv * hd, d), "o_proj.weight": (d, h * hd),
         }
-        if cfg.attention_bias:
+        if cfg.qkv_bias:
             attn.update({"q_proj.bias": (h * hd,), "k_proj.bias": (kv * hd,), "v_proj.bias": (kv * hd,)})
-            if cfg.o_proj_bias:
-                attn["o_proj.bias"] = (d,)
+        if cfg.o_bias:
+            attn["o_proj.bias"] = (d,)
         if cfg.qk_norm:
             attn.update({"q_norm.weight": (h * hd,), "k_norm.weight": (kv * hd,)})
         shapes.update({p + "self_attn." + k: v for k, v in attn.items()})
@@ -190,8 +191,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.mlp_bias:
             mlp.update({"gate_proj.bias": (f,), "up_proj.bias": (f,), "down_proj.bias": (d,)})
         shapes.update({p + "mlp." + k: v for k, v in mlp.items()})
-        for norm in cfg.layer_norm_names:
-            shapes[p + norm + ".weight"] = (d,)
+        # OLMo 2 normalises sublayer outputs (post-norms) instead of inputs.
+        norms = ("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_sublayer_norms else (
+            "input_layernorm", "post_attention_layernorm")
+        shapes.update({f"{p}{norm}.weight": (d,) for norm in norms})
     if not cfg.tie_word_embeddings:
         shapes[LM_HEAD] = (cfg.vocab_size, d)
     return shapes
@@ -238,7 +241,7 @@ def save_params(
     tensors = {}
     for name, leaf in flat.items():
         host = np.asarray(jax.device_get(leaf))
-        tensors[name] = _cast(host, target if np.issubdtype(host.dtype, np.floating) else None)
+        tensors[name] = _cast(host, target if jnp.issubdtype(host.dtype, jnp.floating) else None)
     if target is not None:
         config_dict["torch_dtype" if "torch_dtype" in config_dict else "dtype"] = str(np.dtype(target))
     aux = Path(aux_from) if aux_from is not None else None

@@ -96,3 +96,93 @@ def test_bad_data_files(model_dir, tmp_path, capsys, content, message):
 def test_missing_data_file(model_dir, tmp_path):
     with pytest.raises(FtjaxError, match="does not exist"):
         read_jsonl(tmp_path / "none.jsonl")
+
+
+def transformers_logprobs(model_dir, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1 and the greedy token at each position, from transformers (float64)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
+    return logp.gather(-1, x[0, 1:, None])[:, 0].numpy(), logp.argmax(-1).numpy()
+
+
+def test_completion_and_multiple_choice_match_transformers(model_dir):
+    """loss over completion tokens, exact match (is_greedy) and acc / acc_norm, as lm-evaluation-harness scores."""
+    tok = load_tokenizer(model_dir)
+    prompt = "one plus one equals"
+    n = len(tok.encode(prompt).ids)
+    # A completion that is the model's own greedy continuation (exact match 1) and one that is not.
+    ids = tok.encode(prompt).ids
+    for _ in range(2):
+        ids = ids + [int(transformers_logprobs(model_dir, ids + [0])[1][-1])]  # argmax after the last token
+    greedy_text = " " + " ".join(tok.id_to_token(i) for i in ids[n:])
+    assert tok.encode(prompt + greedy_text).ids == ids
+    _, argmax = transformers_logprobs(model_dir, tok.encode(prompt + " the").ids)
+    other = next(w for w in ("the", "a") if tok.token_to_id(w) != argmax[n - 1])
+    question, choices = "what is two plus two", ["four", "one of the three", "nine"]
+    rows = [{"prompt": prompt, "completion": greedy_text}, {"prompt": prompt + " ", "completion": other},
+            {"question": question, "choices": choices, "answer": 1}]
+
+    want_nll, want_count, lls = 0.0, 0, []
+    for row in rows[:2]:
+        whole = tok.encode(prompt + " " + row["completion"].lstrip()).ids
+        lp, _ = transformers_logprobs(model_dir, whole)
+        want_nll -= lp[n - 1:].sum()
+        want_count += len(whole) - n
+    for choice in choices:
+        whole = tok.encode(question + " " + choice).ids
+        lp, _ = transformers_logprobs(model_dir, whole)
+        lls.append(lp[len(tok.encode(question).ids) - 1:].sum())
+    want_nll -= lls[1]
+    want_count += len(tok.encode(question + " " + choices[1]).ids) - len(tok.encode(question).ids)
+
+    cfg, params = load_params(model_dir)
+    got = evaluate_loss(params, cfg, examples_from_rows(rows, tok), batch_size=2)
+    assert got["tokens"] == want_count and abs(got["loss"] - want_nll / want_count) < 1e-5
+    assert got["exact_match"] == 0.5 and got["completion_rows"] == 2
+    lls = np.array(lls)
+    assert got["acc"] == float(np.argmax(lls) == 1)
+    assert got["acc_norm"] == float(np.argmax(lls / np.array([len(c) for c in choices])) == 1)
+    assert got["choice_rows"] == 1
+
+
+def test_mixed_rows_independent_of_batch_size(model_dir):
+    tok = load_tokenizer(model_dir)
+    rows = [{"text": "the answer is two plus two"}, {"prompt": "one plus", "completion": " one equals two"},
+            {"question": "one of the", "choices": ["two", "three", "four five six"], "answer": 2},
+            {"question": "is it", "choices": ["one", "two"], "answer": 0}, {"input_ids": list(range(3, 40))}]
+    cfg, params = load_params(model_dir)
+    ex = examples_from_rows(rows, tok)
+    results = [evaluate_loss(params, cfg, ex, batch_size=b) for b in (1, 3, 8)]
+    for key in ("loss", "tokens", "exact_match", "acc", "acc_norm"):
+        values = [r[key] for r in results]
+        assert max(values) - min(values) < 1e-6, key
+    assert all(r["compiles"] <= 2 for r in results)
+
+
+def test_sharded_eval_matches(model_dir):
+    from ftjax.params import make_mesh
+
+    rows = [{"input_ids": list(range(1, n))} for n in (9, 30, 50)]
+    mesh = make_mesh("data=2,fsdp=4")
+    cfg, params = load_params(model_dir)
+    _, sharded = load_params(model_dir, mesh=mesh)
+    ex = examples_from_rows(rows)
+    a = evaluate_loss(params, cfg, ex, batch_size=4)["loss"]
+    b = evaluate_loss(sharded, cfg, ex, batch_size=4, mesh=mesh)["loss"]
+    assert abs(a - b) < 1e-6
+
+
+def test_cli_eval_multiple_choice_output(model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"question": "one plus one", "choices": ["two", "three"], "answer": 0},
+                                              {"prompt": "the", "completion": " answer"}])
+    assert main(["eval", "--model", str(model_dir), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "acc " in out and "acc_norm" in out and "exact_match" in out and "tokens/s" in out
+    bad = write_jsonl(tmp_path / "oov.jsonl", [{"input_ids": [1, 500]}])
+    assert main(["eval", "--model", str(model_dir), "--data", str(bad)]) == 2
+    assert "outside the model's vocabulary" in capsys.readouterr().err

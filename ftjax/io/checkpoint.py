@@ -38,10 +38,8 @@ def hub_cache_dir() -> Path:
     env = os.environ
     cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if not cache:
-        home = env.get("HF_HOME") or os.path.join(
-            env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-        )
-        cache = os.path.join(home, "hub")
+        xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.path.join(env.get("HF_HOME") or os.path.join(xdg, "huggingface"), "hub")
     return Path(os.path.expandvars(os.path.expanduser(cache)))
 
 
@@ -94,14 +92,8 @@ def _no_weights_error(path: Path) -> FtjaxError:
 
 def aux_files(path: Path) -> list[Path]:
     """Non-weight files of a model directory to carry along (config, tokenizer, chat template, ...)."""
-    return sorted(
-        p
-        for p in Path(path).iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.name not in _NOT_AUX
-        and not p.name.endswith(_WEIGHT_SUFFIXES)
-    )
+    weights = lambda name: name.startswith(".") or name in _NOT_AUX or name.endswith(_WEIGHT_SUFFIXES)  # noqa: E731
+    return sorted(p for p in Path(path).iterdir() if p.is_file() and not weights(p.name))
 
 
 class HFCheckpoint:
@@ -135,10 +127,8 @@ class HFCheckpoint:
             raise FtjaxError(f"{index_path}: has no \"weight_map\" object; corrupt index")
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or ".." in shard:
-                raise FtjaxError(
-                    f"{index_path}: tensor {name!r} maps to shard {shard!r}, which is not a plain file name "
-                    "in the model directory"
-                )
+                msg = f"tensor {name!r} maps to shard {shard!r}, which is not a plain file name in the model directory"
+                raise FtjaxError(f"{index_path}: {msg}")
         for shard in dict.fromkeys(weight_map.values()):
             if not (self.path / shard).is_file():
                 raise FtjaxError(f"{index_path}: names shard {shard!r}, which does not exist in {self.path}")
@@ -153,7 +143,7 @@ class HFCheckpoint:
         if f is None:
             f = self._shards[shard] = SafetensorsFile(self.path / shard)
         if name not in f:
-            raise FtjaxError(f"{self._index_path}: lists tensor {name!r} in {f.path}, but that file does not contain it")
+            raise FtjaxError(f"{self._index_path}: lists tensor {name!r} in {f.path}, but that file lacks it")
         return f
 
     def names(self) -> list[str]:
@@ -233,13 +223,8 @@ class HFCheckpointWriter:
     leading-axis row chunks. `close()` checks completeness, fsyncs and writes the index.
     """
 
-    def __init__(
-        self,
-        dir: str | os.PathLike,
-        infos: Sequence[TensorInfo],
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        metadata: dict[str, str] | None = None,
-    ):
+    def __init__(self, dir: str | os.PathLike, infos: Sequence[TensorInfo],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None):
         self.dir = Path(dir)
         self.infos = list(infos)
         self.shards = plan_shards(self.infos, max_shard_bytes)
@@ -247,6 +232,8 @@ class HFCheckpointWriter:
         self.filenames = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._metadata = {"format": "pt"} if metadata is None else metadata
         self._shard_of = {info.name: i for i, shard in enumerate(self.shards) for info in shard}
+        if len(self._shard_of) != len(self.infos):
+            raise FtjaxError(f"{self.dir}: duplicate tensor names in the checkpoint plan")
         self._current = -1
         self._writer: SafetensorsWriter | None = None
         self._closed = False
@@ -275,17 +262,18 @@ class HFCheckpointWriter:
         """Finish every shard, check all tensors were written, write the index if sharded."""
         if self._closed:
             return
-        while self._current < len(self.shards) - 1:
-            self._open(self._current + 1)
-        self._writer.close()
+        try:
+            while self._current < len(self.shards) - 1:
+                self._open(self._current + 1)
+            self._writer.close()
+            if len(self.shards) > 1:
+                weight_map = {name: self.filenames[i] for name, i in sorted(self._shard_of.items())}
+                total = sum(info.nbytes for info in self.infos)
+                write_json(self.dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        except BaseException:
+            self.abort()
+            raise
         self._closed = True
-        if len(self.shards) > 1:
-            weight_map = {info.name: self.filenames[i] for i, s in enumerate(self.shards) for info in s}
-            index = {
-                "metadata": {"total_size": sum(info.nbytes for info in self.infos)},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            write_json(self.dir / INDEX_FILE, index)
 
     def abort(self) -> None:
         """Stop and remove every file this writer created."""
@@ -343,11 +331,11 @@ def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike, skip: Iterabl
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, owned by someone else
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -362,18 +350,8 @@ def _remove_stale_siblings(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (so renames and new entries are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -386,11 +364,14 @@ def _check_not_nested(out: Path, inputs: Iterable[str | os.PathLike | None]) -> 
     for inp in inputs:
         if inp is None:
             continue
+        if not Path(inp).exists():  # maybe a Hub repo id: guard its cache snapshot too
+            try:
+                inp = resolve_model_path(inp)
+            except FtjaxError:
+                continue
         real_in = Path(os.path.realpath(inp))
         if real_out == real_in or real_in in real_out.parents or real_out in real_in.parents:
-            raise FtjaxError(
-                f"output {out} is, contains or lies inside input {inp}; choose an output directory outside the inputs"
-            )
+            raise FtjaxError(f"output {out} is, contains or lies in input {inp}; choose an output outside the inputs")
 
 
 @contextlib.contextmanager
@@ -428,7 +409,10 @@ def atomic_output_dir(
 def _finish(tmp: Path, out: Path) -> None:
     """fsync `tmp`, then rename it to `out`, swapping out an existing `out` only at the very end."""
     try:
-        _fsync_tree(tmp)
+        for dirpath, _, filenames in os.walk(tmp):
+            for name in filenames:
+                _fsync(os.path.join(dirpath, name))
+            _fsync(dirpath)
         if out.exists():
             old = out.parent / f".{out.name}.ftjax-old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
@@ -441,7 +425,7 @@ def _finish(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        _fsync(out.parent)
     except OSError as e:
         _raise_enospc(e, tmp)
         raise FtjaxError(f"cannot finish output {out}: {e.strerror or e} ({e.filename or tmp})") from None

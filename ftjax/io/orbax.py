@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -91,7 +92,7 @@ def restore_orbax(
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {}
     for name, (dt, shape) in tensors.items():
-        leaf_dtype = np.dtype(dtype) if dtype is not None and np.issubdtype(dt, np.floating) else dt
+        leaf_dtype = np.dtype(dtype) if dtype is not None and jnp.issubdtype(dt, jnp.floating) else dt
         sharding = sharding_for(name, shape) if sharding_for else device
         abstract[name] = jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=sharding)
     try:

@@ -272,19 +272,18 @@ class SafetensorsWriter:
     the partial file is removed if the block raises. A full disk raises FtjaxError naming the file.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        infos: Sequence[TensorInfo],
-        metadata: dict[str, str] | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike, infos: Sequence[TensorInfo], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.infos = list(infos)
         header = build_header(self.infos, {"format": "pt"} if metadata is None else metadata)
         self._idx = 0  # index of the tensor being written
         self._rows = 0  # rows of it written so far (0-d tensors count as one row)
         self._f = self._io(lambda: open(self.path, "wb"))
-        self._io(lambda: self._f.write(struct.pack("<Q", len(header)) + header))
+        try:
+            self._io(lambda: self._f.write(struct.pack("<Q", len(header)) + header))
+        except FtjaxError:
+            self.abort()
+            raise
 
     def _io(self, fn: Any) -> Any:
         try:

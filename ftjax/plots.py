@@ -1,0 +1,189 @@
+"""Figures from result dicts (never models): λ scans, loss planes, per-layer diff statistics, training curves.
+matplotlib only.
+
+Each `plot_*` writes `<stem>.png` (notebooks) and `<stem>.pdf` (papers) and returns both paths. Figures are
+built with `matplotlib.figure.Figure` directly, so no GUI backend or pyplot global state is involved.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+LOSS_LABEL = "loss (nats / token)"
+_ACC_NAMES = {"acc": "accuracy", "acc_norm": "accuracy (length-normalised)", "exact_match": "exact match"}
+
+
+def _save(fig: Figure, stem: str | Path) -> list[Path]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=200, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def _nan(values: Any) -> np.ndarray:
+    return np.array([math.nan if v is None else v for v in np.ravel(values)], np.float64).reshape(np.shape(values))
+
+
+def plot_scan(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Loss along the λ path, the linear baseline between the endpoints (dashed) and the barrier (marked).
+
+    result: as returned by `ftjax.lmc.scan` / `scan_along_diff` (or read back from scan.json).
+    """
+    lam, loss = np.asarray(result["lambda"], np.float64), _nan(result["loss"])
+    label_a, label_b = result.get("labels", ("Model A", "Model B"))
+    acc_keys = [k for k in ("acc", "acc_norm", "exact_match") if k in result]
+    fig = Figure(figsize=(6.4, 4.2 if not acc_keys else 6.4))
+    axes = fig.subplots(2 if acc_keys else 1, 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [2, 1]} if acc_keys else None)[:, 0]
+    ax = axes[0]
+    ax.plot(lam, loss, "o-", color="C0", label="interpolated model")
+    l0, l1 = loss[np.argmin(np.abs(lam))], loss[np.argmin(np.abs(lam - 1))]
+    ax.plot(lam, (1 - lam) * l0 + lam * l1, "--", color="0.5", label="linear baseline")
+    ax.plot([0, 1], [l0, l1], "s", color="k", zorder=3)
+    for x, y, name in ((0, l0, label_a), (1, l1, label_b)):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
+    if "barrier_linear" in result and result["barrier_linear"] is not None:
+        xb = result["barrier_linear_lambda"]
+        base = (1 - xb) * l0 + xb * l1
+        top = base + result["barrier_linear"]
+        ax.annotate("", xy=(xb, top), xytext=(xb, base), arrowprops={"arrowstyle": "<->", "color": "C3"})
+        ax.plot([], [], color="C3", label=f"barrier (linear) = {result['barrier_linear']:.4g} nats"
+                f"\nbarrier (mean) = {result['barrier_mean']:.4g} nats")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.legend(framealpha=0.5, fontsize=8)
+    ax.grid(alpha=0.3)
+    for i, key in enumerate(acc_keys):
+        axes[1].plot(lam, _nan(result[key]), "o-", color=f"C{i + 1}", label=_ACC_NAMES[key])
+    if acc_keys:
+        axes[1].set_ylabel("accuracy (fraction)")
+        axes[1].set_ylim(-0.05, 1.05)
+        axes[1].legend(framealpha=0.5, fontsize=8)
+        axes[1].grid(alpha=0.3)
+    path = {"lerp": "(1-λ)·A + λ·B", "diff": "T + λ·(F − S)"}.get(result.get("path"), "")
+    axes[-1].set_xlabel(f"λ  (interpolation coefficient{': ' + path if path else ''})")
+    axes[-1].axvline(0, color="0.8", lw=0.8, zorder=0)
+    axes[-1].axvline(1, color="0.8", lw=0.8, zorder=0)
+    axes[0].set_title(title or f"{label_a} → {label_b}")
+    return _save(fig, stem)
+
+
+def plane_coordinates(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]:
+    """Orthonormal plane coordinates (parameter-space distance) of the grid and of the models A, B, C.
+
+    A is the origin, B lies on the x axis at ‖B-A‖, C at its true angle; the grid is θ(u,v) = A + u(B-A) + v(C-A).
+    """
+    u, v = np.meshgrid(np.asarray(result["u"], np.float64), np.asarray(result["v"], np.float64))
+    nab, nac, cos = result["norm_ab"], result["norm_ac"], result["cos_ab_ac"]
+    sin = math.sqrt(max(0.0, 1.0 - cos * cos))
+    x = u * nab + v * nac * cos
+    y = v * nac * sin
+    return x, y, [(0.0, 0.0), (nab, 0.0), (nac * cos, nac * sin)]
+
+
+def plot_plane(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Filled contour plot of the loss over the plane through three models, in true parameter-space distances."""
+    x, y, corners = plane_coordinates(result)
+    loss = _nan(result["loss"])
+    fig = Figure(figsize=(6.4, 5.2))
+    ax = fig.subplots()
+    finite = loss[np.isfinite(loss)]
+    levels = np.linspace(finite.min(), np.quantile(finite, 0.95), 20) if finite.size and np.ptp(finite) > 0 else 20
+    filled = ax.contourf(x, y, np.clip(loss, None, np.max(levels) if not isinstance(levels, int) else None),
+                         levels=levels, cmap="viridis_r", extend="max")
+    ax.contour(x, y, loss, levels=filled.levels[::4], colors="k", linewidths=0.4, alpha=0.5)
+    fig.colorbar(filled, ax=ax, label=LOSS_LABEL)
+    for (cx, cy), name in zip(corners, result.get("labels", ("A", "B", "C"))):
+        ax.plot(cx, cy, "o", color="w", mec="k", ms=8)
+        ax.annotate(name, (cx, cy), textcoords="offset points", xytext=(6, 6), fontsize=9,
+                    bbox={"boxstyle": "round", "fc": "w", "alpha": 0.7})
+    ax.set_aspect("equal")
+    ax.set_xlabel("distance along B − A (parameter L2 norm)")
+    ax.set_ylabel("distance orthogonal, towards C (parameter L2 norm)")
+    ax.set_title(title or "loss over the plane through " + ", ".join(result.get("labels", ("A", "B", "C"))))
+    return _save(fig, stem)
+
+
+def plot_stats(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Per-layer lines: relative diff norms (‖Δ‖/‖θ‖, base distance) and diff cosine similarity.
+
+    result: as returned by `ftjax.stats.diff_stats` (its "layers" list, one entry per decoder layer).
+    """
+    layers = [r for r in result["layers"] if r.get("layer") is not None]
+    idx = [r["layer"] for r in layers]
+    has_cos = any(r.get("cos_delta") is not None for r in layers)
+    fig = Figure(figsize=(6.4, 6.0 if has_cos else 4.0))
+    axes = fig.subplots(2 if has_cos else 1, 1, sharex=True, squeeze=False)[:, 0]
+    series = [("rel_delta", "‖Δ‖ / ‖θ‖  (source diff)"), ("rel_delta_target", "‖Δt‖ / ‖θt‖  (target diff)"),
+              ("rel_base_distance", "‖T − S‖ / ‖S‖  (base versions)")]
+    for i, (key, label) in enumerate(series):
+        values = [r.get(key) for r in layers]
+        if any(v is not None for v in values):
+            axes[0].plot(idx, _nan(values), "o-", color=f"C{i}", label=label)
+    axes[0].set_ylabel("relative L2 norm (fraction)")
+    axes[0].set_yscale("log")
+    axes[0].legend(framealpha=0.5, fontsize=8)
+    axes[0].grid(alpha=0.3, which="both")
+    if has_cos:
+        axes[1].plot(idx, _nan([r.get("cos_delta") for r in layers]), "o-", color="C3", label="cos(Δs, Δt)")
+        axes[1].axhline(0, color="0.5", ls="--", lw=0.8)
+        axes[1].set_ylabel("cosine similarity")
+        axes[1].set_ylim(-1.05, 1.05)
+        axes[1].legend(framealpha=0.5, fontsize=8)
+        axes[1].grid(alpha=0.3)
+    axes[-1].set_xlabel("decoder layer index")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_title(title or "diff statistics per layer")
+    return _save(fig, stem)
+
+
+def plot_curves(runs: dict[str, dict[str, Any]], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Training loss (and eval loss, when logged) against optimizer step for several fine-tuning runs, overlaid.
+
+    runs: label -> curves as returned by `ftjax.train.read_curves` (step, loss, eval_step, eval_loss lists).
+    """
+    has_eval = any(r.get("eval_loss") for r in runs.values())
+    fig = Figure(figsize=(6.4, 6.4 if has_eval else 4.2))
+    axes = fig.subplots(2 if has_eval else 1, 1, sharex=True, squeeze=False)[:, 0]
+    for i, (label, r) in enumerate(runs.items()):
+        axes[0].plot(r["step"], _nan(r["loss"]), "-", color=f"C{i}", lw=1.2, label=label)
+        if has_eval and r.get("eval_loss"):
+            axes[1].plot(r["eval_step"], _nan(r["eval_loss"]), "o-", color=f"C{i}", label=label)
+    axes[0].set_ylabel("train " + LOSS_LABEL)
+    if has_eval:
+        axes[1].set_ylabel("eval " + LOSS_LABEL)
+    for ax in axes:
+        ax.legend(framealpha=0.5, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    axes[0].set_title(title or "fine-tuning curves")
+    return _save(fig, stem)
+
+
+def plot_curves(runs: dict[str, dict[str, list]], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Training loss (solid) and evaluation loss (dashed, markers) against optimizer step, one colour per run.
+
+    runs: label -> curves as returned by `ftjax.train.read_curves` ("step", "loss", "eval_step", "eval_loss").
+    """
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for i, (label, c) in enumerate(runs.items()):
+        if c.get("step"):
+            ax.plot(c["step"], _nan(c["loss"]), "-", color=f"C{i}", lw=1.2, label=f"{label} (train)")
+        if c.get("eval_step"):
+            ax.plot(c["eval_step"], _nan(c["eval_loss"]), "o--", color=f"C{i}", ms=4, label=f"{label} (eval)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if runs:
+        ax.legend(framealpha=0.5, fontsize=8)
+    ax.set_title(title or "fine-tuning curves")
+    return _save(fig, stem)

@@ -1,0 +1,42 @@
+"""The CLI surface: every command has help, scripts/transfer.py is `ftjax transfer`, errors are one line + exit 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftjax.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_command_has_help(capsys):
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"transfer", "diff", "apply", "convert", "inspect", "eval", "demo"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: ftjax " + name in capsys.readouterr().out
+
+
+def test_script_is_ftjax_transfer(tmp_path):
+    """`python scripts/transfer.py ARGS` and `ftjax transfer ARGS` fail identically on the same bad input."""
+    args = ["--source-base", str(tmp_path / "a"), "--source-ft", str(tmp_path / "b"),
+            "--target-base", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "transfer.py"), *args], capture_output=True, text=True)
+    module = subprocess.run([sys.executable, "-m", "ftjax.cli", "transfer", *args], capture_output=True, text=True)
+    assert script.returncode == module.returncode == 2
+    assert script.stderr == module.stderr
+    assert script.stderr.startswith("ftjax: error:") and script.stderr.count("\n") == 1
+    assert "Traceback" not in script.stderr
+    assert not (tmp_path / "o").exists()
+    helped = subprocess.run([sys.executable, str(ROOT / "scripts" / "transfer.py"), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--source-base" in helped.stdout
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["transfer", "--alpha-for", "no-equals-sign"])
+    assert e.value.code == 2

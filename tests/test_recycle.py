@@ -1,0 +1,85 @@
+"""ftjax.recycle: two versions iterative == direct; zero steps => transfer-then-finetune == transfer; plot-curves."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ftjax.cli import main
+from ftjax.errors import FtjaxError
+from ftjax.io.safetensors import SafetensorsFile
+from ftjax.recycle import recycle
+from ftjax.train import TrainConfig, finetune
+from ftjax.transfer import transfer
+from hf_models import make_hf_model
+
+
+def _tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    with SafetensorsFile(Path(model_dir) / "model.safetensors") as f:
+        return {n: np.array(f.get(n)) for n in f.names()}
+
+
+def _assert_same_bits(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].tobytes() == tb[name].tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("versions")
+    rng = np.random.default_rng(0)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": rng.integers(3, 128, rng.integers(6, 24)).tolist()}) + "\n"
+                            for _ in range(16)))
+    models = [make_hf_model(root / f"M{i}", seed=i, dtype="bfloat16") for i in (1, 2)]
+    return root, models, data
+
+
+def test_two_versions_iterative_equals_direct(versions, tmp_path, capsys):
+    _, (m1, m2), data = versions
+    tcfg = TrainConfig(steps=3, lr=1e-3, batch_size=4, max_len=32, warmup=0)
+    runs = {mode: recycle([m1, m2], data, tmp_path / mode, config=tcfg, mode=mode, progress=False)
+            for mode in ("iterative", "direct")}
+    for mode in runs:
+        out = tmp_path / mode
+        assert (out / "summary.md").is_file() and (out / "curves.png").is_file()
+        assert (out / "delta_1" / "config.json").is_file() and (out / "M2_init" / "config.json").is_file()
+    _assert_same_bits(tmp_path / "iterative" / "M1_star" / "final", tmp_path / "direct" / "M1_star" / "final")
+    _assert_same_bits(tmp_path / "iterative" / "M2_star" / "final", tmp_path / "direct" / "M2_star" / "final")
+    # M2* starts from M2 + (M1* - M1), and training moved it
+    entry = runs["iterative"]["versions"][1]
+    assert entry["init"].endswith("M2_init") and entry["delta_in"].endswith("delta_1")
+    assert _tensors(entry["final"])["model.norm.weight"].tobytes() != _tensors(entry["init"])["model.norm.weight"].tobytes()
+    assert [e["version"] for e in runs["direct"]["versions"]] == [1, 2]
+
+    # re-running the same command resumes (everything is complete, so nothing is redone)
+    again = recycle([m1, m2], data, tmp_path / "iterative", config=tcfg, mode="iterative", progress=False)
+    assert again["versions"] == runs["iterative"]["versions"]
+    with pytest.raises(FtjaxError, match="different"):
+        recycle([m1, m2], data, tmp_path / "iterative", config=tcfg, mode="direct", progress=False)
+
+    # plot-curves overlays the two versions' runs
+    stem = tmp_path / "plots" / "curves"
+    assert main(["plot-curves", str(tmp_path / "iterative" / "M1_star"), str(tmp_path / "iterative" / "M2_star"),
+                 "--labels", "FT(M1)", "FT(M2 + Δ)", "--out", str(stem)]) == 0
+    assert stem.with_suffix(".png").is_file() and stem.with_suffix(".pdf").is_file()
+    capsys.readouterr()
+    assert main(["plot-curves", str(tmp_path), "--out", str(stem)]) == 2
+    assert "no log.jsonl" in capsys.readouterr().err
+
+
+def test_zero_steps_transfer_then_finetune_equals_transfer(versions, tmp_path):
+    """FT with 0 steps is the identity, bitwise, through the trainer's float32 master copy and its exporter (bf16)."""
+    root, (m1, m2), data = versions
+    ft = make_hf_model(tmp_path / "M1_ft", seed=7, dtype="bfloat16")
+    transfer(m1, ft, m2, tmp_path / "M2_plus_delta", progress=False)
+    result = finetune(tmp_path / "M2_plus_delta", data, tmp_path / "run", config=TrainConfig(steps=0, max_len=32),
+                      progress=False)
+    _assert_same_bits(tmp_path / "M2_plus_delta", Path(result["final"]))
+
+    summary = recycle([m1, m2], data, tmp_path / "rec", config=TrainConfig(steps=0, max_len=32), progress=False)
+    _assert_same_bits(m2, summary["versions"][1]["final"])  # M1* = M1, so Δ = 0 and M2* = M2 exactly
+    assert "M2*" in (tmp_path / "rec" / "summary.md").read_text()

@@ -1,0 +1,151 @@
+"""treeops: the exact one-rounding kernels against a float64 reference (rounded once, correctly), identities."""
+
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ftjax import treeops
+
+BF16 = ml_dtypes.bfloat16
+
+
+def round_f64(x, dtype):
+    """Correct RNE of float64 `x` to `dtype`. (ml_dtypes' float64 -> bfloat16 cast rounds twice, via float32, so
+    it is not a valid reference: round to odd at float32 first, then to nearest even.)"""
+    x = np.asarray(x, np.float64)
+    if np.dtype(dtype) == np.float32:
+        return x.astype(np.float32)
+    y = x.astype(np.float32)
+    inexact = np.isfinite(y) & (y.astype(np.float64) != x) & (y != 0)
+    step = np.where((y.astype(np.float64) < x) == (y > 0), 1, -1)
+    bits = y.view(np.uint32).astype(np.int64)
+    bits = np.where(inexact & (bits % 2 == 0), bits + step, bits).astype(np.uint32)
+    return bits.view(np.float32).astype(dtype)
+
+
+def reference(t, f, b, alpha, dtype):
+    return round_f64(t.astype(np.float64) + alpha * (f.astype(np.float64) - b.astype(np.float64)), dtype)
+
+
+def bits(x):
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def mixed(rng, n, dtype, spread=36):
+    """Values with widely different exponents (float32 sums inexact, landing on bf16 ties) and some exact ties."""
+    e = rng.integers(-spread // 2, spread // 2, size=(3, n))
+    x = rng.choice([-1, 1], size=(3, n)) * (1 + rng.random((3, n))) * 2.0 ** e
+    if np.dtype(dtype) == np.float16:
+        x = np.clip(x * 2.0 ** -12, -6e4, 6e4)
+    return [v.astype(dtype) for v in x]
+
+
+def test_ml_dtypes_cast_double_rounds():
+    # Why the tests carry their own rounding: 115.25 is a bf16 tie, the exact value is just above it.
+    x = np.float64(115.25) + 2.0**-20
+    assert float(x.astype(BF16)) == 115.0 and float(round_f64(x, BF16)) == 115.5
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0, -1.0])
+def test_kernel_bitwise_reference(dtype, alpha):
+    rng = np.random.default_rng(0)
+    t, f, b = mixed(rng, 200_000, dtype)
+    out = treeops.transfer_kernel(t, f, b, alpha=alpha, out_dtype=dtype)
+    np.testing.assert_array_equal(bits(out), bits(reference(t, f, b, alpha, dtype)))
+    if dtype == BF16:  # the plain float32 computation double-rounds on such data
+        naive = (t.astype(np.float32) + np.float32(alpha) * (f.astype(np.float32) - b.astype(np.float32))).astype(dtype)
+        assert (bits(naive) != bits(out)).sum() > 100
+
+
+@pytest.mark.parametrize("alpha", [0.3, -1.7, 0.01])
+def test_kernel_general_alpha_bf16(alpha):
+    rng = np.random.default_rng(1)
+    t, f, b = [x.astype(BF16) for x in rng.standard_normal((3, 500_000)) * 0.02]
+    f = (f.astype(np.float32) + b.astype(np.float32)).astype(BF16)
+    out = treeops.transfer_kernel(t, f, b, alpha=alpha, out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(bits(out), bits(reference(t, f, b, alpha, BF16)))
+
+
+def test_constructed_double_rounding_cases():
+    # t + (ft - b): float32 sum lands exactly on a bf16 tie, the exact value is off it.
+    t = np.array([115.25, 1.0, -3.0, 256.0], np.float32).astype(BF16)
+    f = np.array([2.0**-30, 2.0**-9 + 2.0**-40, -(2.0**-8), 1.0], np.float32).astype(BF16)
+    b = np.array([-(2.0**-40), 2.0**-40, 2.0**-42, 2.0**-35], np.float32).astype(BF16)
+    t[0], f[0], b[0] = BF16(115.0), BF16(0.25), BF16(-(2.0**-30))  # 115.25 + 2^-30 -> 115.5
+    out = np.asarray(treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
+    exact = [Fraction(float(x)) + Fraction(float(y)) - Fraction(float(z)) for x, y, z in zip(t, f, b)]
+    ref = reference(t, f, b, 1.0, BF16)
+    np.testing.assert_array_equal(bits(out), bits(ref))
+    assert float(out[0]) == 115.5
+    assert all(abs(Fraction(float(o)) - e) <= abs(Fraction(float(o2)) - e) for o, e, o2 in zip(out, exact, ref))
+
+
+def test_exact_even_beyond_float64():
+    # Exponent spreads where float64 itself is inexact: compare with exact rational arithmetic (alpha = 1).
+    rng = np.random.default_rng(2)
+    t, f, b = mixed(rng, 3000, BF16, spread=120)
+    out = np.asarray(treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
+    grid = np.array([float(v) for v in np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(BF16)])
+    finite = np.isfinite(grid)
+    order = np.argsort(grid[finite])
+    vals = grid[finite][order]
+    for i in range(len(t)):
+        e = Fraction(float(t[i])) + Fraction(float(f[i])) - Fraction(float(b[i]))
+        j = np.searchsorted(vals, float(e))
+        cands = [vals[k] for k in (j - 1, j, j + 1) if 0 <= k < len(vals)]
+        best = min(cands, key=lambda c: (abs(Fraction(c) - e), int(np.float32(c).astype(BF16).view(np.uint16)) & 1))
+        assert float(out[i]) == best or (best == 0 and float(out[i]) == 0), (t[i], f[i], b[i], out[i], best)
+
+
+def test_identities_and_signed_zero():
+    rng = np.random.default_rng(3)
+    t, f, b = [x.astype(BF16) for x in rng.standard_normal((3, 10_000))]
+    t[:3] = f[:3] = BF16(-0.0)
+    b[:3] = BF16(0.0)
+    t[3] = BF16(np.nan)
+    np.testing.assert_array_equal(bits(treeops.transfer_kernel(t, f, b, alpha=0.0, out_dtype=jnp.bfloat16)), bits(t))
+    np.testing.assert_array_equal(bits(treeops.transfer_kernel(b, f, b, alpha=1.0, out_dtype=jnp.bfloat16))[3:],
+                                  bits(f)[3:])
+    out = treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(bits(out)[:3], bits(reference(t, f, b, 1.0, BF16))[:3])  # -0 + (-0 - 0) = -0
+    assert np.isnan(np.float32(out[3]))
+
+
+def test_diff_then_apply_is_transfer():
+    rng = np.random.default_rng(4)
+    t, f, b = mixed(rng, 100_000, BF16)
+    hi, lo = treeops.diff_kernel(f, b)
+    assert np.any(np.asarray(lo) != 0), "data must include differences inexact in float32"
+    for alpha in (1.0, 0.5, 0.3):
+        np.testing.assert_array_equal(
+            bits(treeops.apply_kernel(t, hi, lo, alpha=alpha, out_dtype=jnp.bfloat16)),
+            bits(treeops.transfer_kernel(t, f, b, alpha=alpha, out_dtype=jnp.bfloat16)))
+
+
+def test_two_prod_exact():
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((2, 100_000)) * 2.0 ** rng.integers(-20, 20, (2, 100_000))).astype(np.float32)
+    p, e = jax.jit(treeops.two_prod)(a, b)
+    np.testing.assert_array_equal(np.float64(p) + np.float64(e), np.float64(a) * np.float64(b))
+
+
+def test_tree_ops():
+    rng = np.random.default_rng(6)
+    mk = lambda: {"a": {"w": jnp.asarray(rng.standard_normal((4, 8)).astype(BF16))}, "step": jnp.int32(3)}
+    t, f, b = mk(), mk(), mk()
+    out = jax.jit(treeops.tree_transfer)(t, f, b)
+    ref = reference(*(np.asarray(x["a"]["w"]) for x in (t, f, b)), 1.0, BF16)
+    np.testing.assert_array_equal(bits(out["a"]["w"]), bits(ref))
+    assert int(out["step"]) == 3
+    d = treeops.tree_diff(f, b)
+    assert d["a"]["w"].dtype == jnp.float32
+    lerp = treeops.tree_lerp(t, f, 0.0)
+    np.testing.assert_array_equal(bits(lerp["a"]["w"]), bits(t["a"]["w"]))
+    assert float(treeops.tree_cosine(t, t)) == pytest.approx(1.0, rel=1e-6)
+    assert float(treeops.tree_norm(treeops.tree_scale(t, 0.0))) == 0.0
