@@ -116,6 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity, exact match and multiple-choice accuracy on a JSONL file")
     p.add_argument("--model", required=True, metavar="DIR|REPO")
     _add_eval_flags(p)
+    g = p.add_argument_group("generation-scored rows {\"prompt\", \"answer\"}")
+    g.add_argument("--chat", action="store_true", help="render prompts with the model's chat template")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row (default 256)")
+    g.add_argument("--extract", type=_extract, metavar="REGEX|gsm8k|last-number",
+                   help="score the last match (group 1 if any) instead of the whole generation")
+    g.add_argument("--out", type=Path, help="directory for eval.json and generations.jsonl")
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (greedy by default; KV cache)")
+    p.add_argument("--model", required=True, metavar="DIR|REPO")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", type=Path, metavar="FILE.jsonl", help="rows {\"prompt\"} (or {\"messages\"} with --chat)")
+    p.add_argument("--chat", action="store_true", help="render prompts with the model's chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto = the checkpoint's)")
+    p.add_argument("--mesh", default=None, metavar="SPEC", help="shard parameters over devices, e.g. fsdp=8")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
     p = sub.add_parser("scan", help="loss along (1-λ)·A + λ·B (or T + λ·(F − S) with --along-diff); scan.json + plots")
     p.add_argument("--a", metavar="DIR|REPO", help="model at λ = 0")
@@ -285,6 +309,74 @@ def _mesh(args):
     return make_mesh(args.mesh) if args.mesh else None
 
 
+def _extract(text: str) -> str:
+    from ftjax.generate import EXTRACT_PRESETS
+
+    return text if text in EXTRACT_PRESETS else _regex(text)
+
+
+def _cmd_generate(args) -> None:
+    from ftjax import generate as gen
+    from ftjax.data import read_jsonl
+    from ftjax.io.checkpoint import resolve_model_path
+    from ftjax.params import load_params
+
+    model_dir = resolve_model_path(args.model)
+    setup = gen.TextSetup.load(model_dir, chat=args.chat)
+    prompts = [args.prompt] if args.prompt is not None else gen.prompts_from_rows(read_jsonl(args.prompts),
+                                                                                   source=str(args.prompts))
+    ids = setup.encode(prompts, system=args.system)
+    gen.check_generation_args(setup.cfg, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              batch_size=args.batch_size)
+    cfg, params = load_params(model_dir, dtype=None if args.dtype == "auto" else args.dtype, mesh=_mesh(args))
+    completions = gen.generate_ids(params, cfg, ids, max_new_tokens=args.max_new_tokens, eos_ids=setup.eos_ids,
+                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                   batch_size=args.batch_size)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        text = gen.decode(setup.tokenizer, completion, setup.eos_ids)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "generation": text, "tokens": len(completion.tokens),
+                              "finish_reason": completion.finish_reason}, ensure_ascii=False))
+        else:
+            print(text if len(prompts) == 1 else f"--- {i + 1} ---\n{text}")
+
+
+def _eval_by_generation(args, model_dir: Path) -> bool:
+    """Score {"prompt", "answer"} rows by generating; False (nothing done) when the rows are for loss scoring."""
+    from ftjax import generate as gen
+    from ftjax.data import read_jsonl
+    from ftjax.lmc import finite_or_none
+    from ftjax.params import load_params
+
+    rows = read_jsonl(args.data)
+    kinds = [gen.is_generation_row(r) for r in rows]
+    if not any(kinds):
+        return False
+    if not all(kinds):
+        raise FtjaxError(f"{args.data}: row {kinds.index(False) + 1} is not a {{\"prompt\", \"answer\"}} row but "
+                         "others are; put generation-scored rows in a file of their own")
+    setup = gen.TextSetup.load(model_dir, chat=args.chat)
+    if args.max_new_tokens < 1:
+        raise FtjaxError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    mesh = _mesh(args)
+    cfg, params = load_params(model_dir, dtype=args.dtype, mesh=mesh)
+    metrics, records = gen.evaluate_generation(
+        params, cfg, rows, setup.tokenizer, eos_ids=setup.eos_ids, template=setup.template, special=setup.special,
+        system=args.system, max_new_tokens=args.max_new_tokens, extract=args.extract, batch_size=args.batch_size,
+        source=str(args.data))
+    if args.out is not None:
+        _write_json(args.out / "eval.json", metrics)
+        (args.out / "generations.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    if args.json:
+        print(json.dumps(finite_or_none(metrics)))
+    else:
+        print(f"exact_match {metrics['exact_match']:.4f}  ({metrics['correct']}/{metrics['rows']} rows, "
+              f"{metrics['generated_tokens']} tokens generated, {metrics['tokens_per_s']:.0f} tokens/s)"
+              + (f"; wrote {args.out / 'eval.json'}, generations.jsonl" if args.out is not None else ""))
+    return True
+
+
 def _metrics_line(result: dict) -> str:
     extra = "".join(f"  {k} {result[k]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result)
     return f"loss {result['loss']:.6f} nats  ppl {result['ppl']:.4f}  tokens {result['tokens']}{extra}"
@@ -298,12 +390,16 @@ def _cmd_eval(args) -> None:
     from ftjax.params import load_params
 
     model_dir = resolve_model_path(args.model)
+    if _eval_by_generation(args, model_dir):
+        return
     examples = _examples(args, model_dir)
     mesh = _mesh(args)
     cfg, params = load_params(model_dir, mesh=mesh)
     check_vocab(examples, cfg.vocab_size, source=str(args.data))
     result = evaluate_loss(params, cfg, examples, batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype,
                            mesh=mesh)
+    if args.out is not None:
+        _write_json(args.out / "eval.json", result)
     if args.json:
         print(json.dumps(finite_or_none(result)))
     else:
@@ -463,7 +559,7 @@ COMMANDS = {
     "finetune": _cmd_finetune, "recycle": _cmd_recycle, "plot-curves": _cmd_plot_curves,
     "transfer": _cmd_transfer, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
     "inspect": _cmd_inspect, "eval": _cmd_eval, "scan": _cmd_scan, "plane": _cmd_plane,
-    "stats": _cmd_stats, "demo": _cmd_demo,
+    "stats": _cmd_stats, "demo": _cmd_demo, "generate": _cmd_generate,
 }
 
 

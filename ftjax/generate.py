@@ -141,10 +141,12 @@ def generate_ids(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]]
 
     Greedy when temperature == 0, else temperature + top-p sampling from `jax.random.key(seed)`. A row stops at the
     first of eos_ids or when prompt + generation fill the context window (cfg.max_position_embeddings).
-    Prompts are batched by length (batch_size rows per call, the last batch padded); results keep input order.
+    Prompts are sorted by length into batches of batch_size rows (the last one padded with copies); results keep
+    input order.
     """
     check_generation_args(cfg, prompts, max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     context = cfg.max_position_embeddings or 1 << 62
+    batch_size = min(batch_size, len(prompts))
     eos_e = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     key = jax.random.key(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -240,7 +242,7 @@ def evaluate_generation(params: Any, cfg: ModelConfig, rows: Sequence[dict], tok
     match, its first group if any); it is applied to the reference too when it matches there (a GSM8K solution).
     Returns (metrics {"exact_match", "rows", "generated_tokens", "tokens_per_s"}, one record per row).
     """
-    prompts = []
+    prompts: list = []
     for i, row in enumerate(rows):
         prompt = row.get("prompt", row.get("question"))
         if not (isinstance(prompt, str) or (template is not None and isinstance(prompt, list))):
@@ -269,3 +271,45 @@ def evaluate_generation(params: Any, cfg: ModelConfig, rows: Sequence[dict], tok
     metrics = {"exact_match": correct / len(rows), "rows": len(rows), "correct": correct,
                "generated_tokens": generated, "tokens_per_s": generated / max(seconds, 1e-9)}
     return metrics, records
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+@dataclasses.dataclass(frozen=True)
+class TextSetup:
+    """Everything text generation needs from a model directory except the weights (so bad input fails first)."""
+
+    cfg: ModelConfig
+    tokenizer: Any
+    eos_ids: tuple[int, ...]
+    template: str | None = None
+    special: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, chat: bool = False) -> TextSetup:
+        """Config, tokenizer.json, EOS ids and, with chat, the chat template (an error if there is none)."""
+        from ftjax.chat import require_chat_template, special_tokens
+        from ftjax.data import load_tokenizer
+        from ftjax.io.checkpoint import HFCheckpoint
+
+        model_dir = Path(model_dir)
+        cfg = ModelConfig.from_hf(HFCheckpoint(model_dir).config, source=str(model_dir / "config.json"))
+        template = require_chat_template(model_dir) if chat else None
+        return cls(cfg, load_tokenizer(model_dir), eos_token_ids(model_dir, cfg), template,
+                   special_tokens(model_dir) if chat else {})
+
+    def encode(self, prompts: Sequence[str | Sequence[dict]], system: str | None = None) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, template=self.template, special=self.special, system=system)
+
+
+def prompts_from_rows(rows: Sequence[dict], *, source: str = "prompts") -> list[str | list[dict]]:
+    """Prompts from JSONL rows: {"prompt": "..."} or, for chat models, {"messages": [{"role", "content"}, ...]}."""
+    out: list[str | list[dict]] = []
+    for i, row in enumerate(rows):
+        if isinstance(row.get("prompt"), str):
+            out.append(row["prompt"])
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            out.append(row["messages"])
+        else:
+            raise FtjaxError(f"{source} row {i + 1}: expected a 'prompt' string or a 'messages' list, "
+                             f"got keys {sorted(row)}")
+    return out

@@ -83,11 +83,11 @@ def check_compatible(models: dict[str, tuple[ModelConfig, Any]]) -> ModelConfig:
                              "interpolation needs one family")
         shapes = _shapes(tree)
         for name in sorted(shapes0.keys() | shapes.keys()):
-            for a, b, where in ((shapes0, shapes, label), (shapes, shapes0, first)):
-                if name not in b:
+            for have, where in ((shapes, label), (shapes0, first)):
+                if name not in have:
                     raise FtjaxError(f"tensor {name} is missing from {where}; interpolation needs the same tensors")
             if shapes0[name] != shapes[name]:
-                raise FtjaxError(f"tensor {name} has shape {shapes.get(name)} in {label} but {shapes0.get(name)} "
+                raise FtjaxError(f"tensor {name} has shape {shapes[name]} in {label} but {shapes0[name]} "
                                  f"in {first}; interpolation needs identical shapes")
         if _numerics(cfg) != _numerics(cfg0):
             print(f"ftjax: warning: {label}'s config differs from {first}'s; using {first}'s for the forward pass",

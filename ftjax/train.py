@@ -490,7 +490,8 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         state = jax.jit(init_state, out_shardings=state_sh)(params)
     del params
     start = int(jax.device_get(state["step"]))
-    log = _Log(out, _read_log(out, start) if resuming else [], config.steps, progress)
+    # Keep the log up to the restored step (a fresh start re-evaluates step 0, so it keeps nothing).
+    log = _Log(out, _read_log(out, start) if resuming and start > 0 else [], config.steps, progress)
 
     def evaluate(step: int) -> None:
         from ftjax.evaluate import evaluate_loss

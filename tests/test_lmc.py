@@ -64,14 +64,14 @@ def test_along_diff_and_plane_paths(loaded, examples):
     f, s = params_of(loaded, "b"), params_of(loaded, "c")
     along = lmc.scan_along_diff(t, f, s, cfg, examples, [0.0, 1.0], batch_size=4)
     transferred = jax.tree.map(lambda x, y, z: x + (y - z), t, f, s)
-    assert abs(along["loss"][0] - evaluate_loss(t, cfg, examples)["loss"]) < 1e-6
-    assert abs(along["loss"][1] - evaluate_loss(transferred, cfg, examples)["loss"]) < 1e-5
+    assert abs(along["loss"][0] - evaluate_loss(t, cfg, examples, batch_size=4)["loss"]) < 1e-6
+    assert abs(along["loss"][1] - evaluate_loss(transferred, cfg, examples, batch_size=4)["loss"]) < 1e-5
     assert along["path"] == "diff" and "barrier_linear" in along
 
     a, b, c = t, f, s
     res = lmc.plane(a, b, c, cfg, examples, [0.0, 1.0], [0.0, 0.5, 1.0], batch_size=4)
     assert np.shape(res["loss"]) == (3, 2)
-    direct = {k: evaluate_loss(p, cfg, examples)["loss"] for k, p in (("a", a), ("b", b), ("c", c))}
+    direct = {k: evaluate_loss(p, cfg, examples, batch_size=4)["loss"] for k, p in (("a", a), ("b", b), ("c", c))}
     assert abs(res["loss"][0][0] - direct["a"]) < 1e-6
     assert abs(res["loss"][0][1] - direct["b"]) < 1e-6
     assert abs(res["loss"][2][0] - direct["c"]) < 1e-6
@@ -119,8 +119,8 @@ def test_sharded_scan_matches_unsharded(models, loaded, examples):
 def test_bfloat16_compute(loaded, examples):
     cfg, a = loaded["a"]
     b = params_of(loaded, "b")
-    f32 = lmc.scan(a, b, cfg, examples, [0.0, 1.0])["loss"]
-    bf16 = lmc.scan(a, b, cfg, examples, [0.0, 1.0], dtype="bfloat16")["loss"]
+    f32 = lmc.scan(a, b, cfg, examples, [0.0, 1.0], batch_size=4)["loss"]
+    bf16 = lmc.scan(a, b, cfg, examples, [0.0, 1.0], batch_size=4, dtype="bfloat16")["loss"]
     assert bf16 != f32 and np.allclose(bf16, f32, rtol=0.05)
 
 

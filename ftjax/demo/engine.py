@@ -1,0 +1,89 @@
+"""The demo's in-memory training and scoring, built from ftjax.train's public pieces.
+
+`ftjax.train.finetune` goes through a JSONL file, Orbax checkpoints and an HF export per run; the study runs dozens
+of short runs on a 300k-parameter model, where that I/O would dominate. So here the same `train_step` (optimizer
+from `make_optimizer`, schedule from `learning_rate_schedule`, loss from `loss_sums`) runs K steps per call inside
+one `lax.scan`, on parameters that stay in memory. One compilation serves every run with the same TrainConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.config import ModelConfig
+from ftjax.data import Example, batches
+from ftjax.evaluate import row_stats
+from ftjax.train import Rows, TrainConfig, make_optimizer, step_batch, train_step
+
+from ftjax.demo.world import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+
+def hf_config(width: int = 96, layers: int = 3, heads: int = 4, ffn: int = 256, max_len: int = 128) -> dict:
+    """config.json of a tiny Llama (untied head, full multi-head attention, float32 weights)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE,
+            "hidden_size": width, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": width // heads,
+            "max_position_embeddings": max_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+            "initializer_range": 0.02, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+            "torch_dtype": "float32"}
+
+
+def init_state(params: Any, tcfg: TrainConfig) -> dict:
+    """A fresh train state (float32 params, new AdamW moments, step 0) as `ftjax.train.train_step` expects."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return {"params": params, "opt_state": make_optimizer(tcfg).init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(tcfg.seed))}
+
+
+@functools.lru_cache(maxsize=8)
+def _steps_fn(cfg: ModelConfig, tcfg: TrainConfig) -> Callable:
+    optimizer = make_optimizer(tcfg)
+
+    def run(state, batch_k):
+        return jax.lax.scan(lambda s, b: train_step(s, b, cfg=cfg, tcfg=tcfg, optimizer=optimizer), state, batch_k)
+
+    return jax.jit(run, donate_argnums=0)
+
+
+def run_steps(state: dict, rows: Rows, cfg: ModelConfig, tcfg: TrainConfig, n: int) -> tuple[dict, np.ndarray]:
+    """Advance `state` by n optimizer steps (data order: ftjax.train's seeded per-epoch permutation, continuing at
+    state["step"]). Returns the new state and the n training losses (nats/token)."""
+    start = int(state["step"])
+    per_step = [step_batch(rows, s, tcfg) for s in range(start, start + n)]
+    batch_k = tuple(np.stack([b[i] for b in per_step]) for i in range(4))
+    state, metrics = _steps_fn(cfg, tcfg)(state, batch_k)
+    return state, np.asarray(metrics["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------- scoring
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Examples laid out as one fixed-shape device batch (teacher-forced scoring is one forward pass)."""
+
+    name: str
+    examples: tuple[Example, ...]
+    arrays: tuple[jax.Array, jax.Array, jax.Array]  # tokens, mask, weights [N, T]
+    index: np.ndarray  # example index per batch row (-1 padding)
+
+
+def eval_set(name: str, examples: Sequence[Example], max_len: int) -> EvalSet:
+    (b,) = list(batches(list(examples), len(examples), max_len))
+    return EvalSet(name, tuple(examples), (jnp.asarray(b.tokens_bt), jnp.asarray(b.mask_bt),
+                                           jnp.asarray(b.weights_bt)), b.index_b)
+
+
+_row_stats = jax.jit(row_stats, static_argnames=("cfg",))
+
+
+def score(params: Any, cfg: ModelConfig, data: EvalSet) -> dict[str, float]:
+    """{"loss": mean NLL per scored token (nats), "em": fraction of rows whose every scored token is the argmax}."""
+    nll, count, greedy = jax.device_get(_row_stats(params, cfg, *data.arrays))
+    real = data.index >= 0
+    return {"loss": float(np.sum(nll[real]) / max(np.sum(count[real]), 1.0)), "em": float(np.mean(greedy[real]))}

@@ -1,0 +1,285 @@
+"""Streaming engine behind transfer / diff / apply: read row blocks -> jitted kernel -> write, in bounded memory.
+
+The work is memory traffic, not arithmetic, so the engine is shaped around not touching memory twice:
+- reads are `os.preadv` from the safetensors files straight into a small pool of preallocated, 64-byte aligned
+  buffers reused for the whole run: no mmap page faults, no fresh allocations (every first touch of a page is a
+  fault), and RSS is bounded by the pool, never by the model;
+- consecutive tensors (and row blocks of big ones) that share a kernel are packed into one flat buffer, so almost
+  every kernel call has the same shape (one or two compiles per run) and a small tensor costs no extra dispatch;
+- buffers go to the kernel with `jax.device_put` (zero-copy on CPU for aligned arrays), results come back with
+  `np.asarray` (zero-copy) and a writer thread writes them straight to the output shards, while the main thread
+  reads and dispatches the next batch (file I/O and XLA release the GIL);
+- a NaN/Inf flag is fused into the kernel (one scalar per call; tensors are only named when it fires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import treeops
+from ftjax.errors import FtjaxError
+from ftjax.io.safetensors import TensorInfo
+
+MIN_BUCKET = 1 << 12
+POOL = 3  # buffer sets: one being read, one in the kernel, one being written
+_ALIGN = 64  # XLA:CPU aliases host buffers with this alignment instead of copying them
+
+
+@dataclasses.dataclass
+class Job:
+    """One output tensor: computed by the kernel (`mode="kernel"`) or copied from a source (`"copy"`)."""
+
+    name: str  # output tensor
+    out: TensorInfo
+    mode: str  # "kernel" | "copy"
+    t: str | None = None  # tensor names in target / source(-ft or diff) / source-base
+    s: str | None = None
+    b: str | None = None
+    rows: int = 0  # rows computed by the kernel; rows in [rows, out rows) are copied from the source
+    alpha: float = 1.0
+
+
+# A source is (reader, tensor name): a reader has `.get(name)` (memmap view) and `.info(name)`, plus
+# `.file_of(name)` (HFCheckpoint) or `.path` (SafetensorsFile). (None, None) stands for float32 zeros.
+Source = tuple[Any, Any]
+
+
+@dataclasses.dataclass
+class Streams:
+    """Where each job's data comes from and which kernel computes it.
+
+    inputs(job) -> kernel sources; kernel(job) -> (op, static): the kernel is op(*flat_inputs, *static), a pure
+    jax function returning one flat array or a tuple (the first is the output tensor); copy(job) -> the source of a
+    "copy" job (cast to the output dtype); extra(job) -> the source of a kernel job's rows beyond `job.rows`
+    (vocab padding, copied verbatim)."""
+
+    inputs: Callable[[Job], Sequence[Source]]
+    kernel: Callable[[Job], tuple[Callable, tuple]]
+    copy: Callable[[Job], Source]
+    extra: Callable[[Job], Source]
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1
+
+
+def row_elems(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def row_chunks(shape: tuple[int, ...], r0: int, r1: int, max_elems: int) -> Iterator[tuple[int, int]]:
+    """Consecutive row ranges covering [r0, r1), each at most max_elems elements (at least one row)."""
+    step = max(1, max_elems // max(row_elems(shape), 1))
+    for a in range(r0, r1, step):
+        yield a, min(a + step, r1)
+
+
+@functools.partial(jax.jit, static_argnames=("op", "static"))
+def _fused(n: jax.Array, *xs: jax.Array, op: Callable, static: tuple) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """op(*xs, *static) and whether its first output has NaN/Inf among the first n elements (rest is padding)."""
+    outs = op(*xs, *static)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    valid = jnp.arange(outs[0].shape[0]) < n
+    return outs, jnp.any(valid & ~jnp.isfinite(outs[0].astype(jnp.float32)))
+
+
+class _Reader:
+    """Reads row blocks of tensors with pread into caller buffers; one fd per file, offsets found once."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self.where: dict[tuple[int, str], tuple[int, int] | None] = {}
+
+    def _locate(self, reader: Any, name: str) -> tuple[int, int] | None:
+        key = (id(reader), name)
+        if key not in self.where:
+            view = reader.get(name)
+            base = view
+            while isinstance(base, np.ndarray):
+                base = base.base
+            loc = None
+            if base is not None and view.size:  # a view on the file's mmap: its offset in the file
+                offset = view.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+                path = str(reader.file_of(name) if hasattr(reader, "file_of") else reader.path)
+                if path not in self.fds:
+                    self.fds[path] = os.open(path, os.O_RDONLY)
+                loc = (self.fds[path], offset)
+            self.where[key] = loc
+        return self.where[key]
+
+    def read(self, src: Source, r0: int, r1: int, dst: np.ndarray) -> None:
+        """Rows [r0, r1) of src into the flat array dst (its size fixes the element count)."""
+        reader, name = src
+        if reader is None:
+            dst[:] = 0
+            return
+        info = reader.info(name)
+        loc = self._locate(reader, name)
+        if loc is None or dst.dtype != info.dtype:
+            np.copyto(dst, reader.get(name).reshape(-1)[r0 * row_elems(info.shape): r1 * row_elems(info.shape)],
+                      casting="unsafe")
+            return
+        fd, offset = loc
+        out = dst.view(np.uint8)
+        pos, start = 0, offset + r0 * row_elems(info.shape) * info.dtype.itemsize
+        while pos < out.size:
+            got = os.preadv(fd, [out[pos:]], start + pos)
+            if got <= 0:
+                raise FtjaxError(f"{reader.file_of(name) if hasattr(reader, 'file_of') else reader.path}: "
+                                 f"tensor {name!r} ends early; the file was truncated while reading")
+            pos += got
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    a = -raw.ctypes.data % _ALIGN
+    return raw[a: a + nbytes]
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+
+
+def _plan_batches(jobs: list[Job], io: Streams, cap: int, dtype_of: Callable) -> Iterator[tuple]:
+    """("kernel", (op, static), dtypes, [(job, r0, r1, offset)], elems) packing jobs with the same kernel and
+    input dtypes into `cap` elements, and ("copy", job, src, r0, r1) row blocks; in output order."""
+    key, segs, filled = None, [], 0
+    for job in jobs:
+        shape, row = job.out.shape, row_elems(job.out.shape)
+        if job.mode == "kernel" and job.rows:
+            srcs = io.inputs(job)
+            k = (io.kernel(job), tuple(dtype_of(s) for s in srcs))
+            r = 0
+            while r < job.rows:
+                if k != key or filled + row > cap:
+                    if segs:
+                        yield ("kernel", *key, segs, filled)
+                    key, segs, filled = k, [], 0
+                take = min(job.rows - r, (cap - filled) // row)
+                segs.append((job, srcs, r, r + take, filled))
+                filled, r = filled + take * row, r + take
+        extra = (io.extra(job), job.rows) if job.mode == "kernel" else (io.copy(job), 0)
+        if extra[1] < rows_of(shape):
+            if segs:
+                yield ("kernel", *key, segs, filled)
+            key, segs, filled = None, [], 0
+            for r0, r1 in row_chunks(shape, extra[1], rows_of(shape), cap):
+                yield ("copy", job, extra[0], r0, r1)
+    if segs:
+        yield ("kernel", *key, segs, filled)
+
+
+def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray, ...]], None], report: Any,
+           progress: bool, *, chunk_elems: int) -> None:
+    """Run every job through read -> kernel -> `write(job, outs)` (outs: a tuple of row blocks, the first is the
+    output tensor's), in job order. `chunk_elems`: elements per kernel call (rows are never split; a bigger row
+    gets a bigger buffer). Errors from any thread are re-raised here; report.bytes_read, bytes_written and
+    nonfinite are filled in."""
+    cap = max([chunk_elems] + [row_elems(j.out.shape) for j in jobs])
+    slots = max([len(io.inputs(j)) for j in jobs if j.mode == "kernel" and j.rows] + [1])
+    free: queue.Queue = queue.Queue()
+    for _ in range(POOL):
+        free.put([_aligned(cap * 8) for _ in range(slots)])  # 8: widest dtype; pages are touched only as used
+    todo: queue.Queue = queue.Queue()
+    stop, errors, reader = threading.Event(), [], _Reader()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(j.out.nbytes for j in jobs), unit="B", unit_scale=True, desc=f"ftjax {report.kind}",
+                   leave=False, postfix={"tensors": len(jobs)})
+
+    def dtype_of(src: Source) -> np.dtype:
+        return np.dtype(np.float32) if src[0] is None else src[0].info(src[1]).dtype
+
+    def emit(job: Job, outs: tuple[np.ndarray, ...]) -> None:
+        write(job, outs)
+        report.bytes_written += outs[0].nbytes
+        if bar is not None:
+            bar.update(outs[0].nbytes)
+
+    def writer() -> None:
+        try:
+            while (item := todo.get()) is not None:
+                bufs, batch = item
+                if batch[0] == "kernel":
+                    _, (op, static), _, segs, _, (outs, bad) = batch
+                    outs = tuple(np.asarray(o) for o in outs)  # waits for the kernel; zero-copy
+                    free.put(bufs)  # the kernel is done with its inputs
+                    for job, _, r0, r1, off in segs:
+                        rshape = (r1 - r0,) + job.out.shape[1:] if job.out.shape else ()
+                        blocks = tuple(o[off: off + math.prod(rshape)].reshape(rshape) for o in outs)
+                        if bool(bad) and job.name not in report.nonfinite and not np.all(
+                                np.isfinite(blocks[0].astype(np.float32))):
+                            report.nonfinite.append(job.name)
+                        emit(job, blocks)
+                else:
+                    _, job, a = batch
+                    if treeops.is_float(a.dtype) and job.name not in report.nonfinite and not np.all(np.isfinite(a)):
+                        report.nonfinite.append(job.name)
+                    emit(job, (a,))
+                    free.put(bufs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            stop.set()
+            while todo.get() is not None:  # unblock the producer
+                pass
+
+    def take_buffers() -> list[np.ndarray]:
+        while not stop.is_set():
+            try:
+                return free.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        raise errors[0] if errors else FtjaxError("internal error: the write pipeline stopped early")
+
+    th = threading.Thread(target=writer, daemon=True)
+    th.start()
+    try:
+        for batch in _plan_batches(jobs, io, cap, dtype_of):
+            bufs = take_buffers()
+            if batch[0] == "kernel":
+                _, (op, static), dtypes, segs, filled = batch
+                n = _bucket(filled, cap)
+                xs = [b.view(dt)[:n] for b, dt in zip(bufs, dtypes)]
+                for job, srcs, r0, r1, off in segs:
+                    m = (r1 - r0) * row_elems(job.out.shape)
+                    for x, src in zip(xs, srcs):
+                        reader.read(src, r0, r1, x[off: off + m])
+                        report.bytes_read += m * x.dtype.itemsize
+                res = _fused(np.int32(filled), *(jax.device_put(x) for x in xs), op=op, static=static)
+                todo.put((bufs, (*batch, res)))
+            else:
+                _, job, src, r0, r1 = batch
+                dt, shape = dtype_of(src), job.out.shape
+                rshape = (r1 - r0,) + shape[1:] if shape else ()
+                a = bufs[0].view(dt)[: math.prod(rshape)]
+                reader.read(src, r0, r1, a)
+                report.bytes_read += a.nbytes
+                a = a.reshape(rshape)
+                todo.put((bufs, ("copy", job, a.astype(job.out.dtype) if dt != job.out.dtype else a)))
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        todo.put(None)
+        th.join()
+        reader.close()
+        if bar is not None:
+            bar.close()
+    if errors:
+        raise errors[0]

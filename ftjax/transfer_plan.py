@@ -1,0 +1,225 @@
+"""Transfer planning: validate the three (or, for apply, two) checkpoints against each other and make one job per
+output tensor. Every mismatch is collected into one FtjaxError; the vocab / tied-embedding / non-float policies
+are documented in `ftjax.transfer`'s module docstring and applied here. `TransferReport` records what happened."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from ftjax import treeops
+from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import HFCheckpoint
+from ftjax.io.safetensors import TensorInfo
+from ftjax.streaming import Job
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+ERROR_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "head_dim", "hidden_act", "attention_bias", "mlp_bias")
+WARN_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings", "rms_norm_eps",
+             "sliding_window", "bos_token_id", "eos_token_id", "pad_token_id")
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """What a transfer/diff/apply did (or would do, for dry_run). `to_dict()` is the CLI's --json."""
+
+    kind: str
+    out: str | None
+    inputs: dict[str, str]
+    tensors: int = 0
+    transferred: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    copied_non_float: list[str] = dataclasses.field(default_factory=list)
+    alphas: dict[str, float] = dataclasses.field(default_factory=dict)  # tensors whose alpha is not the default
+    vocab: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    nonfinite: list[str] = dataclasses.field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "gb_per_s": round(self.gb_per_s, 3)}
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "wrote"
+        lines = [f"ftjax {self.kind}: {verb} {self.tensors} tensors ({self.transferred} transferred, "
+                 f"{len(self.skipped)} skipped, {len(self.copied_non_float)} non-float copied) to {self.out}"]
+        if not self.dry_run:
+            lines.append(f"  {self.bytes_read / 1e9:.2f} GB read, {self.bytes_written / 1e9:.2f} GB written in "
+                         f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s)")
+        if self.vocab:
+            lines.append(f"  vocab: {self.vocab}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        if self.nonfinite:
+            lines.append(f"  NaN/Inf in {len(self.nonfinite)} output tensors: {', '.join(self.nonfinite[:8])}")
+        return "\n".join(lines)
+
+
+def tied(ck: HFCheckpoint) -> bool:
+    return bool(ck.config.get("tie_word_embeddings", False)) or LM_HEAD not in ck
+
+
+def lm_name(ck: HFCheckpoint) -> str:
+    return EMBED if tied(ck) else LM_HEAD
+
+
+def model_names(ck: HFCheckpoint) -> list[str]:
+    return [n for n in ck.names() if not (n == LM_HEAD and tied(ck))]
+
+
+def is_vocab(name: str) -> bool:
+    return name in (EMBED, LM_HEAD) or name.endswith((".embed_tokens.weight", ".wte.weight"))
+
+
+def fail(problems: list[str], what: str) -> None:
+    if problems:
+        more = f"; ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise FtjaxError(f"{what}: {len(problems)} problem(s): {'; '.join(problems[:12])}{more}")
+
+
+def compare_configs(cfgs: dict[str, dict], warnings: list[str]) -> list[str]:
+    """Family and shape-defining keys must agree (errors); keys that may differ on purpose -> warnings."""
+    problems, (first, c0), *_ = [], *cfgs.items()
+    for label, c in list(cfgs.items())[1:]:
+        for key in ("model_type", "architectures", *ERROR_KEYS):
+            if c0.get(key) != c.get(key):
+                problems.append(f"config {key} differs: {first} {c0.get(key)!r} vs {label} {c.get(key)!r}")
+        for key in WARN_KEYS:
+            if c0.get(key) != c.get(key):
+                warnings.append(f"config {key} differs: {first} {c0.get(key)!r} vs {label} {c.get(key)!r}")
+    return problems
+
+
+def keyset_problems(sets: dict[str, list[str]]) -> list[str]:
+    problems, (first, n0), *_ = [], *sets.items()
+    for label, names in list(sets.items())[1:]:
+        a, b = set(n0), set(names)
+        if a - b:
+            problems.append(f"{len(a - b)} tensor(s) in {first} missing from {label}: {', '.join(sorted(a - b)[:5])}")
+        if b - a:
+            problems.append(f"{len(b - a)} tensor(s) in {label} not in {first}: {', '.join(sorted(b - a)[:5])}")
+    return problems
+
+
+def alpha_rules(alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> tuple[list, list]:
+    try:
+        return [(re.compile(p), float(a)) for p, a in alpha_for], [re.compile(p) for p in skip]
+    except re.error as e:
+        raise FtjaxError(f"bad regular expression {e.pattern!r} in --alpha-for/--skip: {e}") from None
+
+
+def out_dtype(dtype: str, t_dtype: np.dtype) -> np.dtype:
+    if dtype == "auto":
+        return np.dtype(t_dtype)
+    if dtype not in DTYPES:
+        raise FtjaxError(f"unsupported output dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def plan(target: HFCheckpoint, src: HFCheckpoint, base: HFCheckpoint | None, *, alpha, alpha_for, skip, vocab,
+          dtype, report: TransferReport, base_rows: dict[str, int] | None = None) -> list[Job]:
+    """Compare the inputs (every mismatch in one FtjaxError) and make one job per output tensor.
+
+    `base` is None for apply (src is a diff dir; `base_rows` gives its base vocabulary rows)."""
+    if vocab not in ("pad", "truncate", "error"):
+        raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
+    rules, skips = alpha_rules(alpha_for, skip)
+    models = {"target": target, "source-ft" if base else "diff": src} | ({"source-base": base} if base else {})
+    problems = compare_configs({k: m.config for k, m in models.items()}, report.warnings)
+    problems += keyset_problems({k: [n for n in model_names(m) if n != LM_HEAD] for k, m in models.items()})
+    if tied(target) != tied(src) or (base and tied(base) != tied(src)):
+        ties = ", ".join(f"{k} {'tied' if tied(m) else 'untied'}" for k, m in models.items())
+        report.warnings.append(f"embedding tying differs ({ties}); output follows the target")
+        if tied(target) and not tied(src):
+            report.warnings.append("target ties embeddings: the source's separate lm_head delta is not applied")
+    jobs: list[Job] = []
+    vocab_rows: dict[str, Any] = {}
+    for name in model_names(target):
+        s_name = lm_name(src) if name == LM_HEAD else name
+        b_name = (lm_name(base) if name == LM_HEAD else name) if base else None
+        if s_name not in src or (base and b_name not in base):
+            continue  # reported as a key-set problem
+        ti, si = target.info(name), src.info(s_name)
+        bshape = base.info(b_name).shape if base else si.shape[:1] and (base_rows.get(s_name, si.shape[0]),) + si.shape[1:]
+        out_dt = out_dtype(dtype, ti.dtype)
+        job = Job(name, TensorInfo(name, out_dt, ti.shape), "copy", t=name, s=s_name, b=b_name)
+        if any(r.search(name) for r in skips):
+            report.skipped.append(name)
+        elif not treeops.is_float(ti.dtype):
+            report.copied_non_float.append(name)
+            job.out = ti  # integer/bool buffers keep their dtype
+        else:
+            for info in (si,) + ((base.info(b_name),) if base else ()):
+                if not treeops.is_float(info.dtype):
+                    problems.append(f"{name}: dtype {info.dtype} in a source, float {ti.dtype} in the target")
+            if ti.shape != tuple(bshape):
+                problems.append(f"{name}: shape {list(ti.shape)} in target vs {list(bshape)} in source-base")
+                continue
+            rows = ti.shape[0] if ti.shape else 1  # a 0-d tensor is one row
+            if si.shape != ti.shape:
+                if not (is_vocab(name) and si.shape[1:] == ti.shape[1:]):
+                    problems.append(f"{name}: shape {list(si.shape)} in source-ft vs {list(ti.shape)} in the bases")
+                    continue
+                if si.shape[0] < rows:
+                    problems.append(f"{name}: source-ft vocabulary ({si.shape[0]} rows) is smaller than the bases' "
+                                    f"({rows}); transfer needs a source-ft vocabulary at least as large")
+                    continue
+                if vocab == "error":
+                    problems.append(f"{name}: source-ft has {si.shape[0]} rows, the bases {rows} (--vocab error); "
+                                    "use --vocab pad or truncate")
+                    continue
+                if vocab == "pad":
+                    job.out = TensorInfo(name, out_dt, si.shape)
+                vocab_rows[name] = {"bases": rows, "source_ft": si.shape[0], "out": job.out.shape[0]}
+            job.mode, job.rows = "kernel", rows
+            job.alpha = next((a for r, a in rules if r.search(name)), float(alpha))
+            if job.alpha != float(alpha):
+                report.alphas[name] = job.alpha
+        jobs.append(job)
+    fail(problems, "inputs do not match")
+    if vocab_rows:
+        report.vocab = {"policy": vocab, "tensors": vocab_rows}
+    report.tensors, report.transferred = len(jobs), sum(j.mode == "kernel" for j in jobs)
+    return jobs
+
+
+def check_out(out: str | os.PathLike, overwrite: bool, inputs: Sequence[Path]) -> Path:
+    """The checks atomic_output_dir makes, done up front so dry runs and planning fail early."""
+    out = Path(os.path.abspath(out))
+    real = Path(os.path.realpath(out))
+    for inp in inputs:
+        r = Path(os.path.realpath(inp))
+        if real == r or r in real.parents or real in r.parents:
+            raise FtjaxError(f"output {out} is, contains or lies inside input {inp}; choose another output directory")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FtjaxError(f"{out} already exists; pass --overwrite to replace it, or choose another output")
+    return out
+
+
+def out_config(cfg: dict, target: HFCheckpoint, jobs: list[Job]) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    sizes = {j.name: j.out.shape[0] for j in jobs if j.name in (EMBED, LM_HEAD)}
+    if sizes:
+        cfg["vocab_size"] = max(sizes.values())
+    cfg["tie_word_embeddings"] = tied(target)
+    dts = {str(j.out.dtype) for j in jobs if treeops.is_float(j.out.dtype)}
+    if len(dts) == 1:
+        cfg["dtype"] = next(iter(dts))
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = cfg["dtype"]
+    return cfg
