@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="DIR|REPO")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", type=Path, metavar="FILE.jsonl", help="rows {\"prompt\"} (or {\"messages\"} with --chat)")
+    src.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                     help="rows {\"prompt\"} (or {\"messages\"} with --chat)")
     p.add_argument("--chat", action="store_true", help="render prompts with the model's chat template")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -173,10 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="directory for stats.json, stats.png, stats.pdf")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON object")
 
-    p = sub.add_parser("demo", help="the embedded default: transfer between tiny generated model versions")
-    p.add_argument("--out", type=Path, default=Path("ftjax_demo"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("demo", help="the embedded default: a miniature of the paper's study on tiny versions "
+                                    "ftjax trains itself (report.md, results.json, plots, HF checkpoints)")
+    p.add_argument("--out", type=Path, default=Path("ftjax_demo"), help="output directory (default ./ftjax_demo)")
+    p.add_argument("--seed", type=int, default=0, help="world, init and data seed (quick mode)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="one seed, minutes on 2 CPU cores (the default)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="3 seeds (or --seeds), longer training, every transfer-then-finetune pair; mean ± sd")
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                      help="a structure-only configuration for tests (seconds; too small for any phenomenon)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="seeds to run (default: --seed; --full: 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in --out")
+    p.set_defaults(mode="quick")
 
     p = sub.add_parser("finetune", help="fine-tune a model (optax AdamW), resumable; exports DIR/final as HF")
     p.add_argument("--init", required=True, metavar="DIR|REPO", help="the model to start from, e.g. Mi + Δ")
@@ -200,7 +211,7 @@ def _warmup(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction (0.03) or a number of steps (100), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.03) or a step count (100), got {text!r}") from None
     return value
 
 
@@ -499,7 +510,7 @@ def _cmd_stats(args) -> None:
 def _cmd_demo(args) -> None:
     from ftjax.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, overwrite=args.overwrite)
+    run_demo(args.out, seed=args.seed, overwrite=args.overwrite, mode=args.mode, seeds=args.seeds)
 
 
 def _train_config(args):

@@ -151,7 +151,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, cache=None, index=None):
-        """Returns (output, cache). With a cache {"k", "v": [B, S, K, H]}, the T new keys and values are written
+        """Returns (output, cache). With a cache {"k", "v": [B, K, S, H]}, the T new keys and values are written
         at slots [index, index + T) and the queries attend over all S slots (allowed_bts is [B, T, S])."""
         cfg, kw = self.cfg, dict(std=self.cfg.initializer_range, param_dtype=self.param_dtype)
         b, t, _ = x_btd.shape
@@ -164,18 +164,20 @@ class Attention(nn.Module):
             q_btf, k_btf = norm(name="q_norm")(q_btf), norm(name="k_norm")(k_btf)
         q_btnh = apply_rope(q_btf.reshape(b, t, n, h), cos_bth, sin_bth)
         k_btkh = apply_rope(k_btf.reshape(b, t, k, h), cos_bth, sin_bth)
-        v_btkh = v_btf.reshape(b, t, k, h)
+        # Keys and values as [B, K, S, H], the cache's layout: a decode step then reads the cache without a transpose.
+        k_bksh = k_btkh.transpose(0, 2, 1, 3)
+        v_bksh = v_btf.reshape(b, t, k, h).transpose(0, 2, 1, 3)
         if cache is not None:
-            k_btkh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype), index, axis=1)
-            v_btkh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype), index, axis=1)
-            cache = {"k": k_btkh, "v": v_btkh}
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), index, axis=2)
+            v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), index, axis=2)
+            cache = {"k": k_bksh, "v": v_bksh}
 
         # GQA as HF repeat_kv: query head i uses kv head i // g, so split heads as (k, g), never (g, k).
         q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, precision=_PRECISION) * h**-0.5
+        scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, precision=_PRECISION) * h**-0.5
         scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkgts.astype(jnp.float32), _MASKED)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_btkh.dtype)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh, precision=_PRECISION)
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
+        out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh, precision=_PRECISION)
         return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj", **kw)(out_btkgh.reshape(b, t, n * h)), cache
 
 
@@ -298,8 +300,8 @@ def forward(params: dict, tokens_bt: jax.Array, cfg: ModelConfig, *, attention_m
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> list[dict[str, jax.Array]]:
-    """An empty KV cache: per layer {"k", "v": zeros [batch, length, kv heads, head_dim]} in `dtype`."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    """An empty KV cache: per layer {"k", "v": zeros [batch, kv heads, length, head_dim]} in `dtype`."""
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
 
 
@@ -316,7 +318,7 @@ def forward_cached(params: dict, tokens_bt: jax.Array, cache: list, index: jax.A
     b, t = tokens_bt.shape
     dtype = params["model"]["embed_tokens"]["weight"].dtype
     cos_bth, sin_bth = rope_cos_sin(positions_bt, cfg, dtype)
-    s = cache[0]["k"].shape[1]
+    s = cache[0]["k"].shape[2]
     allowed_by_type = {
         layer_type: cache_mask_bts(index, t, s, cfg.sliding_window if layer_type == "sliding_attention" else None,
                                    attention_mask_bs)

@@ -144,29 +144,6 @@ def plot_stats(result: dict[str, Any], stem: str | Path, title: str | None = Non
     return _save(fig, stem)
 
 
-def plot_curves(runs: dict[str, dict[str, Any]], stem: str | Path, title: str | None = None) -> list[Path]:
-    """Training loss (and eval loss, when logged) against optimizer step for several fine-tuning runs, overlaid.
-
-    runs: label -> curves as returned by `ftjax.train.read_curves` (step, loss, eval_step, eval_loss lists).
-    """
-    has_eval = any(r.get("eval_loss") for r in runs.values())
-    fig = Figure(figsize=(6.4, 6.4 if has_eval else 4.2))
-    axes = fig.subplots(2 if has_eval else 1, 1, sharex=True, squeeze=False)[:, 0]
-    for i, (label, r) in enumerate(runs.items()):
-        axes[0].plot(r["step"], _nan(r["loss"]), "-", color=f"C{i}", lw=1.2, label=label)
-        if has_eval and r.get("eval_loss"):
-            axes[1].plot(r["eval_step"], _nan(r["eval_loss"]), "o-", color=f"C{i}", label=label)
-    axes[0].set_ylabel("train " + LOSS_LABEL)
-    if has_eval:
-        axes[1].set_ylabel("eval " + LOSS_LABEL)
-    for ax in axes:
-        ax.legend(framealpha=0.5, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("optimizer step")
-    axes[0].set_title(title or "fine-tuning curves")
-    return _save(fig, stem)
-
-
 def plot_curves(runs: dict[str, dict[str, list]], stem: str | Path, title: str | None = None) -> list[Path]:
     """Training loss (solid) and evaluation loss (dashed, markers) against optimizer step, one colour per run.
 

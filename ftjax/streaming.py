@@ -6,10 +6,14 @@ The work is memory traffic, not arithmetic, so the engine is shaped around not t
   fault), and RSS is bounded by the pool, never by the model;
 - consecutive tensors (and row blocks of big ones) that share a kernel are packed into one flat buffer, so almost
   every kernel call has the same shape (one or two compiles per run) and a small tensor costs no extra dispatch;
-- buffers go to the kernel with `jax.device_put` (zero-copy on CPU for aligned arrays), results come back with
-  `np.asarray` (zero-copy) and a writer thread writes them straight to the output shards, while the main thread
-  reads and dispatches the next batch (file I/O and XLA release the GIL);
-- a NaN/Inf flag is fused into the kernel (one scalar per call; tensors are only named when it fires).
+- the buffers are passed to the jitted kernel as numpy arrays (XLA:CPU aliases aligned host memory instead of
+  copying it; a buffer set is reused only once its kernel has finished), results come back with `np.asarray`
+  (zero-copy) and a writer thread writes them straight to the output shards while the main thread reads and
+  dispatches the next batch (file I/O and XLA release the GIL);
+- `WriteBehind` starts the disk writeback of the output every few MB, so the final fsync has little left to do
+  and the disk works while the CPU computes (the kernel would otherwise hold ~all of it dirty until the end);
+- the NaN/Inf check reads the exponent bits of each result once, in the writer thread (tensors are named only
+  when it fires).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import TensorInfo
 
 MIN_BUCKET = 1 << 12
-POOL = 3  # buffer sets: one being read, one in the kernel, one being written
+POOL = 4  # buffer sets: being read, waiting, in the kernel, being written
 _ALIGN = 64  # XLA:CPU aliases host buffers with this alignment instead of copying them
 
 
@@ -69,6 +73,30 @@ class Streams:
     extra: Callable[[Job], Source]
 
 
+class WriteBehind:
+    """Wraps an HFCheckpointWriter: `write(name, array)` as usual, and every `every` bytes asks the kernel to start
+    writing the current shard back to disk (POSIX_FADV_DONTNEED: async writeback, then drops the clean pages, so
+    the output does not fill the page cache either). Purely an optimisation: errors are ignored."""
+
+    def __init__(self, w: Any, every: int = 64 << 20):
+        self.w, self.every, self.pending = w, every, 0
+        self.file_of = {info.name: w.dir / fn for fn, shard in zip(w.filenames, w.shards) for info in shard}
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self.w.write(name, array)
+        self.pending += array.nbytes
+        if self.pending >= self.every and hasattr(os, "posix_fadvise"):
+            self.pending = 0
+            try:
+                fd = os.open(self.file_of[name], os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+
+
 def rows_of(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 1
 
@@ -85,15 +113,33 @@ def row_chunks(shape: tuple[int, ...], r0: int, r1: int, max_elems: int) -> Iter
 
 
 @functools.partial(jax.jit, static_argnames=("op", "static"))
-def _fused(n: jax.Array, *xs: jax.Array, op: Callable, static: tuple) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """op(*xs, *static) and whether its first output has NaN/Inf among the first n elements (rest is padding)."""
+def _kernel(*xs: jax.Array, op: Callable, static: tuple) -> tuple[jax.Array, ...]:
     outs = op(*xs, *static)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    valid = jnp.arange(outs[0].shape[0]) < n
-    return outs, jnp.any(valid & ~jnp.isfinite(outs[0].astype(jnp.float32)))
+    return outs if isinstance(outs, tuple) else (outs,)
 
 
-class _Reader:
+_INF_BITS = {np.dtype(jnp.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00, np.dtype(np.float32): 0x7F800000}
+
+
+def _has_nonfinite(a: np.ndarray) -> bool:
+    """Any NaN/Inf in float array `a`. For bf16/f16/f32, on the bits with two SIMD max reductions and no
+    temporaries: +Inf/NaN are the largest signed values (>= +Inf's bits), -Inf/NaN the largest unsigned ones."""
+    inf = _INF_BITS.get(a.dtype)
+    if inf is None:
+        return not np.all(np.isfinite(a))
+    if a.size == 0:
+        return False
+    n = a.dtype.itemsize
+    u = a.reshape(-1).view(f"u{n}")
+    sign = 1 << (8 * n - 1)
+    return int(u.max()) >= sign | inf or int(u.view(f"i{n}").max()) >= inf
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Files:
     """Reads row blocks of tensors with pread into caller buffers; one fd per file, offsets found once."""
 
     def __init__(self) -> None:
@@ -196,7 +242,8 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
     for _ in range(POOL):
         free.put([_aligned(cap * 8) for _ in range(slots)])  # 8: widest dtype; pages are touched only as used
     todo: queue.Queue = queue.Queue()
-    stop, errors, reader = threading.Event(), [], _Reader()
+    filled_q: queue.Queue = queue.Queue()
+    stop, errors, files = threading.Event(), [], _Files()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -212,25 +259,28 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
         if bar is not None:
             bar.update(outs[0].nbytes)
 
+    def check(job: Job, a: np.ndarray) -> None:
+        if treeops.is_float(a.dtype) and job.name not in report.nonfinite and _has_nonfinite(a):
+            report.nonfinite.append(job.name)
+
     def writer() -> None:
         try:
             while (item := todo.get()) is not None:
                 bufs, batch = item
                 if batch[0] == "kernel":
-                    _, (op, static), _, segs, _, (outs, bad) = batch
+                    _, _, _, segs, filled, outs = batch
                     outs = tuple(np.asarray(o) for o in outs)  # waits for the kernel; zero-copy
                     free.put(bufs)  # the kernel is done with its inputs
+                    bad = _has_nonfinite(outs[0][:filled])
                     for job, _, r0, r1, off in segs:
                         rshape = (r1 - r0,) + job.out.shape[1:] if job.out.shape else ()
                         blocks = tuple(o[off: off + math.prod(rshape)].reshape(rshape) for o in outs)
-                        if bool(bad) and job.name not in report.nonfinite and not np.all(
-                                np.isfinite(blocks[0].astype(np.float32))):
-                            report.nonfinite.append(job.name)
+                        if bad:
+                            check(job, blocks[0])
                         emit(job, blocks)
                 else:
                     _, job, a = batch
-                    if treeops.is_float(a.dtype) and job.name not in report.nonfinite and not np.all(np.isfinite(a)):
-                        report.nonfinite.append(job.name)
+                    check(job, a)
                     emit(job, (a,))
                     free.put(bufs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
@@ -239,46 +289,64 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
             while todo.get() is not None:  # unblock the producer
                 pass
 
-    def take_buffers() -> list[np.ndarray]:
+    def wait(q: queue.Queue) -> Any:
         while not stop.is_set():
             try:
-                return free.get(timeout=0.05)
+                return q.get(timeout=0.05)
             except queue.Empty:
                 pass
-        raise errors[0] if errors else FtjaxError("internal error: the write pipeline stopped early")
+        raise _Stopped
 
-    th = threading.Thread(target=writer, daemon=True)
-    th.start()
-    try:
-        for batch in _plan_batches(jobs, io, cap, dtype_of):
-            bufs = take_buffers()
+    def reader() -> None:  # fills buffer sets from the files, in output order
+        try:
+            for batch in _plan_batches(jobs, io, cap, dtype_of):
+                bufs = wait(free)
+                if batch[0] == "kernel":
+                    _, _, dtypes, segs, filled = batch
+                    n = _bucket(filled, cap)
+                    xs = [b.view(dt)[:n] for b, dt in zip(bufs, dtypes)]
+                    for job, srcs, r0, r1, off in segs:
+                        m = (r1 - r0) * row_elems(job.out.shape)
+                        for x, src in zip(xs, srcs):
+                            files.read(src, r0, r1, x[off: off + m])
+                            report.bytes_read += m * x.dtype.itemsize
+                    filled_q.put((bufs, batch, xs))
+                else:
+                    _, job, src, r0, r1 = batch
+                    dt, shape = dtype_of(src), job.out.shape
+                    rshape = (r1 - r0,) + shape[1:] if shape else ()
+                    a = bufs[0].view(dt)[: math.prod(rshape)]
+                    files.read(src, r0, r1, a)
+                    report.bytes_read += a.nbytes
+                    a = a.reshape(rshape)
+                    filled_q.put((bufs, ("copy", job, a.astype(job.out.dtype) if dt != job.out.dtype else a), None))
+            filled_q.put(None)
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for th in threads:
+        th.start()
+    try:  # this thread runs the kernels (XLA:CPU runs a call in the calling thread)
+        while (item := wait(filled_q)) is not None:
+            bufs, batch, xs = item
             if batch[0] == "kernel":
-                _, (op, static), dtypes, segs, filled = batch
-                n = _bucket(filled, cap)
-                xs = [b.view(dt)[:n] for b, dt in zip(bufs, dtypes)]
-                for job, srcs, r0, r1, off in segs:
-                    m = (r1 - r0) * row_elems(job.out.shape)
-                    for x, src in zip(xs, srcs):
-                        reader.read(src, r0, r1, x[off: off + m])
-                        report.bytes_read += m * x.dtype.itemsize
-                res = _fused(np.int32(filled), *(jax.device_put(x) for x in xs), op=op, static=static)
-                todo.put((bufs, (*batch, res)))
-            else:
-                _, job, src, r0, r1 = batch
-                dt, shape = dtype_of(src), job.out.shape
-                rshape = (r1 - r0,) + shape[1:] if shape else ()
-                a = bufs[0].view(dt)[: math.prod(rshape)]
-                reader.read(src, r0, r1, a)
-                report.bytes_read += a.nbytes
-                a = a.reshape(rshape)
-                todo.put((bufs, ("copy", job, a.astype(job.out.dtype) if dt != job.out.dtype else a)))
+                _, (op, static), _, _, _ = batch
+                batch = (*batch, _kernel(*xs, op=op, static=static))  # aligned numpy args: aliased, not copied
+            todo.put((bufs, batch))
+    except _Stopped:
+        pass
     except BaseException:
         stop.set()
         raise
     finally:
         todo.put(None)
-        th.join()
-        reader.close()
+        for th in threads:
+            th.join()
+        files.close()
         if bar is not None:
             bar.close()
     if errors:

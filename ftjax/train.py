@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -313,7 +314,9 @@ def _from_saved(saved: dict, opt_treedef: Any) -> dict:
 
 
 def _manager(out: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=True)
+    # cleanup_tmp_directories: a save cut short by a kill leaves a temporary directory; it is removed on resume.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager((out / CKPT_DIR).absolute(), options=options)
 
 
@@ -386,9 +389,10 @@ class _Log:
     """Appends JSON lines to out/log.jsonl (flushed each line) and draws a one-line progress bar on stderr."""
 
     def __init__(self, out: Path, keep: list[dict], total: int, progress: bool):
-        self.file = open(out / LOG_FILE, "w")
-        for entry in keep:
-            self.write(entry)
+        tmp = out / (LOG_FILE + ".tmp")  # rewrite the kept entries atomically: a kill here must not lose the log
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
+        os.replace(tmp, out / LOG_FILE)
+        self.file = open(out / LOG_FILE, "a")
         self.total, self.progress = total, progress
 
     def write(self, entry: dict) -> None:

@@ -38,13 +38,13 @@ from ftjax import treeops
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, atomic_output_dir, copy_aux_files, write_json
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
-from ftjax.streaming import Job, Streams, row_chunks, stream
+from ftjax.streaming import Job, Streams, WriteBehind, row_chunks, stream
 from ftjax.transfer_plan import EMBED, LM_HEAD, TransferReport  # noqa: F401 - public names of this module
 
 CHUNK_ELEMS = 1 << 22  # elements per kernel call: 8 MB per bf16 input buffer
 PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", "ftjax_diff.json", "ftjax_diff_lo.safetensors"
 _OWN_FILES = (PROVENANCE, DIFF_META, "config.json")
-Write = Callable[[HFCheckpointWriter, Job, tuple[np.ndarray, ...]], None]
+Write = Callable[[WriteBehind, Job, tuple[np.ndarray, ...]], None]
 
 
 def _roles(target: HFCheckpoint, source_ft: HFCheckpoint, config_from: str, tokenizer_from: str) -> dict:
@@ -69,7 +69,8 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
         if lo is not None:
             lo.open(tmp / ".lo.tmp")
         with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes) as w:
-            stream(jobs, io, lambda job, outs: write(w, job, outs), report, progress, chunk_elems=CHUNK_ELEMS)
+            wb = WriteBehind(w)
+            stream(jobs, io, lambda job, outs: write(wb, job, outs), report, progress, chunk_elems=CHUNK_ELEMS)
         if lo is not None:
             lo.finish(tmp, meta)
         report.seconds = time.perf_counter() - t0

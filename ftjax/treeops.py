@@ -100,6 +100,9 @@ def round_sum3(t: jax.Array, d_hi: jax.Array, d_lo: jax.Array, out_dtype: Any, z
     hi, g = two_sum(s, w)
     rho = g + r  # sign is exact: a rounded sum of two floats is zero only if the exact sum is
     naive = t + (d_hi + d_lo)
+    zero = t + d_hi if zero is None else zero
+    if np.dtype(out_dtype) == np.dtype(jnp.bfloat16):
+        return _round_bf16(t, d_hi, hi, rho, naive, zero)
     if np.dtype(out_dtype) == np.dtype(jnp.float32):
         other = _step_toward(hi, rho)
         half = (other - hi) * 0.5
@@ -112,22 +115,52 @@ def round_sum3(t: jax.Array, d_hi: jax.Array, d_lo: jax.Array, out_dtype: Any, z
     y = jnp.where(hi == 0, rho, y)  # V == r exactly
     y = jnp.where(rho == 0, hi, y)  # exact in float32
     # An exact zero: +0 (RNE) unless all terms are zeros, then the IEEE sign of the plain evaluation.
-    zero = t + d_hi if zero is None else zero
     y = jnp.where((hi == 0) & (rho == 0), jnp.where((t == 0) & (d_hi == 0), zero, 0.0), y)
     y = jnp.where(jnp.isfinite(hi) & jnp.isfinite(rho), y, naive)
     return y.astype(out_dtype)
 
 
+def _rne_bf16_bits(u: jax.Array) -> jax.Array:
+    """float32 bits -> bfloat16 bits, round to nearest even (NaN -> quiet NaN of the same sign, like XLA/Eigen)."""
+    r = (u + (jnp.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return jnp.where(nan, (u >> 16) | 0x40, r)
+
+
+def _round_bf16(t, d_hi, hi, rho, naive, zero):
+    # round_sum3 for a bf16 output, on the bits (XLA:CPU's float32 -> bf16 convert is slow, and so is the
+    # round-to-odd select chain). V = hi + rho with hi faithful, so RNE(V) == RNE(hi) unless hi sits exactly on a
+    # bf16 tie (low 16 bits 0x8000); there V is off the tie on the side of sign(rho): away from zero if sign(rho) ==
+    # sign(hi). hi == 0 means V == rho exactly. Same bits as the round-to-odd path, several times faster.
+    u = jax.lax.bitcast_convert_type(hi, jnp.uint32)
+    away = ((hi > 0) == (rho > 0)).astype(jnp.uint32)
+    r16 = jnp.where(((u & 0xFFFF) == 0x8000) & (rho != 0), (u >> 16) + away, _rne_bf16_bits(u))
+    r16 = jnp.where(hi == 0, _rne_bf16_bits(jax.lax.bitcast_convert_type(rho, jnp.uint32)), r16)
+    exact_zero = (hi == 0) & (rho == 0)
+    y = jnp.where(exact_zero, jnp.where((t == 0) & (d_hi == 0), zero, 0.0), naive)  # as in the float32 path
+    special = exact_zero | ~(jnp.isfinite(hi) & jnp.isfinite(rho))
+    r16 = jnp.where(special, _rne_bf16_bits(jax.lax.bitcast_convert_type(y, jnp.uint32)), r16)
+    return jax.lax.bitcast_convert_type(r16.astype(jnp.uint16), jnp.bfloat16)
+
+
+def to_f32(x: jax.Array) -> jax.Array:
+    """x as float32, exactly; bf16 by shifting its bits (XLA:CPU's bf16 convert is several times slower)."""
+    if x.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16, jnp.float32)
+    return x.astype(jnp.float32)
+
+
 def diff_exact(ft: jax.Array, base: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ft - base as float32 (hi, lo) with hi + lo == ft - base exactly; hi = fl32(ft - base)."""
-    return two_sum(ft.astype(jnp.float32), -base.astype(jnp.float32))
+    return two_sum(to_f32(ft), -to_f32(base))
 
 
 def axpy_exact(t: jax.Array, d_hi: jax.Array, d_lo: jax.Array, alpha: float, out_dtype: Any) -> jax.Array:
     """round(t + alpha * (d_hi + d_lo)) to out_dtype, one rounding (see the module docstring for guarantees).
 
     `alpha` is a static Python float (one compile per distinct value)."""
-    t = t.astype(jnp.float32)
+    t = to_f32(t)
     if alpha == 0:
         return t.astype(out_dtype)
     zero = t + d_hi
@@ -157,7 +190,7 @@ def transfer_kernel(t: jax.Array, ft: jax.Array, base: jax.Array, *, alpha: floa
 @partial(jax.jit, static_argnames=("alpha", "out_dtype"))
 def apply_kernel(t: jax.Array, d_hi: jax.Array, d_lo: jax.Array, *, alpha: float, out_dtype: Any) -> jax.Array:
     """Jitted `axpy_exact` on a stored (hi, lo) diff: bitwise equal to `transfer_kernel` on the same inputs."""
-    return axpy_exact(t, d_hi.astype(jnp.float32), d_lo.astype(jnp.float32), alpha, out_dtype)
+    return axpy_exact(t, to_f32(d_hi), to_f32(d_lo), alpha, out_dtype)
 
 
 @jax.jit

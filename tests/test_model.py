@@ -1,19 +1,17 @@
 """Parity of ftjax.model.forward with transformers on tiny random float32 models of every supported family."""
 
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 import transformers
 
-from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
 from ftjax.model import forward, init_params, rope_inv_freq
+from ftjax.params import load_params
 
 ATOL = 1e-4
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -40,23 +38,6 @@ CASES = {  # name: (transformers config class, overrides of BASE)
 }
 
 
-def nest(flat):
-    """Flat HF names -> nested dict (layer index as a string key). Stand-in for ftjax.params.load_params."""
-    tree = {}
-    for name, array in flat.items():
-        *scopes, leaf = name.split(".")
-        node = tree
-        for scope in scopes:
-            node = node.setdefault(scope, {})
-        node[leaf] = jnp.asarray(array)
-    return tree
-
-
-def load(path):
-    return ModelConfig.from_hf(json.loads((path / "config.json").read_text())), nest(
-        safetensors.numpy.load_file(path / "model.safetensors"))
-
-
 def make_hf(case, tmp_path, seed=0):
     """A tiny transformers model with non-trivial random weights, saved to tmp_path; returns (model, cfg, params)."""
     config_cls, overrides = CASES[case]
@@ -71,7 +52,7 @@ def make_hf(case, tmp_path, seed=0):
             else:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(tmp_path)
-    return (model, *load(tmp_path))
+    return (model, *load_params(tmp_path))
 
 
 def hf_logits(model, tokens_bt, attention_mask_bt=None):

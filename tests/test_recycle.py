@@ -52,7 +52,8 @@ def test_two_versions_iterative_equals_direct(versions, tmp_path, capsys):
     # M2* starts from M2 + (M1* - M1), and training moved it
     entry = runs["iterative"]["versions"][1]
     assert entry["init"].endswith("M2_init") and entry["delta_in"].endswith("delta_1")
-    assert _tensors(entry["final"])["model.norm.weight"].tobytes() != _tensors(entry["init"])["model.norm.weight"].tobytes()
+    norm = "model.norm.weight"
+    assert _tensors(entry["final"])[norm].tobytes() != _tensors(entry["init"])[norm].tobytes()
     assert [e["version"] for e in runs["direct"]["versions"]] == [1, 2]
 
     # re-running the same command resumes (everything is complete, so nothing is redone)

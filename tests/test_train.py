@@ -190,8 +190,9 @@ def test_bad_input_is_one_line_error_before_training(setup, tmp_path, capsys):
     base = ["finetune", "--init", str(model), "--data", str(data), "--max-len", "32", "--quiet"]
     out = tmp_path / "run"
     assert "--steps must be positive" in _error(capsys, *base, "--steps", "0", "--out", str(out))
-    assert "batch-size must be positive" in _error(capsys, *base, "--steps", "2", "--batch-size", "0", "--out", str(out))
-    assert "grad-accum must be positive" in _error(capsys, *base, "--steps", "2", "--grad-accum", "-1", "--out", str(out))
+    for flag, value in (("--batch-size", "0"), ("--grad-accum", "-1")):
+        err = _error(capsys, *base, "--steps", "2", flag, value, "--out", str(out))
+        assert f"{flag[2:]} must be positive" in err
     assert not out.exists()
 
     long_prompt = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "one two three four five six seven eight nine",

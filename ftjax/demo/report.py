@@ -1,0 +1,482 @@
+"""The demo's outputs: results.json, report.md (tables + an honest comparison with the paper) and PNG plots.
+
+Every number in the report is computed from the per-seed results of `study.run_seed`; with several seeds, cells are
+"mean ± standard deviation" over seeds. The verdicts are simple, stated thresholds, so a reader can re-derive them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ftjax.lmc import finite_or_none
+
+CORE = ("M1", "M2", "M3", "M4", "M5")
+STAGE = {"M1": 1, "M2": 1, "M3": 1, "M4": 2, "M5": 2}
+PAPER_GSM8K = {  # Table 3 (GSM8K): base, +Δj, FT(Mi)
+    "base": {"M1": 13.2, "M2": 19.4, "M3": 24.4, "M4": 64.5, "M5": 65.5},
+    "FT": {"M1": 45.1, "M2": 50.7, "M3": 60.4, "M4": 75.7, "M5": 75.5},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(values: Sequence[float | None], digits: int = 1) -> str:
+    m, sd = _mean_sd(values)
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _nanmean(values) -> float:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    return float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else math.nan
+
+
+def _pct(x: float) -> str:
+    """A share as a percentage, "n/a" when undefined (e.g. fine-tuning gained nothing to recover)."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return math.nan
+    return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def _pair(d: dict, a: str, b: str) -> float:
+    return d.get(f"{a}-{b}", d.get(f"{b}-{a}"))
+
+
+def _recovery(r: dict, i: str, j: str) -> float:
+    """(score of Mi + Δj − base) / (FT(Mi) − base): the share of Mi's own fine-tuning gain that transfer recovers."""
+    gain = r["ft"][i]["task"] - r["base"][i]["task"]
+    return (r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"]) / gain if gain > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------- analysis
+def analyse(r: dict) -> dict[str, Any]:
+    """The per-seed quantities behind claims (a)–(f)."""
+    names = r["names"]
+    same = [(i, j) for i in CORE for j in CORE if i != j and STAGE[i] == STAGE[j]]
+    cross = [(i, j) for i in CORE for j in CORE if STAGE[i] != STAGE[j]]
+    out: dict[str, Any] = {}
+    out["a_same_stage2"] = {f"{i}+D{j}": _recovery(r, i, j) for i, j in (("M5", "M4"), ("M4", "M5"))}
+    out["a_same_stage1"] = _nanmean([_recovery(r, i, j) for i, j in same if STAGE[i] == 1])
+    out["b_cross_stage"] = _nanmean([_recovery(r, i, j) for i, j in cross])
+    out["b_cross_to_stage2"] = _nanmean([_recovery(r, i, j) for i, j in cross if STAGE[i] == 2])
+    below = [(i, j) for i in CORE for j in names if j != i and r["grid"][f"{i}+D{j}"]["task"] < r["base"][i]["task"]]
+    out["b_below_base"] = [f"{i}+D{j}" for i, j in below]
+    out["b_below_base_cross"] = sum(1 for i, j in below if j in STAGE and STAGE[i] != STAGE[j])
+    m0 = [r["grid"][f"M0+D{j}"] for j in CORE]
+    out["b_m0"] = {"task": float(np.mean([g["task"] for g in m0])), "ft_task": r["ft"]["M0"]["task"],
+                   "lm_change": float(np.mean([g["lm"] for g in m0]) - r["base"]["M0"]["lm"]),
+                   "probe_change": float(np.mean([g["probe"] for g in m0]) - r["base"]["M0"]["probe"])}
+    if "C" in names:
+        out["b_control"] = {
+            "Mi+DC_minus_base": float(np.mean([r["grid"][f"{i}+DC"]["task"] - r["base"][i]["task"] for i in CORE])),
+            "C+Dj_minus_base": float(np.mean([r["grid"][f"C+D{j}"]["task"] - r["base"]["C"]["task"] for j in CORE])),
+            "lm_change_C+Dj": float(np.mean([r["grid"][f"C+D{j}"]["lm"] - r["base"]["C"]["lm"] for j in CORE])),
+            "cos_DC_Dj": float(np.mean([abs(_pair(r["cos"], "C", j)) for j in CORE])),
+            "barrier_C_M5": _pair(r["scans"], "C", "M5")["barrier"]}
+    alpha = {}
+    for i, j in (("M5", "M4"), ("M4", "M5"), ("M5", "M3")):
+        sw = r["sweep"][f"{i}+D{j}"]
+        k = int(np.argmax(sw["task"]))
+        alpha[f"{i}+D{j}"] = {"at_1": sw["task"][sw["alpha"].index(1.0)], "best": sw["task"][k],
+                              "best_alpha": sw["alpha"][k], "ft_target": r["ft"][i]["task"],
+                              "base": r["base"][i]["task"]}
+    out["c_alpha"] = alpha
+    pairs = [(i, j) for i in CORE for j in CORE if i != j]
+    gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
+    preds = {"LM barrier between Mi and Mj": [_pair(r["scans"], i, j)["barrier"] for i, j in pairs],
+             "distance ‖Mi − Mj‖": [_pair(r["distance"], i, j) for i, j in pairs],
+             "cos(Δi, Δj)": [_pair(r["cos"], i, j) for i, j in pairs],
+             "task-NLL barrier along Mi + λΔj": [r["sweep"][f"{i}+D{j}"]["barrier"] for i, j in pairs]}
+    out["d_spearman"] = {k: _spearman(v, gain) for k, v in preds.items()}
+    within = {}  # mean rho inside each target column (removes the "strong target" confound)
+    for k, v in preds.items():
+        rhos = [_spearman([v[n] for n, (i, _) in enumerate(pairs) if i == t],
+                          [gain[n] for n, (i, _) in enumerate(pairs) if i == t]) for t in CORE]
+        within[k] = _nanmean(rhos)
+    out["d_spearman_within_target"] = within
+    tft = {k: v for k, v in r["tft"].items() if "+D" in k}
+    out["e_tft_beats_ft"] = [sum(v["final"] > r["tft"][f"FT({k.split('+')[0]})"]["final"] for k, v in tft.items()),
+                             len(tft)]
+    faster = 0
+    for k, v in tft.items():
+        own = r["tft"][f"FT({k.split('+')[0]})"]["steps_to_ft"]
+        faster += v["steps_to_ft"] is not None and own is not None and v["steps_to_ft"] < own
+    out["e_tft_faster"] = [faster, len(tft)]
+    out["f_recycle"] = r["recycle"]
+    return out
+
+
+def aggregate(config: Any, results: list[dict], seconds: float) -> dict[str, Any]:
+    analyses = [analyse(r) for r in results]
+    return {"format": "ftjax-demo", "config": dataclasses.asdict(config), "seconds": round(seconds, 1),
+            "seeds": [r["seed"] for r in results], "analysis": analyses, "results": results}
+
+
+# ---------------------------------------------------------------------------------------------------------- tables
+def _col(results, fn):
+    return [fn(r) for r in results]
+
+
+def main_table(summary: dict) -> str:
+    """The paper's Table 3 on the demo: task exact match % (column = target version, row = diff added)."""
+    results = summary["results"]
+    names = results[0]["names"]
+    head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    lines = ["task exact match % (columns: target Mi; rows: what was added)" +
+             (f", mean ± sd over {len(results)} seeds" if len(results) > 1 else ""), "", head]
+    lines.append("| base | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["base"][n]["task"])) for n in names)
+                 + " |")
+    for j in names:
+        cells = []
+        for i in names:
+            cells.append("–" if i == j else _fmt(_col(results, lambda r, k=f"{i}+D{j}": r["grid"][k]["task"])))
+        lines.append(f"| +Δ{j[1:] if j != 'C' else 'C'} | " + " | ".join(cells) + " |")
+    lines.append("| FT(Mi) | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["ft"][n]["task"])) for n in names)
+                 + " |")
+    lines.append("| probe (latent skill) | " + " | ".join(
+        _fmt(_col(results, lambda r, n=n: r["base"][n]["probe"]), 0) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _lm_table(results) -> str:
+    names = results[0]["names"]
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in (("lm1", "base: LM loss, stage-1 text"), ("lm2", "base: LM loss, stage-2 text")):
+        lines.append(f"| {label} | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["base"][n][key]), 3)
+                                                   for n in names) + " |")
+    lines.append("| FT(Mi): mean LM loss | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["ft"][n]["lm"]), 3)
+                                                          for n in names) + " |")
+    lines.append("| ‖Δi‖ | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["delta_norm"][n]), 2)
+                                         for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _tft_table(results) -> str:
+    keys = [k for k in results[0]["tft"] if "+D" in k]
+    lines = ["| start | final EM % | EM % at step 0 | steps to reach FT(Mi)'s final EM | FT(Mi) final | "
+             "FT(Mi) steps |", "|---|---|---|---|---|---|"]
+
+    def steps(vals):
+        v = [x for x in vals if x is not None]
+        return "never" if not v else (f"{np.mean(v):.0f}" + (f" ({len(v)}/{len(vals)} seeds)" if len(v) < len(vals)
+                                                              else ""))
+
+    for k in keys:
+        i = k.split("+")[0]
+        lines.append(f"| {k.replace('+D', ' + Δ')} | {_fmt(_col(results, lambda r: r['tft'][k]['final']))} | "
+                     f"{_fmt(_col(results, lambda r: r['tft'][k]['start']))} | "
+                     f"{steps(_col(results, lambda r: r['tft'][k]['steps_to_ft']))} | "
+                     f"{_fmt(_col(results, lambda r: r['tft'][f'FT({i})']['final']))} | "
+                     f"{steps(_col(results, lambda r: r['tft'][f'FT({i})']['steps_to_ft']))} |")
+    return "\n".join(lines)
+
+
+def _recycle_table(results) -> str:
+    lines = ["| version | plain FT(Mi) | direct FT(Mi + Δi−1) | iterative (Alg. 1) |", "|---|---|---|---|"]
+    for i in ("M3", "M4", "M5"):
+        cells = []
+        for mode in ("plain", "direct", "iterative"):
+            fin = _fmt(_col(results, lambda r: r["recycle"][mode][i]["final"]))
+            st = [r["recycle"][mode][i]["steps_to_ft"] for r in results]
+            st = [x for x in st if x is not None]
+            cells.append(f"{fin} ({np.mean(st):.0f} steps)" if st else f"{fin} (never)")
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _connectivity_table(results) -> str:
+    names = results[0]["names"]
+    lines = ["| pair | LM barrier (nats) | ‖Mi − Mj‖ | cos(Δi, Δj) |", "|---|---|---|---|"]
+    for k in results[0]["scans"]:
+        lines.append(f"| {k} | {_fmt(_col(results, lambda r: r['scans'][k]['barrier']), 3)} | "
+                     f"{_fmt(_col(results, lambda r: r['distance'][k]), 2)} | "
+                     f"{_fmt(_col(results, lambda r: r['cos'][k]), 2)} |")
+    del names
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- claims
+def claims(summary: dict) -> list[str]:
+    """Plain statements (a)–(f): what was observed, and whether it agrees with the paper. Thresholds: "recovers
+    much" = at least 50 % of the target's own FT gain; "approaches FT" = within 10 EM points; verdicts over seeds
+    use the seed mean."""
+    A, res = summary["analysis"], summary["results"]
+    n = len(A)
+    seeds = f" (mean of {n} seeds)" if n > 1 else ""
+    m = lambda vals: _mean_sd(vals)[0]  # noqa: E731
+    out = []
+
+    rec54, rec45 = m([a["a_same_stage2"]["M5+DM4"] for a in A]), m([a["a_same_stage2"]["M4+DM5"] for a in A])
+    probe4, probe5 = m([r["base"]["M4"]["probe"] for r in res]), m([r["base"]["M5"]["probe"] for r in res])
+    same2 = _nanmean([rec54, rec45])
+    verdict = ("**agrees** with the paper (M5 + Δ4 = 77.1 vs FT(M5) = 75.5 on GSM8K)"
+               + (", though here transfer does not exceed FT" if max(rec54, rec45) < 1 else "")
+               if math.isfinite(same2) and same2 >= 0.5 else
+               "**does not reproduce** the paper's strong same-stage result (M5 + Δ4 ≥ FT(M5)) at this size")
+    out.append(f"**(a) Same-stage transfer.** M5 + Δ4 recovers {_pct(rec54)} of FT(M5)'s gain over its base and "
+               f"M4 + Δ5 {_pct(rec45)}{seeds}, on targets whose latent skill (probe) is {probe4:.0f} % (M4) and "
+               f"{probe5:.0f} % (M5). Within stage 1 (weaker targets) the mean recovery is "
+               f"{_pct(m([a['a_same_stage1'] for a in A]))}. This {verdict}.")
+
+    cross, cross2 = m([a["b_cross_stage"] for a in A]), m([a["b_cross_to_stage2"] for a in A])
+    below = m([len(a["b_below_base"]) for a in A])
+    below_cross = m([a["b_below_base_cross"] for a in A])
+    m0 = {k: m([a["b_m0"][k] for a in A]) for k in A[0]["b_m0"]}
+    prox = (math.isfinite(cross2) and math.isfinite(same2) and cross2 < same2)
+    text = (f"**(b) Cross-stage, M0 and the control.** Cross-stage pairs recover {_pct(cross)} of the FT gain on "
+            f"average; stage-2 targets given stage-1 diffs recover {_pct(cross2)}, against {_pct(same2)} from their "
+            "stage-2 neighbour: "
+            + ("**agrees** with the paper's proximity claim. " if prox else
+               "**does not agree** with the paper's proximity claim. ")
+            + f"Transfers ending below their base: {below:.1f} of 30 per seed, {below_cross:.1f} of them cross-stage "
+            + ("(the paper's below-base failure, e.g. M5 + Δ2 = 17.3 < 65.5, is observed). " if below_cross >= 1 else
+               "(the paper's below-base failure, e.g. M5 + Δ2 = 17.3 < 65.5, is **not** observed here). ")
+            + f"Onto the near-initial M0, transfer gives {m0['task']:.1f} % (FT(M0) = {m0['ft_task']:.1f} %) and "
+              f"changes M0's LM loss by {m0['lm_change']:+.3f} nats: "
+            + ("transfer onto M0 does not work, as in the paper (whose M0 fell to 1.4 on MMLU; this M0 scores 0 "
+               "before and after, so there is nothing to destroy)." if m0["task"] < 5 else
+               "transfer onto M0 gives a non-trivial score, unlike the paper."))
+    if "b_control" in A[0]:
+        c = {k: m([a["b_control"][k] for a in A]) for k in A[0]["b_control"]}
+        text += (f" Control C (another init): Mi + ΔC changes task EM by {c['Mi+DC_minus_base']:+.1f} points on "
+                 f"average, C + Δj by {c['C+Dj_minus_base']:+.1f} (LM loss {c['lm_change_C+Dj']:+.3f} nats); "
+                 f"|cos(ΔC, Δj)| = {c['cos_DC_Dj']:.2f} and the LM barrier C–M5 is {c['barrier_C_M5']:.2f} nats: "
+                 + ("the foreign diff does nothing useful (inert rather than destructive)."
+                    if abs(c["Mi+DC_minus_base"]) < 5 and abs(c["C+Dj_minus_base"]) < 5 else
+                    "the foreign diff changes the scores noticeably (see the grid)."))
+    out.append(text)
+
+    parts = []
+    for key, tgt in (("M5+DM4", "M5"), ("M4+DM5", "M4")):
+        al = {k: m([a["c_alpha"][key][k] for a in A]) for k in A[0]["c_alpha"][key]}
+        close = al["best"] >= al["ft_target"] - 10 and al["best"] > al["base"] + 5
+        parts.append(f"{tgt} + α·Δ{key[-1]} scores {al['at_1']:.1f} % at α = 1 and at best {al['best']:.1f} % "
+                     f"(α = {al['best_alpha']:.2g}), against FT({tgt}) = {al['ft_target']:.1f} % and base "
+                     f"{al['base']:.1f} % — " + ("it approaches FT(target)" if close else "it stays well below "
+                                                                                        "FT(target)"))
+    out.append(f"**(c) α{seeds}.** " + "; ".join(parts) + ". The paper used α = 1 only; "
+               "a best α above 1 means the neighbour's diff undershoots.")
+
+    rho = {k: m([a["d_spearman"][k] for a in A]) for k in A[0]["d_spearman"]}
+    rho_w = {k: m([a["d_spearman_within_target"][k] for a in A]) for k in A[0]["d_spearman"]}
+    finite = {k: v for k, v in rho.items() if math.isfinite(v)}
+    best = max(finite, key=lambda k: abs(finite[k])) if finite else None
+    out.append("**(d) What predicts transfer gain** (Spearman ρ between each quantity and the gain of Mi + Δj over Mi, "
+               "over the 20 ordered pairs of M1..M5; in parentheses the mean ρ within each target column, which "
+               "removes the strong-target confound): "
+               + "; ".join(f"{k}: {rho[k]:+.2f} ({rho_w[k]:+.2f})" for k in rho)
+               + (f". The strongest is **{best}**." if best else ". Undefined here (no gain varies).")
+               + " The paper never measured connectivity; it inferred it from the transfer pattern.")
+
+    beats, faster = [a["e_tft_beats_ft"] for a in A], [a["e_tft_faster"] for a in A]
+    nb, nt, nf = sum(b[0] for b in beats), sum(b[1] for b in beats), sum(f[0] for f in faster)
+    out.append(f"**(e) Transferring-then-finetuning.** FT(Mi + Δj) ends above FT(Mi) in {nb} of {nt} runs and "
+               f"reaches FT(Mi)'s final score sooner than FT(Mi) itself in {nf} of {nt}: "
+               + ("**agrees** with the paper's Tables 4–5 and Figures 2–3." if nb > nt / 2 else
+                  "**does not agree** with the paper here."))
+
+    rec = [a["f_recycle"] for a in A]
+    ver = ("M3", "M4", "M5")
+    it_dir = sum(r["iterative"][i]["final"] >= r["direct"][i]["final"] for r in rec for i in ver)
+    dir_pl = sum(r["direct"][i]["final"] >= r["plain"][i]["final"] for r in rec for i in ver)
+    it_pl = sum(r["iterative"][i]["final"] >= r["plain"][i]["final"] for r in rec for i in ver)
+    gap = m([r["iterative"][i]["final"] - r["direct"][i]["final"] for r in rec for i in ver])
+    out.append(f"**(f) Recycling** (M3–M5, {3 * n} cases): iterative ≥ direct in {it_dir}, direct ≥ plain in "
+               f"{dir_pl}, iterative ≥ plain in {it_pl}; iterative − direct = {gap:+.1f} points on average. The paper "
+               "reports iterative ≥ direct by at most 1.6 points, both above plain FT: "
+               + ("**agrees**." if it_dir * 2 >= 3 * n and dir_pl * 2 > 3 * n else
+                  "**partly agrees**." if dir_pl * 2 > 3 * n or it_pl * 2 > 3 * n else "**does not agree**."))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- plots
+def plots(out: Path, summary: dict) -> list[str]:
+    r = summary["results"][0]
+    names = r["names"]
+    written = []
+
+    fig = Figure(figsize=(6.4, 5.0))
+    ax = fig.subplots()
+    grid = np.full((len(names) + 2, len(names)), np.nan)
+    for a, j in enumerate(names):
+        for b, i in enumerate(names):
+            if i != j:
+                grid[a + 1, b] = np.mean([x["grid"][f"{i}+D{j}"]["task"] for x in summary["results"]])
+    for b, i in enumerate(names):
+        grid[0, b] = np.mean([x["base"][i]["task"] for x in summary["results"]])
+        grid[-1, b] = np.mean([x["ft"][i]["task"] for x in summary["results"]])
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
+    for (y, x), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names) + 2), ["base", *[f"+Δ{n}" for n in names], "FT"])
+    ax.set_xlabel("target version")
+    ax.set_title("task exact match % of Mi + Δj (the paper's Table 3)")
+    fig.colorbar(im, ax=ax)
+    written.append(_save(fig, out / "grid.png"))
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for c, j in enumerate([n for n in names if n != "M5"]):
+        sw = r["sweep"][f"M5+D{j}"]
+        ax.plot(sw["alpha"], sw["task"], "o-", ms=3, color=f"C{c}", label=f"M5 + α·Δ{j[1:] if j != 'C' else 'C'}")
+    ax.axhline(r["ft"]["M5"]["task"], ls="--", color="k", lw=1, label="FT(M5)")
+    ax.set_xlabel("α")
+    ax.set_ylabel("task exact match %")
+    ax.set_title(f"α sweep onto M5 (seed {r['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "alpha.png"))
+
+    fig = Figure(figsize=(9.6, 4.0))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, i in zip(axes, ("M4", "M5")):
+        for c, key in enumerate([k for k in r["curves"] if k == f"FT({i})" or k.startswith(f"FT({i}+")
+                                 or k == f"iter({i})"]):
+            cur = np.asarray(r["curves"][key])
+            ax.plot(cur[:, 0], cur[:, 1], "o-" if key == f"FT({i})" else ".-", ms=3, color=f"C{c}", label=key)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(f"fine-tuning from {i} vs {i} + Δ")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("task exact match %")
+    written.append(_save(fig, out / "finetune_curves.png"))
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for c, key in enumerate(k for k in ("M4-M5", "M3-M4", "M1-M5", "M0-M5", "M5-C") if k in r["scans"]):
+        sc = r["scans"][key]
+        ax.plot(sc["lambda"], sc["loss"], "o-", ms=3, color=f"C{c}", label=f"{key} (barrier {sc['barrier']:.2f})")
+    ax.set_xlabel("λ  ((1−λ)·A + λ·B)")
+    ax.set_ylabel("held-out LM loss (nats/token)")
+    ax.set_title("linear interpolation between versions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "lmc.png"))
+
+    pairs = [(i, j) for i in CORE for j in CORE if i != j]
+    gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
+    fig = Figure(figsize=(10.5, 3.4))
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (label, xs) in zip(axes, (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
+                                      ("cos(Δi, Δj)", [_pair(r["cos"], i, j) for i, j in pairs]),
+                                      ("LM barrier Mi–Mj", [_pair(r["scans"], i, j)["barrier"] for i, j in pairs]))):
+        ax.scatter(xs, gain, c=[int(i[1]) for i, _ in pairs], cmap="viridis", s=18)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("gain of Mi + Δj over Mi (EM points)")
+    fig.suptitle("what predicts transfer gain (colour: target version)")
+    written.append(_save(fig, out / "predictors.png"))
+    return written
+
+
+def _save(fig: Figure, path: Path) -> str:
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    return path.name
+
+
+# ---------------------------------------------------------------------------------------------------------- write
+def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[str, Any]:
+    """results.json, the PNGs and report.md under `out`; returns the summary."""
+    summary = aggregate(config, results, seconds)
+    (out / "results.json").write_text(json.dumps(finite_or_none(summary), indent=1) + "\n")
+    pngs = plots(out, summary)
+    res, sc = results, summary["config"]
+    r0 = res[0]
+    lines = [
+        "# ftjax demo: a miniature of the version-transfer study",
+        "",
+        f"Seeds {summary['seeds']}, {r0['params']:,} parameters per version "
+        f"(Llama, width {sc['width']}, {sc['layers']} layers), {seconds:.0f} s wall in all. "
+        f"Pretraining: {sc['stage1_steps']} stage-1 + {sc['stage2_steps']} stage-2 steps of {sc['batch']} rows × "
+        f"{sc['world']['row_len']} characters; versions at steps {r0['versions']}; the control C repeats the run from "
+        f"another init and data order. Fine-tuning: {sc['ft_steps']} steps, lr {sc['ft_lr']}, batch {sc['ft_batch']}, "
+        f"on {sc['world']['ft_pairs']} pairs `Q: what is a plus b? A:` → ` a+b</s>`; scored on "
+        f"{sc['world']['eval_pairs']} held-out pairs by teacher-forced exact match (every answer token is the "
+        "argmax). The probe scores the same pairs in pretraining format (`a plus b is` → ` c`), i.e. the latent skill.",
+        "",
+        "Checkpoints (Hugging Face directories with tokenizer, usable by every ftjax command): "
+        "`seed<k>/models/{M0..M5,C}`, `seed<k>/ft/<name>` = FT(name), `seed<k>/transfers/`, `seed<k>/recycle/M5_star`; "
+        "data in `seed<k>/data/*.jsonl`.",
+        "",
+        "## What was observed, against the paper",
+        "",
+        *[f"- {c}" for c in claims(summary)],
+        "",
+        "## Transfer grid (the paper's Table 3)",
+        "",
+        main_table(summary),
+        "",
+        "![grid](grid.png)",
+        "",
+        "Identity check: max |(Mi + Δi) − FT(Mi)| over all tensors = "
+        f"{max(max(r['identity_max_abs'].values()) for r in res):.3g} (exact transfer arithmetic).",
+        "",
+        "## Language-model quality and diff sizes",
+        "",
+        _lm_table(res),
+        "",
+        "## α sweep",
+        "",
+        "![alpha](alpha.png)",
+        "",
+        "| path | EM % at α = 1 | best EM % | best α | FT(target) |",
+        "|---|---|---|---|---|",
+        *[f"| {k.replace('+D', ' + α·Δ')} | {_fmt([a['c_alpha'][k]['at_1'] for a in summary['analysis']])} | "
+          f"{_fmt([a['c_alpha'][k]['best'] for a in summary['analysis']])} | "
+          f"{_fmt([a['c_alpha'][k]['best_alpha'] for a in summary['analysis']], 2)} | "
+          f"{_fmt([a['c_alpha'][k]['ft_target'] for a in summary['analysis']])} |"
+          for k in summary["analysis"][0]["c_alpha"]],
+        "",
+        "## Connectivity (not measured in the paper)",
+        "",
+        "Barrier = max over λ of L(λ) − [(1−λ)L(0) + λL(1)] on held-out stage-1 + stage-2 text "
+        f"(λ grid {list(sc['lambdas'])}); negative means the path is convex.",
+        "",
+        "![lmc](lmc.png) ![predictors](predictors.png)",
+        "",
+        _connectivity_table(res),
+        "",
+        "## Transferring-then-finetuning (the paper's Tables 4–5, Figures 2–3)",
+        "",
+        _tft_table(res),
+        "",
+        "![curves](finetune_curves.png)",
+        "",
+        "## Recycling (Algorithm 1, Table 6): final EM % (steps to reach plain FT(Mi)'s final EM)",
+        "",
+        _recycle_table(res),
+        "",
+        "## Timing (seconds, per seed)",
+        "",
+        "| " + " | ".join(r0["timing"]) + " |",
+        "|" + "---|" * len(r0["timing"]),
+        *["| " + " | ".join(f"{v:.0f}" for v in r["timing"].values()) + " |" for r in res],
+        "",
+        f"Plots: {', '.join(pngs)}.",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
