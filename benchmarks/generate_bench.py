@@ -106,7 +106,6 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from ftjax.config import ModelConfig
     from ftjax.model import init_params
@@ -125,11 +124,11 @@ def main() -> None:
           f"{args.new} new tokens, greedy, on {jax.default_backend()} ({device})")
 
     params = init_params(cfg, jax.random.key(0), jnp.dtype(dtype))
-    path = None
+    path, tmp = None, tempfile.TemporaryDirectory(prefix="ftjax_gen_bench_")
     if compare:  # the same weights in a transformers model directory
         from ftjax.params import save_params
 
-        path = Path(tempfile.mkdtemp(prefix="ftjax_gen_bench_")) / "model"
+        path = Path(tmp.name) / "model"
         save_params(params, path, config=config)
 
     rows = []
@@ -138,6 +137,7 @@ def main() -> None:
         ours = ftjax_decode_tps(params, cfg, prompts, args.new, args.repeats)
         theirs = torch_decode_tps(path, prompts, args.new, args.repeats) if compare else None
         rows.append((batch, ours, theirs))
+    tmp.cleanup()
 
     print("\n| batch | ftjax decode tokens/s | transformers decode tokens/s | ratio |")
     print("| ---: | ---: | ---: | ---: |")
@@ -147,7 +147,6 @@ def main() -> None:
         print(f"| {batch} | {ours:,.0f} | {t} | {r} |")
     if on_cpu:
         print(f"\n(CPU: {os.cpu_count()} cores visible; one run each after a warm-up)")
-    del np
 
 
 if __name__ == "__main__":

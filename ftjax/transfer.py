@@ -41,7 +41,7 @@ from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 from ftjax.streaming import Job, Streams, WriteBehind, row_chunks, stream
 from ftjax.transfer_plan import EMBED, LM_HEAD, TransferReport  # noqa: F401 - public names of this module
 
-CHUNK_ELEMS = 1 << 22  # elements per kernel call: 8 MB per bf16 input buffer
+CHUNK_ELEMS = 1 << 19  # elements per kernel call: 8 MB per bf16 input buffer
 PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", "ftjax_diff.json", "ftjax_diff_lo.safetensors"
 _OWN_FILES = (PROVENANCE, DIFF_META, "config.json")
 Write = Callable[[WriteBehind, Job, tuple[np.ndarray, ...]], None]
