@@ -1,11 +1,19 @@
-"""Benchmark: ftjax transfer vs the I/O floor vs mergekit (when installed) on 1.1B-param bf16 Llama checkpoints.
+"""Benchmark: ftjax transfer vs the I/O floor vs mergekit on 1.1B-param bf16 Llama checkpoints (warm page cache).
 
-    python benchmarks/transfer_bench.py [--small] [--dir /tmp/ftjax_bench] [--repeats 3]
+    python benchmarks/transfer_bench.py [--small] [--dir /tmp/ftjax_bench] [--repeats 3] [--mergekit-yaml PATH]
 
 Generates three random Llama-shaped checkpoints (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
-vocab 32000, 1 GB shards; ~2.2 GB each) with ftjax's own writer, then runs each method as a subprocess (wall time
-median of `repeats`, peak RSS of the child) and prints a markdown table. `--small` shrinks the model ~50x.
-Not run in CI. Needs ~9 GB free in --dir at full size.
+vocab 32000, 1 GB shards; ~2.2 GB each) with ftjax's own writer, then runs, round-robin so that load from other
+processes hits all methods alike, `repeats` times each, every one as a subprocess:
+- I/O floor: read the same input bytes, write one output's bytes, one fsync (plain file I/O, 64 MB buffers);
+- ftjax: `python -m ftjax.cli transfer ... --quiet` (includes JAX start-up, compiles, and its fsyncs);
+- mergekit `linear` [1, 1, -1], normalize false, dtype bfloat16, default flags;
+- mergekit `task_arithmetic`, base_model = source base, models target (1) and source-ft (1), dtype bfloat16.
+mergekit never fsyncs, so a timed `sync` follows every run and is shown separately (`+sync`).
+Memory: peak anonymous RSS of the child (RssAnon in /proc/PID/status, sampled every 20 ms; excludes page-cache
+pages of mmapped inputs) and max RSS from wait4 (includes them). Exactness: output elements whose bits differ from
+round_once_bf16(t + (ft - b)) (float64 sum, exact for this data, rounded once: round to odd at float32, then to
+nearest even; a plain float64 -> bf16 cast would round twice). `--small` shrinks the model ~50x. Needs ~9 GB free.
 """
 
 from __future__ import annotations
@@ -17,16 +25,20 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
             num_key_value_heads=4, vocab_size=32000)
 SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=32000)
+BF16 = ml_dtypes.bfloat16
 
 
 def shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -43,13 +55,14 @@ def shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 
 def make_models(root: Path, c: dict) -> list[Path]:
+    """[base_s, ft_s, base_t] under root (kept between runs); ft_s = bf16(base_s + N(0, 1e-3))."""
     from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, write_json
     from ftjax.io.safetensors import TensorInfo
 
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
            "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False, "dtype": "bfloat16",
            **c}
-    infos = [TensorInfo(n, np.dtype(ml_dtypes.bfloat16), s) for n, s in shapes(c).items()]
+    infos = [TensorInfo(n, np.dtype(BF16), s) for n, s in shapes(c).items()]
     paths = [root / "base_s", root / "ft_s", root / "base_t"]
     if all((p / "config.json").exists() for p in paths):
         return paths
@@ -59,60 +72,109 @@ def make_models(root: Path, c: dict) -> list[Path]:
             for info in infos:
                 for r0 in range(0, info.shape[0], 4096):
                     rows = (min(4096, info.shape[0] - r0),) + info.shape[1:]
-                    w.write(info.name, (rng.standard_normal(rows, np.float32) * 0.02).astype(ml_dtypes.bfloat16))
+                    w.write(info.name, (rng.standard_normal(rows, np.float32) * 0.02).astype(BF16))
         write_json(p / "config.json", cfg)
     base, rng = HFCheckpoint(paths[0]), np.random.default_rng(2)
-    with HFCheckpointWriter(paths[1], infos, 10**9) as w:  # ft = bf16(base + N(0, 1e-3))
+    with HFCheckpointWriter(paths[1], infos, 10**9) as w:
         for info in infos:
             for r0 in range(0, info.shape[0], 4096):
                 x = base.get_slice(info.name, (slice(r0, r0 + 4096),)).astype(np.float32)
-                w.write(info.name, (x + rng.standard_normal(x.shape, np.float32) * 1e-3).astype(ml_dtypes.bfloat16))
+                w.write(info.name, (x + rng.standard_normal(x.shape, np.float32) * 1e-3).astype(BF16))
     write_json(paths[1] / "config.json", cfg)
     return paths
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run cmd in a fresh wrapper process; return (wall s, peak RSS MB of the command)."""
-    wrap = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True, check=True).stdout
-    rc, wall, rss = out.split()
-    if rc != "0":
-        raise SystemExit(f"command failed: {' '.join(cmd)}")
-    return float(wall), int(rss) / 1024
+def _anon_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, float]:
+    """Run cmd; return (wall s, sync s, peak anonymous RSS MB (sampled), max RSS MB (wait4, this child only))."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_kb(p.pid))
+            time.sleep(0.02)
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.read().decode()[-3000:]}")
+    t1 = time.perf_counter()
+    subprocess.run(["sync"], check=True)
+    return wall, time.perf_counter() - t1, peak[0] / 1024, ru.ru_maxrss / 1024
 
 
 IO_FLOOR = r"""
 import os, sys
 ins, out = sys.argv[1:-1], sys.argv[-1]
-buf = bytearray(64 << 20); mv = memoryview(buf); total = 0
+buf = bytearray(64 << 20); mv = memoryview(buf)
 with open(out, "wb") as w:
     for p in ins:
         with open(p, "rb", buffering=0) as f:
             while (n := f.readinto(buf)):
-                total += n
                 if p in ins[: len(ins) // 3]:  # write as many bytes as one checkpoint (the output)
                     w.write(mv[:n])
     w.flush(); os.fsync(w.fileno())
 """
 
-FTJAX = "import sys; from ftjax.transfer import transfer; transfer(*sys.argv[1:5], progress=False, overwrite=True)"
+
+def round_once_bf16(x: np.ndarray) -> np.ndarray:
+    """Correct RNE of float64 x to bf16: round to odd at float32 (keeps the sticky bit), then to nearest even."""
+    y = x.astype(np.float32)
+    inexact = np.isfinite(y) & (y.astype(np.float64) != x) & (y != 0)
+    step = np.where((y.astype(np.float64) < x) == (y > 0), 1, -1)
+    bits = y.view(np.uint32).astype(np.int64)
+    bits = np.where(inexact & (bits % 2 == 0), bits + step, bits).astype(np.uint32)
+    return bits.view(np.float32).astype(BF16)
 
 
-def exact_mismatches(out: Path, paths: list[Path]) -> int:
+def mismatches(out: Path, paths: list[Path]) -> int:
+    """Output elements whose bits differ from round_once_bf16(t + (ft - b)); a missing tensor counts in full."""
     from ftjax.io.checkpoint import HFCheckpoint
-    from ftjax.treeops import transfer_kernel
 
     o, b, f, t = (HFCheckpoint(p) for p in (out, *paths))
     bad = 0
     for n in t.names():
-        for r0 in range(0, t.info(n).shape[0], 4096):
-            s = (slice(r0, r0 + 4096),)
-            ref = np.asarray(transfer_kernel(t.get_slice(n, s), f.get_slice(n, s), b.get_slice(n, s), alpha=1.0,
-                                             out_dtype=ml_dtypes.bfloat16))
-            bad += int((ref.view(np.uint16) != o.get_slice(n, s).view(np.uint16)).sum())
+        shape = t.info(n).shape
+        if n not in o:
+            bad += int(np.prod(shape))
+            continue
+        for r0 in range(0, shape[0], 2048):
+            s = (slice(r0, r0 + 2048),)
+            ref = round_once_bf16(t.get_slice(n, s).astype(np.float64) + (f.get_slice(n, s).astype(np.float64)
+                                                                           - b.get_slice(n, s).astype(np.float64)))
+            got = o.get_slice(n, s)
+            got = got if got.dtype == BF16 else got.astype(BF16)
+            bad += int((ref.view(np.uint16) != got.view(np.uint16)).sum())
     return bad
+
+
+def versions(mk_yaml: str | None) -> str:
+    import jax
+
+    v = f"python {sys.version.split()[0]}, jax {jax.__version__}, numpy {np.__version__}"
+    if mk_yaml:
+        py = Path(mk_yaml).resolve().parent / "python"
+        q = ("import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "
+             "('mergekit', 'torch', 'transformers', 'safetensors')))")
+        r = subprocess.run([str(py), "-c", q], capture_output=True, text=True)
+        v += "; " + (r.stdout.strip() or "mergekit version unknown")
+    return v
 
 
 def main() -> None:
@@ -120,60 +182,86 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--dir", default="/tmp/ftjax_bench")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mergekit-yaml", default=shutil.which("mergekit-yaml"), help="mergekit-yaml executable")
+    ap.add_argument("--no-check", action="store_true", help="skip the exactness check")
     args = ap.parse_args()
     root = Path(args.dir) / ("small" if args.small else "full")
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     paths = make_models(root, SMALL if args.small else FULL)
     print(f"models ready in {time.time() - t0:.0f} s: {root}", file=sys.stderr)
-    files = [str(p) for d in paths for p in sorted(d.glob("*.safetensors"))]
-    in_bytes = sum(os.path.getsize(p) for p in files)
-    out_bytes = sum(os.path.getsize(p) for p in sorted(paths[2].glob("*.safetensors")))
-    for p in files:  # warm the page cache
-        with open(p, "rb") as f:
-            while f.read(64 << 20):
+    b, f, t = (str(p) for p in paths)
+    shards = {p: sorted(Path(p).glob("*.safetensors")) for p in (b, f, t)}
+    in_bytes = sum(os.path.getsize(x) for v in shards.values() for x in v)
+    out_bytes = sum(os.path.getsize(x) for x in shards[t])
+    for x in (x for v in shards.values() for x in v):  # warm the page cache
+        with open(x, "rb") as fh:
+            while fh.read(64 << 20):
                 pass
-    out = root / "out"
-    runs = {"I/O floor (read inputs, write + fsync output)":
-            [sys.executable, "-c", IO_FLOOR, *[str(p) for d in (paths[2], paths[0], paths[1])
-                                               for p in sorted(d.glob("*.safetensors"))], str(root / "floor.bin")],
-            "ftjax transfer": [sys.executable, "-c", FTJAX, *map(str, paths), str(out)]}
-    configs = {}
-    if shutil.which("mergekit-yaml"):
-        m = {k: str(v) for k, v in zip(("b", "f", "t"), paths)}
-        configs["mergekit linear [1,1,-1] bf16"] = {"merge_method": "linear", "parameters": {"normalize": False},
-            "dtype": "bfloat16", "models": [{"model": m["t"], "parameters": {"weight": 1.0}},
-                                             {"model": m["f"], "parameters": {"weight": 1.0}},
-                                             {"model": m["b"], "parameters": {"weight": -1.0}}]}
-        configs["mergekit task_arithmetic bf16"] = {"merge_method": "task_arithmetic", "base_model": m["t"],
-            "dtype": "bfloat16", "models": [{"model": m["f"], "parameters": {"weight": 1.0}},
-                                             {"model": m["b"], "parameters": {"weight": -1.0}}]}
-        for name, cfg in configs.items():
-            y = root / (name.split()[1] + ".yml")
-            y.write_text(json.dumps(cfg))  # JSON is YAML
-            runs[name] = ["mergekit-yaml", str(y), str(root / ("mk_" + name.split()[1]))]
-    rows = []
-    for name, cmd in runs.items():
-        res = []
-        for _ in range(args.repeats):
-            for p in (out, root / "floor.bin", *(root / ("mk_" + n.split()[1]) for n in configs)):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    outs = {"floor": root / "floor.bin", "ftjax": root / "out_ftjax", "linear": root / "out_mk_linear",
+            "task_arith": root / "out_mk_ta"}
+    runs = {"I/O floor (read inputs; write + fsync output)":
+            ("floor", [sys.executable, "-c", IO_FLOOR, *map(str, shards[t] + shards[b] + shards[f]), str(outs["floor"])]),
+            "ftjax transfer (CLI, exact, fsync)":
+            ("ftjax", [sys.executable, "-m", "ftjax.cli", "transfer", "--source-base", b, "--source-ft", f,
+                       "--target-base", t, "--out", str(outs["ftjax"]), "--quiet"])}
+    if args.mergekit_yaml:
+        cfgs = {"linear": {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": "bfloat16",
+                           "models": [{"model": t, "parameters": {"weight": 1.0}},
+                                      {"model": f, "parameters": {"weight": 1.0}},
+                                      {"model": b, "parameters": {"weight": -1.0}}]},
+                "task_arith": {"merge_method": "task_arithmetic", "base_model": b, "dtype": "bfloat16",
+                               "models": [{"model": t, "parameters": {"weight": 1.0}},
+                                          {"model": f, "parameters": {"weight": 1.0}}]}}
+        for key, label in (("linear", "mergekit linear [1,1,-1] bf16, default flags"),
+                           ("task_arith", "mergekit task_arithmetic (base = source base) bf16")):
+            y = root / f"{key}.yml"
+            y.write_text(json.dumps(cfgs[key]))  # JSON is YAML
+            runs[label] = (key, [args.mergekit_yaml, str(y), str(outs[key])])
+    res: dict[str, list] = {label: [] for label in runs}
+    for rep in range(args.repeats):  # round-robin: background load hits every method alike
+        for label, (key, cmd) in runs.items():
+            for p in outs.values():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             subprocess.run(["sync"])
-            res.append(timed(cmd))
-        wall = statistics.median(r[0] for r in res)
-        mism = "-"
-        if name.startswith("ftjax"):
-            mism = exact_mismatches(out, paths)
-        elif name.startswith("mergekit"):
-            mism = exact_mismatches(root / ("mk_" + name.split()[1]), paths)
-        rows.append((name, wall, max(r[1] for r in res), mism))
-    floor = rows[0][1]
-    ftj = rows[1][1]
-    print(f"\ninputs {in_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, {os.cpu_count()} CPUs, warm cache\n")
-    print("| method | wall s (median of %d) | x I/O floor | x ftjax | peak RSS MB | elements != exact |" % args.repeats)
-    print("|---|---|---|---|---|---|")
-    for name, wall, rss, mism in rows:
-        print(f"| {name} | {wall:.2f} | {wall / floor:.2f} | {wall / ftj:.2f} | {rss:.0f} | {mism} |")
+            res[label].append(timed(cmd, env))
+            print(f"  {label}: {res[label][-1][0]:.2f} s", file=sys.stderr)
+            if rep == args.repeats - 1 and key != "floor" and not args.no_check:
+                res[label].append(mismatches(outs[key], paths))
+    # Peak memory must not grow with model size: the same transfer on the ~50x smaller model.
+    rss_note = ""
+    if not args.small:
+        sp = make_models(Path(args.dir) / "small", SMALL)
+        so = Path(args.dir) / "small" / "out_ftjax"
+        shutil.rmtree(so, ignore_errors=True)
+        small = timed([sys.executable, "-m", "ftjax.cli", "transfer", "--source-base", str(sp[0]), "--source-ft",
+                       str(sp[1]), "--target-base", str(sp[2]), "--out", str(so), "--quiet"], env)
+        shutil.rmtree(so, ignore_errors=True)
+        big = max(r[2] for r in res["ftjax transfer (CLI, exact, fsync)"][: args.repeats])
+        rss_note = (f"ftjax peak anon RSS: {big:.0f} MB for 1.1B params vs {small[2]:.0f} MB for the ~50x smaller "
+                    f"model (bounded by the buffer pool, not the model)")
+        assert big < small[2] + 200, rss_note
+    for p in outs.values():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def med(label):
+        return statistics.median(r[0] for r in res[label][: args.repeats])
+    labels = list(runs)
+    floor, ftj = med(labels[0]), med(labels[1])
+    print(f"\ninputs {in_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, warm page cache, "
+          f"median of {args.repeats} (range), round-robin\n")
+    print("| method | wall s | + sync s | x I/O floor | x ftjax | peak anon RSS MB | max RSS MB | elements != exact |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label in labels:
+        r = res[label][: args.repeats]
+        w = [x[0] for x in r]
+        mism = res[label][args.repeats] if len(res[label]) > args.repeats else "-"
+        mism = f"{mism:,} ({mism / (out_bytes / 2):.2g})" if isinstance(mism, int) and mism else mism
+        print(f"| {label} | {med(label):.2f} ({min(w):.2f}-{max(w):.2f}) | {statistics.median(x[1] for x in r):.2f} "
+              f"| {med(label) / floor:.2f} | {med(label) / ftj:.2f} | {max(x[2] for x in r):.0f} "
+              f"| {max(x[3] for x in r):.0f} | {mism} |")
+    print(f"\n{rss_note}\nversions: {versions(args.mergekit_yaml)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ The public API, imported lazily (so `ftjax --help` does not start JAX):
     Model         ModelConfig, forward, init_params
     Transfer      ftjax.transfer.transfer (the module `ftjax.transfer` keeps its name), diff, apply,
                   transfer_params, and tree ops tree_diff, tree_add, tree_scale, tree_lerp, tree_norms, tree_cosine
-    Evaluation    evaluate_loss
+    Evaluation    evaluate_loss, generate_ids, evaluate_generation, render_chat
+    Connectivity  scan, scan_along_diff, plane, barriers, diff_stats
+    Training      TrainConfig, finetune, recycle
     Errors        FtjaxError
 """
 
@@ -41,10 +43,21 @@ _API = {
     "tree_norms": "ftjax.treeops",
     "tree_cosine": "ftjax.treeops",
     "evaluate_loss": "ftjax.evaluate",
+    "generate_ids": "ftjax.generate",
+    "evaluate_generation": "ftjax.generate",
+    "render_chat": "ftjax.chat",
+    "scan": "ftjax.lmc",
+    "scan_along_diff": "ftjax.lmc",
+    "plane": "ftjax.lmc",
+    "barriers": "ftjax.lmc",
+    "diff_stats": "ftjax.stats",
+    "TrainConfig": "ftjax.train",
+    "finetune": "ftjax.train",
+    "recycle": "ftjax.recycle",
 }
 
 _SUBMODULES = {"transfer", "treeops", "params", "model", "config", "evaluate", "data", "lmc", "stats", "plots",
-               "train", "recycle", "generate", "convert", "io", "demo"}
+               "train", "recycle", "generate", "chat", "convert", "io", "demo", "streaming"}
 
 __all__ = ["FtjaxError", "__version__", *_API]
 

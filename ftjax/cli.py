@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ftjax", description="Fine-tuning transfer between LLM versions, in JAX.")
     parser.add_argument("--version", action="version", version=f"ftjax {__version__}")
+    dist = parser.add_argument_group("multi-process runs (jax.distributed; give all three, before COMMAND)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (env JAX_COORDINATOR_ADDRESS)")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="number of processes (env JAX_NUM_PROCESSES)")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("transfer", help="out = target_base + alpha * (source_ft - source_base), streamed from disk")
@@ -315,9 +320,18 @@ def _examples(args, *model_dirs: Path):
 
 
 def _mesh(args):
+    import jax
+
     from ftjax.params import make_mesh
 
-    return make_mesh(args.mesh) if args.mesh else None
+    # A multi-process run always needs a mesh over every process's devices (default: all on fsdp).
+    return make_mesh(args.mesh) if args.mesh or jax.process_count() > 1 else None
+
+
+def _is_main() -> bool:
+    from ftjax.distributed import is_main
+
+    return is_main()
 
 
 def _extract(text: str) -> str:
@@ -424,8 +438,11 @@ def _labels(*models: str) -> list[str]:
 
 
 def _write_json(path: Path, result: dict) -> None:
+    from ftjax.distributed import is_main
     from ftjax.lmc import finite_or_none
 
+    if not is_main():  # multi-process: one writer
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(finite_or_none(result), indent=1) + "\n")
 
@@ -458,7 +475,8 @@ def _cmd_scan(args) -> None:
         result = lmc.scan(*thetas, cfg, examples, lambdas, labels=_labels(args.a, args.b), **common)
     result["models"] = {k.lstrip("-"): str(v) for k, v in dirs.items()}
     _write_json(args.out / "scan.json", result)
-    plots.plot_scan(result, args.out / "scan")
+    if _is_main():
+        plots.plot_scan(result, args.out / "scan")
     if args.json:
         print(json.dumps(lmc.finite_or_none(result)))
         return
@@ -485,7 +503,8 @@ def _cmd_plane(args) -> None:
                        batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, mesh=mesh)
     result["models"] = {k: str(v) for k, v in dirs.items()}
     _write_json(args.out / "plane.json", result)
-    plots.plot_plane(result, args.out / "plane")
+    if _is_main():
+        plots.plot_plane(result, args.out / "plane")
     if args.json:
         print(json.dumps(lmc.finite_or_none(result)))
     else:
@@ -499,7 +518,8 @@ def _cmd_stats(args) -> None:
 
     result = diff_stats(args.source_base, args.source_ft, args.target_base, args.target_ft)
     _write_json(args.out / "stats.json", result)
-    plots.plot_stats(result, args.out / "stats")
+    if _is_main():
+        plots.plot_stats(result, args.out / "stats")
     if args.json:
         print(json.dumps(finite_or_none(result["total"])))
     else:
@@ -578,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (also the console entry point)."""
     args = build_parser().parse_args(argv)
     try:
+        from ftjax.distributed import initialize
+
+        if initialize(args.coordinator, args.num_processes, args.process_id) and not _is_main():
+            sys.stdout = open(os.devnull, "w")  # reports come from process 0; errors still reach stderr
         COMMANDS[args.command](args)
     except FtjaxError as e:
         print(f"ftjax: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.data import CHOICE, COMPLETION, Batch, Example, batches, truncate
 from ftjax.model import forward
@@ -67,7 +68,9 @@ class RowStats:
 
 def device_batches(examples: Sequence[Example], batch_size: int, max_len: int,
                    mesh: Mesh | None = None) -> list[tuple[Batch, tuple[jax.Array, ...]]]:
-    """The fixed-shape batches, already on device (batch axis over the mesh's `data` axis when it divides)."""
+    """The fixed-shape batches, already on device (batch axis over the mesh's `data` axis when it divides).
+
+    Multi-process: every process builds the same batches and copies only its own devices' slices."""
     sharding = None
     if mesh is not None:
         n = mesh.shape.get("data", 1)
@@ -75,7 +78,7 @@ def device_batches(examples: Sequence[Example], batch_size: int, max_len: int,
     out = []
     for b in batches(examples, batch_size, max_len):
         arrays = (b.tokens_bt, b.mask_bt, b.weights_bt)
-        out.append((b, tuple(jax.device_put(a, sharding) if sharding else jnp.asarray(a) for a in arrays)))
+        out.append((b, tuple(distributed.put_global(a, sharding) if sharding else jnp.asarray(a) for a in arrays)))
     return out
 
 
@@ -83,7 +86,7 @@ def run_batches(fn: BatchFn, prepared: Sequence[tuple[Batch, tuple[jax.Array, ..
     """Apply a per-batch function to every prepared batch; scatter row results back to example order."""
     outputs = [fn(*arrays) for _, arrays in prepared]  # dispatched asynchronously, fetched once below
     nll, count, greedy = np.zeros(n), np.zeros(n), np.zeros(n, bool)
-    for (batch, _), out in zip(prepared, jax.device_get(outputs)):
+    for (batch, _), out in zip(prepared, distributed.to_host(outputs)):
         real = batch.index_b >= 0
         idx = batch.index_b[real]
         nll[idx] = np.asarray(out[0], np.float64)[real]

@@ -183,7 +183,7 @@ def _evaluate_points(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[
     thetas = tuple(thetas)
     results = []
     for c in coefs:
-        c = jnp.asarray(c, jnp.float32)
+        c = np.asarray(c, np.float32)  # numpy: a replicated input in multi-process runs too
         fn = functools.partial(point_row_stats, c, thetas, path=path, cfg=cfg, dtype=dtype)
         results.append(summarize(examples, run_batches(fn, prepared, len(examples))))
     return results, sum(b.tokens_bt.size for b, _ in prepared)

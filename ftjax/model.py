@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import flax
@@ -22,10 +23,40 @@ import numpy as np
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
 
-# float32 parity with transformers needs full-precision matmuls (TPU/GPU defaults use bf16 passes / TF32).
-_PRECISION = jax.lax.Precision.HIGHEST
 # Finite, so a fully masked row (a padding query) softmaxes to uniform instead of NaN.
 _MASKED = float(np.finfo(np.float32).min)
+
+
+def precision(dtype: Any) -> jax.lax.Precision:
+    """Matmul precision for compute in `dtype`: HIGHEST for float32 (parity with transformers; the GPU/TPU default
+    would round operands to TF32 / bf16 passes), DEFAULT for bf16/f16 (full-rate tensor cores, f32 accumulation)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def attention_implementation(dtype: Any) -> str:
+    """`jax.nn.dot_product_attention` backend: cuDNN flash attention on GPU for bf16/f16, XLA otherwise (float32,
+    CPU and TPU). Override with FTJAX_ATTENTION=xla|cudnn (read at trace time)."""
+    forced = os.environ.get("FTJAX_ATTENTION")
+    if forced in ("xla", "cudnn"):
+        return forced
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def fused_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, allowed_bts: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(h), masked) v through `jax.nn.dot_product_attention` -> [B, T, N, H].
+
+    GQA groups query heads as (k, g) like HF repeat_kv. Scores and softmax are float32 on every backend. The mask
+    includes causality; cuDNN is also told `is_causal` so it skips the upper-triangle blocks. Fully masked rows
+    (padding queries) come out uniform (XLA) or arbitrary (cuDNN); callers never score them.
+    """
+    impl = attention_implementation(q_btnh.dtype)
+    h = q_btnh.shape[-1]
+    # Under HIGHEST for float32: the XLA implementation's einsums take the default precision.
+    with jax.default_matmul_precision("highest" if q_btnh.dtype == jnp.float32 else None):
+        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=allowed_bts[:, None], scale=h**-0.5,
+                                            is_causal=impl == "cudnn", implementation=impl)
 
 
 # ---------------------------------------------------------------------------------------------------------- RoPE
@@ -105,7 +136,7 @@ class Linear(nn.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         w_fd = self.param("weight", nn.initializers.normal(self.std), (self.features, x_btd.shape[-1]),
                           self.param_dtype)
-        y_btf = jnp.einsum("btd,fd->btf", x_btd, w_fd, precision=_PRECISION)
+        y_btf = jnp.einsum("btd,fd->btf", x_btd, w_fd, precision=precision(x_btd.dtype))
         if self.use_bias:
             y_btf = y_btf + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return y_btf
@@ -164,20 +195,25 @@ class Attention(nn.Module):
             q_btf, k_btf = norm(name="q_norm")(q_btf), norm(name="k_norm")(k_btf)
         q_btnh = apply_rope(q_btf.reshape(b, t, n, h), cos_bth, sin_bth)
         k_btkh = apply_rope(k_btf.reshape(b, t, k, h), cos_bth, sin_bth)
+        v_btkh = v_btf.reshape(b, t, k, h)
+        if cache is None:  # full-sequence pass (training, scoring, scans): the fused kernel
+            out_btnh = fused_attention(q_btnh, k_btkh, v_btkh, allowed_bts)
+            return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj", **kw)(out_btnh.reshape(b, t, n * h)), cache
         # Keys and values as [B, K, S, H], the cache's layout: a decode step then reads the cache without a transpose.
         k_bksh = k_btkh.transpose(0, 2, 1, 3)
-        v_bksh = v_btf.reshape(b, t, k, h).transpose(0, 2, 1, 3)
-        if cache is not None:
-            k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), index, axis=2)
-            v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), index, axis=2)
-            cache = {"k": k_bksh, "v": v_bksh}
+        v_bksh = v_btkh.transpose(0, 2, 1, 3)
+        k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), index, axis=2)
+        v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), index, axis=2)
+        cache = {"k": k_bksh, "v": v_bksh}
 
+        # With a cache (prefill, decode): plain einsums over the [B, K, S, H] cache (decode is bandwidth-bound anyway).
         # GQA as HF repeat_kv: query head i uses kv head i // g, so split heads as (k, g), never (g, k).
         q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, precision=_PRECISION) * h**-0.5
+        prec = precision(q_btnh.dtype)
+        scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, precision=prec) * h**-0.5
         scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkgts.astype(jnp.float32), _MASKED)
         probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
-        out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh, precision=_PRECISION)
+        out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh, precision=prec)
         return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj", **kw)(out_btkgh.reshape(b, t, n * h)), cache
 
 
@@ -264,7 +300,7 @@ class CausalLM(nn.Module):
         if last_only:
             x_btd = x_btd[:, -1:]
         # float32 accumulation out of the last matmul: bf16-rounded logits would cost log-prob precision.
-        logits_btv = jnp.einsum("btd,vd->btv", x_btd, head_vd, precision=_PRECISION,
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd, head_vd, precision=precision(x_btd.dtype),
                                 preferred_element_type=jnp.float32)
         return logits_btv if caches is None else (logits_btv, new_caches)
 

@@ -66,7 +66,8 @@ def model_tensor_names(ckpt: HFCheckpoint, cfg: ModelConfig) -> list[str]:
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh from `"data=2,fsdp=4"` (or a dict). Default: every device on the `fsdp` axis, `data=1`.
 
-    One axis size may be -1 (whatever is left). The product must equal the number of devices.
+    One axis size may be -1 (whatever is left). The product must equal the number of devices: in a multi-process
+    run (ftjax.distributed) `jax.devices()` is every process's devices, so one mesh spans all hosts.
     """
     devices = list(devices if devices is not None else jax.devices())
     if spec is None:
@@ -139,32 +140,65 @@ def _cast(x: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     return np.asarray(x) if dtype is None or x.dtype == dtype else np.asarray(x).astype(dtype)
 
 
+def _index_key(index: tuple) -> tuple:
+    """A hashable form of a tuple of slices (slices are unhashable before Python 3.12)."""
+    return tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+
+
+def _read_parts(ckpt: HFCheckpoint, name: str, leaf_dtype: np.dtype | None,
+                sharding: NamedSharding | None) -> dict[tuple | None, np.ndarray]:
+    """Host copies of what this process needs of tensor `name`: the whole tensor (no sharding) or each distinct slice
+    its own devices hold. Copying (not viewing) the memmap is what makes the disk read happen here, in the
+    read-ahead thread, instead of inside the host->device copy."""
+    if sharding is None:
+        view = ckpt.get(name)
+        return {None: np.array(view) if leaf_dtype is None or view.dtype == leaf_dtype else view.astype(leaf_dtype)}
+    parts: dict[tuple | None, np.ndarray] = {}
+    for index in sharding.addressable_devices_indices_map(ckpt.info(name).shape).values():
+        key = _index_key(index)
+        if key not in parts:
+            view = ckpt.get_slice(name, index)
+            parts[key] = np.array(view) if leaf_dtype is None or view.dtype == leaf_dtype else view.astype(leaf_dtype)
+    return parts
+
+
 def load_params(
-    path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None
+    path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None, read_ahead: int = 2
 ) -> tuple[ModelConfig, Params]:
     """Load a Hugging Face checkpoint (local dir or cached Hub id) into a pytree of `jax.Array`s.
 
     dtype: cast floating tensors to this dtype (None keeps the checkpoint's); integer tensors are never cast.
-    mesh: place leaves with `NamedSharding`s from `SHARDING_RULES`; each device reads only its own slice
-    straight from the memory-mapped file. Without a mesh, leaves go to the default device.
+    mesh: place leaves with `NamedSharding`s from `SHARDING_RULES`; each device gets only its own slice of the
+    memory-mapped file, so in a multi-process run each process reads only the slices its own devices hold. Without a
+    mesh, leaves go to this process's first device.
+    read_ahead: tensors read from disk by a background thread ahead of the one being copied to the device, so disk
+    reads overlap host->device copies (0: read inline). Peak extra host memory: about read_ahead tensors.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     ckpt = HFCheckpoint(path)
     cfg = ModelConfig.from_hf(ckpt.config)
     names = model_tensor_names(ckpt, cfg)
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    flat: dict[str, jax.Array] = {}
-    for name in names:
+    jobs = []
+    for name in names:  # header checks and shard opening here, in this thread, before any read-ahead
         info = ckpt.info(name)
         leaf_dtype = target if target is not None and jnp.issubdtype(info.dtype, jnp.floating) else None
-        if mesh is None:
-            flat[name] = jnp.asarray(_cast(ckpt.get(name), leaf_dtype))
-        else:
-            sharding = NamedSharding(mesh, partition_spec(name, info.shape, mesh))
-
-            def read(index, name=name, leaf_dtype=leaf_dtype):
-                return _cast(ckpt.get_slice(name, index), leaf_dtype)
-
-            flat[name] = jax.make_array_from_callback(info.shape, sharding, read)
+        sharding = None if mesh is None else NamedSharding(mesh, partition_spec(name, info.shape, mesh))
+        jobs.append((name, info, leaf_dtype, sharding))
+    flat: dict[str, jax.Array] = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(_read_parts, ckpt, job[0], job[2], job[3]) for job in jobs[:read_ahead]]
+        for i, (name, info, leaf_dtype, sharding) in enumerate(jobs):
+            parts = pending.pop(0).result() if read_ahead else _read_parts(ckpt, name, leaf_dtype, sharding)
+            if read_ahead and i + read_ahead < len(jobs):
+                nxt = jobs[i + read_ahead]
+                pending.append(pool.submit(_read_parts, ckpt, nxt[0], nxt[2], nxt[3]))
+            if sharding is None:
+                flat[name] = jax.device_put(parts[None], jax.local_devices()[0])
+            else:
+                flat[name] = jax.make_array_from_callback(info.shape, sharding,
+                                                          lambda index, parts=parts: parts[_index_key(index)])
     check_params(flat, cfg, source=str(ckpt.path))
     return cfg, nest(flat)
 
@@ -230,7 +264,10 @@ def save_params(
     config: the `config.json` dict to write (or a ModelConfig, written through `to_hf()`).
     aux_from: a directory whose tokenizer / generation files are copied along.
     dtype: cast floating tensors to this dtype on the way out (None keeps each leaf's dtype).
+    Multi-process: every process must call it (leaves sharded across processes are gathered); process 0 writes.
     """
+    from ftjax.distributed import barrier, is_main, to_host
+
     config_dict = config.to_hf() if isinstance(config, ModelConfig) else dict(config)
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config_dict)
     flat = flatten(params)
@@ -240,12 +277,13 @@ def save_params(
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     tensors = {}
     for name, leaf in flat.items():
-        host = np.asarray(jax.device_get(leaf))
+        host = to_host(leaf)
         tensors[name] = _cast(host, target if jnp.issubdtype(host.dtype, jnp.floating) else None)
     if target is not None:
         config_dict["torch_dtype" if "torch_dtype" in config_dict else "dtype"] = str(np.dtype(target))
     aux = Path(aux_from) if aux_from is not None else None
-    return save_hf(
-        Path(out), tensors, config=config_dict, aux_from=aux, overwrite=overwrite,
-        inputs=[Path(p) for p in inputs] + ([aux] if aux else []), max_shard_bytes=max_shard_bytes,
-    )
+    if is_main():
+        save_hf(Path(out), tensors, config=config_dict, aux_from=aux, overwrite=overwrite,
+                inputs=[Path(p) for p in inputs] + ([aux] if aux else []), max_shard_bytes=max_shard_bytes)
+    barrier(f"ftjax.save_params:{Path(out).name}")
+    return Path(out)

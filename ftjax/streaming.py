@@ -6,14 +6,14 @@ The work is memory traffic, not arithmetic, so the engine is shaped around not t
   fault), and RSS is bounded by the pool, never by the model;
 - consecutive tensors (and row blocks of big ones) that share a kernel are packed into one flat buffer, so almost
   every kernel call has the same shape (one or two compiles per run) and a small tensor costs no extra dispatch;
-- the buffers are passed to the jitted kernel as numpy arrays (XLA:CPU aliases aligned host memory instead of
-  copying it; a buffer set is reused only once its kernel has finished), results come back with `np.asarray`
-  (zero-copy) and a writer thread writes them straight to the output shards while the main thread reads and
-  dispatches the next batch (file I/O and XLA release the GIL);
-- `WriteBehind` starts the disk writeback of the output every few MB, so the final fsync has little left to do
-  and the disk works while the CPU computes (the kernel would otherwise hold ~all of it dirty until the end);
-- the NaN/Inf check reads the exponent bits of each result once, in the writer thread (tensors are named only
-  when it fires).
+- three threads overlap the stages: a reader fills buffer sets (preadv releases the GIL), the calling thread runs
+  the kernel on them (XLA:CPU aliases aligned numpy arguments instead of copying them; a set is reused only once
+  its kernel has finished), a writer takes the results with `np.asarray` (zero-copy) and writes them straight to
+  the output shards;
+- `WriteBehind` starts the disk writeback of the output every 64 MB, so the disk works while the CPU computes
+  and the final fsync has little left to do (otherwise nearly the whole output would still be dirty at the end);
+- the NaN/Inf check reads the bits of each result once, in the writer thread (tensors are named only when it
+  fires): XLA:CPU would fuse the whole kernel into a reduction a second time.
 """
 
 from __future__ import annotations
@@ -197,8 +197,10 @@ def _aligned(nbytes: int) -> np.ndarray:
     return raw[a: a + nbytes]
 
 
-def _bucket(n: int, cap: int) -> int:
-    return min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+def _bucket(n: int, cap: int, cap_compiled: bool) -> int:
+    """Kernel length for n elements: a power of two (few compiles for small models), or the full buffer when that
+    shape is compiled already (a model's last, partial batch then costs no compile, only padding)."""
+    return cap if cap_compiled else min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
 def _plan_batches(jobs: list[Job], io: Streams, cap: int, dtype_of: Callable) -> Iterator[tuple]:
@@ -298,12 +300,15 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
         raise _Stopped
 
     def reader() -> None:  # fills buffer sets from the files, in output order
+        full = set()  # kernels already run at length cap
         try:
             for batch in _plan_batches(jobs, io, cap, dtype_of):
                 bufs = wait(free)
                 if batch[0] == "kernel":
-                    _, _, dtypes, segs, filled = batch
-                    n = _bucket(filled, cap)
+                    _, kernel, dtypes, segs, filled = batch
+                    n = _bucket(filled, cap, (kernel, dtypes) in full)
+                    if n == cap:
+                        full.add((kernel, dtypes))
                     xs = [b.view(dt)[:n] for b, dt in zip(bufs, dtypes)]
                     for job, srcs, r0, r1, off in segs:
                         m = (r1 - r0) * row_elems(job.out.shape)

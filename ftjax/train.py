@@ -14,6 +14,11 @@ once, so `grad_accum=2, batch=b` equals `grad_accum=1, batch=2b` up to float rou
 Resume is exact: the data order is a seeded permutation of fixed training rows per epoch, so the data position is
 just `step * batch_size * grad_accum`, and the state holds everything else. Re-running the same command after a kill
 restarts from the last checkpoint and ends with the same bits as an uninterrupted run (on CPU).
+
+Multi-process (ftjax.distributed): every process runs `finetune` with the same arguments and holds the (small) row
+table; each puts only its own devices' slices of a batch on device; process 0 writes run.json, the log and the
+exported model, Orbax writes the checkpoints from all processes. Without a mesh, a multi-process run uses
+`make_mesh()` (every device on fsdp).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.data import CHOICE, Example, check_vocab, examples_from_rows, load_tokenizer, needs_tokenizer, read_jsonl
 from ftjax.errors import FtjaxError
@@ -389,13 +395,17 @@ class _Log:
     """Appends JSON lines to out/log.jsonl (flushed each line) and draws a one-line progress bar on stderr."""
 
     def __init__(self, out: Path, keep: list[dict], total: int, progress: bool):
+        self.total, self.progress, self.file = total, progress and distributed.is_main(), None
+        if not distributed.is_main():  # one writer in a multi-process run
+            return
         tmp = out / (LOG_FILE + ".tmp")  # rewrite the kept entries atomically: a kill here must not lose the log
         tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
         os.replace(tmp, out / LOG_FILE)
         self.file = open(out / LOG_FILE, "a")
-        self.total, self.progress = total, progress
 
     def write(self, entry: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                     for k, v in entry.items()}) + "\n")
         self.file.flush()
@@ -409,7 +419,8 @@ class _Log:
     def close(self) -> None:
         if self.progress:
             print(file=sys.stderr)
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 _STEPS: dict[tuple, Any] = {}
@@ -441,7 +452,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     Returns a summary: out, final, steps, resumed_from, loss (last step), eval (last evaluation), seconds.
     """
     from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path
-    from ftjax.params import flatten, load_params, save_params, shardings_for
+    from ftjax.params import flatten, load_params, make_mesh, save_params, shardings_for
 
     t0 = time.perf_counter()
     config.check()
@@ -457,11 +468,16 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         eval_examples = examples_from_rows(raw, load_tokenizer(init_dir) if needs_tokenizer(raw) else None,
                                            source=str(eval_data))
         check_vocab(eval_examples, cfg.vocab_size, source=str(eval_data))
+    if mesh is None and jax.process_count() > 1:
+        mesh = make_mesh()
     record = _run_record(init_dir, cfg, config, data)
     resuming = _check_resume(out, record)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    distributed.barrier("ftjax.finetune:checked")  # every process decided before process 0 writes run.json
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    distributed.barrier("ftjax.finetune:recorded")
     manager = _manager(out)
     latest = manager.latest_step() if resuming else None
     summary = {"out": str(out), "final": str(out / FINAL_DIR), "steps": config.steps, "resumed_from": latest}
@@ -485,7 +501,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         state_sh = state_shardings(abstract, shardings_for(shapes, mesh), mesh)
         batch_sh, scalar_sh = batch_sharding(mesh, config.batch_size), NamedSharding(mesh, PartitionSpec())
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(distributed.local_device())
         state_sh, batch_sh, scalar_sh = jax.tree.map(lambda _: device, abstract), device, device
     step_fn = _jitted_step(cfg, config, mesh, optimizer, state_sh, batch_sh, scalar_sh)
     if latest is not None:
@@ -493,7 +509,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     else:
         state = jax.jit(init_state, out_shardings=state_sh)(params)
     del params
-    start = int(jax.device_get(state["step"]))
+    start = int(distributed.to_host(state["step"]))
     # Keep the log up to the restored step (a fresh start re-evaluates step 0, so it keeps nothing).
     log = _Log(out, _read_log(out, start) if resuming and start > 0 else [], config.steps, progress)
 
@@ -509,7 +525,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     clock = {"t0": time.perf_counter(), "tokens": 0, "first": True}
 
     def record_metrics(step: int, metrics: dict, real_tokens: int) -> None:
-        m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        m = {k: v.item() for k, v in distributed.to_host(metrics).items()}
         if not m["finite"]:
             good = manager.latest_step()
             where = f"the last good checkpoint is step {good} in {out / CKPT_DIR}" if good is not None else \
@@ -534,7 +550,8 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         pending = None
         for step in range(start, config.steps):
             host = step_batch(rows, step, config)
-            state, metrics = step_fn(state, tuple(jax.device_put(a, batch_sh) for a in host))
+            # Each process copies only its own devices' slices of the (identical) host batch.
+            state, metrics = step_fn(state, tuple(distributed.put_global(a, batch_sh) for a in host))
             if pending is not None:  # fetch the previous step's metrics while this one runs
                 record_metrics(*pending)
             pending = (step + 1, metrics, int((host[1] > 0).sum()))

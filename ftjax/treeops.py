@@ -92,8 +92,9 @@ def round_sum3(t: jax.Array, d_hi: jax.Array, d_lo: jax.Array, out_dtype: Any, z
     exactly with hi a faithful float32 rounding of V and sign(g + r) = sign(V - hi) exact; (2) for 8/11-bit
     outputs hi is rounded to *odd* (if inexact and the last bit is even, step one ulp toward V); round-to-odd
     at >= 2 extra bits makes the following round-to-nearest-even equal to a single correct rounding
-    (Boldo & Melquiond 2008); (3) for a float32 output, hi moves to the other neighbour when V is past the
-    midpoint, decided exactly by comparing the error terms with half the gap.
+    (Boldo & Melquiond 2008) -- for bf16 the same decision is taken directly on the bits (`_round_bf16`);
+    (3) for a float32 output, hi moves to the other neighbour when V is past the midpoint, decided exactly by
+    comparing the error terms with half the gap.
     """
     s, e = two_sum(t, d_hi)
     w, r = two_sum(e, d_lo)

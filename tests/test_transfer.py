@@ -288,3 +288,46 @@ def test_transfer_params_in_memory_sharded(models):
         np.testing.assert_array_equal(bits(np.asarray(x)), bits(want), err_msg=n)
     with pytest.raises(FtjaxError, match="shapes"):
         T.transfer_params(pt, {**pf, "model": {**pf["model"], "norm": {"weight": jax.numpy.ones(3)}}}, pb)
+
+
+def _sparse_model(path: Path, rows: int, cols: int) -> Path:
+    """A tied one-tensor bf16 checkpoint of rows x cols zeros, as a sparse file (instant to make, slow-ish to
+    transfer: it is read three times and written once for real)."""
+    import struct
+
+    from ftjax.io.safetensors import TensorInfo, build_header
+
+    path.mkdir()
+    header = build_header([TensorInfo(T.EMBED, np.dtype(BF16), (rows, cols))], {"format": "pt"})
+    with open(path / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header)
+        fh.truncate(8 + len(header) + rows * cols * 2)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    return path
+
+
+def test_killed_mid_write_leaves_nothing_and_next_run_succeeds(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    m = _sparse_model(tmp_path / "m", 1 << 16, 2048)  # 256 MB of bf16
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ftjax.cli", "transfer", "--source-base", str(m), "--source-ft", str(m),
+           "--target-base", str(m), "--out", str(out), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tmp = tmp_path / f".out.ftjax-tmp-{p.pid}"
+    deadline = time.monotonic() + 120
+    while not (tmp / "model.safetensors").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert p.poll() is None, f"transfer ended before it could be killed: {p.stderr.read().decode()[-500:]}"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists() and tmp.exists()  # the partial output stays in the temp sibling only
+    rep = T.transfer(m, m, m, out, progress=False)
+    assert rep.transferred == 1 and HFCheckpoint(out).info(T.EMBED).shape == (1 << 16, 2048)
+    assert not tmp.exists(), "the dead process's temp sibling is cleaned up"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["m", "out"]

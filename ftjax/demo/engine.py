@@ -65,18 +65,19 @@ def run_steps(state: dict, rows: Rows, cfg: ModelConfig, tcfg: TrainConfig, n: i
 # ---------------------------------------------------------------------------------------------------------- scoring
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-    """Examples laid out as one fixed-shape device batch (teacher-forced scoring is one forward pass)."""
+    """Examples laid out as a few fixed-shape device batches (length buckets: short documents are not padded to
+    the longest), so teacher-forced scoring is a handful of forward passes with one compilation per bucket."""
 
     name: str
     examples: tuple[Example, ...]
-    arrays: tuple[jax.Array, jax.Array, jax.Array]  # tokens, mask, weights [N, T]
-    index: np.ndarray  # example index per batch row (-1 padding)
+    batches: tuple[tuple[tuple[jax.Array, jax.Array, jax.Array], np.ndarray], ...]  # ((tokens, mask, weights), index)
 
 
-def eval_set(name: str, examples: Sequence[Example], max_len: int) -> EvalSet:
-    (b,) = list(batches(list(examples), len(examples), max_len))
-    return EvalSet(name, tuple(examples), (jnp.asarray(b.tokens_bt), jnp.asarray(b.mask_bt),
-                                           jnp.asarray(b.weights_bt)), b.index_b)
+def eval_set(name: str, examples: Sequence[Example], max_len: int, batch_size: int = 64) -> EvalSet:
+    out = []
+    for b in batches(list(examples), min(batch_size, len(examples)), max_len):
+        out.append(((jnp.asarray(b.tokens_bt), jnp.asarray(b.mask_bt), jnp.asarray(b.weights_bt)), b.index_b))
+    return EvalSet(name, tuple(examples), tuple(out))
 
 
 _row_stats = jax.jit(row_stats, static_argnames=("cfg",))
@@ -84,6 +85,10 @@ _row_stats = jax.jit(row_stats, static_argnames=("cfg",))
 
 def score(params: Any, cfg: ModelConfig, data: EvalSet) -> dict[str, float]:
     """{"loss": mean NLL per scored token (nats), "em": fraction of rows whose every scored token is the argmax}."""
-    nll, count, greedy = jax.device_get(_row_stats(params, cfg, *data.arrays))
-    real = data.index >= 0
-    return {"loss": float(np.sum(nll[real]) / max(np.sum(count[real]), 1.0)), "em": float(np.mean(greedy[real]))}
+    outs = jax.device_get([_row_stats(params, cfg, *arrays) for arrays, _ in data.batches])
+    nll = count = hits = rows = 0.0
+    for (n_b, c_b, g_b), (_, index) in zip(outs, data.batches):
+        real = index >= 0
+        nll, count = nll + float(np.sum(n_b[real], dtype=np.float64)), count + float(np.sum(c_b[real]))
+        hits, rows = hits + float(np.sum(g_b[real])), rows + int(real.sum())
+    return {"loss": nll / max(count, 1.0), "em": hits / max(rows, 1)}

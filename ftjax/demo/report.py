@@ -19,6 +19,23 @@ from ftjax.lmc import finite_or_none
 
 CORE = ("M1", "M2", "M3", "M4", "M5")
 STAGE = {"M1": 1, "M2": 1, "M3": 1, "M4": 2, "M5": 2}
+TUNING_NOTES = """\
+What was tried on the way to the default world (one seed each, 2 shared CPU cores; "probe" = latent skill in
+pretraining format, scores are task exact match %):
+
+| variant | outcome |
+|---|---|
+| width 96, 3 layers (342k params), operands 0..39, 450 + 200 steps | too slow here: ftjax's Flax model trains at ~0.3 s CPU per 2048-token step at this size, so two pretraining runs alone exceed the 5-minute budget |
+| width 64, 2 layers (115k), operands 0..19, no task-format text in pretraining | skill emerges (probe M1..M5 = 4/27/51/36/89) but every base scores 0 on the task, so "below base" is unobservable; M5 + Δ4 = 27 vs FT(M5) = 59 |
+| + the task's own format in 1 % (stage 1) / 3 % (stage 2) of documents | bases 5/5/11/15/41; cross-stage diffs now push M5 *below* its base (M5 + Δ1 = 13 < 41), but so did Δ4 (26 < 41): M4 was taken while the stage-2 learning-rate re-warm (2e-3) had disrupted the skill (probe M4 = 37 < M3 = 53) |
+| stage-2 peak lr 2e-3 -> 1e-3, stage 2 200 -> 300 steps | M4 probe 53; cos(Δ4, Δ5) = 0.79, ‖M4 − M5‖ = 1.25 vs ‖Δ4‖ = 0.83, yet M5 + Δ4 = 27 (α = 0.5 gives 43, α = 1.5 gives 15) |
+| arithmetic share 0.25 -> 0.30 (stage 1), 0.65 -> 0.70 (stage 2) = **the default** | M5 + Δ4 = 43 (base 28, FT 66), M4 + Δ5 = 35 (base 12, FT 50), M5 + Δ3 = 11 and M5 + Δ1 = 5 (below base), cos(Δ4, Δ5) = 0.87 |
+
+Lessons, consistent with the prototype's (demo-spike.md): the target must already hold the latent skill, and
+fine-tuning must stay gentle (lr 3e-4, 100 steps, 150 pairs); what decides same-stage transfer is whether the
+skill is still being formed between the two versions, not the diff cosine alone.
+"""
+
 PAPER_GSM8K = {  # Table 3 (GSM8K): base, +Δj, FT(Mi)
     "base": {"M1": 13.2, "M2": 19.4, "M3": 24.4, "M4": 64.5, "M5": 65.5},
     "FT": {"M1": 45.1, "M2": 50.7, "M3": 60.4, "M4": 75.7, "M5": 75.5},
@@ -106,6 +123,7 @@ def analyse(r: dict) -> dict[str, Any]:
     pairs = [(i, j) for i in CORE for j in CORE if i != j]
     gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
     preds = {"LM barrier between Mi and Mj": [_pair(r["scans"], i, j)["barrier"] for i, j in pairs],
+             "LM midpoint excess (signed)": [_pair(r["scans"], i, j)["mid_excess"] for i, j in pairs],
              "distance ‖Mi − Mj‖": [_pair(r["distance"], i, j) for i, j in pairs],
              "cos(Δi, Δj)": [_pair(r["cos"], i, j) for i, j in pairs],
              "task-NLL barrier along Mi + λΔj": [r["sweep"][f"{i}+D{j}"]["barrier"] for i, j in pairs]}
@@ -208,9 +226,11 @@ def _recycle_table(results) -> str:
 
 def _connectivity_table(results) -> str:
     names = results[0]["names"]
-    lines = ["| pair | LM barrier (nats) | ‖Mi − Mj‖ | cos(Δi, Δj) |", "|---|---|---|---|"]
+    lines = ["| pair | LM barrier (nats) | midpoint excess (nats) | ‖Mi − Mj‖ | cos(Δi, Δj) |",
+             "|---|---|---|---|---|"]
     for k in results[0]["scans"]:
         lines.append(f"| {k} | {_fmt(_col(results, lambda r: r['scans'][k]['barrier']), 3)} | "
+                     f"{_fmt(_col(results, lambda r: r['scans'][k]['mid_excess']), 3)} | "
                      f"{_fmt(_col(results, lambda r: r['distance'][k]), 2)} | "
                      f"{_fmt(_col(results, lambda r: r['cos'][k]), 2)} |")
     del names
@@ -231,10 +251,13 @@ def claims(summary: dict) -> list[str]:
     rec54, rec45 = m([a["a_same_stage2"]["M5+DM4"] for a in A]), m([a["a_same_stage2"]["M4+DM5"] for a in A])
     probe4, probe5 = m([r["base"]["M4"]["probe"] for r in res]), m([r["base"]["M5"]["probe"] for r in res])
     same2 = _nanmean([rec54, rec45])
-    verdict = ("**agrees** with the paper (M5 + Δ4 = 77.1 vs FT(M5) = 75.5 on GSM8K)"
-               + (", though here transfer does not exceed FT" if max(rec54, rec45) < 1 else "")
-               if math.isfinite(same2) and same2 >= 0.5 else
-               "**does not reproduce** the paper's strong same-stage result (M5 + Δ4 ≥ FT(M5)) at this size")
+    if math.isfinite(same2) and same2 >= 0.9:
+        verdict = "**agrees** with the paper (M5 + Δ4 = 77.1 vs FT(M5) = 75.5 on GSM8K)"
+    elif math.isfinite(same2) and same2 >= 0.5:
+        verdict = ("**agrees in direction**: about half or more of the gain transfers, but not the paper's "
+                   "M5 + Δ4 = 77.1 ≥ FT(M5) = 75.5")
+    else:
+        verdict = "**does not reproduce** the paper's strong same-stage result (M5 + Δ4 ≥ FT(M5)) at this size"
     out.append(f"**(a) Same-stage transfer.** M5 + Δ4 recovers {_pct(rec54)} of FT(M5)'s gain over its base and "
                f"M4 + Δ5 {_pct(rec45)}{seeds}, on targets whose latent skill (probe) is {probe4:.0f} % (M4) and "
                f"{probe5:.0f} % (M5). Within stage 1 (weaker targets) the mean recovery is "
@@ -280,15 +303,23 @@ def claims(summary: dict) -> list[str]:
                "a best α above 1 means the neighbour's diff undershoots.")
 
     rho = {k: m([a["d_spearman"][k] for a in A]) for k in A[0]["d_spearman"]}
+    core = [v["barrier"] for r in res for k, v in r["scans"].items() if "C" not in k and "M0" not in k]
+    max_core = max(core) if core else math.nan
+    ctrl = m([a["b_control"]["barrier_C_M5"] for a in A]) if "b_control" in A[0] else math.nan
     rho_w = {k: m([a["d_spearman_within_target"][k] for a in A]) for k in A[0]["d_spearman"]}
     finite = {k: v for k, v in rho.items() if math.isfinite(v)}
     best = max(finite, key=lambda k: abs(finite[k])) if finite else None
     out.append("**(d) What predicts transfer gain** (Spearman ρ between each quantity and the gain of Mi + Δj over Mi, "
                "over the 20 ordered pairs of M1..M5; in parentheses the mean ρ within each target column, which "
                "removes the strong-target confound): "
-               + "; ".join(f"{k}: {rho[k]:+.2f} ({rho_w[k]:+.2f})" for k in rho)
+               + "; ".join(f"{k}: " + (f"{rho[k]:+.2f} ({rho_w[k]:+.2f})" if math.isfinite(rho[k]) else
+                                         "undefined (constant over the pairs)") for k in rho)
                + (f". The strongest is **{best}**." if best else ". Undefined here (no gain varies).")
-               + " The paper never measured connectivity; it inferred it from the transfer pattern.")
+               + " The paper never measured connectivity; it inferred a linearly connected region per stage from the "
+                 "transfer pattern. "
+               + (f"Here every pair of versions from one run, across the stage boundary too, has an LM barrier of "
+                  f"at most {max_core:.3f} nats (the different-init control: {ctrl:.2f}), so connectivity alone "
+                  "does not separate the stages that transfer does." if math.isfinite(max_core) else ""))
 
     beats, faster = [a["e_tft_beats_ft"] for a in A], [a["e_tft_faster"] for a in A]
     nb, nt, nf = sum(b[0] for b in beats), sum(b[1] for b in beats), sum(f[0] for f in faster)
@@ -430,6 +461,11 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "",
         main_table(summary),
         "",
+        "The paper's Table 3 (OLMo 2 7B, GSM8K) for comparison: base M1..M5 = "
+        + " / ".join(f"{v}" for v in PAPER_GSM8K["base"].values()) + "; FT(Mi) = "
+        + " / ".join(f"{v}" for v in PAPER_GSM8K["FT"].values())
+        + "; M5 + Δ4 = 77.1, M4 + Δ5 = 72.9 (same stage); M5 + Δ2 = 17.3, M4 + Δ1 = 27.5 (cross-stage, below base).",
+        "",
         "![grid](grid.png)",
         "",
         "Identity check: max |(Mi + Δi) − FT(Mi)| over all tensors = "
@@ -454,7 +490,8 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "## Connectivity (not measured in the paper)",
         "",
         "Barrier = max over λ of L(λ) − [(1−λ)L(0) + λL(1)] on held-out stage-1 + stage-2 text "
-        f"(λ grid {list(sc['lambdas'])}); negative means the path is convex.",
+        f"(λ grid {list(sc['lambdas'])}); it is 0 when the path never rises above the straight line between the "
+        "endpoints. The midpoint excess L(½) − (L(0) + L(1))/2 is signed: negative when the path dips below it.",
         "",
         "![lmc](lmc.png) ![predictors](predictors.png)",
         "",
@@ -477,6 +514,10 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         *["| " + " | ".join(f"{v:.0f}" for v in r["timing"].values()) + " |" for r in res],
         "",
         f"Plots: {', '.join(pngs)}.",
+        "",
+        "## How the world was tuned",
+        "",
+        TUNING_NOTES,
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary

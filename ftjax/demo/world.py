@@ -12,10 +12,11 @@ Documents ("web text"):
     counting     "7 8 9 10 11."
     arithmetic   "23 plus 14 is 37."  (stage 2 adds "the sum of 23 and 14 is 37.", "adding 23 and 14 gives 37.")
     arith QA     "Q: add 23 and 14. A: 37"   (stage 2 only, a small share: "instruction-like" mid-training data)
+    task QA      "Q: what is 23 plus 14? A: 37"   (the task's own format: 1 % of stage 1, 3 % of stage 2)
 Stage 1 is the broad mixture with a small arithmetic share; stage 2 shifts most of the mass to arithmetic, as
 OLMo 2's mid-training shifts toward math. The fine-tuning task is `Q: what is 23 plus 14? A:` -> ` 37</s>`:
-the bases know the Q/A format and (once learned) the sums, but never saw this exact phrasing, so their zero-shot
-score is low but not zero. Held-out task pairs occur in pretraining prose (the latent skill) but never in the
+the bases know the Q/A format and (once learned) the sums, and saw the task's phrasing rarely, so their zero-shot
+score is low but not zero (otherwise "transfer made it worse than the base" could not be observed). Held-out task pairs occur in pretraining prose (the latent skill) but never in the
 fine-tuning set.
 """
 
@@ -47,14 +48,16 @@ _VERBS = ["sees", "likes", "finds", "moves", "hides", "takes"]
 class WorldConfig:
     """The synthetic world. Shares are fractions of documents."""
 
-    operand_max: int = 39  # operands 0..operand_max
+    operand_max: int = 19  # operands 0..operand_max
     n_names: int = 150
-    stage1_arith: float = 0.25  # arithmetic prose share in stage 1
-    stage2_arith: float = 0.65  # arithmetic prose share in stage 2 (three templates)
+    stage1_arith: float = 0.3  # arithmetic prose share in stage 1
+    stage2_arith: float = 0.7  # arithmetic prose share in stage 2 (three templates)
     stage2_arith_qa: float = 0.05  # "Q: add a and b. A: c" share in stage 2
+    stage1_task_qa: float = 0.01  # the task's own format, "Q: what is a plus b? A: c", in stage 1 ...
+    stage2_task_qa: float = 0.03  # ... and in stage 2: the bases' partial familiarity with the task
     entity_qa: float = 0.12  # entity Q/A share of the broad mixture
-    ft_pairs: int = 300
-    eval_pairs: int = 256
+    ft_pairs: int = 150
+    eval_pairs: int = 150
     row_len: int = 64  # pretraining row length (tokens)
 
 
@@ -147,6 +150,10 @@ class Writer:
         return (f"{a} plus {b} is {a + b}.", f"the sum of {a} and {b} is {a + b}.", f"adding {a} and {b} gives {a + b}.")[t]
 
     def document(self, stage: int, rng: random.Random) -> str:
+        u = rng.random()
+        if u < (self.cfg.stage1_task_qa if stage == 1 else self.cfg.stage2_task_qa):
+            a, b = self.pair(rng)
+            return f"{task_prompt(a, b)} {a + b}"
         u = rng.random()
         if stage == 1:
             return self.arithmetic(rng, 1) if u < self.cfg.stage1_arith else self.broad(rng)
