@@ -135,3 +135,23 @@ def test_readme_demo_command_help():
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "--full" in done.stdout and "--out" in done.stdout
+
+
+def test_checkpoints_load_in_transformers(demo):
+    """The demo's directories are ordinary Hugging Face models: transformers loads model and tokenizer, and its
+    logits match ftjax's forward pass."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from ftjax.model import forward
+    from ftjax.params import load_params
+
+    path = demo / "seed0/models/M5"
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tok("Q: what is 3 plus 4? A:")["input_ids"]
+    assert ids[0] == world.BOS_ID and tok.decode(ids, skip_special_tokens=True) == "Q: what is 3 plus 4? A:"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits.numpy()
+    cfg, params = load_params(path)
+    got = np.asarray(forward(params, np.asarray([ids], np.int32), cfg))
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)

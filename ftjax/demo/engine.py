@@ -52,13 +52,16 @@ def _steps_fn(cfg: ModelConfig, tcfg: TrainConfig) -> Callable:
     return jax.jit(run, donate_argnums=0)
 
 
-def run_steps(state: dict, rows: Rows, cfg: ModelConfig, tcfg: TrainConfig, n: int) -> tuple[dict, np.ndarray]:
+def run_steps(state: dict, rows: Rows, cfg: ModelConfig, tcfg: TrainConfig, n: int,
+              data_seed: int | None = None) -> tuple[dict, np.ndarray]:
     """Advance `state` by n optimizer steps (data order: ftjax.train's seeded per-epoch permutation, continuing at
-    state["step"]). Returns the new state and the n training losses (nats/token)."""
+    state["step"], seeded by `data_seed` if given, else tcfg.seed; the seed is not part of the compiled step, so
+    runs that differ only in data order share one compilation). Returns the new state and the n training losses."""
     start = int(state["step"])
-    per_step = [step_batch(rows, s, tcfg) for s in range(start, start + n)]
+    order = tcfg if data_seed is None else dataclasses.replace(tcfg, seed=data_seed)
+    per_step = [step_batch(rows, s, order) for s in range(start, start + n)]
     batch_k = tuple(np.stack([b[i] for b in per_step]) for i in range(4))
-    state, metrics = _steps_fn(cfg, tcfg)(state, batch_k)
+    state, metrics = _steps_fn(cfg, dataclasses.replace(tcfg, seed=0))(state, batch_k)  # seed: data order only
     return state, np.asarray(metrics["loss"])
 
 

@@ -77,6 +77,11 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x[ok], y[ok]).statistic)
 
 
+def label(key: str) -> str:
+    """"M5+DM4" -> "M5 + Δ4", "FT(M5+DM4)" -> "FT(M5 + Δ4)", "M1+DC" -> "M1 + ΔC"."""
+    return key.replace("+DM", " + Δ").replace("+DC", " + ΔC")
+
+
 def _pair(d: dict, a: str, b: str) -> float:
     return d.get(f"{a}-{b}", d.get(f"{b}-{a}"))
 
@@ -148,7 +153,8 @@ def analyse(r: dict) -> dict[str, Any]:
 
 def aggregate(config: Any, results: list[dict], seconds: float) -> dict[str, Any]:
     analyses = [analyse(r) for r in results]
-    return {"format": "ftjax-demo", "config": dataclasses.asdict(config), "seconds": round(seconds, 1),
+    config = config if isinstance(config, dict) else dataclasses.asdict(config)
+    return {"format": "ftjax-demo", "config": config, "seconds": round(seconds, 1),
             "seeds": [r["seed"] for r in results], "analysis": analyses, "results": results}
 
 
@@ -203,7 +209,7 @@ def _tft_table(results) -> str:
 
     for k in keys:
         i = k.split("+")[0]
-        lines.append(f"| {k.replace('+D', ' + Δ')} | {_fmt(_col(results, lambda r: r['tft'][k]['final']))} | "
+        lines.append(f"| {label(k)} | {_fmt(_col(results, lambda r: r['tft'][k]['final']))} | "
                      f"{_fmt(_col(results, lambda r: r['tft'][k]['start']))} | "
                      f"{steps(_col(results, lambda r: r['tft'][k]['steps_to_ft']))} | "
                      f"{_fmt(_col(results, lambda r: r['tft'][f'FT({i})']['final']))} | "
@@ -300,7 +306,7 @@ def claims(summary: dict) -> list[str]:
                      f"{al['base']:.1f} % — " + ("it approaches FT(target)" if close else "it stays well below "
                                                                                         "FT(target)"))
     out.append(f"**(c) α{seeds}.** " + "; ".join(parts) + ". The paper used α = 1 only; "
-               "a best α above 1 means the neighbour's diff undershoots.")
+               "a best α above 1 means the neighbour's diff undershoots, below 1 that it overshoots.")
 
     rho = {k: m([a["d_spearman"][k] for a in A]) for k in A[0]["d_spearman"]}
     core = [v["barrier"] for r in res for k, v in r["scans"].items() if "C" not in k and "M0" not in k]
@@ -388,7 +394,7 @@ def plots(out: Path, summary: dict) -> list[str]:
         for c, key in enumerate([k for k in r["curves"] if k == f"FT({i})" or k.startswith(f"FT({i}+")
                                  or k == f"iter({i})"]):
             cur = np.asarray(r["curves"][key])
-            ax.plot(cur[:, 0], cur[:, 1], "o-" if key == f"FT({i})" else ".-", ms=3, color=f"C{c}", label=key)
+            ax.plot(cur[:, 0], cur[:, 1], "o-" if key == f"FT({i})" else ".-", ms=3, color=f"C{c}", label=label(key))
         ax.set_xlabel("fine-tuning step")
         ax.set_title(f"fine-tuning from {i} vs {i} + Δ")
         ax.grid(alpha=0.3)
@@ -412,11 +418,11 @@ def plots(out: Path, summary: dict) -> list[str]:
     gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
     fig = Figure(figsize=(10.5, 3.4))
     axes = fig.subplots(1, 3, sharey=True)
-    for ax, (label, xs) in zip(axes, (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
+    for ax, (xlabel, xs) in zip(axes, (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
                                       ("cos(Δi, Δj)", [_pair(r["cos"], i, j) for i, j in pairs]),
                                       ("LM barrier Mi–Mj", [_pair(r["scans"], i, j)["barrier"] for i, j in pairs]))):
         ax.scatter(xs, gain, c=[int(i[1]) for i, _ in pairs], cmap="viridis", s=18)
-        ax.set_xlabel(label)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gain of Mi + Δj over Mi (EM points)")
     fig.suptitle("what predicts transfer gain (colour: target version)")
@@ -481,7 +487,7 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "",
         "| path | EM % at α = 1 | best EM % | best α | FT(target) |",
         "|---|---|---|---|---|",
-        *[f"| {k.replace('+D', ' + α·Δ')} | {_fmt([a['c_alpha'][k]['at_1'] for a in summary['analysis']])} | "
+        *[f"| {label(k).replace('Δ', 'α·Δ')} | {_fmt([a['c_alpha'][k]['at_1'] for a in summary['analysis']])} | "
           f"{_fmt([a['c_alpha'][k]['best'] for a in summary['analysis']])} | "
           f"{_fmt([a['c_alpha'][k]['best_alpha'] for a in summary['analysis']], 2)} | "
           f"{_fmt([a['c_alpha'][k]['ft_target'] for a in summary['analysis']])} |"
@@ -521,3 +527,10 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def rewrite(out: str | Path) -> dict[str, Any]:
+    """Re-render report.md and the plots from an existing out/results.json (no training)."""
+    out = Path(out)
+    old = json.loads((out / "results.json").read_text())
+    return write(out, old["config"], old["results"], old["seconds"])

@@ -145,13 +145,13 @@ def pretrain(sc: StudyConfig, s: Setup, corpora: tuple, init_seed: int, data_see
              capture: dict[str, int]) -> dict[str, Any]:
     """One two-stage run; returns the params at each captured global step. Stage 2 starts a fresh AdamW state
     (the re-warmed, linearly decayed schedule of a mid-training stage)."""
-    tc1, tc2 = pretrain_configs(sc, data_seed)
+    tc1, tc2 = pretrain_configs(sc, 0)  # one compilation for the main run and the control
     params = init_params(s.cfg, jax.random.key(init_seed), jnp.float32)
     out, step = {}, 0
     for stage, (tc, rows) in enumerate(((tc1, corpora[0]), (tc2, corpora[1])), start=1):
         state = engine.init_state(params, tc)
         for _ in range(tc.steps // sc.chunk):
-            state, _ = engine.run_steps(state, rows, s.cfg, tc, sc.chunk)
+            state, _ = engine.run_steps(state, rows, s.cfg, tc, sc.chunk, data_seed=data_seed)
             step += sc.chunk
             for name, at in capture.items():
                 if at == step:
