@@ -6,7 +6,7 @@ family of tiny Llama "versions" with ftjax's own training step, fine-tunes each,
 It writes DIR/report.md, DIR/results.json, the PNGs, and real Hugging Face checkpoints under DIR/seed<k>/.
 
 Modules: `world` (tokenizer, corpora, task), `engine` (in-memory training and scoring on ftjax.train's step),
-`study` (the experiment), `report` (tables, plots, the paper comparison).
+`study` (the experiment), `report` (results.json, report.md, the comparison with the paper), `figures` (PNGs).
 """
 
 from __future__ import annotations

@@ -13,28 +13,46 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from ftjax.demo import figures
+from ftjax.demo.figures import label
 from ftjax.lmc import finite_or_none
 
 CORE = ("M1", "M2", "M3", "M4", "M5")
 STAGE = {"M1": 1, "M2": 1, "M3": 1, "M4": 2, "M5": 2}
-TUNING_NOTES = """\
-What was tried on the way to the default world (one seed each, 2 shared CPU cores; "probe" = latent skill in
-pretraining format, scores are task exact match %):
+# What was tried on the way to the default world (rendered into report.md; one seed each on 2 shared CPU cores).
+TUNING = (
+    ("width 96, 3 layers (342k params), operands 0..39, 450 + 200 steps",
+     "too slow here: ftjax's Flax model trains at ~0.3 s CPU per 2048-token step at this size, so the two "
+     "pretraining runs alone exceed the 5-minute budget"),
+    ("width 64, 2 layers (115k), operands 0..19, no task-format text in pretraining",
+     "the skill emerges (probe M1..M5 = 4/27/51/36/89) but every base scores 0 on the task, so 'below base' is "
+     "unobservable; M5 + Δ4 = 27 vs FT(M5) = 59"),
+    ("+ the task's own format in 1 % (stage 1) / 3 % (stage 2) of documents",
+     "bases 5/5/11/15/41; cross-stage diffs now push M5 below its base (M5 + Δ1 = 13 < 41), but so does Δ4 "
+     "(26 < 41): M4 was taken while the stage-2 learning-rate re-warm (2e-3) had disrupted the skill "
+     "(probe M4 = 37 < M3 = 53)"),
+    ("stage-2 peak lr 2e-3 → 1e-3, stage 2 200 → 300 steps",
+     "probe M4 = 53; cos(Δ4, Δ5) = 0.79 and ‖M4 − M5‖ = 1.25 vs ‖Δ4‖ = 0.83, yet M5 + Δ4 = 27 "
+     "(α = 0.5 gives 43, α = 1.5 gives 15)"),
+    ("arithmetic share 0.25 → 0.30 (stage 1), 0.65 → 0.70 (stage 2): **the default**",
+     "M5 + Δ4 = 43 (base 28, FT 66), M4 + Δ5 = 35 (base 12, FT 50), M5 + Δ3 = 11 and M5 + Δ1 = 5 "
+     "(below base), cos(Δ4, Δ5) = 0.87"),
+    ("the default, `--full` (seeds 0, 1, 2)",
+     "M5 + Δ4 recovers 40 / 15 / 7 % of FT(M5)'s gain (M4 + Δ5: 61 / 58 / 36 %) although cos(Δ4, Δ5) = "
+     "0.87 / 0.88 / 0.86 in all three: same-stage transfer is seed-fragile, as the prototype found; "
+     "transfer-then-finetune beats plain FT in 41 of 60 runs and iterative ≥ direct in 7 of 9"),
+)
+TUNING_LESSON = ("Lessons, consistent with the prototype's (demo-spike.md): the target must already hold the latent "
+                 "skill, and fine-tuning must stay gentle (lr 3e-4, 100 steps, 150 pairs). Our reading (a "
+                 "hypothesis, not tested separately): same-stage transfer fails when the skill is still being "
+                 "formed between the two versions, whatever the diff cosine.")
 
-| variant | outcome |
-|---|---|
-| width 96, 3 layers (342k params), operands 0..39, 450 + 200 steps | too slow here: ftjax's Flax model trains at ~0.3 s CPU per 2048-token step at this size, so two pretraining runs alone exceed the 5-minute budget |
-| width 64, 2 layers (115k), operands 0..19, no task-format text in pretraining | skill emerges (probe M1..M5 = 4/27/51/36/89) but every base scores 0 on the task, so "below base" is unobservable; M5 + Δ4 = 27 vs FT(M5) = 59 |
-| + the task's own format in 1 % (stage 1) / 3 % (stage 2) of documents | bases 5/5/11/15/41; cross-stage diffs now push M5 *below* its base (M5 + Δ1 = 13 < 41), but so did Δ4 (26 < 41): M4 was taken while the stage-2 learning-rate re-warm (2e-3) had disrupted the skill (probe M4 = 37 < M3 = 53) |
-| stage-2 peak lr 2e-3 -> 1e-3, stage 2 200 -> 300 steps | M4 probe 53; cos(Δ4, Δ5) = 0.79, ‖M4 − M5‖ = 1.25 vs ‖Δ4‖ = 0.83, yet M5 + Δ4 = 27 (α = 0.5 gives 43, α = 1.5 gives 15) |
-| arithmetic share 0.25 -> 0.30 (stage 1), 0.65 -> 0.70 (stage 2) = **the default** | M5 + Δ4 = 43 (base 28, FT 66), M4 + Δ5 = 35 (base 12, FT 50), M5 + Δ3 = 11 and M5 + Δ1 = 5 (below base), cos(Δ4, Δ5) = 0.87 |
 
-Lessons, consistent with the prototype's (demo-spike.md): the target must already hold the latent skill, and
-fine-tuning must stay gentle (lr 3e-4, 100 steps, 150 pairs); what decides same-stage transfer is whether the
-skill is still being formed between the two versions, not the diff cosine alone.
-"""
+def _tuning_notes() -> str:
+    rows = "\n".join(f"| {a} | {b} |" for a, b in TUNING)
+    return f"| variant | outcome |\n|---|---|\n{rows}\n\n{TUNING_LESSON}"
+
 
 PAPER_GSM8K = {  # Table 3 (GSM8K): base, +Δj, FT(Mi)
     "base": {"M1": 13.2, "M2": 19.4, "M3": 24.4, "M4": 64.5, "M5": 65.5},
@@ -77,17 +95,12 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x[ok], y[ok]).statistic)
 
 
-def label(key: str) -> str:
-    """"M5+DM4" -> "M5 + Δ4", "FT(M5+DM4)" -> "FT(M5 + Δ4)", "M1+DC" -> "M1 + ΔC"."""
-    return key.replace("+DM", " + Δ").replace("+DC", " + ΔC")
-
-
 def _pair(d: dict, a: str, b: str) -> float:
     return d.get(f"{a}-{b}", d.get(f"{b}-{a}"))
 
 
 def _recovery(r: dict, i: str, j: str) -> float:
-    """(score of Mi + Δj − base) / (FT(Mi) − base): the share of Mi's own fine-tuning gain that transfer recovers."""
+    """(score of Mi + Δj − base) / (FT(Mi) − base): the share of Mi's own fine-tuning gain transfer recovers."""
     gain = r["ft"][i]["task"] - r["base"][i]["task"]
     return (r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"]) / gain if gain > 0 else math.nan
 
@@ -267,7 +280,9 @@ def claims(summary: dict) -> list[str]:
     out.append(f"**(a) Same-stage transfer.** M5 + Δ4 recovers {_pct(rec54)} of FT(M5)'s gain over its base and "
                f"M4 + Δ5 {_pct(rec45)}{seeds}, on targets whose latent skill (probe) is {probe4:.0f} % (M4) and "
                f"{probe5:.0f} % (M5). Within stage 1 (weaker targets) the mean recovery is "
-               f"{_pct(m([a['a_same_stage1'] for a in A]))}. This {verdict}.")
+               f"{_pct(m([a['a_same_stage1'] for a in A]))}. This {verdict}."
+               + (" One seed only: this effect varies strongly between seeds (see the tuning notes and `--full`)."
+                  if n == 1 else ""))
 
     cross, cross2 = m([a["b_cross_stage"] for a in A]), m([a["b_cross_to_stage2"] for a in A])
     below = m([len(a["b_below_base"]) for a in A])
@@ -315,7 +330,8 @@ def claims(summary: dict) -> list[str]:
     rho_w = {k: m([a["d_spearman_within_target"][k] for a in A]) for k in A[0]["d_spearman"]}
     finite = {k: v for k, v in rho.items() if math.isfinite(v)}
     best = max(finite, key=lambda k: abs(finite[k])) if finite else None
-    out.append("**(d) What predicts transfer gain** (Spearman ρ between each quantity and the gain of Mi + Δj over Mi, "
+    out.append("**(d) What predicts transfer gain** (Spearman ρ between each quantity and the gain of Mi + Δj over "
+               "Mi, "
                "over the 20 ordered pairs of M1..M5; in parentheses the mean ρ within each target column, which "
                "removes the strong-target confound): "
                + "; ".join(f"{k}: " + (f"{rho[k]:+.2f} ({rho_w[k]:+.2f})" if math.isfinite(rho[k]) else
@@ -341,98 +357,12 @@ def claims(summary: dict) -> list[str]:
     it_pl = sum(r["iterative"][i]["final"] >= r["plain"][i]["final"] for r in rec for i in ver)
     gap = m([r["iterative"][i]["final"] - r["direct"][i]["final"] for r in rec for i in ver])
     out.append(f"**(f) Recycling** (M3–M5, {3 * n} cases): iterative ≥ direct in {it_dir}, direct ≥ plain in "
-               f"{dir_pl}, iterative ≥ plain in {it_pl}; iterative − direct = {gap:+.1f} points on average. The paper "
+               f"{dir_pl}, iterative ≥ plain in {it_pl}; iterative − direct = {gap:+.1f} points on average. "
+               "The paper "
                "reports iterative ≥ direct by at most 1.6 points, both above plain FT: "
                + ("**agrees**." if it_dir * 2 >= 3 * n and dir_pl * 2 > 3 * n else
                   "**partly agrees**." if dir_pl * 2 > 3 * n or it_pl * 2 > 3 * n else "**does not agree**."))
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------- plots
-def plots(out: Path, summary: dict) -> list[str]:
-    r = summary["results"][0]
-    names = r["names"]
-    written = []
-
-    fig = Figure(figsize=(6.4, 5.0))
-    ax = fig.subplots()
-    grid = np.full((len(names) + 2, len(names)), np.nan)
-    for a, j in enumerate(names):
-        for b, i in enumerate(names):
-            if i != j:
-                grid[a + 1, b] = np.mean([x["grid"][f"{i}+D{j}"]["task"] for x in summary["results"]])
-    for b, i in enumerate(names):
-        grid[0, b] = np.mean([x["base"][i]["task"] for x in summary["results"]])
-        grid[-1, b] = np.mean([x["ft"][i]["task"] for x in summary["results"]])
-    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
-    for (y, x), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_yticks(range(len(names) + 2), ["base", *[f"+Δ{n}" for n in names], "FT"])
-    ax.set_xlabel("target version")
-    ax.set_title("task exact match % of Mi + Δj (the paper's Table 3)")
-    fig.colorbar(im, ax=ax)
-    written.append(_save(fig, out / "grid.png"))
-
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    for c, j in enumerate([n for n in names if n != "M5"]):
-        sw = r["sweep"][f"M5+D{j}"]
-        ax.plot(sw["alpha"], sw["task"], "o-", ms=3, color=f"C{c}", label=f"M5 + α·Δ{j[1:] if j != 'C' else 'C'}")
-    ax.axhline(r["ft"]["M5"]["task"], ls="--", color="k", lw=1, label="FT(M5)")
-    ax.set_xlabel("α")
-    ax.set_ylabel("task exact match %")
-    ax.set_title(f"α sweep onto M5 (seed {r['seed']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out / "alpha.png"))
-
-    fig = Figure(figsize=(9.6, 4.0))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, i in zip(axes, ("M4", "M5")):
-        for c, key in enumerate([k for k in r["curves"] if k == f"FT({i})" or k.startswith(f"FT({i}+")
-                                 or k == f"iter({i})"]):
-            cur = np.asarray(r["curves"][key])
-            ax.plot(cur[:, 0], cur[:, 1], "o-" if key == f"FT({i})" else ".-", ms=3, color=f"C{c}", label=label(key))
-        ax.set_xlabel("fine-tuning step")
-        ax.set_title(f"fine-tuning from {i} vs {i} + Δ")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("task exact match %")
-    written.append(_save(fig, out / "finetune_curves.png"))
-
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    for c, key in enumerate(k for k in ("M4-M5", "M3-M4", "M1-M5", "M0-M5", "M5-C") if k in r["scans"]):
-        sc = r["scans"][key]
-        ax.plot(sc["lambda"], sc["loss"], "o-", ms=3, color=f"C{c}", label=f"{key} (barrier {sc['barrier']:.2f})")
-    ax.set_xlabel("λ  ((1−λ)·A + λ·B)")
-    ax.set_ylabel("held-out LM loss (nats/token)")
-    ax.set_title("linear interpolation between versions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out / "lmc.png"))
-
-    pairs = [(i, j) for i in CORE for j in CORE if i != j]
-    gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
-    fig = Figure(figsize=(10.5, 3.4))
-    axes = fig.subplots(1, 3, sharey=True)
-    for ax, (xlabel, xs) in zip(axes, (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
-                                      ("cos(Δi, Δj)", [_pair(r["cos"], i, j) for i, j in pairs]),
-                                      ("LM barrier Mi–Mj", [_pair(r["scans"], i, j)["barrier"] for i, j in pairs]))):
-        ax.scatter(xs, gain, c=[int(i[1]) for i, _ in pairs], cmap="viridis", s=18)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("gain of Mi + Δj over Mi (EM points)")
-    fig.suptitle("what predicts transfer gain (colour: target version)")
-    written.append(_save(fig, out / "predictors.png"))
-    return written
-
-
-def _save(fig: Figure, path: Path) -> str:
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    return path.name
 
 
 # ---------------------------------------------------------------------------------------------------------- write
@@ -440,7 +370,7 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
     """results.json, the PNGs and report.md under `out`; returns the summary."""
     summary = aggregate(config, results, seconds)
     (out / "results.json").write_text(json.dumps(finite_or_none(summary), indent=1) + "\n")
-    pngs = plots(out, summary)
+    pngs = figures.plots(out, summary)
     res, sc = results, summary["config"]
     r0 = res[0]
     lines = [
@@ -453,7 +383,8 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         f"another init and data order. Fine-tuning: {sc['ft_steps']} steps, lr {sc['ft_lr']}, batch {sc['ft_batch']}, "
         f"on {sc['world']['ft_pairs']} pairs `Q: what is a plus b? A:` → ` a+b</s>`; scored on "
         f"{sc['world']['eval_pairs']} held-out pairs by teacher-forced exact match (every answer token is the "
-        "argmax). The probe scores the same pairs in pretraining format (`a plus b is` → ` c`), i.e. the latent skill.",
+        "argmax). The probe scores the same pairs in pretraining format (`a plus b is` → ` c`), i.e. the latent "
+        "skill.",
         "",
         "Checkpoints (Hugging Face directories with tokenizer, usable by every ftjax command): "
         "`seed<k>/models/{M0..M5,C}`, `seed<k>/ft/<name>` = FT(name), `seed<k>/transfers/`, `seed<k>/recycle/M5_star`; "
@@ -470,7 +401,8 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "The paper's Table 3 (OLMo 2 7B, GSM8K) for comparison: base M1..M5 = "
         + " / ".join(f"{v}" for v in PAPER_GSM8K["base"].values()) + "; FT(Mi) = "
         + " / ".join(f"{v}" for v in PAPER_GSM8K["FT"].values())
-        + "; M5 + Δ4 = 77.1, M4 + Δ5 = 72.9 (same stage); M5 + Δ2 = 17.3, M4 + Δ1 = 27.5 (cross-stage, below base).",
+        + "; M5 + Δ4 = 77.1, M4 + Δ5 = 72.9 (same stage); M5 + Δ2 = 17.3, M4 + Δ1 = 27.5 "
+        "(cross-stage, below base).",
         "",
         "![grid](grid.png)",
         "",
@@ -523,7 +455,7 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "",
         "## How the world was tuned",
         "",
-        TUNING_NOTES,
+        _tuning_notes(),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -16,8 +16,8 @@ Documents ("web text"):
 Stage 1 is the broad mixture with a small arithmetic share; stage 2 shifts most of the mass to arithmetic, as
 OLMo 2's mid-training shifts toward math. The fine-tuning task is `Q: what is 23 plus 14? A:` -> ` 37</s>`:
 the bases know the Q/A format and (once learned) the sums, and saw the task's phrasing rarely, so their zero-shot
-score is low but not zero (otherwise "transfer made it worse than the base" could not be observed). Held-out task pairs occur in pretraining prose (the latent skill) but never in the
-fine-tuning set.
+score is low but not zero (otherwise "transfer made it worse than the base" could not be observed). Held-out
+task pairs occur in pretraining prose (the latent skill) but never in the fine-tuning set.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ class Writer:
         if u < 0.3:
             return f"the {rng.choice(_ADJ)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_NOUNS)}."
         if u < 0.6:
-            return f"{name} lives in {self.city[name]}." if rng.random() < 0.5 else f"{name} works as a {self.job[name]}."
+            if rng.random() < 0.5:
+                return f"{name} lives in {self.city[name]}."
+            return f"{name} works as a {self.job[name]}."
         if u < 0.8:
             w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
             return f"{w} reversed is {w[::-1]}."
@@ -147,7 +149,8 @@ class Writer:
     def arithmetic(self, rng: random.Random, templates: int) -> str:
         a, b = self.pair(rng)
         t = rng.randrange(templates)
-        return (f"{a} plus {b} is {a + b}.", f"the sum of {a} and {b} is {a + b}.", f"adding {a} and {b} gives {a + b}.")[t]
+        return (f"{a} plus {b} is {a + b}.", f"the sum of {a} and {b} is {a + b}.",
+                f"adding {a} and {b} gives {a + b}.")[t]
 
     def document(self, stage: int, rng: random.Random) -> str:
         u = rng.random()
