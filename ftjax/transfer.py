@@ -22,6 +22,7 @@ Policies (documented once, here):
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import time
@@ -252,6 +253,27 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
 # --- in memory ----------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _transfer_fn(alphas: tuple[float, ...], vocab: str, out_shardings: tuple | None, donate: bool) -> Callable:
+    """The jitted in-memory transfer for one alpha layout: built once, so repeated calls do not recompile."""
+
+    def fn(t_l, f_l, b_l):
+        out = []
+        for a, x, y, z in zip(alphas, t_l, f_l, b_l):
+            if a == 0:
+                out.append(x)
+                continue
+            v = x.shape[0] if x.shape else None
+            r = treeops.transfer_exact(x, y[:v] if v is not None else y, z, a, x.dtype)
+            if vocab == "pad" and y.shape != x.shape:
+                r = jnp.concatenate([r, y[v:].astype(x.dtype)])
+            out.append(r)
+        return out
+
+    return jax.jit(fn, out_shardings=None if out_shardings is None else list(out_shardings),
+                   donate_argnums=(0,) if donate else ())
+
+
 def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: float = 1.0,
                     alpha_for: Sequence[tuple[str, float]] = (), skip: Sequence[str] = (), vocab: str = "pad",
                     donate: bool = False) -> Any:
@@ -283,20 +305,6 @@ def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: flo
     P.fail(problems, "parameter trees do not match")
     names = list(t)
 
-    def fn(t_l, f_l, b_l):
-        out = []
-        for name, x, y, z in zip(names, t_l, f_l, b_l):
-            a = alphas[name]
-            if a == 0:
-                out.append(x)
-                continue
-            v = x.shape[0] if x.shape else None
-            r = treeops.transfer_exact(x, y[:v] if v is not None else y, z, a, x.dtype)
-            if vocab == "pad" and y.shape != x.shape:
-                r = jnp.concatenate([r, y[v:].astype(x.dtype)])
-            out.append(r)
-        return out
-
     def sharding(name, x):
         s = getattr(x, "sharding", None)
         return s if s is not None and f[lm["f"] if name == LM_HEAD else name].shape == x.shape else None
@@ -313,7 +321,8 @@ def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: flo
         mesh = getattr(xs, "mesh", None)
         return jax.device_put(y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh else xs)
 
-    jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=(0,) if donate else ())
+    jitted = _transfer_fn(tuple(alphas[n] for n in names), vocab,
+                          None if out_shardings is None else tuple(out_shardings), donate)
     res = jitted([t[n] for n in names], [place(f[lm["f"]] if n == LM_HEAD else f[n], t[n]) for n in names],
                  [place(b[lm["b"]] if n == LM_HEAD else b[n], t[n]) for n in names])
     return nest(dict(zip(names, res)))

@@ -40,3 +40,22 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["transfer", "--alpha-for", "no-equals-sign"])
     assert e.value.code == 2
+
+
+def test_every_readme_command_exists(capsys):
+    """Each `ftjax COMMAND` the README shows is a real command whose --help runs, and its flags exist."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S)).replace("\\\n", " ")
+    lines = [ln.split("#")[0].strip() for ln in blocks.splitlines() if ln.strip().startswith("ftjax ")]
+    assert len(lines) >= 10
+    for line in lines:
+        words = line.split()
+        command = words[1]
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0, line
+        usage = capsys.readouterr().out
+        for flag in (w for w in words[2:] if w.startswith("--")):
+            assert flag in usage, f"{flag} not a flag of `ftjax {command}`"

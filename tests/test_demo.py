@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax.cli import main
 from ftjax.demo import world
 from ftjax.errors import FtjaxError
 
@@ -19,11 +18,8 @@ NAMES = ["M0", "M1", "M2", "M3", "M4", "M5", "C"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    rc = main(["demo", "--tiny", "--out", str(out)])
-    assert rc in (0, None)
-    return out
+def demo(tiny_demo):
+    return tiny_demo
 
 
 def test_outputs_exist(demo):

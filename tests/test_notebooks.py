@@ -14,13 +14,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    """One tiny demo output shared by the three notebooks (each would otherwise make its own)."""
-    from ftjax.demo import run_demo
-
-    out = tmp_path_factory.mktemp("nb") / "demo"
-    run_demo(out, mode="tiny", quiet=True)
-    return out
+def demo_dir(tiny_demo):
+    """The session's tiny demo output, shared by the three notebooks."""
+    return tiny_demo
 
 
 def test_three_notebooks_exist():

@@ -20,10 +20,8 @@ from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import SafetensorsFile
 from ftjax.model import forward, init_params
 from ftjax.params import load_params
-from ftjax.train import (
-    TrainConfig, finetune, loss_sums, make_optimizer, make_rows, read_curves, step_batch, train_step,
-    training_examples,
-)
+from ftjax.rows import make_rows, step_batch, training_examples
+from ftjax.train import TrainConfig, finetune, loss_sums, make_optimizer, read_curves, train_step
 from hf_models import LLAMA, make_hf_model, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

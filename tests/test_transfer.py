@@ -286,6 +286,12 @@ def test_transfer_params_in_memory_sharded(models):
         want = np.asarray(tt[n]) if "norm" in n else reference(np.asarray(tt[n]), np.asarray(ff[n]), np.asarray(bb[n]),
                                                                1.0, BF16)
         np.testing.assert_array_equal(bits(np.asarray(x)), bits(want), err_msg=n)
+    # A second call with the same layout reuses the compiled function (no retrace, no recompile).
+    misses = T._transfer_fn.cache_info().misses
+    again = T.transfer_params(st, pf, pb, skip=["norm"])
+    assert T._transfer_fn.cache_info().misses == misses
+    assert all(np.array_equal(bits(np.asarray(x)), bits(np.asarray(y))) for x, y in zip(jax.tree.leaves(out),
+                                                                                    jax.tree.leaves(again)))
     with pytest.raises(FtjaxError, match="shapes"):
         T.transfer_params(pt, {**pf, "model": {**pf["model"], "norm": {"weight": jax.numpy.ones(3)}}}, pb)
 

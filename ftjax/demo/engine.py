@@ -19,7 +19,8 @@ import numpy as np
 from ftjax.config import ModelConfig
 from ftjax.data import Example, batches
 from ftjax.evaluate import row_stats
-from ftjax.train import Rows, TrainConfig, make_optimizer, step_batch, train_step
+from ftjax.rows import Rows, step_batch
+from ftjax.train import TrainConfig, make_optimizer, train_step
 
 from ftjax.demo.world import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 

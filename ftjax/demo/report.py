@@ -200,8 +200,8 @@ def main_table(summary: dict) -> str:
 def _lm_table(results) -> str:
     names = results[0]["names"]
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label in (("lm1", "base: LM loss, stage-1 text"), ("lm2", "base: LM loss, stage-2 text")):
-        lines.append(f"| {label} | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["base"][n][key]), 3)
+    for key, title in (("lm1", "base: LM loss, stage-1 text"), ("lm2", "base: LM loss, stage-2 text")):
+        lines.append(f"| {title} | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["base"][n][key]), 3)
                                                    for n in names) + " |")
     lines.append("| FT(Mi): mean LM loss | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["ft"][n]["lm"]), 3)
                                                           for n in names) + " |")

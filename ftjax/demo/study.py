@@ -29,7 +29,8 @@ from ftjax.config import ModelConfig
 from ftjax.data import examples_from_rows
 from ftjax.model import init_params
 from ftjax.params import save_params
-from ftjax.train import TrainConfig, make_rows, training_examples
+from ftjax.rows import make_rows, training_examples
+from ftjax.train import TrainConfig
 
 from ftjax.demo import engine, world
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftjax.train import Rows
+from ftjax.rows import Rows
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
