@@ -134,13 +134,10 @@ with open(out, "wb") as w:
 
 
 def round_once_bf16(x: np.ndarray) -> np.ndarray:
-    """Correct RNE of float64 x to bf16: round to odd at float32 (keeps the sticky bit), then to nearest even."""
-    y = x.astype(np.float32)
-    inexact = np.isfinite(y) & (y.astype(np.float64) != x) & (y != 0)
-    step = np.where((y.astype(np.float64) < x) == (y > 0), 1, -1)
-    bits = y.view(np.uint32).astype(np.int64)
-    bits = np.where(inexact & (bits % 2 == 0), bits + step, bits).astype(np.uint32)
-    return bits.view(np.float32).astype(BF16)
+    """Correct RNE of float64 x to bf16 (the transfer's reference rounding)."""
+    from ftjax.treeops import round_f64
+
+    return round_f64(x, BF16)
 
 
 def mismatches(out: Path, paths: list[Path]) -> int:

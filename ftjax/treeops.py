@@ -261,3 +261,19 @@ def tree_norms(tree: Any) -> Any:
     """Per-leaf L2 norms (float32 scalars; non-float leaves -> nan)."""
     return jax.tree.map(lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))) if is_float(x.dtype)
                         else jnp.float32(jnp.nan), tree)
+
+
+def round_f64(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """The reference rounding of the transfer semantics, in numpy: float64 `x` rounded once, to nearest even, to
+    `dtype` (bfloat16, float16 or float32). ml_dtypes' own float64 -> bfloat16 cast rounds twice (via float32), so it
+    is not a valid reference: round to odd at float32 first (keeps the sticky bit), then to nearest even."""
+    x = np.asarray(x, np.float64)
+    if np.dtype(dtype) == np.float32:
+        return x.astype(np.float32)
+    y = x.astype(np.float32)
+    inexact = np.isfinite(y) & (y.astype(np.float64) != x) & (y != 0)
+    toward_x = np.where((y.astype(np.float64) < x) == (y > 0), 1, -1)
+    bits = y.view(np.uint32).astype(np.int64)
+    bits = np.where(inexact & (bits % 2 == 0), bits + toward_x, bits).astype(np.uint32)
+    return bits.view(np.float32).astype(dtype)
+

@@ -9,22 +9,9 @@ import numpy as np
 import pytest
 
 from ftjax import treeops
+from ftjax.treeops import round_f64
 
 BF16 = ml_dtypes.bfloat16
-
-
-def round_f64(x, dtype):
-    """Correct RNE of float64 `x` to `dtype`. (ml_dtypes' float64 -> bfloat16 cast rounds twice, via float32, so
-    it is not a valid reference: round to odd at float32 first, then to nearest even.)"""
-    x = np.asarray(x, np.float64)
-    if np.dtype(dtype) == np.float32:
-        return x.astype(np.float32)
-    y = x.astype(np.float32)
-    inexact = np.isfinite(y) & (y.astype(np.float64) != x) & (y != 0)
-    step = np.where((y.astype(np.float64) < x) == (y > 0), 1, -1)
-    bits = y.view(np.uint32).astype(np.int64)
-    bits = np.where(inexact & (bits % 2 == 0), bits + step, bits).astype(np.uint32)
-    return bits.view(np.float32).astype(dtype)
 
 
 def reference(t, f, b, alpha, dtype):
