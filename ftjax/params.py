@@ -7,9 +7,10 @@ transfer, interpolation and export are identity maps. `lm_head` is absent when e
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,20 +83,13 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax
                 raise FtjaxError(f"bad mesh spec {spec!r}: write axes as name=size, e.g. data=2,fsdp=4") from None
     else:
         axes = dict(spec)
-    known = math_prod(v for v in axes.values() if v != -1)
+    known = math.prod(v for v in axes.values() if v != -1)
     if list(axes.values()).count(-1) > 1 or known == 0 or len(devices) % known:
         raise FtjaxError(f"mesh {axes} does not fit {len(devices)} devices")
     axes = {k: (len(devices) // known if v == -1 else v) for k, v in axes.items()}
-    if math_prod(axes.values()) != len(devices):
-        raise FtjaxError(f"mesh {axes} uses {math_prod(axes.values())} devices but {len(devices)} are available")
+    if math.prod(axes.values()) != len(devices):
+        raise FtjaxError(f"mesh {axes} uses {math.prod(axes.values())} devices but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
-
-
-def math_prod(values: Iterable[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 # (name regex, rule). A rule maps (shape, fsdp size) to a PartitionSpec; first match wins.

@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
+from ftjax.evaluate import cast_params
 from ftjax.rows import Rows, load_examples, load_rows, step_batch
 from ftjax.model import forward
 
@@ -142,10 +143,6 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(tcfg.clip), adamw) if tcfg.clip > 0 else adamw
 
 
-def _cast(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def train_step(state: dict, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, tcfg: TrainConfig,
                optimizer: optax.GradientTransformation) -> tuple[dict, dict]:
     """One optimizer step over a [grad_accum, batch, T] batch. state: {"params", "opt_state", "step", "rng"}.
@@ -155,7 +152,7 @@ def train_step(state: dict, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, t
     compute = jnp.dtype(tcfg.dtype)
 
     def micro_loss(params, micro):
-        return loss_sums(_cast(params, compute), cfg, *micro)
+        return loss_sums(cast_params(params, compute), cfg, *micro)
 
     if tcfg.remat:
         micro_loss = jax.checkpoint(micro_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
@@ -390,7 +387,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     key_data = jax.random.key_data(jax.random.key(config.seed))
 
     def init_state(p):
-        p = _cast(p, jnp.float32)
+        p = cast_params(p, jnp.float32)
         return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32), "rng": key_data}
 
     abstract = jax.eval_shape(init_state, params)
