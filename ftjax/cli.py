@@ -35,8 +35,22 @@ def _regex(text: str) -> str:
     return text
 
 
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, metavar="SIZE",
+                   help="largest output safetensors file, e.g. 5GB (default, as transformers) or 500MB")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -260,7 +274,8 @@ def _cmd_transfer(args) -> None:
         args.source_base, args.source_ft, args.target_base, args.out,
         alpha=args.alpha, alpha_for=args.alpha_for, skip=args.skip, vocab=args.vocab, dtype=args.dtype,
         config_from=args.config_from, tokenizer_from=args.tokenizer_from, overwrite=args.overwrite,
-        dry_run=args.dry_run, strict=args.strict, progress=not (args.quiet or args.json),
+        dry_run=args.dry_run, strict=args.strict, max_shard_bytes=args.max_shard_size,
+        progress=not (args.quiet or args.json),
     )
     _print_report(report, args)
 
@@ -269,7 +284,7 @@ def _cmd_diff(args) -> None:
     from ftjax import transfer
 
     report = transfer.diff(args.base, args.ft, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                           progress=not (args.quiet or args.json))
+                           max_shard_bytes=args.max_shard_size, progress=not (args.quiet or args.json))
     _print_report(report, args)
 
 
@@ -279,7 +294,7 @@ def _cmd_apply(args) -> None:
     report = transfer.apply(
         args.target, args.diff, args.out, alpha=args.alpha, alpha_for=args.alpha_for, skip=args.skip,
         vocab=args.vocab, dtype=args.dtype, overwrite=args.overwrite, dry_run=args.dry_run, strict=args.strict,
-        progress=not (args.quiet or args.json),
+        max_shard_bytes=args.max_shard_size, progress=not (args.quiet or args.json),
     )
     _print_report(report, args)
 

@@ -2,9 +2,11 @@
 
 One ftjax process per host (or per GPU); `initialize` connects them through `jax.distributed`, after which
 `jax.devices()` lists every process's devices, `ftjax.params.make_mesh` builds one mesh over all of them and
-`jit` runs one SPMD program across processes. Every process runs the same command on the same inputs; only
-process 0 writes files (`is_main`, `main_only`), and each process reads only the checkpoint slices its own devices
-hold (`ftjax.params.load_params`). Settings come from flags or the environment:
+`jit` runs one SPMD program across processes. Every process runs the same command on the same inputs; each
+process reads only the checkpoint slices its own devices hold (`ftjax.params.load_params`); small files are written
+by process 0 (`is_main`, `main_only`); the streaming transfer / diff / apply split the output shards across
+processes, each writing its own into one shared temp dir that process 0 completes and renames (`write_output`).
+Settings come from flags or the environment:
 
     --coordinator HOST:PORT   JAX_COORDINATOR_ADDRESS   process 0's address (it listens there)
     --num-processes N         JAX_NUM_PROCESSES
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -78,6 +81,78 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise FtjaxError(f"joining the distributed run at {where} failed: {str(e).splitlines()[0]}") from None
     _STATE["initialized"] = True
     return True
+
+
+def process_info() -> tuple[int, int]:
+    """(this process's index, number of processes); (0, 1) without touching a backend when JAX's distributed
+    runtime was never initialized (by ftjax or by the caller)."""
+    if not (_STATE["initialized"] or jax.distributed.is_initialized()):
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def allgather_ints(values: Sequence[int]) -> np.ndarray:
+    """[processes, len(values)] int64: every process's `values`, on every process (a collective; every process
+    must call it with the same length). No collective with one process."""
+    if process_info()[1] == 1:
+        return np.asarray([list(values)], np.int64)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32))).reshape(-1, len(values))
+
+
+def write_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[Any], work: Callable[[Path, int, int],
+                 None], finalize: Callable[[Path], None]) -> None:
+    """Build output directory `out` atomically, from one process or all of them.
+
+    `work(tmp, process, processes)` runs on every process into the same temp dir (a shared filesystem when the
+    processes run on several hosts), each writing its own files; once all of them succeeded, `finalize(tmp)` runs
+    on process 0 (index, config, provenance) and the dir is renamed to `out`. Any failure anywhere leaves nothing
+    at `out` and raises on every process (the failing one with its own error). Exactly three collectives in every
+    path, so no process waits for one that gave up."""
+    from ftjax.io import checkpoint as ck
+
+    me, n = process_info()
+    if n == 1:
+        with ck.atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+            work(tmp, 0, 1)
+            finalize(tmp)
+        return
+    error: BaseException | None = None
+    tmp = None
+    if me == 0:
+        try:
+            out, tmp = ck.prepare_output_dir(out, overwrite=overwrite, inputs=inputs)
+        except BaseException as e:  # noqa: BLE001 - shared below, re-raised
+            error = e
+    pid0 = int(allgather_ints([os.getpid() if error is None else -1])[0, 0])  # 1: the temp dir exists
+    if pid0 < 0:
+        if error is not None:
+            raise error
+        raise FtjaxError(f"process 0 could not create the output {out} (see its error)")
+    out = Path(os.path.abspath(out))
+    tmp = ck.temp_sibling(out, pid0)
+    try:
+        work(tmp, me, n)
+    except BaseException as e:  # noqa: BLE001
+        error = e
+    failed = [i for i, ok in enumerate(allgather_ints([error is None])[:, 0]) if not ok]  # 2: all shards written
+    if not failed and me == 0:
+        try:
+            finalize(tmp)
+            ck.finish_output_dir(tmp, out)
+        except BaseException as e:  # noqa: BLE001
+            error = e
+    finished = bool(allgather_ints([error is None])[0, 0])  # 3: process 0 renamed the dir
+    if me == 0 and (failed or not finished):
+        ck.discard_output_dir(tmp)
+    if error is not None:
+        raise error
+    if failed:
+        raise FtjaxError(f"process{'es' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed (see "
+                         f"{'their' if len(failed) > 1 else 'its'} error); nothing was written at {out}")
+    if not finished:
+        raise FtjaxError(f"process 0 could not finish {out} (see its error); nothing was written there")
 
 
 def is_main() -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -34,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import ftjax
+from ftjax import distributed, treeops
 from ftjax import transfer_plan as P
-from ftjax import treeops
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, atomic_output_dir, copy_aux_files, write_json
+from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, copy_aux_files, plan_shards, write_json
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 from ftjax.streaming import Job, Streams, WriteBehind, row_chunks, rows_of, stream
 from ftjax.transfer_plan import EMBED, LM_HEAD, TransferReport  # noqa: F401 - public names of this module
@@ -64,16 +65,43 @@ def _provenance(kind: str, report: TransferReport, **fields) -> dict:
 def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: TransferReport, *, overwrite: bool,
            progress: bool, strict: bool, t0: float, max_shard_bytes: int, cfg: dict, aux_src: Path, meta_name: str,
            meta: dict, write: Write | None = None, lo: "_LoWriter | None" = None) -> None:
-    """Stream `jobs` into an atomic temp dir as a HF checkpoint, then config, aux files and provenance."""
+    """Stream `jobs` into an atomic temp dir as a HF checkpoint, then config, aux files and provenance.
+
+    With several processes (jax.distributed) every process plans the same shards and process i streams shards i,
+    i+N, ... into one shared temp dir, recording what it did in a small part file; process 0 then merges the parts
+    into the report, writes the index and the small files, and renames. The bytes equal a 1-process run's."""
     write = write or (lambda w, job, outs: w.write(job.name, outs[0]))
-    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        if lo is not None:
-            lo.open(tmp / ".lo.tmp")
-        with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes) as w:
+    processes = [1]
+
+    def work(tmp: Path, me: int, n: int) -> None:
+        processes[0] = n
+        nshards = len(plan_shards([j.out for j in jobs], max_shard_bytes))
+        with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes, only_shards=range(me, nshards, n),
+                                write_index=me == 0) as w:
+            mine = set(w.tensors())
+            part = TransferReport(report.kind, report.out, report.inputs)
+            if lo is not None:
+                lo.open(tmp / f".ftjax-lo-{me}.tmp")
             wb = WriteBehind(w)
-            stream(jobs, io, lambda job, outs: write(wb, job, outs), report, progress, chunk_elems=CHUNK_ELEMS)
+            stream([j for j in jobs if j.name in mine], io, lambda job, outs: write(wb, job, outs), part,
+                   progress and me == 0, chunk_elems=CHUNK_ELEMS)
+        write_json(tmp / f".ftjax-part-{me}.json", {"bytes_read": part.bytes_read, "nonfinite": part.nonfinite,
+                                                     "bytes_written": part.bytes_written,
+                                                     "lo": lo.close() if lo is not None else []})
+
+    def finalize(tmp: Path) -> None:
+        order = {j.name: k for k, j in enumerate(jobs)}
+        parts = []
+        for i in range(processes[0]):
+            path = tmp / f".ftjax-part-{i}.json"
+            parts.append(json.loads(path.read_text()))
+            path.unlink()
+        report.bytes_read = sum(p["bytes_read"] for p in parts)
+        report.bytes_written = sum(p["bytes_written"] for p in parts)
+        report.nonfinite = sorted((n for p in parts for n in p["nonfinite"]), key=order.__getitem__)
         if lo is not None:
-            lo.finish(tmp, meta)
+            lo.finish(tmp, meta, [(tmp / f".ftjax-lo-{i}.tmp", p["lo"]) for i, p in enumerate(parts)],
+                      {j.name: j.out for j in jobs}, order)
         report.seconds = time.perf_counter() - t0
         if report.nonfinite and strict:
             raise FtjaxError(f"NaN/Inf in {len(report.nonfinite)} output tensor(s): "
@@ -81,6 +109,8 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
         copy_aux_files(aux_src, tmp, skip=(*_OWN_FILES, DIFF_LO))
         write_json(tmp / "config.json", cfg)
         write_json(tmp / meta_name, {**meta, "report": report.to_dict()})
+
+    distributed.write_output(out, overwrite=overwrite, inputs=inputs, work=work, finalize=finalize)
 
 
 def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, target_base: str | os.PathLike,
@@ -122,12 +152,12 @@ def _diff_round_op(f, b, out_dtype):
 
 
 class _LoWriter:
-    """Exact remainders of a float32 diff: appended to a scratch file per tensor (dropped when all zero), then
-    copied into `ftjax_diff_lo.safetensors` (only the tensors that have a nonzero remainder)."""
+    """Exact remainders of a float32 diff: appended to a scratch file per process and tensor (dropped when all
+    zero), then copied into `ftjax_diff_lo.safetensors` (only the tensors that have a nonzero remainder)."""
 
     def open(self, path: Path) -> None:
         self.path, self.f = path, open(path, "w+b")
-        self.infos: list[tuple[TensorInfo, int]] = []
+        self.starts: list[tuple[str, int]] = []  # (tensor, byte offset in the scratch file)
         self.name, self.start, self.nonzero, self.rows = None, 0, False, 0
 
     def write(self, job: Job, lo: np.ndarray | None, rows: int) -> None:
@@ -139,24 +169,36 @@ class _LoWriter:
         self.rows += rows
         if self.rows == rows_of(job.out.shape):
             if self.nonzero:
-                self.infos.append((TensorInfo(job.name, np.dtype(np.float32), job.out.shape), self.start))
+                self.starts.append((job.name, self.start))
             else:
                 self.f.seek(self.start)
                 self.f.truncate()
 
-    def finish(self, tmp: Path, meta: dict) -> None:
+    def close(self) -> list[tuple[str, int]]:
+        """Flush the scratch file; returns what it holds."""
         self.f.flush()
-        if self.infos:
-            mm = np.memmap(self.path, dtype=np.float32, mode="r")
-            with SafetensorsWriter(tmp / DIFF_LO, [i for i, _ in self.infos]) as lw:
-                for info, start in self.infos:
-                    a = mm[start // 4: start // 4 + int(np.prod(info.shape))].reshape(info.shape)
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.starts
+
+    @staticmethod
+    def finish(tmp: Path, meta: dict, parts: list[tuple[Path, list]], outs: dict[str, TensorInfo],
+               order: dict[str, int]) -> None:
+        """Merge every process's scratch file (`parts`: path, [(tensor, offset)]) into DIFF_LO, in tensor order."""
+        found = sorted(((name, start, path) for path, starts in parts for name, start in starts),
+                       key=lambda x: order[x[0]])
+        infos = [TensorInfo(name, np.dtype(np.float32), outs[name].shape) for name, _, _ in found]
+        if infos:
+            maps = {path: np.memmap(path, dtype=np.float32, mode="r") for path, _ in parts if path.stat().st_size}
+            with SafetensorsWriter(tmp / DIFF_LO, infos) as lw:
+                for info, (_, start, path) in zip(infos, found):
+                    a = maps[path][start // 4: start // 4 + math.prod(info.shape)].reshape(info.shape)
                     for r0, r1 in row_chunks(info.shape, 0, rows_of(info.shape), CHUNK_ELEMS):
                         lw.write(info.name, np.array(a[r0:r1]) if info.shape else np.array(a))
-            del mm
-        self.f.close()
-        self.path.unlink()
-        meta["lo_tensors"] = [i.name for i, _ in self.infos]
+            del maps
+        for path, _ in parts:
+            path.unlink()
+        meta["lo_tensors"] = [i.name for i in infos]
 
 
 def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",

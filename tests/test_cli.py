@@ -59,3 +59,16 @@ def test_every_readme_command_exists(capsys):
         usage = capsys.readouterr().out
         for flag in (w for w in words[2:] if w.startswith("--")):
             assert flag in usage, f"{flag} not a flag of `ftjax {command}`"
+
+
+def test_max_shard_size(capsys):
+    parse = build_parser().parse_args
+    base = ["transfer", "--source-base", "a", "--source-ft", "b", "--target-base", "c", "--out", "o"]
+    assert parse(base).max_shard_size == 5 * 10**9
+    assert parse(base + ["--max-shard-size", "500MB"]).max_shard_size == 5 * 10**8
+    assert parse(["diff", "--base", "a", "--ft", "b", "--out", "o", "--max-shard-size", "2GiB"]).max_shard_size == 2**31
+    for bad in ("lots", "0", "-5GB"):
+        with pytest.raises(SystemExit) as e:
+            parse(base + ["--max-shard-size", bad])
+        assert e.value.code == 2
+        assert "--max-shard-size" in capsys.readouterr().err

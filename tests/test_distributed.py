@@ -167,6 +167,114 @@ def test_two_processes_match_one(tmp_path):
     assert (tmp_path / "out-2p" / "run" / "checkpoints" / "3").is_dir()
 
 
+def _cli(args: list[str], coordinator: str | None = None, processes: int = 1) -> list[subprocess.Popen]:
+    """`python -m ftjax.cli ARGS` as one process, or as `processes` processes joined at `coordinator`."""
+    def cmd(i):
+        dist = ["--coordinator", coordinator, "--num-processes", str(processes), "--process-id", str(i)]
+        return [sys.executable, "-m", "ftjax.cli", *(dist if coordinator else []), *args]
+
+    return [subprocess.Popen(cmd(i), cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for i in range(processes)]
+
+
+def _same_bytes(a: Path, b: Path, provenance: str) -> int:
+    """Assert dirs a and b hold the same files with the same bytes (the provenance JSON: apart from its creation
+    time and timings); returns the number of safetensors files."""
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for name in files:
+        if name == provenance:
+            pa, pb = (json.loads((d / name).read_text()) for d in (a, b))
+            for p in (pa, pb):
+                p.pop("created")
+                p["report"].pop("seconds"), p["report"].pop("gb_per_s")
+                p["report"].pop("out"), p.pop("out", None)
+            assert pa == pb
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return sum(n.endswith(".safetensors") for n in files)
+
+
+def test_two_process_transfer_and_diff_are_byte_identical(tmp_path):
+    """The streaming transfer split over 2 processes (each writes its own shards, process 0 the index and small
+    files) writes the same bytes as 1 process; so does `diff` with its exact-remainder file."""
+    from hf_models import make_hf_model, make_tokenizer
+
+    base, ft, target = tmp_path / "b", tmp_path / "f", tmp_path / "t"
+    make_hf_model(base, dtype="bfloat16", seed=0)
+    make_hf_model(ft, dtype="bfloat16", seed=1, vocab_size=136)  # 8 added tokens: vocab rows copied (pad)
+    make_hf_model(target, dtype="bfloat16", seed=2)
+    make_tokenizer(ft, vocab_size=136, chat_template="{{ messages }}")
+    base32, ft32 = make_hf_model(tmp_path / "b32", seed=0), make_hf_model(tmp_path / "f32", seed=1)  # inexact f32 diffs
+    flags = ["--max-shard-size", "12KB", "--quiet"]
+    for command in ("transfer", "diff"):
+        for n, tag in ((1, "1p"), (2, "2p")):
+            out = ["--out", str(tmp_path / f"{command}-{tag}"), *flags]
+            args = (["transfer", "--source-base", str(base), "--source-ft", str(ft), "--target-base", str(target)]
+                    if command == "transfer" else ["diff", "--base", str(base32), "--ft", str(ft32)])
+            _wait(_cli(args + out, f"127.0.0.1:{_free_port()}" if n > 1 else None, n))
+    shards = _same_bytes(tmp_path / "transfer-1p", tmp_path / "transfer-2p", "ftjax_transfer.json")
+    assert shards >= 4  # both processes wrote shards
+    assert (tmp_path / "transfer-2p" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "transfer-2p" / "tokenizer.json").is_file()
+    assert _same_bytes(tmp_path / "diff-1p", tmp_path / "diff-2p", "ftjax_diff.json") >= 4
+    meta = json.loads((tmp_path / "diff-2p" / "ftjax_diff.json").read_text())
+    assert meta["lo_tensors"] and (tmp_path / "diff-2p" / "ftjax_diff_lo.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def write_output_worker(work: Path, coordinator: str, process_id: int, fail: str) -> None:
+    """distributed.write_output on 2 processes where `fail` ("work-1", "finalize" or "none") raises."""
+    from ftjax import distributed
+    from ftjax.errors import FtjaxError
+
+    distributed.initialize(coordinator, 2, process_id)
+
+    def work_fn(tmp, me, n):
+        (tmp / f"part-{me}").write_text(str(n))
+        if fail == f"work-{me}":
+            raise FtjaxError(f"process {me} broke")
+
+    def finalize(tmp):
+        if fail == "finalize":
+            raise FtjaxError("finalize broke")
+        (tmp / "index").write_text("done")
+
+    try:
+        distributed.write_output(work / "out", overwrite=False, inputs=[], work=work_fn, finalize=finalize)
+        msg = "ok"
+    except FtjaxError as e:
+        msg = str(e)
+    (work / f"result-{process_id}.txt").write_text(msg)
+
+
+def test_write_output_fails_together(tmp_path):
+    """A failure on any process (in its own part, or in process 0's finishing step) raises on both processes and
+    leaves nothing at the output; success leaves exactly the processes' files."""
+    me = str(Path(__file__).resolve())
+    for fail in ("work-1", "finalize", "none"):
+        work = tmp_path / fail
+        work.mkdir()
+        coordinator = f"127.0.0.1:{_free_port()}"
+        _wait([subprocess.Popen([sys.executable, me, "--write-output", str(work), coordinator, str(i), fail], cwd=ROOT,
+                                env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)], timeout=120)
+        results = [(work / f"result-{i}.txt").read_text() for i in range(2)]
+        left = sorted(p.name for p in work.iterdir() if not p.name.startswith("result-"))
+        if fail == "none":
+            assert results == ["ok", "ok"]
+            assert left == ["out"]
+            assert sorted(p.name for p in (work / "out").iterdir()) == ["index", "part-0", "part-1"]
+        elif fail == "work-1":
+            assert results[1] == "process 1 broke"
+            assert results[0].startswith("process 1 failed (see its error); nothing was written at"), results[0]
+            assert left == []
+        else:
+            assert results[0] == "finalize broke"
+            assert results[1].startswith("process 0 could not finish"), results[1]
+            assert left == []
+
+
 def test_settings_from_flags_and_env(monkeypatch):
     import pytest
 
@@ -191,7 +299,9 @@ def test_settings_from_flags_and_env(monkeypatch):
 
 if __name__ == "__main__":
     _work, *_rest = sys.argv[1:]
-    if _rest:
+    if _work == "--write-output":
+        write_output_worker(Path(_rest[0]), _rest[1], int(_rest[2]), _rest[3])
+    elif _rest:
         worker(Path(_work), _rest[0], int(_rest[1]), int(_rest[2]))
     else:
         worker(Path(_work), None, 1, 0)

@@ -221,10 +221,14 @@ class HFCheckpointWriter:
     One shard -> `model.safetensors`; several -> `model-0000i-of-0000N.safetensors` plus
     `model.safetensors.index.json`. `write(name, array)` takes the whole tensor or consecutive
     leading-axis row chunks. `close()` checks completeness, fsyncs and writes the index.
+
+    Multi-process: every process plans the same shards; `only_shards` are the ones this writer writes (the others'
+    tensors are refused) and `write_index` says whether it writes the index (one process does).
     """
 
     def __init__(self, dir: str | os.PathLike, infos: Sequence[TensorInfo],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None,
+                 only_shards: Iterable[int] | None = None, write_index: bool = True):
         self.dir = Path(dir)
         self.infos = list(infos)
         self.shards = plan_shards(self.infos, max_shard_bytes)
@@ -234,27 +238,35 @@ class HFCheckpointWriter:
         self._shard_of = {info.name: i for i, shard in enumerate(self.shards) for info in shard}
         if len(self._shard_of) != len(self.infos):
             raise FtjaxError(f"{self.dir}: duplicate tensor names in the checkpoint plan")
-        self._current = -1
+        self._mine = sorted(set(range(n) if only_shards is None else only_shards))
+        self._write_index = write_index
+        self._current = -1  # index into self._mine of the open shard
         self._writer: SafetensorsWriter | None = None
         self._closed = False
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _open(self, i: int) -> None:
+    def _open_next(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        self._current = i
+        self._current += 1
+        i = self._mine[self._current]
         self._writer = SafetensorsWriter(self.dir / self.filenames[i], self.shards[i], self._metadata)
+
+    def tensors(self) -> list[str]:
+        """The tensors this writer writes (all of them unless `only_shards`), in order."""
+        return [info.name for i in self._mine for info in self.shards[i]]
 
     def write(self, name: str, array: Any) -> None:
         """Append `array` (the whole tensor or its next row chunk) to tensor `name`."""
         if self._closed:
             raise FtjaxError(f"{self.dir}: checkpoint writer is closed")
         i = self._shard_of.get(name)
-        if i is None:
-            raise FtjaxError(f"{self.dir}: tensor {name!r} is not in the planned checkpoint")
-        while self._current < i:  # earlier shards get closed (and checked complete) on the way
-            self._open(self._current + 1)
-        if i < self._current:
+        if i is None or i not in self._mine:
+            raise FtjaxError(f"{self.dir}: tensor {name!r} is not in the planned checkpoint"
+                             + ("" if i is None else " part this process writes"))
+        while self._current < 0 or self._mine[self._current] < i:  # earlier shards get closed (checked) on the way
+            self._open_next()
+        if i < self._mine[self._current]:
             raise FtjaxError(f"{self.dir}: tensor {name!r} written out of order (its shard is already closed)")
         self._writer.write(name, array)
 
@@ -263,10 +275,11 @@ class HFCheckpointWriter:
         if self._closed:
             return
         try:
-            while self._current < len(self.shards) - 1:
-                self._open(self._current + 1)
-            self._writer.close()
-            if len(self.shards) > 1:
+            while self._current < len(self._mine) - 1:
+                self._open_next()
+            if self._writer is not None:
+                self._writer.close()
+            if len(self.shards) > 1 and self._write_index:
                 weight_map = {name: self.filenames[i] for name, i in sorted(self._shard_of.items())}
                 total = sum(info.nbytes for info in self.infos)
                 write_json(self.dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -280,7 +293,8 @@ class HFCheckpointWriter:
         self._closed = True
         if self._writer is not None:
             self._writer.abort()
-        for name in self.filenames[: self._current + 1] + [INDEX_FILE]:
+        opened = [self.filenames[i] for i in self._mine[: self._current + 1]]
+        for name in opened + ([INDEX_FILE] if self._write_index else []):
             (self.dir / name).unlink(missing_ok=True)
 
     def __enter__(self) -> "HFCheckpointWriter":
@@ -374,13 +388,10 @@ def _check_not_nested(out: Path, inputs: Iterable[str | os.PathLike | None]) -> 
             raise FtjaxError(f"output {out} is, contains or lies in input {inp}; choose an output outside the inputs")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(
-    out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike | None] = ()
-) -> Iterator[Path]:
-    """Yield a temp sibling `.<name>.ftjax-tmp-<pid>` to write into; on success fsync it and rename it
-    to `out` (an existing `out` is replaced only then, and only with `overwrite`); on any exception
-    remove it, leaving `out` untouched. Refuses an `out` equal to, inside, or containing an input."""
+def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
+                       inputs: Sequence[str | os.PathLike | None] = (), pid: int | None = None) -> tuple[Path, Path]:
+    """Check `out` (not an input, not existing unless `overwrite`), clear stale temp siblings and create the temp
+    sibling `.<name>.ftjax-tmp-<pid>` (pid: this process's by default). Returns (out, tmp) as absolute paths."""
     out = Path(os.path.abspath(out))
     _check_not_nested(out, inputs)
     if out.exists() or out.is_symlink():
@@ -393,20 +404,44 @@ def atomic_output_dir(
     except OSError as e:
         raise FtjaxError(f"cannot create {out.parent}: {e.strerror or e}") from None
     _remove_stale_siblings(out)
-    tmp = out.parent / f".{out.name}.ftjax-tmp-{os.getpid()}"
+    tmp = temp_sibling(out, os.getpid() if pid is None else pid)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+    except OSError as e:
+        _raise_enospc(e, tmp)
+        raise FtjaxError(f"cannot create {tmp}: {e.strerror or e}") from None
+    return out, tmp
+
+
+def temp_sibling(out: Path, pid: int) -> Path:
+    """Where a run with process id `pid` (process 0's, in a multi-process run) builds `out` before renaming it."""
+    return out.parent / f".{out.name}.ftjax-tmp-{pid}"
+
+
+def discard_output_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
+    """Yield a temp sibling `.<name>.ftjax-tmp-<pid>` to write into; on success fsync it and rename it
+    to `out` (an existing `out` is replaced only then, and only with `overwrite`); on any exception
+    remove it, leaving `out` untouched. Refuses an `out` equal to, inside, or containing an input."""
+    out, tmp = prepare_output_dir(out, overwrite=overwrite, inputs=inputs)
+    try:
         yield tmp
-        _finish(tmp, out)
+        finish_output_dir(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_output_dir(tmp)
         if isinstance(e, OSError):
             _raise_enospc(e, tmp)
         raise
 
 
-def _finish(tmp: Path, out: Path) -> None:
+def finish_output_dir(tmp: Path, out: Path) -> None:
     """fsync `tmp`, then rename it to `out`, swapping out an existing `out` only at the very end."""
     try:
         for dirpath, _, filenames in os.walk(tmp):
