@@ -609,15 +609,23 @@ COMMANDS = {
 }
 
 
+# Commands that have fsynced and renamed everything they write when they return: `run` then ends the process at
+# once, skipping the interpreter's teardown of JAX (~0.25 s, a twentieth of a 1B-parameter transfer here).
+_FAST_EXIT = {"transfer", "diff", "apply"}
+_DONE = {"fast_exit": False}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (also the console entry point)."""
+    """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         from ftjax.distributed import initialize
 
-        if initialize(args.coordinator, args.num_processes, args.process_id) and not _is_main():
+        multi = initialize(args.coordinator, args.num_processes, args.process_id)
+        if multi and not _is_main():
             sys.stdout = open(os.devnull, "w")  # reports come from process 0; errors still reach stderr
         COMMANDS[args.command](args)
+        _DONE["fast_exit"] = args.command in _FAST_EXIT and not multi  # multi: jax.distributed shuts down at exit
     except FtjaxError as e:
         print(f"ftjax: error: {e}", file=sys.stderr)
         return 2
@@ -627,5 +635,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """The console entry point (`ftjax ...`, `python -m ftjax.cli`, scripts/transfer.py): `main`, then exit."""
+    code = main(argv)
+    if _DONE["fast_exit"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -10,7 +10,7 @@ The work is memory traffic, not arithmetic, so the engine is shaped around not t
   the kernel on them (XLA:CPU aliases aligned numpy arguments instead of copying them; a set is reused only once
   its kernel has finished), a writer takes the results with `np.asarray` (zero-copy) and writes them straight to
   the output shards;
-- `WriteBehind` starts the disk writeback of the output every 64 MB, so the disk works while the CPU computes
+- `WriteBehind` starts the disk writeback of the output every 16 MB, so the disk works while the CPU computes
   and the final fsync has little left to do (otherwise nearly the whole output would still be dirty at the end);
 - the NaN/Inf check reads the bits of each result once, in the writer thread (tensors are named only when it
   fires): XLA:CPU would fuse the whole kernel into a reduction a second time.
@@ -78,7 +78,7 @@ class WriteBehind:
     writing the current shard back to disk (POSIX_FADV_DONTNEED: async writeback, then drops the clean pages, so
     the output does not fill the page cache either). Purely an optimisation: errors are ignored."""
 
-    def __init__(self, w: Any, every: int = 64 << 20):
+    def __init__(self, w: Any, every: int = 16 << 20):
         self.w, self.every, self.pending = w, every, 0
         self.file_of = {info.name: w.dir / fn for fn, shard in zip(w.filenames, w.shards) for info in shard}
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ftjax.cli import main  # noqa: E402
+from ftjax.cli import run  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv[:1] == ["--demo"]:
-        sys.exit(main(["demo", *argv[1:]]))
-    sys.exit(main(["transfer", *argv]))
+        run(["demo", *argv[1:]])
+    run(["transfer", *argv])

@@ -72,3 +72,22 @@ def test_max_shard_size(capsys):
             parse(base + ["--max-shard-size", bad])
         assert e.value.code == 2
         assert "--max-shard-size" in capsys.readouterr().err
+
+
+def test_transfer_process_exits_fast_with_its_report(tmp_path):
+    """A CLI transfer ends with os._exit (no JAX teardown): the report still reaches stdout, rc 0, output complete."""
+    import json
+    import os
+
+    from hf_models import make_hf_model
+
+    m = make_hf_model(tmp_path / "m", dtype="bfloat16")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for cmd in ([sys.executable, "-m", "ftjax.cli", "transfer"], [sys.executable, str(ROOT / "scripts" / "transfer.py")]):
+        out = tmp_path / f"out{len(cmd)}"
+        r = subprocess.run([*cmd, "--source-base", str(m), "--source-ft", str(m), "--target-base", str(m),
+                            "--out", str(out), "--json"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        report = json.loads(r.stdout)
+        assert report["kind"] == "transfer" and report["tensors"] > 0 and report["bytes_written"] > 0
+        assert (out / "model.safetensors").is_file() and (out / "ftjax_transfer.json").is_file()
