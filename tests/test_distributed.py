@@ -195,9 +195,9 @@ def _same_bytes(a: Path, b: Path, provenance: str) -> int:
     return sum(n.endswith(".safetensors") for n in files)
 
 
-def test_two_process_transfer_and_diff_are_byte_identical(tmp_path):
+def test_two_process_transfer_diff_apply_are_byte_identical(tmp_path):
     """The streaming transfer split over 2 processes (each writes its own shards, process 0 the index and small
-    files) writes the same bytes as 1 process; so does `diff` with its exact-remainder file."""
+    files) writes the same bytes as 1 process; so do `diff` (with its exact-remainder file) and `apply`."""
     from hf_models import make_hf_model, make_tokenizer
 
     base, ft, target = tmp_path / "b", tmp_path / "f", tmp_path / "t"
@@ -207,12 +207,13 @@ def test_two_process_transfer_and_diff_are_byte_identical(tmp_path):
     make_tokenizer(ft, vocab_size=136, chat_template="{{ messages }}")
     base32, ft32 = make_hf_model(tmp_path / "b32", seed=0), make_hf_model(tmp_path / "f32", seed=1)  # inexact f32 diffs
     flags = ["--max-shard-size", "12KB", "--quiet"]
-    for command in ("transfer", "diff"):
+    commands = {"transfer": ["--source-base", str(base), "--source-ft", str(ft), "--target-base", str(target)],
+                "diff": ["--base", str(base32), "--ft", str(ft32)],
+                "apply": ["--target", str(base32), "--diff", str(tmp_path / "diff-1p"), "--alpha", "0.5"]}
+    for command, args in commands.items():
         for n, tag in ((1, "1p"), (2, "2p")):
             out = ["--out", str(tmp_path / f"{command}-{tag}"), *flags]
-            args = (["transfer", "--source-base", str(base), "--source-ft", str(ft), "--target-base", str(target)]
-                    if command == "transfer" else ["diff", "--base", str(base32), "--ft", str(ft32)])
-            _wait(_cli(args + out, f"127.0.0.1:{_free_port()}" if n > 1 else None, n))
+            _wait(_cli([command, *args, *out], f"127.0.0.1:{_free_port()}" if n > 1 else None, n))
     shards = _same_bytes(tmp_path / "transfer-1p", tmp_path / "transfer-2p", "ftjax_transfer.json")
     assert shards >= 4  # both processes wrote shards
     assert (tmp_path / "transfer-2p" / "model.safetensors.index.json").is_file()
@@ -220,6 +221,7 @@ def test_two_process_transfer_and_diff_are_byte_identical(tmp_path):
     assert _same_bytes(tmp_path / "diff-1p", tmp_path / "diff-2p", "ftjax_diff.json") >= 4
     meta = json.loads((tmp_path / "diff-2p" / "ftjax_diff.json").read_text())
     assert meta["lo_tensors"] and (tmp_path / "diff-2p" / "ftjax_diff_lo.safetensors").is_file()
+    assert _same_bytes(tmp_path / "apply-1p", tmp_path / "apply-2p", "ftjax_transfer.json") >= 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
