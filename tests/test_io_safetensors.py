@@ -109,7 +109,7 @@ def test_zero_copy_views_and_slices(tmp_path):
 
 def test_chunked_writes(tmp_path):
     emb = sample("BF16", (10, 6))
-    scalar, empty = np.float32(3.5), np.zeros((0, 2), np.int32)
+    scalar = np.float32(3.5)
     infos = [TensorInfo("emb", emb.dtype, emb.shape), TensorInfo("s", np.float32, ()),
              TensorInfo("e", np.int32, (0, 2))]
     p = tmp_path / "a.safetensors"
