@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +43,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    size = int(float(m.group(1)) * scale)
+    size = int(Decimal(m.group(1)) * scale)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return size
@@ -619,6 +620,7 @@ _DONE = {"fast_exit": False}
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
+    _DONE["fast_exit"] = False
     gc_was_on = gc.isenabled()
     if args.command in _FAST_EXIT:
         gc.disable()  # a short run with few Python objects: cyclic GC passes only slow it (10% of importing JAX)

@@ -5,7 +5,8 @@ One ftjax process per host (or per GPU); `initialize` connects them through `jax
 `jit` runs one SPMD program across processes. Every process runs the same command on the same inputs; each
 process reads only the checkpoint slices its own devices hold (`ftjax.params.load_params`); small files are written
 by process 0 (`is_main`, `main_only`); the streaming transfer / diff / apply split the output shards across
-processes, each writing its own into one shared temp dir that process 0 completes and renames (`write_output`).
+processes, each writing its own into one shared temp dir that process 0 completes and renames (`write_output`),
+so in a multi-process run they are collectives: call them on every process, not under `main_only`.
 Settings come from flags or the environment:
 
     --coordinator HOST:PORT   JAX_COORDINATOR_ADDRESS   process 0's address (it listens there)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -92,8 +94,8 @@ def process_info() -> tuple[int, int]:
 
 
 def allgather_ints(values: Sequence[int]) -> np.ndarray:
-    """[processes, len(values)] int64: every process's `values`, on every process (a collective; every process
-    must call it with the same length). No collective with one process."""
+    """[processes, len(values)]: every process's `values` (int32 range), on every process (a collective; every
+    process must call it with the same length). No collective with one process."""
     if process_info()[1] == 1:
         return np.asarray([list(values)], np.int64)
     from jax.experimental import multihost_utils
@@ -105,11 +107,13 @@ def write_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[An
                  None], finalize: Callable[[Path], None]) -> None:
     """Build output directory `out` atomically, from one process or all of them.
 
-    `work(tmp, process, processes)` runs on every process into the same temp dir (a shared filesystem when the
-    processes run on several hosts), each writing its own files; once all of them succeeded, `finalize(tmp)` runs
-    on process 0 (index, config, provenance) and the dir is renamed to `out`. Any failure anywhere leaves nothing
-    at `out` and raises on every process (the failing one with its own error). Exactly three collectives in every
-    path, so no process waits for one that gave up."""
+    `work(tmp, process, processes)` runs on every process into the same temp dir (on a filesystem every process
+    shares), each writing its own files; once all of them succeeded, `finalize(tmp)` runs on process 0 (index,
+    config, provenance) and the dir is renamed to `out`. Any failure anywhere leaves nothing at `out` and raises on
+    every process (the failing one with its own error). A collective: every process calls it with the same `out`.
+    Exactly three collectives on every path that returns or raises normally, so no process waits for one that
+    gave up (a process killed outright, or interrupted between two of them, leaves the others to the runtime's
+    heartbeat timeout)."""
     from ftjax.io import checkpoint as ck
 
     me, n = process_info()
@@ -118,31 +122,40 @@ def write_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[An
             work(tmp, 0, 1)
             finalize(tmp)
         return
+    out = Path(os.path.abspath(out))
     error: BaseException | None = None
-    tmp = None
     if me == 0:
         try:
-            out, tmp = ck.prepare_output_dir(out, overwrite=overwrite, inputs=inputs)
+            out, _ = ck.prepare_output_dir(out, overwrite=overwrite, inputs=inputs)
         except BaseException as e:  # noqa: BLE001 - shared below, re-raised
             error = e
-    pid0 = int(allgather_ints([os.getpid() if error is None else -1])[0, 0])  # 1: the temp dir exists
+    key = zlib.crc32(str(out).encode()) & 0x7FFFFFFF
+    got = allgather_ints([os.getpid() if error is None else -1, key])  # 1: the temp dir exists
+    pid0 = int(got[0, 0])
     if pid0 < 0:
         if error is not None:
             raise error
         raise FtjaxError(f"process 0 could not create the output {out} (see its error)")
-    out = Path(os.path.abspath(out))
     tmp = ck.temp_sibling(out, pid0)
+    if (got[:, 1] != got[0, 1]).any():
+        if me == 0:
+            ck.discard_output_dir(tmp)
+        raise FtjaxError(f"the processes were given different outputs ({out} on process {me}); give every process "
+                         f"the same absolute path, on a filesystem they all share")
     try:
+        if not tmp.is_dir():
+            raise FtjaxError(f"process {me} cannot see {tmp}, made by process 0: the output must be on a "
+                             f"filesystem every process shares")
         work(tmp, me, n)
     except BaseException as e:  # noqa: BLE001
-        error = e
-    failed = [i for i, ok in enumerate(allgather_ints([error is None])[:, 0]) if not ok]  # 2: all shards written
+        error = ck.os_error(e, tmp) if isinstance(e, OSError) else e
+    failed = [i for i, ok in enumerate(allgather_ints([error is None])[:, 0]) if not ok]  # 2: all parts written
     if not failed and me == 0:
         try:
             finalize(tmp)
             ck.finish_output_dir(tmp, out)
         except BaseException as e:  # noqa: BLE001
-            error = e
+            error = ck.os_error(e, tmp) if isinstance(e, OSError) else e
     finished = bool(allgather_ints([error is None])[0, 0])  # 3: process 0 renamed the dir
     if me == 0 and (failed or not finished):
         ck.discard_output_dir(tmp)

@@ -7,6 +7,9 @@ Pipeline: `ftjax.streaming` (preallocated buffers filled with pread, packed row 
 batch -> writer thread; memory bounded by a small buffer pool, never by the model). This module plans (one job per
 output tensor, every input mismatch in one error), applies the policies below and writes config + provenance.
 
+Multi-process runs (jax.distributed): `transfer`, `diff` and `apply` are collectives; every process calls them with
+the same arguments and writes its share of the output shards (`distributed.write_output`).
+
 Policies (documented once, here):
 - vocab: source-ft may have more embed/lm_head rows than the bases (Tulu 3: +8). `pad` (the paper's code): rows
   [0, V) = t + alpha*delta, rows >= V copied verbatim from source-ft (== padding both bases with zero rows);
@@ -94,7 +97,10 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
         parts = []
         for i in range(processes[0]):
             path = tmp / f".ftjax-part-{i}.json"
-            parts.append(json.loads(path.read_text()))
+            try:
+                parts.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                raise FtjaxError(f"{path}: process {i}'s part report is missing or unreadable ({e})") from None
             path.unlink()
         report.bytes_read = sum(p["bytes_read"] for p in parts)
         report.bytes_written = sum(p["bytes_written"] for p in parts)
@@ -175,9 +181,7 @@ class _LoWriter:
                 self.f.truncate()
 
     def close(self) -> list[tuple[str, int]]:
-        """Flush the scratch file; returns what it holds."""
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        """Close the scratch file (process 0 reads it next, then deletes it); returns what it holds."""
         self.f.close()
         return self.starts
 

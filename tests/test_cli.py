@@ -66,6 +66,7 @@ def test_max_shard_size(capsys):
     base = ["transfer", "--source-base", "a", "--source-ft", "b", "--target-base", "c", "--out", "o"]
     assert parse(base).max_shard_size == 5 * 10**9
     assert parse(base + ["--max-shard-size", "500MB"]).max_shard_size == 5 * 10**8
+    assert parse(base + ["--max-shard-size", "4.1GB"]).max_shard_size == 4_100_000_000  # exact, not 4099999999
     assert parse(["diff", "--base", "a", "--ft", "b", "--out", "o", "--max-shard-size", "2GiB"]).max_shard_size == 2**31
     for bad in ("lots", "0", "-5GB"):
         with pytest.raises(SystemExit) as e:

@@ -226,7 +226,8 @@ def test_two_process_transfer_diff_apply_are_byte_identical(tmp_path):
 
 
 def write_output_worker(work: Path, coordinator: str, process_id: int, fail: str) -> None:
-    """distributed.write_output on 2 processes where `fail` ("work-1", "finalize" or "none") raises."""
+    """distributed.write_output on 2 processes where `fail` ("work-1", "enospc", "finalize", "paths" or "none")
+    raises."""
     from ftjax import distributed
     from ftjax.errors import FtjaxError
 
@@ -236,14 +237,17 @@ def write_output_worker(work: Path, coordinator: str, process_id: int, fail: str
         (tmp / f"part-{me}").write_text(str(n))
         if fail == f"work-{me}":
             raise FtjaxError(f"process {me} broke")
+        if fail == "enospc" and me == 1:  # what a full disk raises mid-write
+            raise OSError(28, "No space left on device", str(tmp / "shard-2"))
 
     def finalize(tmp):
         if fail == "finalize":
             raise FtjaxError("finalize broke")
         (tmp / "index").write_text("done")
 
+    out = work / (f"out{process_id}" if fail == "paths" else "out")  # "paths": each process names another output
     try:
-        distributed.write_output(work / "out", overwrite=False, inputs=[], work=work_fn, finalize=finalize)
+        distributed.write_output(out, overwrite=False, inputs=[], work=work_fn, finalize=finalize)
         msg = "ok"
     except FtjaxError as e:
         msg = str(e)
@@ -251,10 +255,10 @@ def write_output_worker(work: Path, coordinator: str, process_id: int, fail: str
 
 
 def test_write_output_fails_together(tmp_path):
-    """A failure on any process (in its own part, or in process 0's finishing step) raises on both processes and
-    leaves nothing at the output; success leaves exactly the processes' files."""
+    """A failure on any process (in its own part, or in process 0's finishing step) or processes naming different
+    outputs raise on both processes and leave nothing; success leaves exactly the processes' files."""
     me = str(Path(__file__).resolve())
-    for fail in ("work-1", "finalize", "none"):
+    for fail in ("work-1", "enospc", "finalize", "paths", "none"):
         work = tmp_path / fail
         work.mkdir()
         coordinator = f"127.0.0.1:{_free_port()}"
@@ -270,6 +274,14 @@ def test_write_output_fails_together(tmp_path):
         elif fail == "work-1":
             assert results[1] == "process 1 broke"
             assert results[0].startswith("process 1 failed (see its error); nothing was written at"), results[0]
+            assert left == []
+        elif fail == "enospc":
+            assert results[1].startswith("no space left on device while writing ") and "shard-2" in results[1]
+            assert results[0].startswith("process 1 failed (see its error)"), results[0]
+            assert left == []
+        elif fail == "paths":
+            for i, r in enumerate(results):
+                assert r.startswith(f"the processes were given different outputs ({work / f'out{i}'} on process {i})"), r
             assert left == []
         else:
             assert results[0] == "finalize broke"

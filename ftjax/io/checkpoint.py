@@ -312,6 +312,13 @@ def _raise_enospc(e: OSError, fallback: Path) -> None:
         raise FtjaxError(f"no space left on device while writing {e.filename or fallback}") from None
 
 
+def os_error(e: OSError, fallback: Path) -> FtjaxError:
+    """A one-line FtjaxError for an OSError met while writing under `fallback` (ENOSPC named as such)."""
+    if e.errno == errno.ENOSPC:
+        return FtjaxError(f"no space left on device while writing {e.filename or fallback}")
+    return FtjaxError(f"{e.filename or fallback}: cannot write: {e.strerror or e}")
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write `obj` as indented JSON (HF style) and fsync; ENOSPC -> FtjaxError naming the file."""
     try:
