@@ -104,11 +104,11 @@ def allgather_ints(values: Sequence[int]) -> np.ndarray:
 
 
 def write_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[Any], work: Callable[[Path, int, int],
-                 None], finalize: Callable[[Path], None]) -> None:
+                 None], finalize: Callable[[Path, int], None]) -> None:
     """Build output directory `out` atomically, from one process or all of them.
 
     `work(tmp, process, processes)` runs on every process into the same temp dir (on a filesystem every process
-    shares), each writing its own files; once all of them succeeded, `finalize(tmp)` runs on process 0 (index,
+    shares), each writing its own files; once all of them succeeded, `finalize(tmp, processes)` runs on process 0 (index,
     config, provenance) and the dir is renamed to `out`. Any failure anywhere leaves nothing at `out` and raises on
     every process (the failing one with its own error). A collective: every process calls it with the same `out`.
     Exactly three collectives on every path that returns or raises normally, so no process waits for one that
@@ -120,7 +120,7 @@ def write_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[An
     if n == 1:
         with ck.atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
             work(tmp, 0, 1)
-            finalize(tmp)
+            finalize(tmp, 1)
         return
     out = Path(os.path.abspath(out))
     error: BaseException | None = None
@@ -152,7 +152,7 @@ def write_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[An
     failed = [i for i, ok in enumerate(allgather_ints([error is None])[:, 0]) if not ok]  # 2: all parts written
     if not failed and me == 0:
         try:
-            finalize(tmp)
+            finalize(tmp, n)
             ck.finish_output_dir(tmp, out)
         except BaseException as e:  # noqa: BLE001
             error = ck.os_error(e, tmp) if isinstance(e, OSError) else e

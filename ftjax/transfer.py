@@ -41,7 +41,7 @@ import ftjax
 from ftjax import distributed, treeops
 from ftjax import transfer_plan as P
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, copy_aux_files, plan_shards, write_json
+from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, copy_aux_files, write_json
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 from ftjax.streaming import Job, Streams, WriteBehind, row_chunks, rows_of, stream
 from ftjax.transfer_plan import EMBED, LM_HEAD, TransferReport  # noqa: F401 - public names of this module
@@ -74,13 +74,9 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
     i+N, ... into one shared temp dir, recording what it did in a small part file; process 0 then merges the parts
     into the report, writes the index and the small files, and renames. The bytes equal a 1-process run's."""
     write = write or (lambda w, job, outs: w.write(job.name, outs[0]))
-    processes = [1]
 
     def work(tmp: Path, me: int, n: int) -> None:
-        processes[0] = n
-        nshards = len(plan_shards([j.out for j in jobs], max_shard_bytes))
-        with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes, only_shards=range(me, nshards, n),
-                                write_index=me == 0) as w:
+        with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes, part=(me, n)) as w:
             mine = set(w.tensors())
             part = TransferReport(report.kind, report.out, report.inputs)
             if lo is not None:
@@ -92,10 +88,10 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
                                                      "bytes_written": part.bytes_written,
                                                      "lo": lo.close() if lo is not None else []})
 
-    def finalize(tmp: Path) -> None:
+    def finalize(tmp: Path, n: int) -> None:
         order = {j.name: k for k, j in enumerate(jobs)}
         parts = []
-        for i in range(processes[0]):
+        for i in range(n):
             path = tmp / f".ftjax-part-{i}.json"
             try:
                 parts.append(json.loads(path.read_text()))

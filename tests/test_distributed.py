@@ -240,7 +240,7 @@ def write_output_worker(work: Path, coordinator: str, process_id: int, fail: str
         if fail == "enospc" and me == 1:  # what a full disk raises mid-write
             raise OSError(28, "No space left on device", str(tmp / "shard-2"))
 
-    def finalize(tmp):
+    def finalize(tmp, n):
         if fail == "finalize":
             raise FtjaxError("finalize broke")
         (tmp / "index").write_text("done")

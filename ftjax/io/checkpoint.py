@@ -222,13 +222,13 @@ class HFCheckpointWriter:
     `model.safetensors.index.json`. `write(name, array)` takes the whole tensor or consecutive
     leading-axis row chunks. `close()` checks completeness, fsyncs and writes the index.
 
-    Multi-process: every process plans the same shards; `only_shards` are the ones this writer writes (the others'
-    tensors are refused) and `write_index` says whether it writes the index (one process does).
+    Multi-process: every process plans the same shards; with `part=(i, n)` this writer writes shards i, i+n, ...
+    (the others' tensors are refused) and only part 0 writes the index.
     """
 
     def __init__(self, dir: str | os.PathLike, infos: Sequence[TensorInfo],
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None,
-                 only_shards: Iterable[int] | None = None, write_index: bool = True):
+                 part: tuple[int, int] = (0, 1)):
         self.dir = Path(dir)
         self.infos = list(infos)
         self.shards = plan_shards(self.infos, max_shard_bytes)
@@ -238,8 +238,9 @@ class HFCheckpointWriter:
         self._shard_of = {info.name: i for i, shard in enumerate(self.shards) for info in shard}
         if len(self._shard_of) != len(self.infos):
             raise FtjaxError(f"{self.dir}: duplicate tensor names in the checkpoint plan")
-        self._mine = sorted(set(range(n) if only_shards is None else only_shards))
-        self._write_index = write_index
+        self._mine = list(range(part[0], n, part[1]))
+        self._own = set(self._mine)
+        self._write_index = part[0] == 0
         self._current = -1  # index into self._mine of the open shard
         self._writer: SafetensorsWriter | None = None
         self._closed = False
@@ -253,7 +254,7 @@ class HFCheckpointWriter:
         self._writer = SafetensorsWriter(self.dir / self.filenames[i], self.shards[i], self._metadata)
 
     def tensors(self) -> list[str]:
-        """The tensors this writer writes (all of them unless `only_shards`), in order."""
+        """The tensors this writer writes (all of them unless `part` says otherwise), in order."""
         return [info.name for i in self._mine for info in self.shards[i]]
 
     def write(self, name: str, array: Any) -> None:
@@ -261,7 +262,7 @@ class HFCheckpointWriter:
         if self._closed:
             raise FtjaxError(f"{self.dir}: checkpoint writer is closed")
         i = self._shard_of.get(name)
-        if i is None or i not in self._mine:
+        if i is None or i not in self._own:
             raise FtjaxError(f"{self.dir}: tensor {name!r} is not in the planned checkpoint"
                              + ("" if i is None else " part this process writes"))
         while self._current < 0 or self._mine[self._current] < i:  # earlier shards get closed (checked) on the way
