@@ -1,6 +1,9 @@
 """`ftjax` command line: argument parsing, progress and exit codes over the public API; nothing else.
 
-Exit status: 0 success, 2 bad input (one line on stderr: `ftjax: error: ...`), 130 interrupted.
+Exit status: 0 success, 2 bad input (one line on stderr: `ftjax: error: ...`), 130 interrupted (SIGINT, Ctrl-C),
+143 terminated (SIGTERM, e.g. a scheduler's time limit). Both signals become exceptions in the main thread, so every
+output being written is removed on the way out (`io.checkpoint.atomic_output_dir`); SIGKILL cannot be caught, and
+its leftover temp directory is removed by the next run into the same output.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import gc
 import json
 import os
 import re
+import signal
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -320,7 +324,7 @@ def _cmd_inspect(args) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items())
         elif isinstance(value, list):
-            value = ", ".join(map(str, value))
+            value = ", ".join(map(str, value)) or "none"
         print(f"{key:<{width}}  {value}")
 
 
@@ -617,6 +621,29 @@ _FAST_EXIT = {"transfer", "diff", "apply"}
 _DONE = {"fast_exit": False}
 
 
+class _Signalled(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds the main thread like KeyboardInterrupt, so outputs are cleaned up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Signalled(signum)
+
+
+def _catch_signals() -> dict:
+    """Install `_on_signal` for SIGINT and SIGTERM (main thread only); returns the handlers to restore."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -624,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc_was_on = gc.isenabled()
     if args.command in _FAST_EXIT:
         gc.disable()  # a short run with few Python objects: cyclic GC passes only slow it (10% of importing JAX)
+    previous = _catch_signals()
     try:
         from ftjax.distributed import initialize
 
@@ -635,10 +663,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FtjaxError as e:
         print(f"ftjax: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ftjax: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Signalled) as e:
+        term = isinstance(e, _Signalled) and e.signum == signal.SIGTERM
+        print(f"ftjax: {'terminated (SIGTERM)' if term else 'interrupted (SIGINT)'}", file=sys.stderr)
+        return 143 if term else 130
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if gc_was_on:
             gc.enable()
     return 0

@@ -1,64 +1,77 @@
-"""ModelConfig: the numbers that define a Llama-family model, parsed strictly from a Hugging Face config.json.
+"""ModelConfig: the numbers that define a Llama-family model, read from a Hugging Face config.json as transformers
+reads it.
 
-Families: llama (3.0 / 3.1 / 3.2), mistral, qwen2 (Qwen2 / Qwen2.5), olmo2. Both rope schemas parse: the older
-`rope_theta` + `rope_scaling` (keyed `type` or `rope_type`, may be null) and transformers 5's `rope_parameters`.
-A key that could change numerics and is not handled here raises FtjaxError rather than being silently ignored.
+Families: llama (1 / 2 / 3 / 3.1 / 3.2), mistral, qwen2 (Qwen2 / Qwen2.5), olmo2. The reference is transformers'
+modeling code for the family: `FAMILIES` lists, per family, every key that code reads and what transformers assumes
+when the key is absent (from transformers 5.24: `models/<family>/configuration_<family>.py` and
+`modeling_<family>.py`, `modeling_rope_utils.py`, `activations.py`, `modeling_utils.py`). A config is refused only
+where a key that code reads holds a value ftjax does not implement (a rope type, an activation, quantized weights,
+...), since ftjax would then compute something else. Every other key -- leftovers of training frameworks,
+converters, web runtimes, or a field another family reads -- is inert: accepted, and reported by `read_config` so
+`ftjax inspect` and output provenance can list it. `model_type` picks the family, as transformers' Auto classes do;
+an unusual `architectures` entry is a note.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ftjax.errors import FtjaxError
 
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "olmo2": "Olmo2ForCausalLM",
-}
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
-# Keys that never change the forward pass: PretrainedConfig.to_dict() boilerplate, token ids, training-only knobs.
-_HARMLESS = frozenset("""
-    architectures model_type dtype torch_dtype transformers_version use_cache initializer_range attention_dropout
-    max_window_layers bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id id2label label2id
-    _name_or_path _commit_hash _attn_implementation _attn_implementation_autoset _experts_implementation
-    output_hidden_states output_attentions return_dict torchscript use_bfloat16 tf_legacy_loss pruned_heads
-    chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention cross_attention_hidden_size
-    tie_encoder_decoder finetuning_task tokenizer_class prefix task_specific_params problem_type max_length
-    min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k top_p
-    typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids
+# Read by every family's modeling code (and by PreTrainedModel: tie_word_embeddings, quantization_config).
+# dtype / torch_dtype and the token ids are read too, but only as checkpoint metadata (stored dtype, padding_idx
+# of the embedding at init, generation): they never change what the forward pass computes.
+_COMMON = (*_SIZES, "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+           "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
+           "original_max_position_embeddings", "quantization_config")
+_METADATA = ("model_type", "architectures", "dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
+             "initializer_range")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model_type: the class AutoModelForCausalLM builds, the keys its modeling code reads beyond `_COMMON`, and
+    the config class's defaults for keys config.json may leave out (`None`: derived, see `_from_hf`)."""
+
+    architecture: str
+    reads: tuple[str, ...]
+    defaults: Mapping[str, Any]
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", ("attention_bias", "mlp_bias"), dict(
+        num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-6, attention_bias=False,
+        mlp_bias=False)),
+    "mistral": Family("MistralForCausalLM", ("sliding_window",), dict(
+        num_key_value_heads=8, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, sliding_window=4096)),
+    "qwen2": Family("Qwen2ForCausalLM", ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+                    dict(num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         use_sliding_window=False, sliding_window=4096, max_window_layers=28, layer_types=None)),
+    "olmo2": Family("Olmo2ForCausalLM", ("attention_bias",), dict(
+        num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-5, attention_bias=False)),
+}
+ARCHITECTURES = {family: f.architecture for family, f in FAMILIES.items()}
+_ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
+
+# Fields of transformers' PreTrainedConfig (and generation settings older versions kept there) that none of these
+# models read. Inert like every unread key; left out of the ignored-keys report only to keep that report readable.
+_GENERIC = frozenset("""
+    transformers_version use_cache attention_dropout _name_or_path _commit_hash _attn_implementation
+    _attn_implementation_autoset _experts_implementation output_hidden_states output_attentions return_dict
+    torchscript use_bfloat16 tf_legacy_loss pruned_heads chunk_size_feed_forward is_encoder_decoder is_decoder
+    add_cross_attention cross_attention_hidden_size tie_encoder_decoder finetuning_task tokenizer_class prefix
+    task_specific_params problem_type id2label label2id sep_token_id decoder_start_token_id max_length min_length
+    do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k top_p typical_p
+    repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids
     num_return_sequences output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id
     remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
-    embd_pdrop resid_pdrop residual_dropout mlp_dropout unsloth_version
 """.split())
-
-# Keys read by every family.
-_COMMON = frozenset("""
-    vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads head_dim
-    hidden_act rms_norm_eps rope_theta rope_scaling rope_parameters max_position_embeddings tie_word_embeddings
-    layer_types partial_rotary_factor original_max_position_embeddings
-""".split())
-
-_FAMILY_KEYS = {
-    "llama": frozenset({"attention_bias", "mlp_bias", "pretraining_tp"}),
-    "mistral": frozenset({"sliding_window"}),
-    "qwen2": frozenset({"use_sliding_window", "sliding_window"}),
-    "olmo2": frozenset({"attention_bias"}),
-}
-
-# Keys a family does not read, accepted only at the value that leaves the forward pass unchanged.
-_NEUTRAL = {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "use_sliding_window": False,
-            "partial_rotary_factor": 1.0, "use_mrope": False}
-
-# transformers' per-family defaults for keys that may be absent from config.json.
-_DEFAULT_EPS = {"llama": 1e-6, "mistral": 1e-6, "qwen2": 1e-6, "olmo2": 1e-5}
-_DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32}  # llama/olmo2: num_attention_heads
-_DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config default sliding_window
 _ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings", "partial_rotary_factor"})
 
@@ -138,9 +151,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    def from_hf(cls, config: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
         """Parse a Hugging Face config dict; `source` names the file in error messages."""
-        return _from_hf(dict(config), source)
+        return read_config(config, source=source).config
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers (v5, and v4 via rope_theta/rope_scaling) loads into this model."""
@@ -175,56 +188,75 @@ class ModelConfig:
         return out
 
 
-def _from_hf(c: dict[str, Any], src: str) -> ModelConfig:
+@dataclass(frozen=True)
+class ConfigReport:
+    """A parsed config.json: the model, the keys transformers' modeling code for the family never reads (inert, in
+    file order, PreTrainedConfig boilerplate left out) and notes on what was resolved unusually."""
+
+    config: ModelConfig
+    ignored: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def read_config(config: Mapping[str, Any], *, source: str = "config.json") -> ConfigReport:
+    """Parse a Hugging Face config dict the way transformers reads it for its family (see the module docstring);
+    FtjaxError, naming `source`, where transformers would compute something ftjax does not implement."""
+    c = dict(config)
+    notes: list[str] = []
     family = c.get("model_type")
     archs = c.get("architectures") or []
     if family is None and archs:
         family = {v: k for k, v in ARCHITECTURES.items()}.get(archs[0], archs[0])
-    if family not in ARCHITECTURES:
-        raise FtjaxError(f"{src}: unsupported model_type {family!r} (architectures {archs}); "
-                         f"supported: {', '.join(ARCHITECTURES)}")
-    bad_archs = [a for a in archs if a != ARCHITECTURES[family]]
-    if bad_archs:
-        raise FtjaxError(f"{src}: unsupported architecture {bad_archs} for model_type {family!r}; "
-                         f"supported: {', '.join(ARCHITECTURES.values())}")
+        notes.append(f"no model_type: family {family!r} taken from architectures")
+    if family not in FAMILIES:
+        raise FtjaxError(f"{source}: unsupported model_type {family!r} (architectures {archs}); "
+                         f"supported: {', '.join(FAMILIES)}")
+    fam = FAMILIES[family]
+    unusual = [a for a in archs if a != fam.architecture]
+    if unusual:
+        notes.append(f"architectures {unusual} ignored: model_type {family!r} builds {fam.architecture}, "
+                     "as transformers' AutoModelForCausalLM does")
+    reads = set(_COMMON) | set(fam.reads)
+    ignored = [k for k in c if k not in reads and k not in _METADATA and k not in _GENERIC]
+    cfg = _from_hf(c, family, source, ignored, notes)
+    return ConfigReport(cfg, tuple(ignored), tuple(notes))
 
-    handled = _HARMLESS | _COMMON | _FAMILY_KEYS[family]
-    unknown = sorted(k for k, v in c.items() if k not in handled and v is not None
-                     and not (k in _NEUTRAL and v == _NEUTRAL[k]))
-    if unknown:
-        raise FtjaxError(f"{src}: {family} config has keys ftjax does not handle and that may change numerics: "
-                         f"{', '.join(f'{k}={c[k]!r}' for k in unknown)}; remove them only if you know they are inert")
 
-    def req(key: str) -> Any:
+def _from_hf(c: dict[str, Any], family: str, src: str, ignored: list[str], notes: list[str]) -> ModelConfig:
+    defaults = FAMILIES[family].defaults
+
+    def get(key: str) -> Any:
+        return c[key] if key in c else defaults.get(key)
+
+    for key in _SIZES:
         if c.get(key) is None:
             raise FtjaxError(f"{src}: required key {key!r} is missing")
-        return c[key]
-
-    if c.get("hidden_act", "silu") != "silu":
-        raise FtjaxError(f"{src}: hidden_act {c['hidden_act']!r} is not supported (only 'silu')")
-    if c.get("partial_rotary_factor", 1.0) not in (None, 1.0):
-        raise FtjaxError(f"{src}: partial_rotary_factor {c['partial_rotary_factor']} is not supported")
-    if family == "llama" and c.get("pretraining_tp", 1) not in (None, 1):
-        raise FtjaxError(f"{src}: pretraining_tp={c['pretraining_tp']} is not supported (only 1)")
-
-    hidden, n_heads, n_layers = req("hidden_size"), req("num_attention_heads"), req("num_hidden_layers")
-    n_kv = c.get("num_key_value_heads") or _DEFAULT_KV_HEADS.get(family, n_heads)
+    if c.get("quantization_config") is not None:
+        method = c["quantization_config"].get("quant_method") if isinstance(c["quantization_config"], dict) else None
+        raise FtjaxError(f"{src}: quantized checkpoint (quantization_config, quant_method {method!r}); ftjax computes "
+                         "on unquantized weights only: use the original bf16/f16/f32 checkpoint")
+    act = c.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise FtjaxError(f"{src}: hidden_act {act!r} is not supported (only {' or '.join(_ACTIVATIONS)})")
+    hidden, n_heads, n_layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    n_kv = get("num_key_value_heads")
+    n_kv = n_heads if n_kv is None else n_kv  # an explicit null means num_attention_heads in every family
     if n_heads % n_kv:
         raise FtjaxError(f"{src}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
-    attention_bias = bool(c.get("attention_bias", False))
-    window, layer_types = _attention_layout(c, family, n_layers, src)
+    attention_bias = bool(get("attention_bias")) if "attention_bias" in FAMILIES[family].reads else False
+    window, layer_types = _attention_layout(c, family, n_layers, src, notes)
     eos = c.get("eos_token_id")
-    eps = c.get("rms_norm_eps")
+    eps = get("rms_norm_eps")
     return ModelConfig(
-        model_type=family, vocab_size=req("vocab_size"), hidden_size=hidden,
-        intermediate_size=req("intermediate_size"), num_hidden_layers=n_layers, num_attention_heads=n_heads,
+        model_type=family, vocab_size=c["vocab_size"], hidden_size=hidden,
+        intermediate_size=c["intermediate_size"], num_hidden_layers=n_layers, num_attention_heads=n_heads,
         num_key_value_heads=n_kv, head_dim=c.get("head_dim") or hidden // n_heads,
-        rms_norm_eps=float(_DEFAULT_EPS[family] if eps is None else eps), rope=_rope(c, src),
-        max_position_embeddings=c.get("max_position_embeddings"),
+        rms_norm_eps=float(defaults["rms_norm_eps"] if eps is None else eps),
+        rope=_rope(c, src, get("max_position_embeddings"), ignored, notes),
+        max_position_embeddings=get("max_position_embeddings"),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or (family in ("llama", "olmo2") and attention_bias),
-        o_bias=family in ("llama", "olmo2") and attention_bias,
-        mlp_bias=family == "llama" and bool(c.get("mlp_bias", False)),
+        qkv_bias=family == "qwen2" or attention_bias, o_bias=attention_bias,
+        mlp_bias=family == "llama" and bool(get("mlp_bias")),
         qk_norm=family == "olmo2", post_sublayer_norms=family == "olmo2", norm_weight_in_f32=family == "olmo2",
         sliding_window=window, layer_types=layer_types,
         initializer_range=float(c.get("initializer_range") or 0.02),
@@ -234,55 +266,54 @@ def _from_hf(c: dict[str, Any], src: str) -> ModelConfig:
     )
 
 
-def _attention_layout(c: dict, family: str, n_layers: int, src: str) -> tuple[int | None, tuple[str, ...]]:
+def _attention_layout(c: dict, family: str, n_layers: int, src: str,
+                      notes: list[str]) -> tuple[int | None, tuple[str, ...]]:
     """(sliding_window, layer_types) exactly as transformers' modeling code for `family` uses them."""
-    if family == "qwen2":
-        # Qwen2 carries sliding_window but uses it only with use_sliding_window, and then per layer.
-        window = c.get("sliding_window", _DEFAULT_WINDOW) if c.get("use_sliding_window") else None
-        derived = tuple("sliding_attention" if window is not None and i >= c.get("max_window_layers", 28)
-                        else "full_attention" for i in range(n_layers))
-    elif family == "mistral":  # MistralModel windows every layer and ignores layer_types
-        window = c.get("sliding_window", _DEFAULT_WINDOW)
-        derived = (("full_attention", "sliding_attention")[window is not None],) * n_layers
-    else:
-        window, derived = None, ("full_attention",) * n_layers
-
+    defaults = FAMILIES[family].defaults
+    get = lambda key: c[key] if key in c else defaults.get(key)  # noqa: E731
+    if family == "mistral":  # MistralModel windows every layer (None: full attention) and ignores layer_types
+        window = get("sliding_window")
+        if c.get("layer_types") is not None:
+            notes.append("layer_types ignored: transformers' Mistral applies sliding_window to every layer")
+        return window, (("full_attention", "sliding_attention")[window is not None],) * n_layers
+    if family != "qwen2":
+        return None, ("full_attention",) * n_layers
+    # Qwen2 carries sliding_window but uses it only with use_sliding_window, and then per layer.
+    window = get("sliding_window") if get("use_sliding_window") else None
     layer_types = c.get("layer_types")
     if layer_types is None:
-        return window, derived
+        return window, tuple("sliding_attention" if window is not None and i >= get("max_window_layers")
+                             else "full_attention" for i in range(n_layers))
     layer_types = tuple(layer_types)
     if len(layer_types) != n_layers or not set(layer_types) <= set(LAYER_TYPES):
         raise FtjaxError(f"{src}: layer_types must be {n_layers} entries from {LAYER_TYPES}, got {list(layer_types)}")
-    if family != "qwen2" and layer_types != derived:
-        raise FtjaxError(f"{src}: transformers' {family} model ignores layer_types; this config's layer_types "
-                         f"disagree with its sliding_window={window}, so the intended attention is ambiguous")
     if "sliding_attention" in layer_types and window is None:
         raise FtjaxError(f"{src}: layer_types has sliding_attention layers but no sliding_window is in effect "
                          f"(use_sliding_window={c.get('use_sliding_window')})")
     return window, layer_types
 
 
-def _rope(c: dict, src: str) -> RopeConfig:
-    """Rope settings from either schema, with transformers 5's precedence (rope_scaling over rope_parameters)."""
+def _rope(c: dict, src: str, max_positions: int | None, ignored: list[str], notes: list[str]) -> RopeConfig:
+    """Rope settings from either schema as transformers 5 resolves them: a non-empty `rope_scaling` wins over
+    `rope_parameters` (which is then not read at all), `rope_theta` inside the dict over the top-level one."""
     scaling, params = c.get("rope_scaling"), c.get("rope_parameters")
-    if params is not None and not isinstance(params, dict):
-        raise FtjaxError(f"{src}: rope_parameters must be a dict, got {params!r}")
-    if params and set(params) & set(LAYER_TYPES):
-        raise FtjaxError(f"{src}: per-layer-type rope_parameters are not supported")
-    if scaling and params:
-        top_theta = c.get("rope_theta", 10000.0)
-        a, b = _std({"rope_theta": top_theta, **scaling}), _std({"rope_theta": top_theta, **params})
-        if a != b:
-            raise FtjaxError(f"{src}: rope_scaling {scaling} and rope_parameters {params} disagree")
+    for key, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value is not None and not isinstance(value, dict):
+            raise FtjaxError(f"{src}: {key} must be a dict or null, got {value!r}")
+    if scaling and params and _std({"rope_theta": c.get("rope_theta"), **scaling}) != _std(
+            {"rope_theta": c.get("rope_theta"), **params}):
+        notes.append(f"rope_parameters {params} ignored: transformers uses rope_scaling {scaling}")
+    which = "rope_scaling" if scaling else "rope_parameters"
     d = _std(scaling or params or {})
-    unknown = sorted(k for k, v in d.items() if k not in _ROPE_KEYS and v is not None)
-    if unknown:
-        raise FtjaxError(f"{src}: unsupported rope parameters {unknown} in {d}")
+    if set(d) & set(LAYER_TYPES):
+        raise FtjaxError(f"{src}: per-layer-type rope parameters are not supported")
+    ignored += [f"{which}.{k}" for k in d if k not in _ROPE_KEYS]  # no rope type ftjax implements reads them
     rope_type = d["rope_type"]
     if rope_type not in ROPE_TYPES:
         raise FtjaxError(f"{src}: unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-    if d.get("partial_rotary_factor", 1.0) not in (None, 1.0):
-        raise FtjaxError(f"{src}: partial_rotary_factor {d['partial_rotary_factor']} is not supported")
+    partial = d.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise FtjaxError(f"{src}: partial_rotary_factor {partial} is not supported (rope over the whole head only)")
     theta = float(d.get("rope_theta") or c.get("rope_theta") or 10000.0)
     if rope_type == "default":
         return RopeConfig("default", theta)
@@ -294,8 +325,8 @@ def _rope(c: dict, src: str) -> RopeConfig:
 
     if rope_type == "linear":
         return RopeConfig("linear", theta, factor=need("factor"))
-    original = c.get("original_max_position_embeddings") or d.get("original_max_position_embeddings") \
-        or c.get("max_position_embeddings")
+    # a top-level original_max_position_embeddings wins (transformers' Phi-3 rule), then the dict's, then the context
+    original = c.get("original_max_position_embeddings") or d.get("original_max_position_embeddings") or max_positions
     if original is None:
         raise FtjaxError(f"{src}: rope type 'llama3' needs original_max_position_embeddings")
     return RopeConfig("llama3", theta, factor=need("factor"), low_freq_factor=need("low_freq_factor"),

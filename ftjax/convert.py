@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.config import ModelConfig
+from ftjax.config import ModelConfig, read_config
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path, save_hf
 from ftjax.io.orbax import is_orbax_dir, read_manifest, restore_orbax, save_orbax
@@ -55,7 +55,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         files = [f.name for f in ckpt.files]
         kind = "huggingface"
         path = ckpt.path
-    cfg = ModelConfig.from_hf(config)
+    report = read_config(config, source=f"{path}/config.json")
+    cfg = report.config
     dtypes: dict[str, int] = collections.Counter()
     params = nbytes = 0
     for dt, shape in shapes.values():
@@ -79,4 +80,6 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "heads": f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}",
         "vocab_size": cfg.vocab_size,
         "files": files,
+        "ignored_config_keys": list(report.ignored),  # keys transformers' modeling code never reads (inert)
+        "config_notes": list(report.notes),
     }

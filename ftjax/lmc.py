@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +29,6 @@ from ftjax.errors import FtjaxError
 from ftjax.evaluate import device_batches, row_stats, run_batches, summarize
 
 METRICS = ("loss", "acc", "acc_norm", "exact_match")
-_TRACES: Counter = Counter()  # path name -> number of times the jitted evaluator was traced
 
 
 def _lerp(c, a, b):
@@ -52,17 +50,11 @@ PATHS = {"lerp": _lerp, "diff": _diff, "plane": _plane}
 def point_row_stats(coefs: jax.Array, thetas: tuple, tokens_bt, mask_bt, weights_bt, *, path: str,
                     cfg: ModelConfig, dtype: str):
     """Per-row (nll, count, greedy) of the model at path coefficients `coefs` (f32 [1] or [2], traced)."""
-    _TRACES[path] += 1
     combine = PATHS[path]
     params = jax.tree.map(
         lambda *xs: combine(coefs, *(x.astype(jnp.float32) for x in xs)).astype(dtype)
         if jnp.issubdtype(xs[0].dtype, jnp.floating) else xs[0], *thetas)
     return row_stats(params, cfg, tokens_bt, mask_bt, weights_bt)
-
-
-def traces(path: str | None = None) -> int:
-    """How many times the evaluator was traced (compiled) for `path` (all paths if None)."""
-    return sum(_TRACES.values()) if path is None else _TRACES[path]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 import ftjax
 from ftjax import distributed, treeops
 from ftjax import transfer_plan as P
+from ftjax.config import read_config
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, copy_aux_files, write_json
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
@@ -60,9 +61,16 @@ def _roles(target: HFCheckpoint, source_ft: HFCheckpoint, config_from: str, toke
     return roles
 
 
-def _provenance(kind: str, report: TransferReport, **fields) -> dict:
+def _provenance(kind: str, report: TransferReport, config: dict, **fields) -> dict:
+    """The provenance record of an output whose config.json is `config` (its inert keys listed, see ftjax.config)."""
+    try:
+        parsed = read_config(config)
+        config_keys = {"ignored_keys": list(parsed.ignored), "notes": list(parsed.notes)}
+    except FtjaxError:  # a family ftjax does not model: the tensor arithmetic does not depend on it
+        config_keys = {}
     return {"ftjax_version": ftjax.__version__, "kind": kind, "inputs": report.inputs,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": config_keys, **fields}
 
 
 def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: TransferReport, *, overwrite: bool,
@@ -138,7 +146,8 @@ def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, targe
     io = Streams(inputs=lambda job: ((t, job.t), (f, job.s), (b, job.b)),
                  kernel=lambda job: (treeops.transfer_exact, (job.alpha, job.out.dtype)),
                  copy=lambda job: (t, job.t), extra=lambda job: (f, job.s))
-    meta = _provenance("transfer", report, alpha=float(alpha), alpha_for=[[p, float(a)] for p, a in alpha_for],
+    meta = _provenance("transfer", report, cfg, alpha=float(alpha),
+                       alpha_for=[[p, float(a)] for p, a in alpha_for],
                        skip=list(skip), vocab=vocab, config_from=config_from, tokenizer_from=tokenizer_from,
                        dtype=dtype, out_dtypes=sorted({str(j.out.dtype) for j in jobs}),
                        formula="target_base + alpha * (source_ft - source_base), exact, one rounding")
@@ -230,7 +239,8 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
     io = Streams(inputs=lambda job: ((f, job.s), (b, job.b)),
                  kernel=lambda job: (treeops.diff_exact, ()) if exact else (_diff_round_op, (job.out.dtype,)),
                  copy=lambda job: (f, job.t), extra=lambda job: (f, job.s))
-    meta = _provenance("diff", report, base=str(b.path), ft=str(f.path), dtype=str(P.out_dtype(dtype, np.float32)),
+    meta = _provenance("diff", report, f.config, base=str(b.path), ft=str(f.path),
+                       dtype=str(P.out_dtype(dtype, np.float32)),
                        exact=exact, lo_file=DIFF_LO, base_vocab_rows=base_rows, tied=P.tied(f),
                        formula="ft - base; exact value = main tensor + lo remainder (float32)")
     _write(out, [b.path, f.path], jobs, io, report, overwrite=overwrite, progress=progress, strict=False, t0=t0,
@@ -282,7 +292,8 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
     io = Streams(inputs=lambda job: ((t, job.t), (d.ck, job.s), d.lo_source(job.s)),
                  kernel=lambda job: (_apply_op, (job.alpha, job.out.dtype)),
                  copy=lambda job: (t, job.t), extra=lambda job: (d.ck, job.s))
-    meta = _provenance("apply", report, alpha=float(alpha), alpha_for=[[p, float(a)] for p, a in alpha_for],
+    meta = _provenance("apply", report, cfg, alpha=float(alpha),
+                       alpha_for=[[p, float(a)] for p, a in alpha_for],
                        skip=list(skip), vocab=vocab, config_from=config_from, tokenizer_from=tokenizer_from,
                        dtype=dtype, diff_of=d.meta.get("inputs"),
                        formula="target + alpha * diff, exact, one rounding")

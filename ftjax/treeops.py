@@ -265,8 +265,8 @@ def tree_norms(tree: Any) -> Any:
 
 def round_f64(x: np.ndarray, dtype: Any) -> np.ndarray:
     """The reference rounding of the transfer semantics, in numpy: float64 `x` rounded once, to nearest even, to
-    `dtype` (bfloat16, float16 or float32). ml_dtypes' own float64 -> bfloat16 cast rounds twice (via float32), so it
-    is not a valid reference: round to odd at float32 first (keeps the sticky bit), then to nearest even."""
+    `dtype` (bfloat16, float16 or float32). It rounds to odd at float32 first (keeping the sticky bit), then to
+    nearest even, so it is a single correct rounding without relying on how a library casts float64 to 16 bits."""
     x = np.asarray(x, np.float64)
     if np.dtype(dtype) == np.float32:
         return x.astype(np.float32)

@@ -23,3 +23,23 @@ def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     assert main(["demo", "--tiny", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(module, name) -> a Counter-like dict whose ["n"] counts calls of `module.name` from now on.
+
+    Wrap a function that a jitted function calls while it is traced: its count is then the number of traces
+    (compilations), measured from outside without hooks in library code or private JAX APIs."""
+    def count(module, name: str) -> dict:
+        calls = {"n": 0}
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+        return calls
+
+    return count

@@ -56,3 +56,24 @@ def make_tokenizer(path: Path, vocab_size: int = 128, chat_template: str | None 
         config["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+def sparse_model(path: Path, rows: int, cols: int) -> Path:
+    """A tied one-tensor bf16 checkpoint of rows x cols zeros, as a sparse file (instant to make, slow-ish to
+    transfer: it is read three times and written once for real)."""
+    import json
+    import struct
+
+    import ml_dtypes
+    import numpy as np
+
+    from ftjax.io.safetensors import TensorInfo, build_header
+
+    path.mkdir()
+    header = build_header([TensorInfo("model.embed_tokens.weight", np.dtype(ml_dtypes.bfloat16), (rows, cols))],
+                          {"format": "pt"})
+    with open(path / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header)
+        fh.truncate(8 + len(header) + rows * cols * 2)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    return path

@@ -1,5 +1,6 @@
 """The CLI surface: every command has help, scripts/transfer.py is `ftjax transfer`, errors are one line + exit 2."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_command_has_help(capsys):
-    commands = build_parser()._subparsers._group_actions[0].choices
+    from ftjax.cli import COMMANDS
+
+    commands = list(COMMANDS)
     assert {"transfer", "diff", "apply", "convert", "inspect", "eval", "demo"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as e:
@@ -92,3 +95,67 @@ def test_transfer_process_exits_fast_with_its_report(tmp_path):
         report = json.loads(r.stdout)
         assert report["kind"] == "transfer" and report["tensors"] > 0 and report["bytes_written"] > 0
         assert (out / "model.safetensors").is_file() and (out / "ftjax_transfer.json").is_file()
+
+
+# Runs `ftjax ARGS` in a child that sends itself signal SIG right after the first call of the patched function (in
+# the middle of writing the output): deterministic, unlike timing an external kill, and the same handler path.
+_SIGNAL_DRIVER = """
+import importlib, os, sys
+sig, target, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+mod_name, _, qual = target.partition(":")
+cls_name, _, attr = qual.partition(".")
+cls = getattr(importlib.import_module(mod_name), cls_name)
+original = getattr(cls, attr)
+def patched(*a, **k):
+    out = original(*a, **k)
+    os.kill(os.getpid(), sig)
+    return out
+setattr(cls, attr, patched)
+from ftjax.cli import run
+run(argv)
+"""
+
+
+@pytest.fixture(scope="module")
+def signal_inputs(tmp_path_factory):
+    from hf_models import make_hf_model
+
+    from ftjax import transfer
+    from ftjax.convert import convert
+
+    root = tmp_path_factory.mktemp("signal_inputs")
+    base = make_hf_model(root / "base", dtype="bfloat16", seed=0)
+    ft = make_hf_model(root / "ft", dtype="bfloat16", seed=1)
+    transfer.diff(base, ft, root / "diff", progress=False)
+    convert(base, root / "orbax", to="orbax")
+    return root
+
+
+_WRITE = "ftjax.io.safetensors:SafetensorsWriter.write"
+SIGNAL_CASES = {
+    "transfer": (_WRITE, ["transfer", "--source-base", "{r}/base", "--source-ft", "{r}/ft",
+                          "--target-base", "{r}/base"]),
+    "diff": (_WRITE, ["diff", "--base", "{r}/base", "--ft", "{r}/ft"]),
+    "apply": (_WRITE, ["apply", "--target", "{r}/base", "--diff", "{r}/diff"]),
+    "convert-hf": (_WRITE, ["convert", "{r}/orbax", "{out}", "--to", "hf"]),
+    "convert-orbax": ("orbax.checkpoint:StandardCheckpointer.save", ["convert", "{r}/base", "{out}", "--to", "orbax"]),
+}
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("case", list(SIGNAL_CASES))
+def test_signal_mid_write_removes_the_partial_output(case, sig, code, signal_inputs, tmp_path):
+    import os
+
+    target, args = SIGNAL_CASES[case]
+    out = tmp_path / "out"
+    argv = [a.format(r=signal_inputs, out=out) for a in args]
+    if "{out}" not in args:
+        argv += ["--out", str(out), "--quiet"]
+    before = sorted(p.name for p in signal_inputs.rglob("*"))
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_DRIVER, str(int(sig)), target, *argv], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == code, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("ftjax: ") and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == [], "the temp output directory is removed and nothing is at OUT"
+    assert sorted(p.name for p in signal_inputs.rglob("*")) == before, "inputs untouched"

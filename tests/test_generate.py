@@ -98,13 +98,14 @@ def test_eos_stops_rows_like_transformers(models):
     assert got[1].finish_reason == "stop" and got[1].tokens[-1] == eos and len(got[1].tokens) <= 7
 
 
-def test_one_compile_per_batch_and_cache_length(models):
+def test_one_compile_per_batch_and_cache_length(models, count_calls):
     _, cfg, params = models("llama")
+    traced = count_calls(gen, "forward_cached")  # called (twice: prefill, decode step) only while tracing
     gen.generate_ids(params, cfg, prompts(), max_new_tokens=100, batch_size=3)
-    before = gen._generate_batch._cache_size()
+    first = traced["n"]
     gen.generate_ids(params, cfg, prompts(), max_new_tokens=120, batch_size=3)  # same 128-token bucket
     gen.generate_ids(params, cfg, prompts(1)[::-1], max_new_tokens=97, batch_size=3)
-    assert gen._generate_batch._cache_size() == before
+    assert traced["n"] == first
 
 
 def test_batch_companions_do_not_change_greedy_output(models):

@@ -85,10 +85,16 @@ def test_parity(case, tmp_path):
 def test_llama3_rope_frequencies_and_long_input(tmp_path):
     model, cfg, params = make_hf("llama3_rope", tmp_path)
     inv_freq = rope_inv_freq(cfg)
-    np.testing.assert_allclose(inv_freq, model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    # Meta's published Llama 3.1 `apply_scaling`, written out independently in float64
+    r = LLAMA3_ROPE
+    base = 1.0 / r["rope_theta"] ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    wavelen, old_len = 2 * math.pi / base, r["original_max_position_embeddings"]
+    smooth = (old_len / wavelen - r["low_freq_factor"]) / (r["high_freq_factor"] - r["low_freq_factor"])
+    want = np.where(wavelen < old_len / r["high_freq_factor"], base,
+                    np.where(wavelen > old_len / r["low_freq_factor"], base / r["factor"],
+                             (1 - smooth) * base / r["factor"] + smooth * base))
+    np.testing.assert_allclose(inv_freq, want, rtol=1e-6)
     # all three llama3 bands are exercised: kept (short waves), interpolated, divided by factor (long waves)
-    base = 1.0 / LLAMA3_ROPE["rope_theta"] ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
-    wavelen, old_len = 2 * math.pi / base, LLAMA3_ROPE["original_max_position_embeddings"]
     assert (wavelen < old_len / 4).any() and (wavelen > old_len).any()
     assert ((wavelen >= old_len / 4) & (wavelen <= old_len)).any()
     tokens_bt = tokens(1, 520)

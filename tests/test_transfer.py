@@ -15,7 +15,7 @@ import importlib
 T = importlib.import_module("ftjax.transfer")  # the package re-exports the function `transfer` under the same name
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint, save_hf
-from hf_models import make_hf_model
+from hf_models import make_hf_model, sparse_model
 from test_treeops import bits, reference
 
 BF16 = ml_dtypes.bfloat16
@@ -296,22 +296,6 @@ def test_transfer_params_in_memory_sharded(models):
         T.transfer_params(pt, {**pf, "model": {**pf["model"], "norm": {"weight": jax.numpy.ones(3)}}}, pb)
 
 
-def _sparse_model(path: Path, rows: int, cols: int) -> Path:
-    """A tied one-tensor bf16 checkpoint of rows x cols zeros, as a sparse file (instant to make, slow-ish to
-    transfer: it is read three times and written once for real)."""
-    import struct
-
-    from ftjax.io.safetensors import TensorInfo, build_header
-
-    path.mkdir()
-    header = build_header([TensorInfo(T.EMBED, np.dtype(BF16), (rows, cols))], {"format": "pt"})
-    with open(path / "model.safetensors", "wb") as fh:
-        fh.write(struct.pack("<Q", len(header)) + header)
-        fh.truncate(8 + len(header) + rows * cols * 2)
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
-    return path
-
-
 def test_killed_mid_write_leaves_nothing_and_next_run_succeeds(tmp_path):
     import os
     import signal
@@ -319,7 +303,7 @@ def test_killed_mid_write_leaves_nothing_and_next_run_succeeds(tmp_path):
     import sys
     import time
 
-    m = _sparse_model(tmp_path / "m", 1 << 16, 2048)  # 256 MB of bf16
+    m = sparse_model(tmp_path / "m", 1 << 16, 2048)  # 256 MB of bf16
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ftjax.cli", "transfer", "--source-base", str(m), "--source-ft", str(m),
            "--target-base", str(m), "--out", str(out), "--quiet"]

@@ -1,5 +1,6 @@
 """treeops: the exact one-rounding kernels against a float64 reference (rounded once, correctly), identities."""
 
+import functools
 from fractions import Fraction
 
 import jax
@@ -32,10 +33,49 @@ def mixed(rng, n, dtype, spread=36):
     return [v.astype(dtype) for v in x]
 
 
-def test_ml_dtypes_cast_double_rounds():
-    # Why the tests carry their own rounding: 115.25 is a bf16 tie, the exact value is just above it.
-    x = np.float64(115.25) + 2.0**-20
-    assert float(x.astype(BF16)) == 115.0 and float(round_f64(x, BF16)) == 115.5
+@functools.lru_cache(maxsize=None)
+def _finite_values(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Every finite value of a 16-bit float format (as float64) with its bits, sorted by value."""
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    with np.errstate(invalid="ignore"):  # NaN bit patterns
+        vals = bits.view(dtype).astype(np.float64)
+    keep = np.isfinite(vals)
+    order = np.argsort(vals[keep], kind="stable")
+    return vals[keep][order], bits[keep][order]
+
+
+def exact_round(e: Fraction, dtype) -> float:
+    """The value of `dtype` nearest to the rational e, ties to even: an independent reference on exact rationals
+    (finite results only)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 4:  # float32: float64(e)'s float32 neighbours, decided on rationals
+        y = np.float32(float(e))
+        cands = [y, np.nextafter(y, np.float32(np.inf)), np.nextafter(y, np.float32(-np.inf))]
+        cands = [(float(c), int(np.float32(c).view(np.uint32))) for c in cands]
+    else:
+        vals, bits = _finite_values(dtype)
+        j = int(np.searchsorted(vals, float(e)))
+        cands = [(float(vals[k]), int(bits[k])) for k in (j - 1, j, j + 1) if 0 <= k < len(vals)]
+    return min(cands, key=lambda c: (abs(Fraction(c[0]) - e), c[1] & 1))[0]
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
+def test_round_f64_rounds_once_correctly(dtype):
+    # The float64 reference of the transfer semantics, checked against exact rational rounding, on values that sit
+    # just off ties of the output format (where rounding via float32 first would go wrong) and on random values.
+    rng = np.random.default_rng(7)
+    fmt = np.dtype(dtype)
+    mant = {2: 7 if fmt == np.dtype(BF16) else 10, 4: 23}[fmt.itemsize]
+    base = (1 + rng.integers(0, 2**mant, 300) / 2**mant) * 2.0 ** rng.integers(-8, 8, 300)
+    half_ulp = 2.0 ** (np.floor(np.log2(base)) - mant - 1)
+    ties = base + half_ulp  # exact ties of the output format
+    nudges = np.concatenate([ties + half_ulp * 2.0**-30, ties - half_ulp * 2.0**-30, ties,
+                             rng.standard_normal(300) * 10.0 ** rng.integers(-4, 4, 300)])
+    x = np.concatenate([nudges, -nudges])
+    out = round_f64(x, dtype)
+    assert out.dtype == fmt
+    want = np.array([exact_round(Fraction(float(v)), dtype) for v in x])
+    np.testing.assert_array_equal(out.astype(np.float64), want)
 
 
 @pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
@@ -78,16 +118,10 @@ def test_exact_even_beyond_float64():
     rng = np.random.default_rng(2)
     t, f, b = mixed(rng, 3000, BF16, spread=120)
     out = np.asarray(treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
-    grid = np.array([float(v) for v in np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(BF16)])
-    finite = np.isfinite(grid)
-    order = np.argsort(grid[finite])
-    vals = grid[finite][order]
     for i in range(len(t)):
         e = Fraction(float(t[i])) + Fraction(float(f[i])) - Fraction(float(b[i]))
-        j = np.searchsorted(vals, float(e))
-        cands = [vals[k] for k in (j - 1, j, j + 1) if 0 <= k < len(vals)]
-        best = min(cands, key=lambda c: (abs(Fraction(c) - e), int(np.float32(c).astype(BF16).view(np.uint16)) & 1))
-        assert float(out[i]) == best or (best == 0 and float(out[i]) == 0), (t[i], f[i], b[i], out[i], best)
+        best = exact_round(e, BF16)
+        assert float(out[i]) == best, (t[i], f[i], b[i], out[i], best)
 
 
 def test_identities_and_signed_zero():
