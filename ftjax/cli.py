@@ -9,6 +9,7 @@ its leftover temp directory is removed by the next run into the same output.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -55,14 +56,14 @@ def _size(text: str) -> int:
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
-    p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, metavar="SIZE",
-                   help="largest output safetensors file, e.g. 5GB (default, as transformers) or 500MB")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
+                   help="largest output safetensors file, e.g. 5GB (as transformers) or 500MB")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the diff (default 1.0)")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of the diff")
     p.add_argument("--alpha-for", type=_alpha_rule, action="append", default=[], metavar="REGEX=A",
                    help="per-tensor alpha for names matching REGEX (first match wins; repeatable)")
     p.add_argument("--skip", type=_regex, action="append", default=[], metavar="REGEX",
@@ -93,10 +94,28 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows every option's default (flags and options without one excepted)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        d = action.default
+        if action.option_strings and not any(d is v for v in (None, False, argparse.SUPPRESS)) and d != [] \
+                and "%(default)" not in (action.help or "") and action.help is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ftjax import __version__
 
-    parser = argparse.ArgumentParser(prog="ftjax", description="Fine-tuning transfer between LLM versions, in JAX.")
+    parser = _Parser(prog="ftjax", description="Fine-tuning transfer between LLM versions, in JAX.")
     parser.add_argument("--version", action="version", version=f"ftjax {__version__}")
     dist = parser.add_argument_group("multi-process runs (jax.distributed; give all three, before COMMAND)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (env JAX_COORDINATOR_ADDRESS)")
@@ -110,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-base", required=True, metavar="DIR|REPO", help="the target version's base model")
     p.add_argument("--out", required=True, type=Path, help="output directory (a Hugging Face checkpoint)")
     p.add_argument("--config-from", choices=["target", "source-ft"], default="target",
-                   help="where config.json comes from (default target: RoPE scaling and context belong to it)")
+                   help="where config.json comes from (the target: RoPE scaling and context belong to it)")
     p.add_argument("--tokenizer-from", choices=["source-ft", "target"], default="source-ft",
-                   help="where tokenizer, chat template and generation_config.json come from (default source-ft)")
+                   help="where tokenizer, chat template and generation_config.json come from")
     _add_transfer_flags(p)
 
     p = sub.add_parser("diff", help="write the diff vector ft - base as its own checkpoint directory")
@@ -144,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation-scored rows {\"prompt\", \"answer\"}")
     g.add_argument("--chat", action="store_true", help="render prompts with the model's chat template")
     g.add_argument("--system", help="system message (with --chat)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row (default 256)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row")
     g.add_argument("--extract", type=_extract, metavar="REGEX|gsm8k|last-number",
                    help="score the last match (group 1 if any) instead of the whole generation")
     g.add_argument("--out", type=Path, help="directory for eval.json and generations.jsonl")
@@ -158,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="render prompts with the model's chat template")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -175,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", metavar="DIR|REPO", help="with --along-diff: T, the model at λ = 0")
     p.add_argument("--source-ft", metavar="DIR|REPO", help="with --along-diff: F")
     p.add_argument("--source-base", metavar="DIR|REPO", help="with --along-diff: S")
-    p.add_argument("--points", type=int, default=11, help="grid points (0 and 1 are always added; default 11)")
-    p.add_argument("--range", default="0:1", metavar="LO:HI", help="λ range, e.g. -0.5:1.5 (default 0:1)")
+    p.add_argument("--points", type=int, default=11, help="grid points (0 and 1 are always added)")
+    p.add_argument("--range", default="0:1", metavar="LO:HI", help="λ range, e.g. -0.5:1.5")
     _allow_negative_values(p)
     p.add_argument("--out", required=True, type=Path, help="directory for scan.json, scan.png, scan.pdf")
     _add_eval_flags(p)
@@ -186,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, metavar="DIR|REPO", help="e.g. the target base")
     p.add_argument("--c", required=True, metavar="DIR|REPO", help="e.g. the transferred model target + Δ")
     p.add_argument("--points", type=int, default=7, help="grid points per axis (0 and 1 are always added)")
-    p.add_argument("--range", default="-0.25:1.25", metavar="LO:HI", help="range of u and v (default -0.25:1.25)")
+    p.add_argument("--range", default="-0.25:1.25", metavar="LO:HI", help="range of u and v")
     _allow_negative_values(p)
     p.add_argument("--out", required=True, type=Path, help="directory for plane.json, plane.png, plane.pdf")
     _add_eval_flags(p)
@@ -201,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: a miniature of the paper's study on tiny versions "
                                     "ftjax trains itself (report.md, results.json, plots, HF checkpoints)")
-    p.add_argument("--out", type=Path, default=Path("ftjax_demo"), help="output directory (default ./ftjax_demo)")
+    p.add_argument("--out", type=Path, default=Path("ftjax_demo"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="world, init and data seed (quick mode)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -227,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot-curves", help="overlay the loss curves of several finetune runs (curves.png/pdf)")
     p.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="`ftjax finetune` output directories")
     p.add_argument("--labels", nargs="+", help="one label per run (default: directory names)")
-    p.add_argument("--out", type=Path, default=Path("curves"), help="output path stem (default ./curves)")
+    p.add_argument("--out", type=Path, default=Path("curves"), help="directory for curves.png and curves.pdf")
     p.add_argument("--title")
     return parser
 
@@ -246,9 +265,9 @@ def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
     p.add_argument("--steps", required=True, type=int, help="optimizer steps" + (" per version (0: transfer only)"
                                                                                  if recycle else ""))
     p.add_argument("--out", required=True, type=Path, help="run directory (re-run the same command to resume)")
-    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6, the paper's)")
+    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (the paper's)")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--warmup", type=_warmup, default=0.03, help="fraction of steps (< 1) or steps (default 0.03)")
+    p.add_argument("--warmup", type=_warmup, default=0.03, help="fraction of steps (< 1) or steps")
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per row; longer examples keep their start")
@@ -329,15 +348,20 @@ def _cmd_inspect(args) -> None:
 
 
 def _examples(args, *model_dirs: Path):
-    """The data file's examples, tokenized where rows hold text with the first of model_dirs that has a tokenizer."""
-    from ftjax.data import examples_from_rows, load_tokenizer, needs_tokenizer, read_jsonl
+    """The data file's rows encoded (`data.Encoded`), text tokenized with the first of model_dirs that has a
+    tokenizer; rows with nothing to score are skipped with a warning."""
+    from ftjax.data import encode_rows, load_tokenizer, needs_tokenizer, read_jsonl, warn_skipped
 
     rows = read_jsonl(args.data)
     tokenizer = None
     if needs_tokenizer(rows):
         with_tokenizer = [d for d in model_dirs if (Path(d) / "tokenizer.json").is_file()]
         tokenizer = load_tokenizer(with_tokenizer[0] if with_tokenizer else model_dirs[0])
-    return examples_from_rows(rows, tokenizer, source=str(args.data))
+    encoded = encode_rows(rows, tokenizer, source=str(args.data))
+    warn_skipped(encoded.skipped)
+    if not encoded.examples:
+        raise FtjaxError(f"{args.data}: no row has anything to score")
+    return encoded
 
 
 def _mesh(args):
@@ -390,7 +414,7 @@ def _cmd_generate(args) -> None:
 def _eval_by_generation(args, model_dir: Path) -> bool:
     """Score {"prompt", "answer"} rows by generating; False (nothing done) when the rows are for loss scoring."""
     from ftjax import generate as gen
-    from ftjax.data import read_jsonl
+    from ftjax.data import read_jsonl, where
     from ftjax.lmc import finite_or_none
     from ftjax.params import load_params
 
@@ -399,8 +423,8 @@ def _eval_by_generation(args, model_dir: Path) -> bool:
     if not any(kinds):
         return False
     if not all(kinds):
-        raise FtjaxError(f"{args.data}: row {kinds.index(False) + 1} is not a {{\"prompt\", \"answer\"}} row but "
-                         "others are; put generation-scored rows in a file of their own")
+        raise FtjaxError(f"{where(rows, kinds.index(False), str(args.data))}: not a {{\"prompt\", \"answer\"}} row "
+                         "but others are; put generation-scored rows in a file of their own")
     setup = gen.TextSetup.load(model_dir, chat=args.chat)
     if args.max_new_tokens < 1:
         raise FtjaxError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -435,21 +459,33 @@ def _cmd_eval(args) -> None:
     from ftjax.lmc import finite_or_none
     from ftjax.params import load_params
 
+    _check_out_dir(args.out, "eval.json", "generations.jsonl")
     model_dir = resolve_model_path(args.model)
     if _eval_by_generation(args, model_dir):
         return
-    examples = _examples(args, model_dir)
+    encoded = _examples(args, model_dir)
     mesh = _mesh(args)
     cfg, params = load_params(model_dir, mesh=mesh)
-    check_vocab(examples, cfg.vocab_size, source=str(args.data))
-    result = evaluate_loss(params, cfg, examples, batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype,
-                           mesh=mesh)
+    check_vocab(encoded.examples, cfg.vocab_size, source=str(args.data))
+    result = evaluate_loss(params, cfg, encoded.examples, batch_size=args.batch_size, max_len=args.max_len,
+                           dtype=args.dtype, mesh=mesh)
+    result.update(rows=len({e.row for e in encoded.examples}), skipped_rows=len(encoded.skipped), dtype=args.dtype)
     if args.out is not None:
         _write_json(args.out / "eval.json", result)
     if args.json:
         print(json.dumps(finite_or_none(result)))
     else:
-        print(f"{_metrics_line(result)}  ({result['tokens_per_s']:.0f} tokens/s)")
+        skipped = f", {result['skipped_rows']} skipped" if result["skipped_rows"] else ""
+        print(f"{_metrics_line(result)}  ({result['rows']} rows{skipped}; {args.dtype}; "
+              f"{result['tokens_per_s']:.0f} tokens/s)")
+
+
+def _check_out_dir(out: Path | None, *names: str) -> None:
+    """A command's --out directory, before any compute: new, or holding only these files (see io.checkpoint)."""
+    from ftjax.io.checkpoint import check_files_dir
+
+    if out is not None:
+        check_files_dir(out, names)
 
 
 def _labels(*models: str) -> list[str]:
@@ -473,6 +509,7 @@ def _cmd_scan(args) -> None:
     from ftjax.data import check_vocab
     from ftjax.io.checkpoint import resolve_model_path
 
+    _check_out_dir(args.out, "scan.json", "scan.png", "scan.pdf")
     if args.along_diff:
         need = {"--target": args.target, "--source-ft": args.source_ft, "--source-base": args.source_base}
         if args.a or args.b:
@@ -484,7 +521,7 @@ def _cmd_scan(args) -> None:
         raise FtjaxError(f"scan needs {', '.join(missing)}")
     lambdas = lmc.grid(args.points, *lmc.parse_range(args.range))
     dirs = {k: resolve_model_path(v) for k, v in need.items()}
-    examples = _examples(args, *dirs.values())
+    examples = _examples(args, *dirs.values()).examples
     mesh = _mesh(args)
     cfg, thetas = lmc.load_models({k.lstrip("-"): v for k, v in dirs.items()}, mesh=mesh)
     check_vocab(examples, cfg.vocab_size, source=str(args.data))
@@ -514,9 +551,10 @@ def _cmd_plane(args) -> None:
     from ftjax.data import check_vocab
     from ftjax.io.checkpoint import resolve_model_path
 
+    _check_out_dir(args.out, "plane.json", "plane.png", "plane.pdf")
     axis = lmc.grid(args.points, *lmc.parse_range(args.range))
     dirs = {k: resolve_model_path(getattr(args, k)) for k in ("a", "b", "c")}
-    examples = _examples(args, *dirs.values())
+    examples = _examples(args, *dirs.values()).examples
     mesh = _mesh(args)
     cfg, thetas = lmc.load_models(dirs, mesh=mesh)
     check_vocab(examples, cfg.vocab_size, source=str(args.data))
@@ -537,6 +575,7 @@ def _cmd_stats(args) -> None:
     from ftjax.lmc import finite_or_none
     from ftjax.stats import diff_stats, format_table
 
+    _check_out_dir(args.out, "stats.json", "stats.png", "stats.pdf")
     result = diff_stats(args.source_base, args.source_ft, args.target_base, args.target_ft)
     _write_json(args.out / "stats.json", result)
     if _is_main():
@@ -599,11 +638,12 @@ def _cmd_plot_curves(args) -> None:
     from ftjax import plots
     from ftjax.train import read_curves
 
+    _check_out_dir(args.out, "curves.png", "curves.pdf")
     labels = args.labels or _labels(*map(str, args.runs))
     if len(labels) != len(args.runs):
         raise FtjaxError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
-    paths = plots.plot_curves({label: read_curves(run) for label, run in zip(labels, args.runs)}, args.out,
-                              title=args.title)
+    paths = plots.plot_curves({label: read_curves(run) for label, run in zip(labels, args.runs)},
+                              args.out / "curves", title=args.title)
     print("wrote " + ", ".join(map(str, paths)))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ftjax.config import ModelConfig, read_config
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path, save_hf
+from ftjax.io.checkpoint import DIFF_MARKER, HFCheckpoint, resolve_model_path, save_hf
 from ftjax.io.orbax import is_orbax_dir, read_manifest, restore_orbax, save_orbax
 from ftjax.params import check_params, model_tensor_names
 
@@ -48,6 +48,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         shapes = {n: (dt, shape) for n, (dt, shape) in read_manifest(path).items()}
         files = [str(Path(path) / "params")]
         kind = "orbax"
+    elif (resolve_model_path(path) / DIFF_MARKER).is_file():
+        return _inspect_diff(HFCheckpoint(resolve_model_path(path), allow_diff=True))
     else:
         ckpt = HFCheckpoint(resolve_model_path(path))
         config = ckpt.config
@@ -82,4 +84,32 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "files": files,
         "ignored_config_keys": list(report.ignored),  # keys transformers' modeling code never reads (inert)
         "config_notes": list(report.notes),
+    }
+
+
+def _inspect_diff(ckpt: HFCheckpoint) -> dict[str, Any]:
+    """A diff directory written by `ftjax diff`: what it is the difference of, its dtype, size and norms."""
+    import json
+
+    meta_path = ckpt.path / DIFF_MARKER
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise FtjaxError(f"{meta_path}: not valid JSON ({e})") from None
+    infos = [ckpt.info(n) for n in ckpt.names()]
+    norms = meta.get("norms", {})
+    largest = sorted(norms.get("tensors", {}).items(), key=lambda kv: -kv[1])[:5]
+    return {
+        "path": str(ckpt.path),
+        "format": "ftjax-diff",
+        "diff_of": f"ft {meta.get('ft')} - base {meta.get('base')}",
+        "dtype": meta.get("dtype"),
+        "exact": meta.get("exact"),
+        "tensors": len(infos),
+        "parameters": sum(int(np.prod(i.shape, dtype=np.int64)) for i in infos),
+        "bytes": sum(i.nbytes for i in infos),
+        "norm": norms.get("total"),
+        "largest_tensor_norms": {n: round(v, 6) for n, v in largest},
+        "exact_remainders": len(meta.get("lo_tensors", [])),
+        "apply_with": f"ftjax apply --target BASE --diff {ckpt.path} --out OUT",
     }

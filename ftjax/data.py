@@ -43,6 +43,7 @@ class Example:
     choice: int = -1
     answer: int = -1
     chars: int = 0
+    where: str = ""  # how messages name the row: "path:line"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,23 @@ class Batch:
     index_b: np.ndarray  # int32 [B], position of each row's Example in the input list; -1 for padding rows
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+class Rows(list):
+    """The rows (dicts) of a JSONL file, remembering each row's line in the file, so every message about a row
+    names it as `path:line` (blank lines are skipped, so row i is not line i + 1 in general)."""
+
+    def __init__(self, rows: Sequence[dict], lines: Sequence[int], source: str):
+        super().__init__(rows)
+        self.lines, self.source = list(lines), source
+
+
+def where(rows: Sequence[dict], i: int, source: str = "data") -> str:
+    """How messages name row i: `path:line` for rows read from a file, else `source row i+1`."""
+    if isinstance(rows, Rows) and len(rows.lines) == len(rows):
+        return f"{rows.source}:{rows.lines[i]}"
+    return f"{source} row {i + 1}"
+
+
+def read_jsonl(path: str | Path) -> Rows:
     """Parse a JSONL file; a malformed line is an error naming its line number; an empty file is an error."""
     path = Path(path)
     try:
@@ -64,7 +81,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         raise FtjaxError(f"data file {path} is a directory") from None
     except UnicodeDecodeError:
         raise FtjaxError(f"data file {path} is not UTF-8 text") from None
-    rows = []
+    rows, numbers = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -75,9 +92,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if not isinstance(row, dict):
             raise FtjaxError(f"{path}:{number}: each line must be a JSON object")
         rows.append(row)
+        numbers.append(number)
     if not rows:
         raise FtjaxError(f"data file {path} has no rows")
-    return rows
+    return Rows(rows, numbers, str(path))
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -109,16 +127,14 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole, n_context
 
 
-def _pair_example(tokenizer, context: str, continuation: str, where: str, **meta) -> Example:
+def _pair_example(tokenizer, context: str, continuation: str, where: str, **meta) -> Example | None:
+    """None (nothing to score) when the context or the continuation encodes to no tokens."""
     ids, n_context = encode_pair(tokenizer, context, continuation)
-    if n_context < 1:
-        raise FtjaxError(f"{where}: the context encodes to no tokens (and the tokenizer adds no BOS); "
-                         "give the row a non-empty prompt")
-    if len(ids) <= n_context:
-        raise FtjaxError(f"{where}: the completion encodes to no tokens")
+    if n_context < 1 or len(ids) <= n_context:
+        return None
     weights = np.zeros(len(ids), np.float32)
     weights[n_context:] = 1.0
-    return Example(np.asarray(ids, np.int32), weights, **meta)
+    return Example(np.asarray(ids, np.int32), weights, where=where, **meta)
 
 
 def _require_str(row: dict, key: str, where: str) -> str:
@@ -127,55 +143,81 @@ def _require_str(row: dict, key: str, where: str) -> str:
     return row[key]
 
 
-def examples_from_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -> list[Example]:
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Examples of a set of rows, and the rows skipped because they hold nothing to score (as `path:line`): an LM row
+    of fewer than two tokens, a prompt or completion that encodes to no tokens."""
+
+    examples: list[Example]
+    skipped: list[str]
+
+
+def encode_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -> Encoded:
     """Token sequences with loss weights for every row (one per choice for multiple-choice rows)."""
     out: list[Example] = []
+    skipped: list[str] = []
     for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
+        at = where(rows, i, source)
         if "input_ids" in row:
             ids = row["input_ids"]
             if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
-                raise FtjaxError(f"{where}: input_ids must be a list of non-negative integers")
-            out.append(_lm_example(ids, i, where))
-            continue
-        if tokenizer is None and any(k in row for k in ("text", "prompt", "question")):
-            raise FtjaxError(f"{where}: text rows need a model directory with tokenizer.json")
-        if "choices" in row:
+                raise FtjaxError(f"{at}: input_ids must be a list of non-negative integers")
+            examples = [_lm_example(ids, i, at)]
+        elif tokenizer is None and any(k in row for k in ("text", "prompt", "question")):
+            raise FtjaxError(f"{at}: text rows need a model directory with tokenizer.json")
+        elif "choices" in row:
             key = "question" if "question" in row else "prompt"
-            context = _require_str(row, key, where)
+            context = _require_str(row, key, at)
             choices, answer = row["choices"], row.get("answer")
             if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise FtjaxError(f"{where}: 'choices' must be a list of at least two strings")
+                raise FtjaxError(f"{at}: 'choices' must be a list of at least two strings")
             if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                raise FtjaxError(f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1})")
-            for k, choice in enumerate(choices):
-                out.append(_pair_example(tokenizer, context, " " + choice, where, kind=CHOICE, row=i, choice=k,
-                                         answer=answer, chars=len(choice)))
+                raise FtjaxError(f"{at}: 'answer' must be an index into 'choices' (0..{len(choices) - 1})")
+            examples = [_pair_example(tokenizer, context, " " + choice, at, kind=CHOICE, row=i, choice=k,
+                                      answer=answer, chars=len(choice)) for k, choice in enumerate(choices)]
         elif "completion" in row:
-            context, completion = _require_str(row, "prompt", where), _require_str(row, "completion", where)
-            out.append(_pair_example(tokenizer, context, completion, where, kind=COMPLETION, row=i))
+            context, completion = _require_str(row, "prompt", at), _require_str(row, "completion", at)
+            examples = [_pair_example(tokenizer, context, completion, at, kind=COMPLETION, row=i)]
         elif "text" in row:
-            out.append(_lm_example(tokenizer.encode(_require_str(row, "text", where)).ids, i, where))
+            examples = [_lm_example(tokenizer.encode(_require_str(row, "text", at)).ids, i, at)]
         else:
-            raise FtjaxError(f"{where}: expected 'input_ids', 'text', 'prompt'+'completion' or "
+            raise FtjaxError(f"{at}: expected 'input_ids', 'text', 'prompt'+'completion' or "
                              f"'question'+'choices'+'answer', got keys {sorted(row)}")
-    return out
+        if any(e is None for e in examples):
+            skipped.append(at)
+        else:
+            out.extend(examples)
+    return Encoded(out, skipped)
 
 
-def _lm_example(ids: list[int], row: int, where: str) -> Example:
+def examples_from_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -> list[Example]:
+    """`encode_rows(...).examples`, with a warning on stderr naming the rows skipped for holding nothing to score."""
+    encoded = encode_rows(rows, tokenizer, source=source)
+    warn_skipped(encoded.skipped)
+    return encoded.examples
+
+
+def warn_skipped(skipped: Sequence[str]) -> None:
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"ftjax: warning: skipped {len(skipped)} row(s) with nothing to score (fewer than two tokens, or an "
+              f"empty prompt or completion): {', '.join(skipped[:3])}{more}", file=sys.stderr)
+
+
+def _lm_example(ids: list[int], row: int, where: str) -> Example | None:
     if len(ids) < 2:
-        raise FtjaxError(f"{where}: needs at least two tokens to score a next-token prediction, got {len(ids)}")
+        return None
     weights = np.ones(len(ids), np.float32)
     weights[0] = 0.0
-    return Example(np.asarray(ids, np.int32), weights, kind=LM, row=row)
+    return Example(np.asarray(ids, np.int32), weights, kind=LM, row=row, where=where)
 
 
 def check_vocab(examples: Sequence[Example], vocab_size: int, *, source: str = "data") -> None:
     """Every token id must index the model's embedding table."""
     for e in examples:
         if len(e.tokens_t) and int(e.tokens_t.max()) >= vocab_size:
-            raise FtjaxError(f"{source} row {e.row + 1}: token id {int(e.tokens_t.max())} is outside the model's "
-                             f"vocabulary of {vocab_size}")
+            raise FtjaxError(f"{e.where or f'{source} row {e.row + 1}'}: token id {int(e.tokens_t.max())} is outside "
+                             f"the model's vocabulary of {vocab_size}")
 
 
 def bucket_length(n: int, max_len: int, minimum: int = 16) -> int:

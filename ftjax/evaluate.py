@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.data import CHOICE, COMPLETION, Batch, Example, batches, truncate
+from ftjax.dtypes import is_float
 from ftjax.model import forward
 
 # (tokens_bt, mask_bt, weights_bt) -> (nll_b, count_b, greedy_b): per-row sums for one fixed-shape batch.
@@ -54,7 +55,7 @@ def cast_params(params: Any, dtype: Any) -> Any:
     if dtype is None:
         return params
     dtype = jnp.dtype(dtype)
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return jax.tree.map(lambda x: x.astype(dtype) if is_float(x.dtype) else x, params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ftjax.chat import chat_messages, render_chat
 from ftjax.config import ModelConfig
+from ftjax.data import where
 from ftjax.errors import FtjaxError
 from ftjax.model import forward_cached, init_cache
 
@@ -246,9 +247,9 @@ def evaluate_generation(params: Any, cfg: ModelConfig, rows: Sequence[dict], tok
     for i, row in enumerate(rows):
         prompt = row.get("prompt", row.get("question"))
         if not (isinstance(prompt, str) or (template is not None and isinstance(prompt, list))):
-            raise FtjaxError(f"{source} row {i + 1}: generation rows need a 'prompt' string and an 'answer'")
+            raise FtjaxError(f"{where(rows, i, source)}: generation rows need a 'prompt' string and an 'answer'")
         if not isinstance(row.get("answer"), (str, int, float)) or isinstance(row.get("answer"), bool):
-            raise FtjaxError(f"{source} row {i + 1}: 'answer' must be a string or a number")
+            raise FtjaxError(f"{where(rows, i, source)}: 'answer' must be a string or a number")
         prompts.append(prompt)
     ids = encode_prompts(tokenizer, prompts, template=template, special=special, system=system)
     check_generation_args(cfg, ids, max_new_tokens, batch_size=batch_size)
@@ -310,6 +311,6 @@ def prompts_from_rows(rows: Sequence[dict], *, source: str = "prompts") -> list[
         elif isinstance(row.get("messages"), list) and row["messages"]:
             out.append(row["messages"])
         else:
-            raise FtjaxError(f"{source} row {i + 1}: expected a 'prompt' string or a 'messages' list, "
+            raise FtjaxError(f"{where(rows, i, source)}: expected a 'prompt' string or a 'messages' list, "
                              f"got keys {sorted(row)}")
     return out

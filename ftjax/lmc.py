@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from ftjax import treeops
 from ftjax.config import ModelConfig
 from ftjax.data import Example, truncate
+from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError
 from ftjax.evaluate import device_batches, row_stats, run_batches, summarize
 
@@ -53,7 +54,7 @@ def point_row_stats(coefs: jax.Array, thetas: tuple, tokens_bt, mask_bt, weights
     combine = PATHS[path]
     params = jax.tree.map(
         lambda *xs: combine(coefs, *(x.astype(jnp.float32) for x in xs)).astype(dtype)
-        if jnp.issubdtype(xs[0].dtype, jnp.floating) else xs[0], *thetas)
+        if is_float(xs[0].dtype) else xs[0], *thetas)
     return row_stats(params, cfg, tokens_bt, mask_bt, weights_bt)
 
 

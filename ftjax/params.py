@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax import dtypes
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint, save_hf
@@ -177,7 +178,8 @@ def load_params(
     jobs = []
     for name in names:  # header checks and shard opening here, in this thread, before any read-ahead
         info = ckpt.info(name)
-        leaf_dtype = target if target is not None and jnp.issubdtype(info.dtype, jnp.floating) else None
+        dtypes.check_computable(info.dtype, f"{ckpt.file_of(name)}: tensor {name}")
+        leaf_dtype = target if target is not None and dtypes.is_float(info.dtype) else None
         sharding = None if mesh is None else NamedSharding(mesh, partition_spec(name, info.shape, mesh))
         jobs.append((name, info, leaf_dtype, sharding))
     flat: dict[str, jax.Array] = {}
@@ -272,7 +274,7 @@ def save_params(
     tensors = {}
     for name, leaf in flat.items():
         host = to_host(leaf)
-        tensors[name] = _cast(host, target if jnp.issubdtype(host.dtype, jnp.floating) else None)
+        tensors[name] = _cast(host, target if dtypes.is_float(host.dtype) else None)
     if target is not None:
         config_dict["torch_dtype" if "torch_dtype" in config_dict else "dtype"] = str(np.dtype(target))
     aux = Path(aux_from) if aux_from is not None else None

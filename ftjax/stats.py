@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 
@@ -33,7 +34,7 @@ def group_of(name: str) -> tuple[int | None, str]:
 
 
 def _tensor_names(ckpt: HFCheckpoint) -> list[str]:
-    names = [n for n in ckpt.names() if np.issubdtype(ckpt.info(n).dtype, np.floating)]
+    names = [n for n in ckpt.names() if is_float(ckpt.info(n).dtype)]
     if ckpt.config.get("tie_word_embeddings") and "lm_head.weight" in names:
         names.remove("lm_head.weight")
     return names
@@ -90,6 +91,8 @@ def diff_stats(source_base: str | Path, source_ft: str | Path, target_base: str 
     if len(set(families.values())) > 1:
         raise FtjaxError(f"models of different families cannot be compared: {families}")
     names = _tensor_names(order[0])
+    if not names:
+        raise FtjaxError(f"{order[0].path}: no floating-point tensors to compare")
     plans = []  # (name, rows to compare) -- all shapes checked before any tensor is read
     for role, c in ckpts.items():
         other = set(_tensor_names(c))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import treeops
+from ftjax import dtypes
 from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import TensorInfo
 
@@ -163,18 +163,20 @@ class _Files:
             self.where[key] = loc
         return self.where[key]
 
-    def read(self, src: Source, r0: int, r1: int, dst: np.ndarray) -> None:
-        """Rows [r0, r1) of src into the flat array dst (its size fixes the element count)."""
+    def read(self, src: Source, r0: int, r1: int, dst: np.ndarray) -> int:
+        """Rows [r0, r1) of src into the flat array dst (its size fixes the element count); returns the bytes read
+        from the file (0 for the zeros source)."""
         reader, name = src
         if reader is None:
             dst[:] = 0
-            return
+            return 0
         info = reader.info(name)
         loc = self._locate(reader, name)
+        nbytes = (r1 - r0) * row_elems(info.shape) * info.dtype.itemsize
         if loc is None or dst.dtype != info.dtype:
             np.copyto(dst, reader.get(name).reshape(-1)[r0 * row_elems(info.shape): r1 * row_elems(info.shape)],
                       casting="unsafe")
-            return
+            return nbytes
         fd, offset = loc
         out = dst.view(np.uint8)
         pos, start = 0, offset + r0 * row_elems(info.shape) * info.dtype.itemsize
@@ -184,6 +186,7 @@ class _Files:
                 raise FtjaxError(f"{reader.file_of(name) if hasattr(reader, 'file_of') else reader.path}: "
                                  f"tensor {name!r} ends early; the file was truncated while reading")
             pos += got
+        return nbytes
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -262,7 +265,7 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
             bar.update(outs[0].nbytes)
 
     def check(job: Job, a: np.ndarray) -> None:
-        if treeops.is_float(a.dtype) and job.name not in report.nonfinite and _has_nonfinite(a):
+        if dtypes.is_float(a.dtype) and job.name not in report.nonfinite and _has_nonfinite(a):
             report.nonfinite.append(job.name)
 
     def writer() -> None:
@@ -313,16 +316,14 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
                     for job, srcs, r0, r1, off in segs:
                         m = (r1 - r0) * row_elems(job.out.shape)
                         for x, src in zip(xs, srcs):
-                            files.read(src, r0, r1, x[off: off + m])
-                            report.bytes_read += m * x.dtype.itemsize
+                            report.bytes_read += files.read(src, r0, r1, x[off: off + m])
                     filled_q.put((bufs, batch, xs))
                 else:
                     _, job, src, r0, r1 = batch
                     dt, shape = dtype_of(src), job.out.shape
                     rshape = (r1 - r0,) + shape[1:] if shape else ()
                     a = bufs[0].view(dt)[: math.prod(rshape)]
-                    files.read(src, r0, r1, a)
-                    report.bytes_read += a.nbytes
+                    report.bytes_read += files.read(src, r0, r1, a)
                     a = a.reshape(rshape)
                     filled_q.put((bufs, ("copy", job, a.astype(job.out.dtype) if dt != job.out.dtype else a), None))
             filled_q.put(None)

@@ -38,17 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import ftjax
-from ftjax import distributed, treeops
+from ftjax import distributed, dtypes, treeops
 from ftjax import transfer_plan as P
 from ftjax.config import read_config
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import HFCheckpoint, HFCheckpointWriter, copy_aux_files, write_json
+from ftjax.io.checkpoint import (DIFF_MARKER, RECORD_KEY, HFCheckpoint, HFCheckpointWriter, check_output, copy_aux_files,
+                                 write_json)
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 from ftjax.streaming import Job, Streams, WriteBehind, row_chunks, rows_of, stream
 from ftjax.transfer_plan import EMBED, LM_HEAD, TransferReport  # noqa: F401 - public names of this module
 
 CHUNK_ELEMS = 1 << 20  # elements per kernel call: 2 MB per bf16 input buffer (cache-sized; 4x fewer was slower)
-PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", "ftjax_diff.json", "ftjax_diff_lo.safetensors"
+PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", DIFF_MARKER, "ftjax_diff_lo.safetensors"
 _OWN_FILES = (PROVENANCE, DIFF_META, "config.json")
 Write = Callable[[WriteBehind, Job, tuple[np.ndarray, ...]], None]
 
@@ -75,7 +76,7 @@ def _provenance(kind: str, report: TransferReport, config: dict, **fields) -> di
 
 def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: TransferReport, *, overwrite: bool,
            progress: bool, strict: bool, t0: float, max_shard_bytes: int, cfg: dict, aux_src: Path, meta_name: str,
-           meta: dict, write: Write | None = None, lo: "_LoWriter | None" = None) -> None:
+           meta: dict, write: Write | None = None, extras: _DiffExtras | None = None) -> None:
     """Stream `jobs` into an atomic temp dir as a HF checkpoint, then config, aux files and provenance.
 
     With several processes (jax.distributed) every process plans the same shards and process i streams shards i,
@@ -87,14 +88,14 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
         with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes, part=(me, n)) as w:
             mine = set(w.tensors())
             part = TransferReport(report.kind, report.out, report.inputs)
-            if lo is not None:
-                lo.open(tmp / f".ftjax-lo-{me}.tmp")
+            if extras is not None:
+                extras.open(tmp / f".ftjax-lo-{me}.tmp")
             wb = WriteBehind(w)
             stream([j for j in jobs if j.name in mine], io, lambda job, outs: write(wb, job, outs), part,
                    progress and me == 0, chunk_elems=CHUNK_ELEMS)
         write_json(tmp / f".ftjax-part-{me}.json", {"bytes_read": part.bytes_read, "nonfinite": part.nonfinite,
                                                      "bytes_written": part.bytes_written,
-                                                     "lo": lo.close() if lo is not None else []})
+                                                     "extras": extras.close() if extras is not None else {}})
 
     def finalize(tmp: Path, n: int) -> None:
         order = {j.name: k for k, j in enumerate(jobs)}
@@ -109,16 +110,17 @@ def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: 
         report.bytes_read = sum(p["bytes_read"] for p in parts)
         report.bytes_written = sum(p["bytes_written"] for p in parts)
         report.nonfinite = sorted((n for p in parts for n in p["nonfinite"]), key=order.__getitem__)
-        if lo is not None:
-            lo.finish(tmp, meta, [(tmp / f".ftjax-lo-{i}.tmp", p["lo"]) for i, p in enumerate(parts)],
-                      {j.name: j.out for j in jobs}, order)
+        if extras is not None:
+            extras.finish(tmp, meta, [(tmp / f".ftjax-lo-{i}.tmp", p["extras"]) for i, p in enumerate(parts)],
+                          {j.name: j.out for j in jobs}, order)
         report.seconds = time.perf_counter() - t0
         if report.nonfinite and strict:
             raise FtjaxError(f"NaN/Inf in {len(report.nonfinite)} output tensor(s): "
                              f"{', '.join(report.nonfinite[:8])} (--strict); nothing was written")
         copy_aux_files(aux_src, tmp, skip=(*_OWN_FILES, DIFF_LO))
         write_json(tmp / "config.json", cfg)
-        write_json(tmp / meta_name, {**meta, "report": report.to_dict()})
+        files = sorted({p.name for p in tmp.iterdir()} | {meta_name})  # what --overwrite may later replace
+        write_json(tmp / meta_name, {**meta, "report": report.to_dict(), RECORD_KEY: files})
 
     distributed.write_output(out, overwrite=overwrite, inputs=inputs, work=work, finalize=finalize)
 
@@ -138,8 +140,9 @@ def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, targe
     roles = _roles(t, f, config_from, tokenizer_from)
     report = TransferReport("transfer", str(out), {"source_base": str(b.path), "source_ft": str(f.path),
                                                    "target_base": str(t.path)}, dry_run=dry_run)
-    out = P.check_out(out, overwrite, [b.path, f.path, t.path])
+    out = check_output(out, overwrite=overwrite, inputs=[b.path, f.path, t.path])
     jobs = P.plan(t, f, b, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab, dtype=dtype, report=report)
+    report.warnings += P.transfer_warnings(b, f, t, [j.name for j in jobs if j.mode == "kernel"])
     cfg = P.out_config(roles[config_from].config, t, jobs)
     if dry_run:
         return report
@@ -162,16 +165,31 @@ def _diff_round_op(f, b, out_dtype):
     return treeops.round_sum3(jnp.zeros_like(hi), hi, lo, out_dtype)  # one rounding of the exact difference
 
 
-class _LoWriter:
-    """Exact remainders of a float32 diff: appended to a scratch file per process and tensor (dropped when all
-    zero), then copied into `ftjax_diff_lo.safetensors` (only the tensors that have a nonzero remainder)."""
+class _DiffExtras:
+    """What `diff` keeps beside the main tensors, per process, merged by process 0: the L2 norm of every diff
+    tensor (float64 sums of squares of what is written) and, for an exact float32 diff, the exact remainders (lo),
+    appended to a scratch file per tensor (dropped when all zero) and then copied into `ftjax_diff_lo.safetensors`
+    (only the tensors that have a nonzero remainder)."""
+
+    def __init__(self, exact: bool):
+        self.exact = exact
 
     def open(self, path: Path) -> None:
         self.path, self.f = path, open(path, "w+b")
         self.starts: list[tuple[str, int]] = []  # (tensor, byte offset in the scratch file)
+        self.sumsq: dict[str, float] = {}
         self.name, self.start, self.nonzero, self.rows = None, 0, False, 0
 
-    def write(self, job: Job, lo: np.ndarray | None, rows: int) -> None:
+    def add(self, job: Job, outs: tuple[np.ndarray, ...]) -> None:
+        """Record a written row block: outs[0] the diff rows, outs[1] (exact kernel rows) their remainders."""
+        hi = outs[0].reshape(-1)
+        if dtypes.is_float(hi.dtype):
+            h = hi.astype(np.float32, copy=False)
+            self.sumsq[job.name] = self.sumsq.get(job.name, 0.0) + float(np.dot(h, h))
+        if self.exact and job.mode == "kernel":
+            self._write_lo(job, outs[1] if len(outs) > 1 else None, rows_of(outs[0].shape))
+
+    def _write_lo(self, job: Job, lo: np.ndarray | None, rows: int) -> None:
         if self.name != job.name:
             self.name, self.start, self.nonzero, self.rows = job.name, self.f.tell(), False, 0
         lo = np.zeros(job.out.shape[:1] and (rows,) + job.out.shape[1:], np.float32) if lo is None else lo
@@ -185,16 +203,18 @@ class _LoWriter:
                 self.f.seek(self.start)
                 self.f.truncate()
 
-    def close(self) -> list[tuple[str, int]]:
-        """Close the scratch file (process 0 reads it next, then deletes it); returns what it holds."""
+    def close(self) -> dict:
+        """Close the scratch file (process 0 reads it next, then deletes it); returns what this process holds."""
         self.f.close()
-        return self.starts
+        return {"lo": self.starts, "sumsq": self.sumsq}
 
-    @staticmethod
-    def finish(tmp: Path, meta: dict, parts: list[tuple[Path, list]], outs: dict[str, TensorInfo],
+    def finish(self, tmp: Path, meta: dict, parts: list[tuple[Path, dict]], outs: dict[str, TensorInfo],
                order: dict[str, int]) -> None:
-        """Merge every process's scratch file (`parts`: path, [(tensor, offset)]) into DIFF_LO, in tensor order."""
-        found = sorted(((name, start, path) for path, starts in parts for name, start in starts),
+        """Merge every process's part (`parts`: scratch path, `close()` result) into DIFF_LO and meta["norms"]."""
+        sumsq = {name: ss for _, part in parts for name, ss in part["sumsq"].items()}
+        meta["norms"] = {"total": math.sqrt(math.fsum(sumsq.values())),
+                         "tensors": {n: math.sqrt(sumsq[n]) for n in sorted(sumsq, key=order.__getitem__)}}
+        found = sorted(((name, start, path) for path, part in parts for name, start in part["lo"]),
                        key=lambda x: order[x[0]])
         infos = [TensorInfo(name, np.dtype(np.float32), outs[name].shape) for name, _, _ in found]
         if infos:
@@ -207,7 +227,8 @@ class _LoWriter:
             del maps
         for path, _ in parts:
             path.unlink()
-        meta["lo_tensors"] = [i.name for i in infos]
+        if self.exact:
+            meta["lo_tensors"] = [i.name for i in infos]
 
 
 def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
@@ -221,20 +242,20 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
     t0 = time.perf_counter()
     b, f = HFCheckpoint(base), HFCheckpoint(ft)
     report = TransferReport("diff", str(out), {"base": str(b.path), "ft": str(f.path)}, dry_run=dry_run)
-    out = P.check_out(out, overwrite, [b.path, f.path])
+    out = check_output(out, overwrite=overwrite, inputs=[b.path, f.path])
     exact = P.out_dtype(dtype, np.float32) == np.float32
     # Planned as a transfer onto the base itself: same checks, the vocab rows of ft beyond the base padded.
     jobs = P.plan(b, f, b, alpha=1.0, alpha_for=(), skip=(), vocab="pad", dtype=dtype, report=report)
+    report.warnings += P.swapped_base_warnings(b, f, "--base", "--ft")
     base_rows = {j.s: j.rows for j in jobs if j.mode == "kernel" and j.rows != rows_of(j.out.shape)}
     report.vocab = {"base_rows": base_rows} if base_rows else {}
     if dry_run:
         return report
-    lo = _LoWriter() if exact else None
+    extras = _DiffExtras(exact)
 
     def write(w, job, outs):
         w.write(job.name, outs[0].astype(job.out.dtype, copy=False))
-        if lo is not None and job.mode == "kernel":
-            lo.write(job, outs[1] if len(outs) > 1 else None, rows_of(outs[0].shape))
+        extras.add(job, outs)
 
     io = Streams(inputs=lambda job: ((f, job.s), (b, job.b)),
                  kernel=lambda job: (treeops.diff_exact, ()) if exact else (_diff_round_op, (job.out.dtype,)),
@@ -245,7 +266,7 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
                        formula="ft - base; exact value = main tensor + lo remainder (float32)")
     _write(out, [b.path, f.path], jobs, io, report, overwrite=overwrite, progress=progress, strict=False, t0=t0,
            max_shard_bytes=max_shard_bytes, cfg=f.config, aux_src=f.path, meta_name=DIFF_META, meta=meta,
-           write=write, lo=lo)
+           write=write, extras=extras)
     return report
 
 
@@ -253,7 +274,7 @@ class _DiffReader:
     """A diff directory as the source of `apply`: main tensors (hi) + optional exact remainders (lo)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.ck = HFCheckpoint(path)
+        self.ck = HFCheckpoint(path, allow_diff=True)
         meta_path = self.ck.path / DIFF_META
         if not meta_path.is_file():
             raise FtjaxError(f"{self.ck.path}: no {DIFF_META}; not a diff written by `ftjax diff`")
@@ -283,7 +304,7 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
     t, d = HFCheckpoint(target), _DiffReader(diff)
     roles = _roles(t, d.ck, config_from, tokenizer_from)
     report = TransferReport("apply", str(out), {"target": str(t.path), "diff": str(d.ck.path)}, dry_run=dry_run)
-    out = P.check_out(out, overwrite, [t.path, d.ck.path])
+    out = check_output(out, overwrite=overwrite, inputs=[t.path, d.ck.path])
     jobs = P.plan(t, d.ck, None, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab, dtype=dtype,
                  report=report, base_rows=d.meta.get("base_vocab_rows", {}))
     cfg = P.out_config(roles[config_from].config, t, jobs)
@@ -353,7 +374,7 @@ def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: flo
             problems.append(f"{name}: source-ft vocabulary ({fs[0]} rows) is smaller than the bases' ({x.shape[0]})")
         elif fs != x.shape and vocab == "error":
             problems.append(f"{name}: source-ft has {fs[0]} rows, the bases {x.shape[0]} (vocab='error')")
-        skipped = any(r.search(name) for r in skips) or not treeops.is_float(x.dtype)
+        skipped = any(r.search(name) for r in skips) or not dtypes.is_float(x.dtype)
         alphas[name] = 0.0 if skipped else next((a for r, a in rules if r.search(name)), float(alpha))
     P.fail(problems, "parameter trees do not match")
     names = list(t)

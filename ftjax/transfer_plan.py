@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ftjax import treeops
+from ftjax import dtypes
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.io.safetensors import TensorInfo
@@ -155,18 +153,22 @@ def plan(target: HFCheckpoint, src: HFCheckpoint, base: HFCheckpoint | None, *, 
         if s_name not in src or (base and b_name not in base):
             continue  # reported as a key-set problem
         ti, si = target.info(name), src.info(s_name)
-        bshape = base.info(b_name).shape if base else si.shape[:1] and (base_rows.get(s_name, si.shape[0]),) + si.shape[1:]
+        bshape = base.info(b_name).shape if base else (
+            si.shape[:1] and (base_rows.get(s_name, si.shape[0]),) + si.shape[1:])
         out_dt = out_dtype(dtype, ti.dtype)
         job = Job(name, TensorInfo(name, out_dt, ti.shape), "copy", t=name, s=s_name, b=b_name)
         if any(r.search(name) for r in skips):
             report.skipped.append(name)
-        elif not treeops.is_float(ti.dtype):
+        elif not dtypes.is_float(ti.dtype):
             report.copied_non_float.append(name)
             job.out = ti  # integer/bool buffers keep their dtype
         else:
-            for info in (si,) + ((base.info(b_name),) if base else ()):
-                if not treeops.is_float(info.dtype):
-                    problems.append(f"{name}: dtype {info.dtype} in a source, float {ti.dtype} in the target")
+            for role, info in (("target", ti), ("source", si)) + ((("source-base", base.info(b_name)),) if base else ()):
+                if not dtypes.is_float(info.dtype):
+                    problems.append(f"{name}: dtype {info.dtype} in the {role}, float {ti.dtype} in the target")
+                elif not dtypes.is_computable(info.dtype):
+                    problems.append(f"{name}: {info.dtype} in the {role}; the exact transfer takes bfloat16, float16 "
+                                    "and float32 tensors (skip the tensor with --skip, or use an unquantized model)")
             if ti.shape != tuple(bshape):
                 problems.append(f"{name}: shape {list(ti.shape)} in target vs {list(bshape)} in source-base")
                 continue
@@ -198,28 +200,77 @@ def plan(target: HFCheckpoint, src: HFCheckpoint, base: HFCheckpoint | None, *, 
     return jobs
 
 
-def check_out(out: str | os.PathLike, overwrite: bool, inputs: Sequence[Path]) -> Path:
-    """The checks atomic_output_dir makes, done up front so dry runs and planning fail early."""
-    out = Path(os.path.abspath(out))
-    real = Path(os.path.realpath(out))
-    for inp in inputs:
-        r = Path(os.path.realpath(inp))
-        if real == r or r in real.parents or real in r.parents:
-            raise FtjaxError(f"output {out} is, contains or lies inside input {inp}; choose another output directory")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise FtjaxError(f"{out} already exists; pass --overwrite to replace it, or choose another output")
-    return out
-
-
 def out_config(cfg: dict, target: HFCheckpoint, jobs: list[Job]) -> dict:
     cfg = json.loads(json.dumps(cfg))
     sizes = {j.name: j.out.shape[0] for j in jobs if j.name in (EMBED, LM_HEAD)}
     if sizes:
         cfg["vocab_size"] = max(sizes.values())
     cfg["tie_word_embeddings"] = tied(target)
-    dts = {str(j.out.dtype) for j in jobs if treeops.is_float(j.out.dtype)}
+    dts = {str(j.out.dtype) for j in jobs if dtypes.is_float(j.out.dtype)}
     if len(dts) == 1:
         cfg["dtype"] = next(iter(dts))
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = cfg["dtype"]
     return cfg
+
+
+# --- inputs that look swapped ---------------------------------------------------------------------------------
+
+_FINETUNE_WORDS = re.compile(r"(instruct|chat|[-_]it\b|sft|dpo|rlhf|grpo|orpo|tulu|hermes|zephyr|vicuna)", re.I)
+
+
+def _looks_finetuned(ck: HFCheckpoint) -> bool:
+    return bool(_FINETUNE_WORDS.search(ck.path.name)) or "chat_template" in _tokenizer_config(ck)
+
+
+def _tokenizer_config(ck: HFCheckpoint) -> dict:
+    try:
+        return json.loads((ck.path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def swapped_base_warnings(base: HFCheckpoint, ft: HFCheckpoint, base_flag: str, ft_flag: str) -> list[str]:
+    """A warning when `base` looks fine-tuned and `ft` does not (its directory name says instruct/chat/sft/...,
+    or only it has a chat template): `diff --base FT --ft BASE` is an easy mistake with no error."""
+    if _looks_finetuned(base) and not _looks_finetuned(ft):
+        return [f"{base_flag} {base.path.name} looks fine-tuned and {ft_flag} {ft.path.name} does not (name or chat "
+                f"template): are {base_flag} and {ft_flag} swapped? The diff is {ft_flag} minus {base_flag}"]
+    return []
+
+
+def sampled_distances(models: dict[str, HFCheckpoint], names: Sequence[str], rows: int = 32,
+                      tensors: int = 4) -> dict[tuple[str, str], float]:
+    """L2 distances between every pair of `models` on a sample: `rows` evenly spaced rows of up to `tensors` 2-D
+    float tensors spread over `names` (a few MB read, so a plan can sanity-check its inputs before streaming)."""
+    picks = [n for n in names if not is_vocab(n) and len(models[next(iter(models))].info(n).shape) == 2]
+    picks = [picks[round(i * (len(picks) - 1) / max(tensors - 1, 1))] for i in range(min(tensors, len(picks)))]
+    sq: dict[tuple[str, str], float] = {}
+    for name in dict.fromkeys(picks):
+        infos = {k: m.info(name) for k, m in models.items()}
+        if len({i.shape for i in infos.values()}) > 1 or not all(dtypes.is_float(i.dtype) for i in infos.values()):
+            continue
+        idx = np.linspace(0, infos[next(iter(infos))].shape[0] - 1, rows).round().astype(int)
+        x = {k: np.asarray(m.get(name)[np.unique(idx)], np.float64) for k, m in models.items()}
+        keys = list(x)
+        for a_i, a in enumerate(keys):
+            for b in keys[a_i + 1:]:
+                sq[(a, b)] = sq.get((a, b), 0.0) + float(np.sum((x[a] - x[b]) ** 2))
+    return {pair: float(np.sqrt(v)) for pair, v in sq.items()}
+
+
+def transfer_warnings(base: HFCheckpoint, ft: HFCheckpoint, target: HFCheckpoint, names: Sequence[str]) -> list[str]:
+    """Warnings for transfer inputs that look swapped or wrong, from names, chat templates and sampled distances:
+    source-ft much closer to the target base than to its own base (‖F − T‖ < ‖F − S‖ / 2) suggests that
+    --source-base and --target-base are swapped; F equal to S gives a zero diff."""
+    out = swapped_base_warnings(base, ft, "--source-base", "--source-ft")
+    d = sampled_distances({"S": base, "F": ft, "T": target}, names)
+    fs, ft_, ts = d.get(("S", "F")), d.get(("F", "T")), d.get(("S", "T"))
+    if fs is not None and ft_ is not None:
+        if fs == 0:
+            out.append("source-ft equals source-base on a sample of tensors: the diff is (nearly) zero; is "
+                       "--source-ft the fine-tuned model?")
+        elif ft_ < fs / 2 and ts:
+            out.append(f"source-ft is closer to the target base than to the source base on a sample of tensors "
+                       f"(‖F − T‖ = {ft_:.4g}, ‖F − S‖ = {fs:.4g}): are --source-base and --target-base swapped?")
+    return out

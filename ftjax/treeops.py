@@ -28,13 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-
-def is_float(dtype: Any) -> bool:
-    """True for the float dtypes the exact kernels accept (bf16, f16, f32)."""
-    return any(np.dtype(dtype) == np.dtype(d) for d in FLOAT_DTYPES)
-
+from ftjax.dtypes import is_float
 
 def split_alpha(alpha: float) -> tuple[float, float]:
     """alpha (a Python float64) as two float32 words a_hi + a_lo (exact to ~2^-48 relative)."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ftjax.data import (CHOICE, COMPLETION, LM, Example, batches, bucket_length, check_vocab, encode_pair,
-                        examples_from_rows, load_tokenizer, read_jsonl, truncate)
+                        encode_rows, examples_from_rows, load_tokenizer, read_jsonl, truncate)
 from ftjax.errors import FtjaxError
 from hf_models import make_tokenizer
 
@@ -45,15 +45,24 @@ def test_row_forms(tok):
     ({"question": "q", "choices": ["a", "b"], "answer": True}, "answer"),
     ({"question": 3, "choices": ["a", "b"], "answer": 0}, "'question' must be a string"),
     ({"prompt": "one", "completion": 2}, "'completion' must be a string"),
-    ({"prompt": "one", "completion": ""}, "completion encodes to no tokens"),
     ({"input_ids": [1, -2]}, "non-negative"),
-    ({"input_ids": [1]}, "at least two tokens"),
     ({"label": 1}, "expected"),
 ])
 def test_bad_rows_name_the_row(tok, row, message):
     with pytest.raises(FtjaxError, match=message) as e:
         examples_from_rows([{"input_ids": [1, 2]}, row], tok, source="d.jsonl")
     assert "d.jsonl row 2" in str(e.value)
+
+
+def test_rows_with_nothing_to_score_are_skipped_and_named_by_file_line(tok, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input_ids": [1, 2]}\n\n{"input_ids": [7]}\n{"prompt": "one", "completion": ""}\n'
+                    '{"text": "two three"}\n')
+    encoded = encode_rows(read_jsonl(data), tok)
+    assert encoded.skipped == [f"{data}:3", f"{data}:4"]  # file lines, blank line 2 counted
+    assert [e.where for e in encoded.examples] == [f"{data}:1", f"{data}:5"]
+    examples_from_rows(read_jsonl(data), tok)
+    assert "skipped 2 row(s)" in capsys.readouterr().err
 
 
 def test_text_rows_need_a_tokenizer():

@@ -82,7 +82,7 @@ def test_truncation_warns_with_count(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("content, message", [
     ('{"input_ids": [1, 2]}\n{"input_ids": [1,\n', ":2:"),
     ("", "no rows"),
-    ('{"label": 3}\n', "row 1"),
+    ('{"label": 3}\n', "bad.jsonl:1:"),
     ('[1, 2]\n', ":1:"),
 ])
 def test_bad_data_files(model_dir, tmp_path, capsys, content, message):

@@ -466,3 +466,75 @@ def test_rewritten_checkpoint_loads_in_transformers_with_equal_logits(hf_models,
         got = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(tokens).logits
     assert torch.equal(ref, got)
 
+
+
+def _precious(path: Path) -> list[str]:
+    """A folder a user cares about: a file and a subfolder ftjax never wrote."""
+    path.mkdir(parents=True)
+    (path / "thesis.txt").write_text("four years of work")
+    (path / "figures").mkdir()
+    (path / "figures" / "fig1.png").write_bytes(b"png")
+    return tree(path)
+
+
+def test_overwrite_replaces_only_what_ftjax_could_have_written(tmp_path):
+    from ftjax.io.checkpoint import check_replaceable
+
+    t = {"x": np.ones(2, np.float32)}
+    before = _precious(tmp_path / "thesis")
+    with pytest.raises(FtjaxError, match="holds figures/, which ftjax did not write"):
+        save_hf(tmp_path / "thesis", t, config={}, overwrite=True)
+    assert tree(tmp_path / "thesis") == before
+    # a downloaded model directory carries files ftjax never writes (README.md, LICENSE)
+    hub = make_dir(tmp_path / "hub", t)
+    (hub / "README.md").write_text("model card")
+    with pytest.raises(FtjaxError, match="holds README.md"):
+        check_replaceable(hub)
+    # replaceable: an empty directory, a plain model directory, an ftjax output with its record
+    (tmp_path / "empty").mkdir()
+    model = make_dir(tmp_path / "model", t)
+    (model / "tokenizer.json").write_text("{}")
+    for out in (tmp_path / "empty", model):
+        check_replaceable(out)
+        save_hf(out, t, config={}, overwrite=True)
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    (recorded / "LICENSE").write_text("copied from the source model")
+    (recorded / "ftjax_transfer.json").write_text(json.dumps({"files": ["LICENSE", "ftjax_transfer.json"]}))
+    check_replaceable(recorded)
+    (recorded / "notes.txt").write_text("added by hand later")
+    with pytest.raises(FtjaxError, match="holds notes.txt"):
+        check_replaceable(recorded)
+
+
+def test_every_command_refuses_to_write_over_a_users_folder(tmp_path, capsys):
+    from ftjax.cli import main
+    from hf_models import make_hf_model
+
+    m = make_hf_model(tmp_path / "m", dtype="bfloat16")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input_ids": [1, 2, 3, 4]}\n')
+    out = tmp_path / "thesis"
+    before = _precious(out)
+    both = ["--a", str(m), "--b", str(m)]
+    for argv in (["transfer", "--source-base", str(m), "--source-ft", str(m), "--target-base", str(m), "--overwrite"],
+                 ["diff", "--base", str(m), "--ft", str(m), "--overwrite"],
+                 ["scan", *both, "--data", str(data)], ["plane", *both, "--c", str(m), "--data", str(data)],
+                 ["stats", "--source-base", str(m), "--source-ft", str(m)],
+                 ["eval", "--model", str(m), "--data", str(data)],
+                 ["finetune", "--init", str(m), "--data", str(data), "--steps", "1"],
+                 ["plot-curves", str(m)]):
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("thesis.txt" in err or "figures" in err or "not an ftjax" in err), argv
+        assert tree(out) == before, argv
+    assert main(["convert", str(m), str(out), "--to", "orbax", "--overwrite"]) == 2
+    assert tree(out) == before
+    # an earlier output of the same command is replaced
+    again = tmp_path / "again"
+    for _ in range(2):
+        assert main(["transfer", "--source-base", str(m), "--source-ft", str(m), "--target-base", str(m),
+                     "--out", str(again), "--overwrite", "--quiet"]) == 0
+        assert main(["convert", str(m), str(tmp_path / "orbax"), "--to", "orbax", "--overwrite"]) == 0
+        assert main(["scan", *both, "--data", str(data), "--points", "2", "--out", str(tmp_path / "scan")]) == 0

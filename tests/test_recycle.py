@@ -63,12 +63,12 @@ def test_two_versions_iterative_equals_direct(versions, tmp_path, capsys):
         recycle([m1, m2], data, tmp_path / "iterative", config=tcfg, mode="direct", progress=False)
 
     # plot-curves overlays the two versions' runs
-    stem = tmp_path / "plots" / "curves"
+    out = tmp_path / "plots"  # --out is a directory, as for every command
     assert main(["plot-curves", str(tmp_path / "iterative" / "M1_star"), str(tmp_path / "iterative" / "M2_star"),
-                 "--labels", "FT(M1)", "FT(M2 + Δ)", "--out", str(stem)]) == 0
-    assert stem.with_suffix(".png").is_file() and stem.with_suffix(".pdf").is_file()
+                 "--labels", "FT(M1)", "FT(M2 + Δ)", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["curves.pdf", "curves.png"]
     capsys.readouterr()
-    assert main(["plot-curves", str(tmp_path), "--out", str(stem)]) == 2
+    assert main(["plot-curves", str(tmp_path), "--out", str(out)]) == 2
     assert "no log.jsonl" in capsys.readouterr().err
 
 

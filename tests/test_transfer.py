@@ -2,6 +2,7 @@
 
 import errno
 import hashlib
+import shutil
 import json
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def test_mismatches_in_one_error_and_warnings(models, tmp_path):
 
 def test_output_safety(models, tmp_path):
     b, f, t = models
-    with pytest.raises(FtjaxError, match="inside input"):
+    with pytest.raises(FtjaxError, match="lies in input"):
         T.transfer(b, f, t, Path(t) / "sub", progress=False)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FtjaxError, match="already exists"):
@@ -321,3 +322,61 @@ def test_killed_mid_write_leaves_nothing_and_next_run_succeeds(tmp_path):
     assert rep.transferred == 1 and HFCheckpoint(out).info(T.EMBED).shape == (1 << 16, 2048)
     assert not tmp.exists(), "the dead process's temp sibling is cleaned up"
     assert sorted(q.name for q in tmp_path.iterdir()) == ["m", "out"]
+
+
+def test_reports_count_the_bytes_actually_read(models, tmp_path):
+    from ftjax.io.safetensors import SafetensorsFile
+
+    b, f, t = models
+    size = HFCheckpoint(t).total_bytes
+    rep = T.transfer(b, f, t, tmp_path / "t", progress=False)
+    assert rep.bytes_read == 3 * size and rep.bytes_written == size
+    T.diff(b, f, tmp_path / "d", progress=False)
+    diff_bytes = HFCheckpoint(tmp_path / "d", allow_diff=True).total_bytes
+    lo = tmp_path / "d" / T.DIFF_LO
+    lo_bytes = sum(SafetensorsFile(lo).info(n).nbytes for n in SafetensorsFile(lo).names()) if lo.exists() else 0
+    rep = T.apply(t, tmp_path / "d", tmp_path / "a", progress=False)
+    assert rep.bytes_read == size + diff_bytes + lo_bytes  # no bytes counted for the implicit zero remainders
+
+
+def test_a_diff_directory_is_refused_as_a_model_and_inspected_as_a_diff(models, tmp_path, capsys):
+    from ftjax.cli import main
+    from ftjax.convert import inspect_checkpoint
+
+    b, f, t = models
+    d = tmp_path / "d"
+    T.diff(b, f, d, progress=False)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"input_ids": [1, 2, 3, 4]}\n')
+    for argv in (["eval", "--model", str(d), "--data", str(data)],
+                 ["generate", "--model", str(d), "--prompt", "hello"],
+                 ["scan", "--a", str(b), "--b", str(d), "--data", str(data), "--out", str(tmp_path / "s")],
+                 ["transfer", "--source-base", str(b), "--source-ft", str(d), "--target-base", str(t),
+                  "--out", str(tmp_path / "o")],
+                 ["finetune", "--init", str(d), "--data", str(data), "--steps", "1", "--out", str(tmp_path / "r")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is a diff written by `ftjax diff`" in err and "ftjax apply" in err and err.count("\n") == 1, argv
+    info = inspect_checkpoint(d)
+    ck_b, ck_f = HFCheckpoint(b), HFCheckpoint(f)
+    want = np.sqrt(sum(np.sum((ck_f.get(n).astype(np.float64) - ck_b.get(n).astype(np.float64)) ** 2)
+                       for n in ck_b.names()))
+    assert info["format"] == "ftjax-diff" and info["dtype"] == "float32" and str(b) in info["diff_of"]
+    assert info["norm"] == pytest.approx(want, rel=1e-6) and len(info["largest_tensor_norms"]) == 5
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_inputs_that_look_swapped_are_warned_about(models, tmp_path):
+    b, f, t = models
+    instruct = tmp_path / "Model-Instruct"
+    shutil.copytree(f, instruct)
+    rep = T.diff(instruct, b, tmp_path / "d", progress=False)  # diff --base FT --ft BASE
+    assert any("are --base and --ft swapped" in w for w in rep.warnings)
+    assert not T.diff(b, instruct, tmp_path / "d2", progress=False).warnings
+    # --source-base and --target-base swapped: F = S + small noise is far closer to S than to T
+    rep = T.transfer(t, f, b, tmp_path / "o", progress=False)
+    assert any("swapped" in w and "‖F − T‖" in w for w in rep.warnings)
+    assert not T.transfer(b, f, t, tmp_path / "o2", progress=False).warnings
+    rep = T.transfer(b, b, t, tmp_path / "o3", progress=False)
+    assert any("diff is (nearly) zero" in w for w in rep.warnings)

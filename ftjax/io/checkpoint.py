@@ -23,6 +23,7 @@ from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+DIFF_MARKER = "ftjax_diff.json"  # written by `ftjax diff`: the directory holds ft - base, not a model
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
@@ -100,8 +101,14 @@ class HFCheckpoint:
     """A Hugging Face model directory (or cached Hub repo), read lazily: shard headers are opened on
     first use, tensors are read-only memory-mapped views."""
 
-    def __init__(self, path_or_repo_id: str | os.PathLike):
+    def __init__(self, path_or_repo_id: str | os.PathLike, *, allow_diff: bool = False):
+        """allow_diff: open a diff directory written by `ftjax diff` (`DIFF_MARKER`) too; by default it is refused,
+        since its tensors are ft - base and not a model."""
         self.path = resolve_model_path(path_or_repo_id)
+        if not allow_diff and (self.path / DIFF_MARKER).is_file():
+            raise FtjaxError(f"{self.path} is a diff written by `ftjax diff` ({DIFF_MARKER}), not a model; apply it "
+                             f"to a base first: ftjax apply --target BASE --diff {self.path} --out OUT")
+        self.is_diff = (self.path / DIFF_MARKER).is_file()
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise FtjaxError(f"{self.path}: no config.json; not a Hugging Face model directory")
@@ -396,10 +403,49 @@ def _check_not_nested(out: Path, inputs: Iterable[str | os.PathLike | None]) -> 
             raise FtjaxError(f"output {out} is, contains or lies in input {inp}; choose an output outside the inputs")
 
 
-def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
-                       inputs: Sequence[str | os.PathLike | None] = (), pid: int | None = None) -> tuple[Path, Path]:
-    """Check `out` (not an input, not existing unless `overwrite`), clear stale temp siblings and create the temp
-    sibling `.<name>.ftjax-tmp-<pid>` (pid: this process's by default). Returns (out, tmp) as absolute paths."""
+# What may be replaced. ftjax deletes nothing it did not write: `--overwrite` replaces an existing OUT only when it
+# is empty, or it holds exactly what an ftjax record in it (a provenance file `ftjax_*.json` with a "files" list)
+# says ftjax wrote, or it is a plain model directory: config.json plus safetensors weights, tokenizer and generation
+# files, ftjax's own files, and nothing else (no subdirectory, no other file).
+RECORD_KEY = "files"
+_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|"
+                          r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
+                          r"chat_template\.(jinja|json)|ftjax_[\w.-]+)$")
+
+
+def _recorded_files(out: Path) -> set[str] | None:
+    """The entries an ftjax record in `out` lists (with the record itself), or None if `out` has no record."""
+    for record in sorted(out.glob("ftjax_*.json")):
+        try:
+            listed = json.loads(record.read_text(encoding="utf-8")).get(RECORD_KEY)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(listed, list) and all(isinstance(n, str) for n in listed):
+            return set(listed) | {record.name}
+    return None
+
+
+def check_replaceable(out: Path) -> None:
+    """FtjaxError, naming a file that would be destroyed, unless directory `out` may be replaced (see above)."""
+    entries = sorted(out.iterdir(), key=lambda p: p.name)
+    if not entries:
+        return
+    recorded = _recorded_files(out)
+    if recorded is not None:
+        others = [p for p in entries if p.name not in recorded]
+    else:
+        names = {p.name for p in entries}
+        model = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+        others = entries if not model else [p for p in entries if p.is_dir() or not _MODEL_FILES.match(p.name)]
+    if others:
+        raise FtjaxError(f"{out} holds {others[0].name}{'/' if others[0].is_dir() else ''}, which ftjax did not "
+                         "write; --overwrite replaces only an empty directory or an output of ftjax (or a plain model "
+                         "directory); choose another output or move that file away")
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """The checks on an output directory before anything is written: not an input, nor inside or around one; if it
+    exists, replaced only with `overwrite` and only if `check_replaceable` allows. Returns `out` as an absolute path."""
     out = Path(os.path.abspath(out))
     _check_not_nested(out, inputs)
     if out.exists() or out.is_symlink():
@@ -407,6 +453,30 @@ def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
             raise FtjaxError(f"{out} already exists; pass --overwrite to replace it, or choose another output")
         if not out.is_dir() or out.is_symlink():
             raise FtjaxError(f"{out} exists and is not a directory; remove it or choose another output")
+        check_replaceable(out)
+    return out
+
+
+def check_files_dir(out: str | os.PathLike, own: Sequence[str]) -> Path:
+    """Check a directory that a command will write the files `own` into (scan.json, scan.png ...): missing (it is
+    created when written), or holding only those files (a previous run's, then replaced); else FtjaxError naming the
+    first other entry. Call it before any compute, so a refusal costs nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FtjaxError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in own)
+        if others:
+            raise FtjaxError(f"{out} holds {others[0]}, which this command did not write; choose an empty or new "
+                             f"--out directory (it writes {', '.join(own)})")
+    return out
+
+
+def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
+                       inputs: Sequence[str | os.PathLike | None] = (), pid: int | None = None) -> tuple[Path, Path]:
+    """`check_output`, then clear stale temp siblings and create the temp sibling `.<name>.ftjax-tmp-<pid>` (pid: this
+    process's by default). Returns (out, tmp) as absolute paths."""
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

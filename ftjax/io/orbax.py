@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import atomic_output_dir, copy_aux_files
+from ftjax.io.checkpoint import RECORD_KEY, atomic_output_dir, copy_aux_files
 from ftjax.io.safetensors import DTYPES, dtype_code
 
 MANIFEST = "ftjax_orbax.json"
@@ -52,12 +52,13 @@ def save_orbax(
         if aux_from is not None:
             copy_aux_files(Path(aux_from), tmp)
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save((tmp / "params").absolute(), nest(dict(flat)))
         except OSError as e:
             raise FtjaxError(f"writing Orbax checkpoint {out}/params failed: {e.strerror or e}") from None
+        manifest[RECORD_KEY] = sorted({p.name for p in tmp.iterdir()} | {MANIFEST})  # what --overwrite may replace
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 
@@ -92,7 +93,7 @@ def restore_orbax(
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {}
     for name, (dt, shape) in tensors.items():
-        leaf_dtype = np.dtype(dtype) if dtype is not None and jnp.issubdtype(dt, jnp.floating) else dt
+        leaf_dtype = np.dtype(dtype) if dtype is not None and is_float(dt) else dt
         sharding = sharding_for(name, shape) if sharding_for else device
         abstract[name] = jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=sharding)
     try:
