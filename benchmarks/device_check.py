@@ -205,9 +205,10 @@ def check_disk(s, ctx):
 def _random_tree(shape: dict, seed: int) -> dict:
     """A bf16 param tree in HF names of the given Llama shape, random on device (one jit, no host traffic)."""
     from ftjax.config import ModelConfig
-    from ftjax.params import expected_shapes, nest
+    from ftjax.model import param_shapes
+    from ftjax.params import nest
 
-    shapes = expected_shapes(ModelConfig.from_hf(hf_config(shape)))
+    shapes = param_shapes(ModelConfig.from_hf(hf_config(shape)))
 
     @jax.jit
     def make(key):

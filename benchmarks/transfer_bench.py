@@ -138,8 +138,9 @@ with open(out, "wb") as w:
 
 
 def round_once_bf16(x: np.ndarray) -> np.ndarray:
-    """Correct RNE of float64 x to bf16 (the transfer's reference rounding)."""
-    from ftjax.treeops import round_f64
+    """Correct RNE of float64 x to bf16 (the transfer's reference rounding, tests/reference.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from reference import round_f64
 
     return round_f64(x, BF16)
 

@@ -12,7 +12,7 @@ from ftjax.config import ModelConfig, read_config
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import DIFF_MARKER, HFCheckpoint, resolve_model_path, save_hf
 from ftjax.io.orbax import is_orbax_dir, read_manifest, restore_orbax, save_orbax
-from ftjax.params import check_params, model_tensor_names
+from ftjax.layout import LM_HEAD, Layout
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = False) -> Path:
@@ -25,8 +25,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = Fals
     if to == "orbax":
         ckpt = HFCheckpoint(src)
         cfg = ModelConfig.from_hf(ckpt.config)
-        flat = {n: np.asarray(ckpt.get(n)) for n in model_tensor_names(ckpt, cfg)}
-        check_params(flat, cfg, source=str(ckpt.path))
+        flat = {n: np.asarray(ckpt.get(n)) for n in Layout.of_checkpoint(ckpt).names}
+        Layout.of_model(cfg).check(flat, source=str(ckpt.path))
         return save_orbax(flat, dst, config=ckpt.config, aux_from=ckpt.path, overwrite=overwrite, inputs=[ckpt.path])
     if to == "hf":
         src = Path(src)
@@ -34,7 +34,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = Fals
             raise FtjaxError(f"{src} is not an ftjax Orbax checkpoint; convert a Hugging Face directory with --to orbax")
         config, flat = restore_orbax(src)
         tensors = {n: np.asarray(x) for n, x in flat.items()}
-        check_params(tensors, ModelConfig.from_hf(config), source=str(src))
+        Layout.of_model(ModelConfig.from_hf(config)).check(tensors, source=str(src))
         return save_hf(dst, tensors, config=config, aux_from=src, overwrite=overwrite, inputs=[src])
     raise FtjaxError(f"unknown conversion target {to!r}; use 'orbax' or 'hf'")
 
@@ -76,7 +76,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "dtypes": dict(dtypes),
         "tensors": len(shapes),
         "tied_embeddings": cfg.tie_word_embeddings,
-        "lm_head_in_file": "lm_head.weight" in shapes,
+        "lm_head_in_file": LM_HEAD in shapes,
         "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
         "heads": f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}",

@@ -102,13 +102,15 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def load_models(paths: dict[str, str | Path], *, mesh: Mesh | None = None) -> tuple[ModelConfig, list[Any]]:
     """Check configs and tensor shapes from the checkpoint headers (no weights read), then load each model."""
     from ftjax.io.checkpoint import HFCheckpoint
-    from ftjax.params import load_params, model_tensor_names
+    from ftjax.layout import Layout
+    from ftjax.params import load_params
 
     headers = {}
     for label, path in paths.items():
         ckpt = HFCheckpoint(path)
         cfg = ModelConfig.from_hf(ckpt.config, source=str(ckpt.path / "config.json"))
-        shapes = {n: jax.ShapeDtypeStruct(ckpt.info(n).shape, jnp.float32) for n in model_tensor_names(ckpt, cfg)}
+        layout = Layout.of_checkpoint(ckpt)
+        shapes = {n: jax.ShapeDtypeStruct(layout.shapes[n], jnp.float32) for n in layout.names}
         headers[label] = (cfg, shapes)
         ckpt.close()
     cfg = check_compatible(headers)

@@ -382,6 +382,20 @@ def _init(rng, cfg, dtype):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+@functools.lru_cache(maxsize=64)
+def _param_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    inputs = _inputs(cfg, jnp.zeros((1, 1), jnp.int32), jnp.float32, None, None, None)
+    abstract = jax.eval_shape(lambda: CausalLM(cfg, jnp.float32).init(jax.random.key(0), *inputs)["params"])
+    return tuple((".".join(str(k.key) for k in path), tuple(leaf.shape))
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model of `cfg` has, with its shape, by its Hugging Face name (the model's own tree, traced
+    abstractly: nothing is allocated)."""
+    return dict(_param_shapes(cfg))
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
     """A random param tree in HF names and layouts: linears and embeddings normal(0, initializer_range),
     biases zero, norm weights one."""

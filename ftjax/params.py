@@ -8,23 +8,21 @@ transfer, interpolation and export are identity maps. `lm_head` is absent when e
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from ftjax import dtypes
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import HFCheckpoint, save_hf
+from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, save_hf
+from ftjax.layout import LM_HEAD, Layout, partition_spec
 
 Params = dict[str, Any]
-LM_HEAD = "lm_head.weight"
-EMBED = "model.embed_tokens.weight"
 
 
 def nest(flat: Mapping[str, Any]) -> Params:
@@ -53,16 +51,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def model_tensor_names(ckpt: HFCheckpoint, cfg: ModelConfig) -> list[str]:
-    """Tensor names that form the parameter tree: the checkpoint's, minus a redundant tied `lm_head.weight`."""
-    names = ckpt.names()
-    if cfg.tie_word_embeddings and LM_HEAD in names:
-        names = [n for n in names if n != LM_HEAD]
-    return names
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Sharding: one small rule table from tensor names to PartitionSpecs over the mesh axes ("data", "fsdp").
+# Meshes (the sharding rules of each tensor are in ftjax.layout).
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -91,40 +81,6 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax
     if math.prod(axes.values()) != len(devices):
         raise FtjaxError(f"mesh {axes} uses {math.prod(axes.values())} devices but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
-
-
-# (name regex, rule). A rule maps (shape, fsdp size) to a PartitionSpec; first match wins.
-def _shard_largest(shape: tuple[int, ...], n: int) -> PartitionSpec:
-    """Shard the largest dimension that the fsdp axis divides; replicate if none does."""
-    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
-    for d in dims:
-        if n > 1 and shape[d] % n == 0:
-            return PartitionSpec(*[("fsdp" if i == d else None) for i in range(len(shape))])
-    return PartitionSpec()
-
-
-def _replicate(shape: tuple[int, ...], n: int) -> PartitionSpec:
-    return PartitionSpec()
-
-
-SHARDING_RULES: list[tuple[str, Callable[[tuple[int, ...], int], PartitionSpec]]] = [
-    (r"(norm|bias)$", _replicate),  # small vectors: replicate
-    (r".*", _shard_largest),  # matrices and embeddings: FSDP over the largest divisible dim
-]
-
-
-def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of tensor `name` under `SHARDING_RULES` on `mesh`."""
-    n = mesh.shape.get("fsdp", 1)
-    for pattern, rule in SHARDING_RULES:
-        if re.search(pattern, name.removesuffix(".weight")):
-            return rule(shape, n)
-    return PartitionSpec()
-
-
-def shardings_for(shapes: Mapping[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
-    """Flat name -> NamedSharding for every tensor."""
-    return {n: NamedSharding(mesh, partition_spec(n, tuple(s), mesh)) for n, s in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +129,7 @@ def load_params(
 
     ckpt = HFCheckpoint(path)
     cfg = ModelConfig.from_hf(ckpt.config)
-    names = model_tensor_names(ckpt, cfg)
+    names = Layout.of_checkpoint(ckpt).names
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     jobs = []
     for name in names:  # header checks and shard opening here, in this thread, before any read-ahead
@@ -195,53 +151,8 @@ def load_params(
             else:
                 flat[name] = jax.make_array_from_callback(info.shape, sharding,
                                                           lambda index, parts=parts: parts[_index_key(index)])
-    check_params(flat, cfg, source=str(ckpt.path))
+    Layout.of_model(cfg).check(flat, source=str(ckpt.path))
     return cfg, nest(flat)
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the model needs, with its shape, derived from the config alone."""
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    shapes: dict[str, tuple[int, ...]] = {EMBED: (cfg.vocab_size, d), "model.norm.weight": (d,)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        attn = {
-            "q_proj.weight": (h * hd, d), "k_proj.weight": (kv * hd, d),
-            "v_proj.weight": (kv * hd, d), "o_proj.weight": (d, h * hd),
-        }
-        if cfg.qkv_bias:
-            attn.update({"q_proj.bias": (h * hd,), "k_proj.bias": (kv * hd,), "v_proj.bias": (kv * hd,)})
-        if cfg.o_bias:
-            attn["o_proj.bias"] = (d,)
-        if cfg.qk_norm:
-            attn.update({"q_norm.weight": (h * hd,), "k_norm.weight": (kv * hd,)})
-        shapes.update({p + "self_attn." + k: v for k, v in attn.items()})
-        mlp = {"gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f)}
-        if cfg.mlp_bias:
-            mlp.update({"gate_proj.bias": (f,), "up_proj.bias": (f,), "down_proj.bias": (d,)})
-        shapes.update({p + "mlp." + k: v for k, v in mlp.items()})
-        # OLMo 2 normalises sublayer outputs (post-norms) instead of inputs.
-        norms = ("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_sublayer_norms else (
-            "input_layernorm", "post_attention_layernorm")
-        shapes.update({f"{p}{norm}.weight": (d,) for norm in norms})
-    if not cfg.tie_word_embeddings:
-        shapes[LM_HEAD] = (cfg.vocab_size, d)
-    return shapes
-
-
-def check_params(flat: Mapping[str, Any], cfg: ModelConfig, *, source: str) -> None:
-    """Every expected tensor present with its expected shape, nothing unknown; one error lists all problems."""
-    want = expected_shapes(cfg)
-    problems = [f"missing {n}" for n in want if n not in flat]
-    problems += [f"unexpected {n}" for n in flat if n not in want]
-    problems += [
-        f"{n} has shape {tuple(flat[n].shape)}, config says {want[n]}"
-        for n in want if n in flat and tuple(flat[n].shape) != want[n]
-    ]
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise FtjaxError(f"{source}: tensors do not match config.json: {shown}")
 
 
 def save_params(
@@ -253,7 +164,7 @@ def save_params(
     dtype: Any = None,
     overwrite: bool = False,
     inputs: Sequence[str | Path] = (),
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Export a parameter tree as a Hugging Face directory (atomic; `lm_head.weight` omitted when tied).
 
@@ -269,7 +180,7 @@ def save_params(
     flat = flatten(params)
     if cfg.tie_word_embeddings:
         flat.pop(LM_HEAD, None)
-    check_params(flat, cfg, source="parameters to save")
+    Layout.of_model(cfg).check(flat, source="parameters to save")
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     tensors = {}
     for name, leaf in flat.items():

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ftjax.dtypes import is_float
+from ftjax.layout import Layout
+from ftjax.streaming import row_chunks
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 
@@ -33,23 +34,14 @@ def group_of(name: str) -> tuple[int | None, str]:
     return None, name.removeprefix("model.").removesuffix(".weight")
 
 
-def _tensor_names(ckpt: HFCheckpoint) -> list[str]:
-    names = [n for n in ckpt.names() if is_float(ckpt.info(n).dtype)]
-    if ckpt.config.get("tie_word_embeddings") and "lm_head.weight" in names:
-        names.remove("lm_head.weight")
-    return names
-
-
 def _row_chunks(ckpts: list[HFCheckpoint], name: str, rows: int, chunk_elems: int) -> Iterator[list[np.ndarray]]:
-    """float64 row chunks [r, ...] of `name` from every checkpoint (the first `rows` rows)."""
+    """float64 row chunks of `name` (its first `rows` rows), flattened, from every checkpoint."""
     shape = ckpts[0].info(name).shape
-    per_row = max(1, math.prod(shape[1:])) if shape else 1
-    step = max(1, chunk_elems // per_row)
     if not shape:
         yield [np.asarray(c.get(name), np.float64).reshape(1) for c in ckpts]
         return
-    for r0 in range(0, rows, step):
-        yield [np.asarray(c.get(name)[r0:min(rows, r0 + step)], np.float64).ravel() for c in ckpts]
+    for r0, r1 in row_chunks(shape, 0, rows, chunk_elems):
+        yield [np.asarray(c.get(name)[r0:r1], np.float64).ravel() for c in ckpts]
 
 
 def _derive(acc: dict[str, float], have_t: bool, have_g: bool) -> dict[str, Any]:
@@ -90,12 +82,13 @@ def diff_stats(source_base: str | Path, source_ft: str | Path, target_base: str 
     families = {role: c.config.get("model_type") for role, c in ckpts.items()}
     if len(set(families.values())) > 1:
         raise FtjaxError(f"models of different families cannot be compared: {families}")
-    names = _tensor_names(order[0])
+    layouts = {role: Layout.of_checkpoint(c) for role, c in ckpts.items()}
+    names = list(layouts[next(iter(layouts))].float_names)
     if not names:
         raise FtjaxError(f"{order[0].path}: no floating-point tensors to compare")
     plans = []  # (name, rows to compare) -- all shapes checked before any tensor is read
     for role, c in ckpts.items():
-        other = set(_tensor_names(c))
+        other = set(layouts[role].float_names)
         missing = [n for n in names if n not in other] + [n for n in other if n not in names]
         if missing:
             raise FtjaxError(f"{c.path}: tensor {missing[0]} is in one model but not the other; stats need the "

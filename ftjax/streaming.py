@@ -24,7 +24,7 @@ import math
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,38 +39,56 @@ POOL = 4  # buffer sets: being read, waiting, in the kernel, being written
 _ALIGN = 64  # XLA:CPU aliases host buffers with this alignment instead of copying them
 
 
-@dataclasses.dataclass
+class Reader(Protocol):
+    """What the engine reads from: HFCheckpoint (a model directory) and SafetensorsFile (one file)."""
+
+    def info(self, name: str) -> TensorInfo: ...
+    def get(self, name: str) -> np.ndarray: ...  # a read-only view on the file's mmap
+    def file_of(self, name: str) -> os.PathLike: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Tensor `name` of `reader`; `ZEROS` (no reader) stands for float32 zeros of the job's shape."""
+
+    reader: Reader | None
+    name: str | None
+
+
+ZEROS = Source(None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A per-tensor operation: `fn(*inputs, *args, [index_hi, index_lo,] *static)` on flat chunks of the job's
+    inputs, a pure jax function returning one flat array or a tuple (the first is the output tensor's). `static` is
+    part of the compiled code (hashable: an alpha, an output dtype); a job's `args` are traced (scalars that change
+    per tensor: thresholds, coefficients). A `positional` kernel also gets the chunk's first element index (uint32
+    words): its batches hold one tensor's consecutive elements, so an element's result may depend on its index."""
+
+    fn: Callable
+    static: tuple = ()
+    positional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
-    """One output tensor: computed by the kernel (`mode="kernel"`) or copied from a source (`"copy"`)."""
+    """One output tensor (or, in a statistics pass, one tensor to reduce over).
 
-    name: str  # output tensor
+    Rows [0, rows) are computed by `kernel` from `inputs` (all of the output's row width); rows [rows, out rows)
+    are copied from `rest` (vocab rows only one input has). Without a kernel the whole tensor is `inputs[0]`, cast
+    to the output dtype."""
+
     out: TensorInfo
-    mode: str  # "kernel" | "copy"
-    t: str | None = None  # tensor names in target / source(-ft or diff) / source-base
-    s: str | None = None
-    b: str | None = None
-    rows: int = 0  # rows computed by the kernel; rows in [rows, out rows) are copied from the source
-    alpha: float = 1.0
+    inputs: tuple[Source, ...]
+    kernel: Kernel | None = None
+    args: tuple = ()  # traced scalars of the kernel: numpy scalars of a fixed dtype
+    rows: int = 0
+    rest: Source | None = None
 
-
-# A source is (reader, tensor name): a reader has `.get(name)` (memmap view) and `.info(name)`, plus
-# `.file_of(name)` (HFCheckpoint) or `.path` (SafetensorsFile). (None, None) stands for float32 zeros.
-Source = tuple[Any, Any]
-
-
-@dataclasses.dataclass
-class Streams:
-    """Where each job's data comes from and which kernel computes it.
-
-    inputs(job) -> kernel sources; kernel(job) -> (op, static): the kernel is op(*flat_inputs, *static), a pure
-    jax function returning one flat array or a tuple (the first is the output tensor); copy(job) -> the source of a
-    "copy" job (cast to the output dtype); extra(job) -> the source of a kernel job's rows beyond `job.rows`
-    (vocab padding, copied verbatim)."""
-
-    inputs: Callable[[Job], Sequence[Source]]
-    kernel: Callable[[Job], tuple[Callable, tuple]]
-    copy: Callable[[Job], Source]
-    extra: Callable[[Job], Source]
+    @property
+    def name(self) -> str:
+        return self.out.name
 
 
 class WriteBehind:
@@ -112,9 +130,9 @@ def row_chunks(shape: tuple[int, ...], r0: int, r1: int, max_elems: int) -> Iter
         yield a, min(a + step, r1)
 
 
-@functools.partial(jax.jit, static_argnames=("op", "static"))
-def _kernel(*xs: jax.Array, op: Callable, static: tuple) -> tuple[jax.Array, ...]:
-    outs = op(*xs, *static)
+@functools.partial(jax.jit, static_argnames=("fn", "static"))
+def _kernel(*xs: jax.Array, fn: Callable, static: tuple) -> tuple[jax.Array, ...]:
+    outs = fn(*xs, *static)
     return outs if isinstance(outs, tuple) else (outs,)
 
 
@@ -146,7 +164,7 @@ class _Files:
         self.fds: dict[str, int] = {}
         self.where: dict[tuple[int, str], tuple[int, int] | None] = {}
 
-    def _locate(self, reader: Any, name: str) -> tuple[int, int] | None:
+    def _locate(self, reader: Reader, name: str) -> tuple[int, int] | None:
         key = (id(reader), name)
         if key not in self.where:
             view = reader.get(name)
@@ -156,7 +174,7 @@ class _Files:
             loc = None
             if base is not None and view.size:  # a view on the file's mmap: its offset in the file
                 offset = view.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
-                path = str(reader.file_of(name) if hasattr(reader, "file_of") else reader.path)
+                path = str(reader.file_of(name))
                 if path not in self.fds:
                     self.fds[path] = os.open(path, os.O_RDONLY)
                 loc = (self.fds[path], offset)
@@ -166,7 +184,7 @@ class _Files:
     def read(self, src: Source, r0: int, r1: int, dst: np.ndarray) -> int:
         """Rows [r0, r1) of src into the flat array dst (its size fixes the element count); returns the bytes read
         from the file (0 for the zeros source)."""
-        reader, name = src
+        reader, name = src.reader, src.name
         if reader is None:
             dst[:] = 0
             return 0
@@ -183,8 +201,8 @@ class _Files:
         while pos < out.size:
             got = os.preadv(fd, [out[pos:]], start + pos)
             if got <= 0:
-                raise FtjaxError(f"{reader.file_of(name) if hasattr(reader, 'file_of') else reader.path}: "
-                                 f"tensor {name!r} ends early; the file was truncated while reading")
+                raise FtjaxError(f"{reader.file_of(name)}: tensor {name!r} ends early; the file was truncated while "
+                                 "reading")
             pos += got
         return nbytes
 
@@ -206,43 +224,88 @@ def _bucket(n: int, cap: int, cap_compiled: bool) -> int:
     return cap if cap_compiled else min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
-def _plan_batches(jobs: list[Job], io: Streams, cap: int, dtype_of: Callable) -> Iterator[tuple]:
-    """("kernel", (op, static), dtypes, [(job, r0, r1, offset)], elems) packing jobs with the same kernel and
-    input dtypes into `cap` elements, and ("copy", job, src, r0, r1) row blocks; in output order."""
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """Rows [r0, r1) of `job`, at element `offset` of the batch's flat buffers."""
+
+    job: Job
+    r0: int
+    r1: int
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelBatch:
+    """Segments of jobs that share a kernel, input dtypes and args, packed into `filled` elements."""
+
+    kernel: Kernel
+    dtypes: tuple[np.dtype, ...]
+    args: tuple
+    segments: tuple[_Segment, ...]
+    filled: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _CopyBatch:
+    """Rows [r0, r1) of `job` copied from `src`."""
+
+    job: Job
+    src: Source
+    r0: int
+    r1: int
+
+
+def _dtype_of(src: Source) -> np.dtype:
+    return np.dtype(np.float32) if src.reader is None else src.reader.info(src.name).dtype
+
+
+def _plan_batches(jobs: Sequence[Job], cap: int) -> Iterator[_KernelBatch | _CopyBatch]:
+    """Kernel batches packing consecutive jobs with the same kernel, input dtypes and args into `cap` elements
+    (a positional kernel's batch holds one job), and copy batches of row blocks; in output order."""
     key, segs, filled = None, [], 0
+
+    def flush():
+        return _KernelBatch(key[0], key[1], key[2], tuple(segs), filled)
+
     for job in jobs:
         shape, row = job.out.shape, row_elems(job.out.shape)
-        if job.mode == "kernel" and job.rows:
-            srcs = io.inputs(job)
-            k = (io.kernel(job), tuple(dtype_of(s) for s in srcs))
+        if job.kernel is not None and job.rows:
+            k = (job.kernel, tuple(_dtype_of(s) for s in job.inputs), job.args, job.name if job.kernel.positional
+                 else None)
             r = 0
             while r < job.rows:
                 if k != key or filled + row > cap:
                     if segs:
-                        yield ("kernel", *key, segs, filled)
+                        yield flush()
                     key, segs, filled = k, [], 0
                 take = min(job.rows - r, (cap - filled) // row)
-                segs.append((job, srcs, r, r + take, filled))
+                segs.append(_Segment(job, r, r + take, filled))
                 filled, r = filled + take * row, r + take
-        extra = (io.extra(job), job.rows) if job.mode == "kernel" else (io.copy(job), 0)
-        if extra[1] < rows_of(shape):
+        src, start = (job.rest, job.rows) if job.kernel is not None else (job.inputs[0], 0)
+        if start < rows_of(shape):
             if segs:
-                yield ("kernel", *key, segs, filled)
+                yield flush()
             key, segs, filled = None, [], 0
-            for r0, r1 in row_chunks(shape, extra[1], rows_of(shape), cap):
-                yield ("copy", job, extra[0], r0, r1)
+            for r0, r1 in row_chunks(shape, start, rows_of(shape), cap):
+                yield _CopyBatch(job, src, r0, r1)
     if segs:
-        yield ("kernel", *key, segs, filled)
+        yield flush()
 
 
-def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray, ...]], None], report: Any,
-           progress: bool, *, chunk_elems: int) -> None:
-    """Run every job through read -> kernel -> `write(job, outs)` (outs: a tuple of row blocks, the first is the
-    output tensor's), in job order. `chunk_elems`: elements per kernel call (rows are never split; a bigger row
-    gets a bigger buffer). Errors from any thread are re-raised here; report.bytes_read, bytes_written and
-    nonfinite are filled in."""
+def _index_words(segments: tuple[_Segment, ...]) -> tuple[np.uint32, np.uint32]:
+    """The first element index of a positional batch (one job's consecutive rows) as uint32 (hi, lo)."""
+    first = segments[0].r0 * row_elems(segments[0].job.out.shape)
+    return np.uint32(first >> 32), np.uint32(first & 0xFFFFFFFF)
+
+
+def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]], None], report: Any,
+           progress: bool, *, chunk_elems: int, desc: str = "ftjax") -> None:
+    """Run every job through read -> kernel -> `on_block(job, outs)` (outs: a tuple of consecutive row blocks, the
+    first is the output tensor's), in job order. `chunk_elems`: elements per kernel call (rows are never split; a
+    bigger row gets a bigger buffer). Errors from any thread are re-raised here; report.bytes_read, bytes_written
+    and nonfinite are filled in."""
     cap = max([chunk_elems] + [row_elems(j.out.shape) for j in jobs])
-    slots = max([len(io.inputs(j)) for j in jobs if j.mode == "kernel" and j.rows] + [1])
+    slots = max([len(j.inputs) for j in jobs if j.kernel is not None and j.rows] + [1])
     free: queue.Queue = queue.Queue()
     for _ in range(POOL):
         free.put([_aligned(cap * 8) for _ in range(slots)])  # 8: widest dtype; pages are touched only as used
@@ -252,14 +315,11 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(j.out.nbytes for j in jobs), unit="B", unit_scale=True, desc=f"ftjax {report.kind}",
-                   leave=False, postfix={"tensors": len(jobs)})
-
-    def dtype_of(src: Source) -> np.dtype:
-        return np.dtype(np.float32) if src[0] is None else src[0].info(src[1]).dtype
+        bar = tqdm(total=sum(j.out.nbytes for j in jobs), unit="B", unit_scale=True, desc=desc, leave=False,
+                   postfix={"tensors": len(jobs)})
 
     def emit(job: Job, outs: tuple[np.ndarray, ...]) -> None:
-        write(job, outs)
+        on_block(job, outs)
         report.bytes_written += outs[0].nbytes
         if bar is not None:
             bar.update(outs[0].nbytes)
@@ -271,22 +331,21 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
     def writer() -> None:
         try:
             while (item := todo.get()) is not None:
-                bufs, batch = item
-                if batch[0] == "kernel":
-                    _, _, _, segs, filled, outs = batch
+                bufs, batch, outs = item
+                if isinstance(batch, _KernelBatch):
                     outs = tuple(np.asarray(o) for o in outs)  # waits for the kernel; zero-copy
                     free.put(bufs)  # the kernel is done with its inputs
-                    bad = _has_nonfinite(outs[0][:filled])
-                    for job, _, r0, r1, off in segs:
-                        rshape = (r1 - r0,) + job.out.shape[1:] if job.out.shape else ()
-                        blocks = tuple(o[off: off + math.prod(rshape)].reshape(rshape) for o in outs)
+                    bad = _has_nonfinite(outs[0][:batch.filled])
+                    for seg in batch.segments:
+                        shape = seg.job.out.shape
+                        rshape = (seg.r1 - seg.r0,) + shape[1:] if shape else ()
+                        blocks = tuple(o[seg.offset: seg.offset + math.prod(rshape)].reshape(rshape) for o in outs)
                         if bad:
-                            check(job, blocks[0])
-                        emit(job, blocks)
+                            check(seg.job, blocks[0])
+                        emit(seg.job, blocks)
                 else:
-                    _, job, a = batch
-                    check(job, a)
-                    emit(job, (a,))
+                    check(batch.job, outs[0])
+                    emit(batch.job, outs)
                     free.put(bufs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
@@ -305,27 +364,26 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
     def reader() -> None:  # fills buffer sets from the files, in output order
         full = set()  # kernels already run at length cap
         try:
-            for batch in _plan_batches(jobs, io, cap, dtype_of):
+            for batch in _plan_batches(jobs, cap):
                 bufs = wait(free)
-                if batch[0] == "kernel":
-                    _, kernel, dtypes, segs, filled = batch
-                    n = _bucket(filled, cap, (kernel, dtypes) in full)
+                if isinstance(batch, _KernelBatch):
+                    compiled = (batch.kernel, batch.dtypes)
+                    n = _bucket(batch.filled, cap, compiled in full)
                     if n == cap:
-                        full.add((kernel, dtypes))
-                    xs = [b.view(dt)[:n] for b, dt in zip(bufs, dtypes)]
-                    for job, srcs, r0, r1, off in segs:
-                        m = (r1 - r0) * row_elems(job.out.shape)
-                        for x, src in zip(xs, srcs):
-                            report.bytes_read += files.read(src, r0, r1, x[off: off + m])
+                        full.add(compiled)
+                    xs = [b.view(dt)[:n] for b, dt in zip(bufs, batch.dtypes)]
+                    for seg in batch.segments:
+                        m = (seg.r1 - seg.r0) * row_elems(seg.job.out.shape)
+                        for x, src in zip(xs, seg.job.inputs):
+                            report.bytes_read += files.read(src, seg.r0, seg.r1, x[seg.offset: seg.offset + m])
                     filled_q.put((bufs, batch, xs))
                 else:
-                    _, job, src, r0, r1 = batch
-                    dt, shape = dtype_of(src), job.out.shape
-                    rshape = (r1 - r0,) + shape[1:] if shape else ()
+                    dt, shape = _dtype_of(batch.src), batch.job.out.shape
+                    rshape = (batch.r1 - batch.r0,) + shape[1:] if shape else ()
                     a = bufs[0].view(dt)[: math.prod(rshape)]
-                    report.bytes_read += files.read(src, r0, r1, a)
+                    report.bytes_read += files.read(batch.src, batch.r0, batch.r1, a)
                     a = a.reshape(rshape)
-                    filled_q.put((bufs, ("copy", job, a.astype(job.out.dtype) if dt != job.out.dtype else a), None))
+                    filled_q.put((bufs, batch, (a.astype(batch.job.out.dtype) if dt != batch.job.out.dtype else a,)))
             filled_q.put(None)
         except _Stopped:
             pass
@@ -339,10 +397,10 @@ def stream(jobs: list[Job], io: Streams, write: Callable[[Job, tuple[np.ndarray,
     try:  # this thread runs the kernels (XLA:CPU runs a call in the calling thread)
         while (item := wait(filled_q)) is not None:
             bufs, batch, xs = item
-            if batch[0] == "kernel":
-                _, (op, static), _, _, _ = batch
-                batch = (*batch, _kernel(*xs, op=op, static=static))  # aligned numpy args: aliased, not copied
-            todo.put((bufs, batch))
+            if isinstance(batch, _KernelBatch):
+                extra = _index_words(batch.segments) if batch.kernel.positional else ()
+                xs = _kernel(*xs, *batch.args, *extra, fn=batch.kernel.fn, static=batch.kernel.static)
+            todo.put((bufs, batch, xs))  # aligned numpy args: aliased, not copied
     except _Stopped:
         pass
     except BaseException:

@@ -352,7 +352,8 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     Returns a summary: out, final, steps, resumed_from, loss (last step), eval (last evaluation), seconds.
     """
     from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path
-    from ftjax.params import flatten, load_params, make_mesh, save_params, shardings_for
+    from ftjax.layout import shardings_for
+    from ftjax.params import flatten, load_params, make_mesh, save_params
 
     t0 = time.perf_counter()
     config.check()

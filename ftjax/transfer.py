@@ -3,9 +3,9 @@
 Streaming engine over HF safetensors directories (`transfer`, `diff`, `apply`) and an in-memory version over
 loaded pytrees (`transfer_params`). Arithmetic: `treeops` (exact, one rounding; see its docstring).
 
-Pipeline: `ftjax.streaming` (preallocated buffers filled with pread, packed row blocks -> one jitted kernel per
-batch -> writer thread; memory bounded by a small buffer pool, never by the model). This module plans (one job per
-output tensor, every input mismatch in one error), applies the policies below and writes config + provenance.
+Pipeline: `ftjax.transfer_plan` decides what happens to each output tensor (every input mismatch in one error);
+this module turns that into `ftjax.streaming` jobs with one of three per-tensor operations (transfer, diff, apply)
+and `ftjax.outputs` writes them with config and provenance, in memory bounded by the engine's buffer pool.
 
 Multi-process runs (jax.distributed): `transfer`, `diff` and `apply` are collectives; every process calls them with
 the same arguments and writes its share of the output shards (`distributed.write_output`).
@@ -24,7 +24,6 @@ Policies (documented once, here):
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
@@ -37,21 +36,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ftjax
-from ftjax import distributed, dtypes, treeops
+from ftjax import dtypes, treeops
 from ftjax import transfer_plan as P
-from ftjax.config import read_config
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import (DIFF_MARKER, RECORD_KEY, HFCheckpoint, HFCheckpointWriter, check_output, copy_aux_files,
-                                 write_json)
+from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, DIFF_MARKER, HFCheckpoint, check_output
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
-from ftjax.streaming import Job, Streams, WriteBehind, row_chunks, rows_of, stream
-from ftjax.transfer_plan import EMBED, LM_HEAD, TransferReport  # noqa: F401 - public names of this module
+from ftjax.layout import EMBED, LM_HEAD, Layout  # noqa: F401 - EMBED, LM_HEAD: public names of this module
+from ftjax.outputs import CHUNK_ELEMS, Finish, Output, provenance, write_checkpoint
+from ftjax.streaming import ZEROS, Job, Kernel, Source, row_chunks, rows_of
+from ftjax.transfer_plan import TensorPlan, TransferReport
 
-CHUNK_ELEMS = 1 << 20  # elements per kernel call: 2 MB per bf16 input buffer (cache-sized; 4x fewer was slower)
 PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", DIFF_MARKER, "ftjax_diff_lo.safetensors"
-_OWN_FILES = (PROVENANCE, DIFF_META, "config.json")
-Write = Callable[[WriteBehind, Job, tuple[np.ndarray, ...]], None]
+_OWN_FILES = (PROVENANCE, DIFF_META, DIFF_LO)
 
 
 def _roles(target: HFCheckpoint, source_ft: HFCheckpoint, config_from: str, tokenizer_from: str) -> dict:
@@ -62,74 +58,43 @@ def _roles(target: HFCheckpoint, source_ft: HFCheckpoint, config_from: str, toke
     return roles
 
 
-def _provenance(kind: str, report: TransferReport, config: dict, **fields) -> dict:
-    """The provenance record of an output whose config.json is `config` (its inert keys listed, see ftjax.config)."""
-    try:
-        parsed = read_config(config)
-        config_keys = {"ignored_keys": list(parsed.ignored), "notes": list(parsed.notes)}
-    except FtjaxError:  # a family ftjax does not model: the tensor arithmetic does not depend on it
-        config_keys = {}
-    return {"ftjax_version": ftjax.__version__, "kind": kind, "inputs": report.inputs,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": config_keys, **fields}
+# --- the three per-tensor operations (flat float32-exact kernels, see treeops) -----------------------------------
 
 
-def _write(out: Path, inputs: list[Path], jobs: list[Job], io: Streams, report: TransferReport, *, overwrite: bool,
-           progress: bool, strict: bool, t0: float, max_shard_bytes: int, cfg: dict, aux_src: Path, meta_name: str,
-           meta: dict, write: Write | None = None, extras: _DiffExtras | None = None) -> None:
-    """Stream `jobs` into an atomic temp dir as a HF checkpoint, then config, aux files and provenance.
+def _transfer_op(t, f, b, alpha, out_dtype):
+    return treeops.transfer_exact(t, f, b, alpha, out_dtype)
 
-    With several processes (jax.distributed) every process plans the same shards and process i streams shards i,
-    i+N, ... into one shared temp dir, recording what it did in a small part file; process 0 then merges the parts
-    into the report, writes the index and the small files, and renames. The bytes equal a 1-process run's."""
-    write = write or (lambda w, job, outs: w.write(job.name, outs[0]))
 
-    def work(tmp: Path, me: int, n: int) -> None:
-        with HFCheckpointWriter(tmp, [j.out for j in jobs], max_shard_bytes, part=(me, n)) as w:
-            mine = set(w.tensors())
-            part = TransferReport(report.kind, report.out, report.inputs)
-            if extras is not None:
-                extras.open(tmp / f".ftjax-lo-{me}.tmp")
-            wb = WriteBehind(w)
-            stream([j for j in jobs if j.name in mine], io, lambda job, outs: write(wb, job, outs), part,
-                   progress and me == 0, chunk_elems=CHUNK_ELEMS)
-        write_json(tmp / f".ftjax-part-{me}.json", {"bytes_read": part.bytes_read, "nonfinite": part.nonfinite,
-                                                     "bytes_written": part.bytes_written,
-                                                     "extras": extras.close() if extras is not None else {}})
+def _diff_op(f, b):
+    return treeops.diff_exact(f, b)  # (hi, lo): hi is written, lo kept when inexact
 
-    def finalize(tmp: Path, n: int) -> None:
-        order = {j.name: k for k, j in enumerate(jobs)}
-        parts = []
-        for i in range(n):
-            path = tmp / f".ftjax-part-{i}.json"
-            try:
-                parts.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as e:
-                raise FtjaxError(f"{path}: process {i}'s part report is missing or unreadable ({e})") from None
-            path.unlink()
-        report.bytes_read = sum(p["bytes_read"] for p in parts)
-        report.bytes_written = sum(p["bytes_written"] for p in parts)
-        report.nonfinite = sorted((n for p in parts for n in p["nonfinite"]), key=order.__getitem__)
-        if extras is not None:
-            extras.finish(tmp, meta, [(tmp / f".ftjax-lo-{i}.tmp", p["extras"]) for i, p in enumerate(parts)],
-                          {j.name: j.out for j in jobs}, order)
-        report.seconds = time.perf_counter() - t0
-        if report.nonfinite and strict:
-            raise FtjaxError(f"NaN/Inf in {len(report.nonfinite)} output tensor(s): "
-                             f"{', '.join(report.nonfinite[:8])} (--strict); nothing was written")
-        copy_aux_files(aux_src, tmp, skip=(*_OWN_FILES, DIFF_LO))
-        write_json(tmp / "config.json", cfg)
-        files = sorted({p.name for p in tmp.iterdir()} | {meta_name})  # what --overwrite may later replace
-        write_json(tmp / meta_name, {**meta, "report": report.to_dict(), RECORD_KEY: files})
 
-    distributed.write_output(out, overwrite=overwrite, inputs=inputs, work=work, finalize=finalize)
+def _diff_round_op(f, b, out_dtype):
+    hi, lo = treeops.diff_exact(f, b)
+    return treeops.round_sum3(jnp.zeros_like(hi), hi, lo, out_dtype)  # one rounding of the exact difference
+
+
+def _apply_op(t, hi, lo, alpha, out_dtype):
+    return treeops.axpy_exact(t, hi.astype(jnp.float32), lo.astype(jnp.float32), alpha, out_dtype)
+
+
+def _jobs(plans: Sequence[TensorPlan], target: HFCheckpoint, kernel_inputs: Callable[[TensorPlan], tuple[Source, ...]],
+          kernel: Callable[[TensorPlan], Kernel], rest: Callable[[TensorPlan], Source]) -> list[Job]:
+    """Engine jobs: kernel tensors from `kernel_inputs`, the rest copied from the target."""
+    return [Job(p.out, kernel_inputs(p), kernel(p), rows=p.rows, rest=rest(p)) if p.action == "kernel"
+            else Job(p.out, (Source(target, p.name),)) for p in plans]
+
+
+def _output(out: Path, inputs: Sequence[HFCheckpoint], *, overwrite: bool, max_shard_bytes: int, progress: bool,
+            strict: bool) -> Output:
+    return Output(out, tuple(c.path for c in inputs), overwrite, max_shard_bytes, progress, strict)
 
 
 def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, target_base: str | os.PathLike,
              out: str | os.PathLike, *, alpha: float = 1.0, alpha_for: Sequence[tuple[str, float]] = (),
              skip: Sequence[str] = (), vocab: str = "pad", dtype: str = "auto", config_from: str = "target",
              tokenizer_from: str = "source-ft", overwrite: bool = False, dry_run: bool = False, strict: bool = False,
-             max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> TransferReport:
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> TransferReport:
     """Write target_base + alpha * (source_ft - source_base) as a HF checkpoint at `out` (streaming, atomic).
 
     alpha_for: (regex, alpha) pairs, first re.search match wins; skip: regexes of tensors kept from the target;
@@ -141,35 +106,32 @@ def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, targe
     report = TransferReport("transfer", str(out), {"source_base": str(b.path), "source_ft": str(f.path),
                                                    "target_base": str(t.path)}, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[b.path, f.path, t.path])
-    jobs = P.plan(t, f, b, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab, dtype=dtype, report=report)
-    report.warnings += P.transfer_warnings(b, f, t, [j.name for j in jobs if j.mode == "kernel"])
-    cfg = P.out_config(roles[config_from].config, t, jobs)
+    lt = Layout.of_checkpoint(t)
+    plans = P.plan(lt, Layout.of_checkpoint(f), Layout.of_checkpoint(b), alpha=alpha, alpha_for=alpha_for,
+                   skip=skip, vocab=vocab, dtype=dtype, report=report,
+                   configs={"target": t.config, "source-ft": f.config, "source-base": b.config})
+    report.warnings += P.transfer_warnings(b, f, t, [p.name for p in plans if p.action == "kernel"])
+    cfg = P.out_config(roles[config_from].config, lt, [p.out for p in plans])
     if dry_run:
         return report
-    io = Streams(inputs=lambda job: ((t, job.t), (f, job.s), (b, job.b)),
-                 kernel=lambda job: (treeops.transfer_exact, (job.alpha, job.out.dtype)),
-                 copy=lambda job: (t, job.t), extra=lambda job: (f, job.s))
-    meta = _provenance("transfer", report, cfg, alpha=float(alpha),
-                       alpha_for=[[p, float(a)] for p, a in alpha_for],
-                       skip=list(skip), vocab=vocab, config_from=config_from, tokenizer_from=tokenizer_from,
-                       dtype=dtype, out_dtypes=sorted({str(j.out.dtype) for j in jobs}),
-                       formula="target_base + alpha * (source_ft - source_base), exact, one rounding")
-    _write(out, [b.path, f.path, t.path], jobs, io, report, overwrite=overwrite, progress=progress, strict=strict,
-           t0=t0, max_shard_bytes=max_shard_bytes, cfg=cfg, aux_src=roles[tokenizer_from].path,
-           meta_name=PROVENANCE, meta=meta)
+    jobs = _jobs(plans, t, lambda p: (Source(t, p.name), Source(f, p.source), Source(b, p.base)),
+                 lambda p: Kernel(_transfer_op, (p.alpha, p.out.dtype)), lambda p: Source(f, p.source))
+    record = provenance("transfer", report.inputs, cfg, alpha=float(alpha),
+                        alpha_for=[[p, float(a)] for p, a in alpha_for], skip=list(skip), vocab=vocab,
+                        config_from=config_from, tokenizer_from=tokenizer_from, dtype=dtype,
+                        out_dtypes=sorted({str(j.out.dtype) for j in jobs}),
+                        formula="target_base + alpha * (source_ft - source_base), exact, one rounding")
+    write_checkpoint(_output(out, [b, f, t], overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
+                             strict=strict), jobs, report,
+                     Finish(cfg, roles[tokenizer_from].path, PROVENANCE, record, _OWN_FILES), t0=t0)
     return report
 
 
-def _diff_round_op(f, b, out_dtype):
-    hi, lo = treeops.diff_exact(f, b)
-    return treeops.round_sum3(jnp.zeros_like(hi), hi, lo, out_dtype)  # one rounding of the exact difference
-
-
 class _DiffExtras:
-    """What `diff` keeps beside the main tensors, per process, merged by process 0: the L2 norm of every diff
-    tensor (float64 sums of squares of what is written) and, for an exact float32 diff, the exact remainders (lo),
-    appended to a scratch file per tensor (dropped when all zero) and then copied into `ftjax_diff_lo.safetensors`
-    (only the tensors that have a nonzero remainder)."""
+    """What `diff` keeps beside the main tensors, per process, merged by process 0 (`outputs.Extras`): the L2 norm
+    of every diff tensor (float64 sums of squares of what is written) and, for an exact float32 diff, the exact
+    remainders (lo), appended to a scratch file per tensor (dropped when all zero) and then copied into
+    `ftjax_diff_lo.safetensors` (only the tensors that have a nonzero remainder)."""
 
     def __init__(self, exact: bool):
         self.exact = exact
@@ -186,7 +148,7 @@ class _DiffExtras:
         if dtypes.is_float(hi.dtype):
             h = hi.astype(np.float32, copy=False)
             self.sumsq[job.name] = self.sumsq.get(job.name, 0.0) + float(np.dot(h, h))
-        if self.exact and job.mode == "kernel":
+        if self.exact and job.kernel is not None and len(job.inputs) == 2:
             self._write_lo(job, outs[1] if len(outs) > 1 else None, rows_of(outs[0].shape))
 
     def _write_lo(self, job: Job, lo: np.ndarray | None, rows: int) -> None:
@@ -208,12 +170,12 @@ class _DiffExtras:
         self.f.close()
         return {"lo": self.starts, "sumsq": self.sumsq}
 
-    def finish(self, tmp: Path, meta: dict, parts: list[tuple[Path, dict]], outs: dict[str, TensorInfo],
+    def finish(self, tmp: Path, record: dict, parts: list[tuple[Path, dict]], outs: dict[str, TensorInfo],
                order: dict[str, int]) -> None:
-        """Merge every process's part (`parts`: scratch path, `close()` result) into DIFF_LO and meta["norms"]."""
+        """Merge every process's part (scratch path, `close()` result) into DIFF_LO and record["norms"]."""
         sumsq = {name: ss for _, part in parts for name, ss in part["sumsq"].items()}
-        meta["norms"] = {"total": math.sqrt(math.fsum(sumsq.values())),
-                         "tensors": {n: math.sqrt(sumsq[n]) for n in sorted(sumsq, key=order.__getitem__)}}
+        record["norms"] = {"total": math.sqrt(math.fsum(sumsq.values())),
+                           "tensors": {n: math.sqrt(sumsq[n]) for n in sorted(sumsq, key=order.__getitem__)}}
         found = sorted(((name, start, path) for path, part in parts for name, start in part["lo"]),
                        key=lambda x: order[x[0]])
         infos = [TensorInfo(name, np.dtype(np.float32), outs[name].shape) for name, _, _ in found]
@@ -228,11 +190,11 @@ class _DiffExtras:
         for path, _ in parts:
             path.unlink()
         if self.exact:
-            meta["lo_tensors"] = [i.name for i in infos]
+            record["lo_tensors"] = [i.name for i in infos]
 
 
 def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
-         overwrite: bool = False, dry_run: bool = False, max_shard_bytes: int = 5 * 10**9,
+         overwrite: bool = False, dry_run: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          progress: bool = True) -> TransferReport:
     """Write the diff vector ft - base as its own checkpoint dir (+ ft's config/tokenizer, `ftjax_diff.json`).
 
@@ -245,28 +207,26 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
     out = check_output(out, overwrite=overwrite, inputs=[b.path, f.path])
     exact = P.out_dtype(dtype, np.float32) == np.float32
     # Planned as a transfer onto the base itself: same checks, the vocab rows of ft beyond the base padded.
-    jobs = P.plan(b, f, b, alpha=1.0, alpha_for=(), skip=(), vocab="pad", dtype=dtype, report=report)
+    lb, lf = Layout.of_checkpoint(b), Layout.of_checkpoint(f)
+    plans = P.plan(lb, lf, lb, alpha=1.0, alpha_for=(), skip=(), vocab="pad", dtype=dtype, report=report,
+                   labels={"target": "base", "source": "ft", "base": "base"},
+                   configs={"base": b.config, "ft": f.config})
     report.warnings += P.swapped_base_warnings(b, f, "--base", "--ft")
-    base_rows = {j.s: j.rows for j in jobs if j.mode == "kernel" and j.rows != rows_of(j.out.shape)}
+    base_rows = {p.source: p.rows for p in plans if p.action == "kernel" and p.rows != rows_of(p.out.shape)}
     report.vocab = {"base_rows": base_rows} if base_rows else {}
     if dry_run:
         return report
-    extras = _DiffExtras(exact)
-
-    def write(w, job, outs):
-        w.write(job.name, outs[0].astype(job.out.dtype, copy=False))
-        extras.add(job, outs)
-
-    io = Streams(inputs=lambda job: ((f, job.s), (b, job.b)),
-                 kernel=lambda job: (treeops.diff_exact, ()) if exact else (_diff_round_op, (job.out.dtype,)),
-                 copy=lambda job: (f, job.t), extra=lambda job: (f, job.s))
-    meta = _provenance("diff", report, f.config, base=str(b.path), ft=str(f.path),
-                       dtype=str(P.out_dtype(dtype, np.float32)),
-                       exact=exact, lo_file=DIFF_LO, base_vocab_rows=base_rows, tied=P.tied(f),
-                       formula="ft - base; exact value = main tensor + lo remainder (float32)")
-    _write(out, [b.path, f.path], jobs, io, report, overwrite=overwrite, progress=progress, strict=False, t0=t0,
-           max_shard_bytes=max_shard_bytes, cfg=f.config, aux_src=f.path, meta_name=DIFF_META, meta=meta,
-           write=write, extras=extras)
+    kernel = Kernel(_diff_op) if exact else None
+    jobs = [Job(p.out, (Source(f, p.source), Source(b, p.base)),
+                kernel or Kernel(_diff_round_op, (p.out.dtype,)), rows=p.rows, rest=Source(f, p.source))
+            if p.action == "kernel" else Job(p.out, (Source(f, lb.source_of(p.name, lf)),)) for p in plans]
+    record = provenance("diff", report.inputs, f.config, base=str(b.path), ft=str(f.path),
+                        dtype=str(P.out_dtype(dtype, np.float32)), exact=exact, lo_file=DIFF_LO,
+                        base_vocab_rows=base_rows, tied=lf.tied,
+                        formula="ft - base; exact value = main tensor + lo remainder (float32)")
+    write_checkpoint(_output(out, [b, f], overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
+                             strict=False), jobs, report, Finish(f.config, f.path, DIFF_META, record, _OWN_FILES),
+                     t0=t0, extras=_DiffExtras(exact))
     return report
 
 
@@ -285,19 +245,15 @@ class _DiffReader:
         lo = self.ck.path / DIFF_LO
         self.lo = SafetensorsFile(lo) if lo.is_file() else None
 
-    def lo_source(self, name: str) -> tuple[Any, Any]:
-        return (self.lo, name) if self.lo is not None and name in self.lo else (None, None)  # None: zeros
-
-
-def _apply_op(t, hi, lo, alpha, out_dtype):
-    return treeops.axpy_exact(t, hi.astype(jnp.float32), lo.astype(jnp.float32), alpha, out_dtype)
+    def lo_source(self, name: str) -> Source:
+        return Source(self.lo, name) if self.lo is not None and name in self.lo else ZEROS
 
 
 def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, alpha: float = 1.0,
           alpha_for: Sequence[tuple[str, float]] = (), skip: Sequence[str] = (), vocab: str = "pad",
           dtype: str = "auto", config_from: str = "target", tokenizer_from: str = "source-ft",
-          overwrite: bool = False, dry_run: bool = False, strict: bool = False, max_shard_bytes: int = 5 * 10**9,
-          progress: bool = True) -> TransferReport:
+          overwrite: bool = False, dry_run: bool = False, strict: bool = False,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> TransferReport:
     """Write target + alpha * diff (a dir from `diff`); with a float32 diff, bitwise equal to `transfer`.
     config_from / tokenizer_from: target | source-ft (the diff dir carries the source-ft's files)."""
     t0 = time.perf_counter()
@@ -305,22 +261,22 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
     roles = _roles(t, d.ck, config_from, tokenizer_from)
     report = TransferReport("apply", str(out), {"target": str(t.path), "diff": str(d.ck.path)}, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[t.path, d.ck.path])
-    jobs = P.plan(t, d.ck, None, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab, dtype=dtype,
-                 report=report, base_rows=d.meta.get("base_vocab_rows", {}))
-    cfg = P.out_config(roles[config_from].config, t, jobs)
+    lt = Layout.of_checkpoint(t)
+    plans = P.plan(lt, Layout.of_checkpoint(d.ck), None, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab,
+                   dtype=dtype, report=report, base_rows=d.meta.get("base_vocab_rows", {}),
+                   configs={"target": t.config, "diff": d.ck.config})
+    cfg = P.out_config(roles[config_from].config, lt, [p.out for p in plans])
     if dry_run:
         return report
-    io = Streams(inputs=lambda job: ((t, job.t), (d.ck, job.s), d.lo_source(job.s)),
-                 kernel=lambda job: (_apply_op, (job.alpha, job.out.dtype)),
-                 copy=lambda job: (t, job.t), extra=lambda job: (d.ck, job.s))
-    meta = _provenance("apply", report, cfg, alpha=float(alpha),
-                       alpha_for=[[p, float(a)] for p, a in alpha_for],
-                       skip=list(skip), vocab=vocab, config_from=config_from, tokenizer_from=tokenizer_from,
-                       dtype=dtype, diff_of=d.meta.get("inputs"),
-                       formula="target + alpha * diff, exact, one rounding")
-    _write(out, [t.path, d.ck.path], jobs, io, report, overwrite=overwrite, progress=progress, strict=strict,
-           t0=t0, max_shard_bytes=max_shard_bytes, cfg=cfg, aux_src=roles[tokenizer_from].path,
-           meta_name=PROVENANCE, meta=meta)
+    jobs = _jobs(plans, t, lambda p: (Source(t, p.name), Source(d.ck, p.source), d.lo_source(p.source)),
+                 lambda p: Kernel(_apply_op, (p.alpha, p.out.dtype)), lambda p: Source(d.ck, p.source))
+    record = provenance("apply", report.inputs, cfg, alpha=float(alpha),
+                        alpha_for=[[p, float(a)] for p, a in alpha_for], skip=list(skip), vocab=vocab,
+                        config_from=config_from, tokenizer_from=tokenizer_from, dtype=dtype,
+                        diff_of=d.meta.get("inputs"), formula="target + alpha * diff, exact, one rounding")
+    write_checkpoint(_output(out, [t, d.ck], overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                             progress=progress, strict=strict), jobs, report,
+                     Finish(cfg, roles[tokenizer_from].path, PROVENANCE, record, _OWN_FILES), t0=t0)
     return report
 
 
@@ -328,20 +284,19 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
 
 
 @functools.lru_cache(maxsize=16)
-def _transfer_fn(alphas: tuple[float, ...], vocab: str, out_shardings: tuple | None, donate: bool) -> Callable:
-    """The jitted in-memory transfer for one alpha layout: built once, so repeated calls do not recompile."""
+def _transfer_fn(specs: tuple[tuple[float, bool] | None, ...], out_shardings: tuple | None, donate: bool) -> Callable:
+    """The jitted in-memory transfer for one plan ((alpha, pad the vocab rows) per tensor, None: keep the
+    target's): built once, so repeated calls do not recompile."""
 
     def fn(t_l, f_l, b_l):
         out = []
-        for a, x, y, z in zip(alphas, t_l, f_l, b_l):
-            if a == 0:
+        for spec, x, y, z in zip(specs, t_l, f_l, b_l):
+            if spec is None:
                 out.append(x)
                 continue
-            v = x.shape[0] if x.shape else None
+            (a, pad), v = spec, x.shape[0] if x.shape else None
             r = treeops.transfer_exact(x, y[:v] if v is not None else y, z, a, x.dtype)
-            if vocab == "pad" and y.shape != x.shape:
-                r = jnp.concatenate([r, y[v:].astype(x.dtype)])
-            out.append(r)
+            out.append(jnp.concatenate([r, y[v:].astype(x.dtype)]) if pad else r)
         return out
 
     return jax.jit(fn, out_shardings=None if out_shardings is None else list(out_shardings),
@@ -351,41 +306,26 @@ def _transfer_fn(alphas: tuple[float, ...], vocab: str, out_shardings: tuple | N
 def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: float = 1.0,
                     alpha_for: Sequence[tuple[str, float]] = (), skip: Sequence[str] = (), vocab: str = "pad",
                     donate: bool = False) -> Any:
-    """In-memory transfer over loaded nested param pytrees (HF names, possibly sharded): same policies and the
-    same bits as `transfer`. Jitted; the output has the target's dtypes and shardings (with `vocab='pad'` an
-    embedding that grows takes the target leaf's sharding spec). donate=True donates the target's buffers."""
+    """In-memory transfer over loaded nested param pytrees (HF names, possibly sharded): the same plan, policies and
+    bits as `transfer`. Jitted; the output has the target's dtypes and shardings (with `vocab='pad'` an embedding
+    that grows takes the target leaf's sharding spec). donate=True donates the target's buffers."""
     from ftjax.params import flatten, nest
 
-    if vocab not in ("pad", "truncate", "error"):
-        raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
-    rules, skips = P.alpha_rules(alpha_for, skip)
     t, f, b = flatten(target), flatten(source_ft), flatten(source_base)
-    lm = {name: (LM_HEAD if LM_HEAD in tree else EMBED) for name, tree in (("f", f), ("b", b))}
-    problems, alphas = [], {}
-    for name, x in t.items():
-        fn, bn = (lm["f"], lm["b"]) if name == LM_HEAD else (name, name)
-        if fn not in f or bn not in b:
-            problems.append(f"{name}: missing from source-ft or source-base")
-            continue
-        fs, bs = f[fn].shape, b[bn].shape
-        if bs != x.shape or (fs != x.shape and not (P.is_vocab(name) and fs[1:] == x.shape[1:])):
-            problems.append(f"{name}: shapes target {list(x.shape)}, source-ft {list(fs)}, source-base {list(bs)}")
-        elif fs[0:1] and fs[0] < x.shape[0]:
-            problems.append(f"{name}: source-ft vocabulary ({fs[0]} rows) is smaller than the bases' ({x.shape[0]})")
-        elif fs != x.shape and vocab == "error":
-            problems.append(f"{name}: source-ft has {fs[0]} rows, the bases {x.shape[0]} (vocab='error')")
-        skipped = any(r.search(name) for r in skips) or not dtypes.is_float(x.dtype)
-        alphas[name] = 0.0 if skipped else next((a for r, a in rules if r.search(name)), float(alpha))
-    P.fail(problems, "parameter trees do not match")
-    names = list(t)
+    lt, lf, lb = Layout.of_tree(t), Layout.of_tree(f), Layout.of_tree(b)
+    report = TransferReport("transfer_params", None, {})
+    plans = P.plan(lt, lf, lb, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab, dtype="auto", report=report)
+    names = [p.name for p in plans]
+    sources = {p.name: (p.source or lt.source_of(p.name, lf), p.base or lt.source_of(p.name, lb)) for p in plans}
 
-    def sharding(name, x):
-        s = getattr(x, "sharding", None)
-        return s if s is not None and f[lm["f"] if name == LM_HEAD else name].shape == x.shape else None
+    def sharding(p: TensorPlan):
+        s = getattr(t[p.name], "sharding", None)
+        return s if s is not None and p.out.shape == t[p.name].shape else None
 
-    out_shardings = [sharding(n, t[n]) for n in names]
+    out_shardings = [sharding(p) for p in plans]
     if any(s is None for s in out_shardings):
         out_shardings = None
+
     def place(y, x):  # sources committed to other devices (e.g. loaded unsharded) go where the target leaf is
         xs, ys = getattr(x, "sharding", None), getattr(y, "sharding", None)
         if xs is None or ys is None or ys.device_set == xs.device_set:
@@ -395,8 +335,9 @@ def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: flo
         mesh = getattr(xs, "mesh", None)
         return jax.device_put(y, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh else xs)
 
-    jitted = _transfer_fn(tuple(alphas[n] for n in names), vocab,
+    jitted = _transfer_fn(tuple((p.alpha, p.out.shape != t[p.name].shape) if p.action == "kernel" and p.alpha != 0
+                                else None for p in plans),
                           None if out_shardings is None else tuple(out_shardings), donate)
-    res = jitted([t[n] for n in names], [place(f[lm["f"]] if n == LM_HEAD else f[n], t[n]) for n in names],
-                 [place(b[lm["b"]] if n == LM_HEAD else b[n], t[n]) for n in names])
+    res = jitted([t[n] for n in names], [place(f[sources[n][0]], t[n]) for n in names],
+                 [place(b[sources[n][1]], t[n]) for n in names])
     return nest(dict(zip(names, res)))

@@ -1,6 +1,7 @@
-"""Transfer planning: validate the three (or, for apply, two) checkpoints against each other and make one job per
-output tensor. Every mismatch is collected into one FtjaxError; the vocab / tied-embedding / non-float policies
-are documented in `ftjax.transfer`'s module docstring and applied here. `TransferReport` records what happened."""
+"""Transfer planning: validate the three (or, for apply, two) tensor layouts against each other and decide, per
+output tensor, what happens to it (`TensorPlan`). Every mismatch is collected into one FtjaxError; the vocab /
+tied-embedding / non-float policies are documented in `ftjax.transfer`'s module docstring and applied here, for the
+streaming commands and the in-memory `transfer_params` alike. `TransferReport` records what happened."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ from ftjax import dtypes
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.io.safetensors import TensorInfo
-from ftjax.streaming import Job
-
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+from ftjax.layout import EMBED, LM_HEAD, Layout, is_vocab
 ERROR_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
               "head_dim", "hidden_act", "attention_bias", "mlp_bias")
 WARN_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings", "rms_norm_eps",
@@ -68,22 +67,6 @@ class TransferReport:
         return "\n".join(lines)
 
 
-def tied(ck: HFCheckpoint) -> bool:
-    return bool(ck.config.get("tie_word_embeddings", False)) or LM_HEAD not in ck
-
-
-def lm_name(ck: HFCheckpoint) -> str:
-    return EMBED if tied(ck) else LM_HEAD
-
-
-def model_names(ck: HFCheckpoint) -> list[str]:
-    return [n for n in ck.names() if not (n == LM_HEAD and tied(ck))]
-
-
-def is_vocab(name: str) -> bool:
-    return name in (EMBED, LM_HEAD) or name.endswith((".embed_tokens.weight", ".wte.weight"))
-
-
 def fail(problems: list[str], what: str) -> None:
     if problems:
         more = f"; ... and {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -129,84 +112,110 @@ def out_dtype(dtype: str, t_dtype: np.dtype) -> np.dtype:
     return DTYPES[dtype]
 
 
-def plan(target: HFCheckpoint, src: HFCheckpoint, base: HFCheckpoint | None, *, alpha, alpha_for, skip, vocab,
-          dtype, report: TransferReport, base_rows: dict[str, int] | None = None) -> list[Job]:
-    """Compare the inputs (every mismatch in one FtjaxError) and make one job per output tensor.
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one output tensor: `kernel` (target + alpha * delta over `rows` rows; rows beyond are copied
+    from the source: vocab padding), `copy` (integer/bool: the target's) or `skip` (--skip: the target's)."""
 
-    `base` is None for apply (src is a diff dir; `base_rows` gives its base vocabulary rows)."""
-    if vocab not in ("pad", "truncate", "error"):
+    name: str
+    out: TensorInfo
+    action: str
+    source: str | None = None  # the tensor read from source-ft (or the diff)
+    base: str | None = None  # the tensor read from source-base (None for apply)
+    rows: int = 0
+    alpha: float = 1.0
+
+
+VOCAB_POLICIES = ("pad", "truncate", "error")
+
+
+def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alpha_for: Sequence[tuple[str, float]],
+         skip: Sequence[str], vocab: str, dtype: str, report: TransferReport, labels: dict[str, str] | None = None,
+         base_rows: dict[str, int] | None = None, configs: dict[str, dict] | None = None) -> list[TensorPlan]:
+    """Compare the layouts and, given, the config.json dicts (`compare_configs`; every mismatch in one FtjaxError)
+    and plan every output tensor, in the target's order.
+
+    `base` is None for apply (src is a diff; `base_rows` gives its base vocabulary rows). labels: how messages name
+    the three roles (default target / source-ft / source-base)."""
+    if vocab not in VOCAB_POLICIES:
         raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
     rules, skips = alpha_rules(alpha_for, skip)
-    models = {"target": target, "source-ft" if base else "diff": src} | ({"source-base": base} if base else {})
-    problems = compare_configs({k: m.config for k, m in models.items()}, report.warnings)
-    problems += keyset_problems({k: [n for n in model_names(m) if n != LM_HEAD] for k, m in models.items()})
-    if tied(target) != tied(src) or (base and tied(base) != tied(src)):
-        ties = ", ".join(f"{k} {'tied' if tied(m) else 'untied'}" for k, m in models.items())
+    label = {"target": "target", "source": "source-ft" if base else "diff", "base": "source-base", **(labels or {})}
+    layouts = {label["target"]: target, label["source"]: src} | ({label["base"]: base} if base else {})
+    problems = compare_configs(configs, report.warnings) if configs else []
+    problems += keyset_problems({k: [n for n in m.names if n != LM_HEAD] for k, m in layouts.items()})
+    if len({m.tied for m in layouts.values()}) > 1:
+        ties = ", ".join(f"{k} {'tied' if m.tied else 'untied'}" for k, m in layouts.items())
         report.warnings.append(f"embedding tying differs ({ties}); output follows the target")
-        if tied(target) and not tied(src):
+        if target.tied and not src.tied:
             report.warnings.append("target ties embeddings: the source's separate lm_head delta is not applied")
-    jobs: list[Job] = []
+    plans: list[TensorPlan] = []
     vocab_rows: dict[str, Any] = {}
-    for name in model_names(target):
-        s_name = lm_name(src) if name == LM_HEAD else name
-        b_name = (lm_name(base) if name == LM_HEAD else name) if base else None
-        if s_name not in src or (base and b_name not in base):
+    for name in target.names:
+        s_name = target.source_of(name, src)
+        b_name = target.source_of(name, base) if base else None
+        if s_name not in src.shapes or (base and b_name not in base.shapes):
             continue  # reported as a key-set problem
-        ti, si = target.info(name), src.info(s_name)
-        bshape = base.info(b_name).shape if base else (
-            si.shape[:1] and (base_rows.get(s_name, si.shape[0]),) + si.shape[1:])
-        out_dt = out_dtype(dtype, ti.dtype)
-        job = Job(name, TensorInfo(name, out_dt, ti.shape), "copy", t=name, s=s_name, b=b_name)
+        t_shape, s_shape, t_dtype = target.shapes[name], src.shapes[s_name], target.dtypes[name]
+        b_shape = base.shapes[b_name] if base else (
+            s_shape[:1] and (base_rows.get(s_name, s_shape[0]),) + s_shape[1:])
+        out = TensorInfo(name, out_dtype(dtype, t_dtype), t_shape)
         if any(r.search(name) for r in skips):
             report.skipped.append(name)
-        elif not dtypes.is_float(ti.dtype):
+            plans.append(TensorPlan(name, out, "skip"))
+            continue
+        if not dtypes.is_float(t_dtype):
             report.copied_non_float.append(name)
-            job.out = ti  # integer/bool buffers keep their dtype
-        else:
-            for role, info in (("target", ti), ("source", si)) + ((("source-base", base.info(b_name)),) if base else ()):
-                if not dtypes.is_float(info.dtype):
-                    problems.append(f"{name}: dtype {info.dtype} in the {role}, float {ti.dtype} in the target")
-                elif not dtypes.is_computable(info.dtype):
-                    problems.append(f"{name}: {info.dtype} in the {role}; the exact transfer takes bfloat16, float16 "
-                                    "and float32 tensors (skip the tensor with --skip, or use an unquantized model)")
-            if ti.shape != tuple(bshape):
-                problems.append(f"{name}: shape {list(ti.shape)} in target vs {list(bshape)} in source-base")
+            plans.append(TensorPlan(name, TensorInfo(name, t_dtype, t_shape), "copy"))  # keeps its dtype
+            continue
+        roles = [(label["target"], t_dtype), (label["source"], src.dtypes[s_name])]
+        roles += [(label["base"], base.dtypes[b_name])] if base else []
+        for role, dt in roles:
+            if not dtypes.is_float(dt):
+                problems.append(f"{name}: dtype {dt} in the {role}, float {t_dtype} in the target")
+            elif not dtypes.is_computable(dt):
+                problems.append(f"{name}: {dt} in the {role}; the exact transfer takes bfloat16, float16 and float32 "
+                                "tensors (skip the tensor with --skip, or use an unquantized model)")
+        if t_shape != tuple(b_shape):
+            problems.append(f"{name}: shapes differ: {list(t_shape)} in {label['target']}, {list(b_shape)} in "
+                            f"{label['base']}")
+            continue
+        rows = t_shape[0] if t_shape else 1  # a 0-d tensor is one row
+        if s_shape != t_shape:
+            if not (is_vocab(name) and s_shape[1:] == t_shape[1:]):
+                problems.append(f"{name}: shapes differ: {list(s_shape)} in {label['source']}, {list(t_shape)} in "
+                                "the bases")
                 continue
-            rows = ti.shape[0] if ti.shape else 1  # a 0-d tensor is one row
-            if si.shape != ti.shape:
-                if not (is_vocab(name) and si.shape[1:] == ti.shape[1:]):
-                    problems.append(f"{name}: shape {list(si.shape)} in source-ft vs {list(ti.shape)} in the bases")
-                    continue
-                if si.shape[0] < rows:
-                    problems.append(f"{name}: source-ft vocabulary ({si.shape[0]} rows) is smaller than the bases' "
-                                    f"({rows}); transfer needs a source-ft vocabulary at least as large")
-                    continue
-                if vocab == "error":
-                    problems.append(f"{name}: source-ft has {si.shape[0]} rows, the bases {rows} (--vocab error); "
-                                    "use --vocab pad or truncate")
-                    continue
-                if vocab == "pad":
-                    job.out = TensorInfo(name, out_dt, si.shape)
-                vocab_rows[name] = {"bases": rows, "source_ft": si.shape[0], "out": job.out.shape[0]}
-            job.mode, job.rows = "kernel", rows
-            job.alpha = next((a for r, a in rules if r.search(name)), float(alpha))
-            if job.alpha != float(alpha):
-                report.alphas[name] = job.alpha
-        jobs.append(job)
+            if s_shape[0] < rows:
+                problems.append(f"{name}: {label['source']} vocabulary ({s_shape[0]} rows) is smaller than the "
+                                f"bases' ({rows}); transfer needs a source vocabulary at least as large")
+                continue
+            if vocab == "error":
+                problems.append(f"{name}: {label['source']} has {s_shape[0]} rows, the bases {rows} (--vocab error); "
+                                "use --vocab pad or truncate")
+                continue
+            if vocab == "pad":
+                out = TensorInfo(name, out.dtype, s_shape)
+            vocab_rows[name] = {"bases": rows, "source_ft": s_shape[0], "out": out.shape[0]}
+        a = next((a for r, a in rules if r.search(name)), float(alpha))
+        if a != float(alpha):
+            report.alphas[name] = a
+        plans.append(TensorPlan(name, out, "kernel", s_name, b_name, rows, a))
     fail(problems, "inputs do not match")
     if vocab_rows:
         report.vocab = {"policy": vocab, "tensors": vocab_rows}
-    report.tensors, report.transferred = len(jobs), sum(j.mode == "kernel" for j in jobs)
-    return jobs
+    report.tensors, report.transferred = len(plans), sum(p.action == "kernel" for p in plans)
+    return plans
 
 
-def out_config(cfg: dict, target: HFCheckpoint, jobs: list[Job]) -> dict:
+def out_config(cfg: dict, target: Layout, outs: Sequence[TensorInfo]) -> dict:
+    """The output's config.json: `cfg` with the vocab size, tying and dtype of what is written."""
     cfg = json.loads(json.dumps(cfg))
-    sizes = {j.name: j.out.shape[0] for j in jobs if j.name in (EMBED, LM_HEAD)}
+    sizes = {o.name: o.shape[0] for o in outs if o.name in (EMBED, LM_HEAD)}
     if sizes:
         cfg["vocab_size"] = max(sizes.values())
-    cfg["tie_word_embeddings"] = tied(target)
-    dts = {str(j.out.dtype) for j in jobs if dtypes.is_float(j.out.dtype)}
+    cfg["tie_word_embeddings"] = target.tied
+    dts = {str(o.dtype) for o in outs if dtypes.is_float(o.dtype)}
     if len(dts) == 1:
         cfg["dtype"] = next(iter(dts))
         if "torch_dtype" in cfg:

@@ -21,7 +21,6 @@ Pytree helpers (`tree_transfer`, `tree_diff`, `tree_apply`, `tree_lerp`, `tree_s
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -176,24 +175,6 @@ def transfer_exact(t: jax.Array, ft: jax.Array, base: jax.Array, alpha: float, o
     return axpy_exact(t, d_hi, d_lo, alpha, out_dtype)
 
 
-@partial(jax.jit, static_argnames=("alpha", "out_dtype"))
-def transfer_kernel(t: jax.Array, ft: jax.Array, base: jax.Array, *, alpha: float, out_dtype: Any) -> jax.Array:
-    """Jitted `transfer_exact` for the streaming engine (flat, bucket-padded chunks)."""
-    return transfer_exact(t, ft, base, alpha, out_dtype)
-
-
-@partial(jax.jit, static_argnames=("alpha", "out_dtype"))
-def apply_kernel(t: jax.Array, d_hi: jax.Array, d_lo: jax.Array, *, alpha: float, out_dtype: Any) -> jax.Array:
-    """Jitted `axpy_exact` on a stored (hi, lo) diff: bitwise equal to `transfer_kernel` on the same inputs."""
-    return axpy_exact(t, to_f32(d_hi), to_f32(d_lo), alpha, out_dtype)
-
-
-@jax.jit
-def diff_kernel(ft: jax.Array, base: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Jitted `diff_exact`."""
-    return diff_exact(ft, base)
-
-
 # --- pytrees ----------------------------------------------------------------------------------------------------
 
 
@@ -255,19 +236,3 @@ def tree_norms(tree: Any) -> Any:
     """Per-leaf L2 norms (float32 scalars; non-float leaves -> nan)."""
     return jax.tree.map(lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))) if is_float(x.dtype)
                         else jnp.float32(jnp.nan), tree)
-
-
-def round_f64(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """The reference rounding of the transfer semantics, in numpy: float64 `x` rounded once, to nearest even, to
-    `dtype` (bfloat16, float16 or float32). It rounds to odd at float32 first (keeping the sticky bit), then to
-    nearest even, so it is a single correct rounding without relying on how a library casts float64 to 16 bits."""
-    x = np.asarray(x, np.float64)
-    if np.dtype(dtype) == np.float32:
-        return x.astype(np.float32)
-    y = x.astype(np.float32)
-    inexact = np.isfinite(y) & (y.astype(np.float64) != x) & (y != 0)
-    toward_x = np.where((y.astype(np.float64) < x) == (y > 0), 1, -1)
-    bits = y.view(np.uint32).astype(np.int64)
-    bits = np.where(inexact & (bits % 2 == 0), bits + toward_x, bits).astype(np.uint32)
-    return bits.view(np.float32).astype(dtype)
-

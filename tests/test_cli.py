@@ -159,3 +159,17 @@ def test_signal_mid_write_removes_the_partial_output(case, sig, code, signal_inp
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("ftjax: ") and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == [], "the temp output directory is removed and nothing is at OUT"
     assert sorted(p.name for p in signal_inputs.rglob("*")) == before, "inputs untouched"
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("eval", ["--batch-size BATCH_SIZE", "(default: 8)", "compute dtype (default: float32)"]),
+    ("finetune", ["(default: 5e-06)", "(default: 2048)", "(default: 0.0)", "data order (default: 0)"]),
+    ("transfer", ["(default: 5GB)", "(default: pad)", "(default: 1.0)"]),
+    ("scan", ["(default: 11)", "(default: 0:1)"]),
+])
+def test_help_shows_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in shown:
+        assert s in text, (command, s)

@@ -12,7 +12,8 @@ from ftjax.convert import convert, inspect_checkpoint
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.io.orbax import restore_orbax
-from ftjax.params import make_mesh, partition_spec
+from ftjax.layout import partition_spec
+from ftjax.params import make_mesh
 from hf_models import make_hf_model, make_tokenizer
 
 

@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.model import forward
-from ftjax.params import flatten, load_params, make_mesh, nest, partition_spec, save_params
+from ftjax.layout import partition_spec
+from ftjax.params import flatten, load_params, make_mesh, nest, save_params
 from hf_models import make_hf_model
 
 

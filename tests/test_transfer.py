@@ -17,7 +17,7 @@ T = importlib.import_module("ftjax.transfer")  # the package re-exports the func
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint, save_hf
 from hf_models import make_hf_model, sparse_model
-from test_treeops import bits, reference
+from reference import bits, reference
 
 BF16 = ml_dtypes.bfloat16
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"

@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 
 from ftjax import treeops
-from ftjax.treeops import round_f64
+from reference import bits, exact_round, reference, round_f64
 
 BF16 = ml_dtypes.bfloat16
+transfer_kernel = jax.jit(treeops.transfer_exact, static_argnames=("alpha", "out_dtype"))
+diff_kernel = jax.jit(treeops.diff_exact)
 
 
-def reference(t, f, b, alpha, dtype):
-    return round_f64(t.astype(np.float64) + alpha * (f.astype(np.float64) - b.astype(np.float64)), dtype)
-
-
-def bits(x):
-    x = np.asarray(x)
-    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+@functools.partial(jax.jit, static_argnames=("alpha", "out_dtype"))
+def apply_kernel(t, d_hi, d_lo, *, alpha, out_dtype):
+    return treeops.axpy_exact(t, treeops.to_f32(d_hi), treeops.to_f32(d_lo), alpha, out_dtype)
 
 
 def mixed(rng, n, dtype, spread=36):
@@ -31,32 +29,6 @@ def mixed(rng, n, dtype, spread=36):
     if np.dtype(dtype) == np.float16:
         x = np.clip(x * 2.0 ** -12, -6e4, 6e4)
     return [v.astype(dtype) for v in x]
-
-
-@functools.lru_cache(maxsize=None)
-def _finite_values(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Every finite value of a 16-bit float format (as float64) with its bits, sorted by value."""
-    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
-    with np.errstate(invalid="ignore"):  # NaN bit patterns
-        vals = bits.view(dtype).astype(np.float64)
-    keep = np.isfinite(vals)
-    order = np.argsort(vals[keep], kind="stable")
-    return vals[keep][order], bits[keep][order]
-
-
-def exact_round(e: Fraction, dtype) -> float:
-    """The value of `dtype` nearest to the rational e, ties to even: an independent reference on exact rationals
-    (finite results only)."""
-    dtype = np.dtype(dtype)
-    if dtype.itemsize == 4:  # float32: float64(e)'s float32 neighbours, decided on rationals
-        y = np.float32(float(e))
-        cands = [y, np.nextafter(y, np.float32(np.inf)), np.nextafter(y, np.float32(-np.inf))]
-        cands = [(float(c), int(np.float32(c).view(np.uint32))) for c in cands]
-    else:
-        vals, bits = _finite_values(dtype)
-        j = int(np.searchsorted(vals, float(e)))
-        cands = [(float(vals[k]), int(bits[k])) for k in (j - 1, j, j + 1) if 0 <= k < len(vals)]
-    return min(cands, key=lambda c: (abs(Fraction(c[0]) - e), c[1] & 1))[0]
 
 
 @pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
@@ -83,7 +55,7 @@ def test_round_f64_rounds_once_correctly(dtype):
 def test_kernel_bitwise_reference(dtype, alpha):
     rng = np.random.default_rng(0)
     t, f, b = mixed(rng, 200_000, dtype)
-    out = treeops.transfer_kernel(t, f, b, alpha=alpha, out_dtype=dtype)
+    out = transfer_kernel(t, f, b, alpha=alpha, out_dtype=dtype)
     np.testing.assert_array_equal(bits(out), bits(reference(t, f, b, alpha, dtype)))
     if dtype == BF16:  # the plain float32 computation double-rounds on such data
         naive = (t.astype(np.float32) + np.float32(alpha) * (f.astype(np.float32) - b.astype(np.float32))).astype(dtype)
@@ -95,7 +67,7 @@ def test_kernel_general_alpha_bf16(alpha):
     rng = np.random.default_rng(1)
     t, f, b = [x.astype(BF16) for x in rng.standard_normal((3, 500_000)) * 0.02]
     f = (f.astype(np.float32) + b.astype(np.float32)).astype(BF16)
-    out = treeops.transfer_kernel(t, f, b, alpha=alpha, out_dtype=jnp.bfloat16)
+    out = transfer_kernel(t, f, b, alpha=alpha, out_dtype=jnp.bfloat16)
     np.testing.assert_array_equal(bits(out), bits(reference(t, f, b, alpha, BF16)))
 
 
@@ -105,7 +77,7 @@ def test_constructed_double_rounding_cases():
     f = np.array([2.0**-30, 2.0**-9 + 2.0**-40, -(2.0**-8), 1.0], np.float32).astype(BF16)
     b = np.array([-(2.0**-40), 2.0**-40, 2.0**-42, 2.0**-35], np.float32).astype(BF16)
     t[0], f[0], b[0] = BF16(115.0), BF16(0.25), BF16(-(2.0**-30))  # 115.25 + 2^-30 -> 115.5
-    out = np.asarray(treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
+    out = np.asarray(transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
     exact = [Fraction(float(x)) + Fraction(float(y)) - Fraction(float(z)) for x, y, z in zip(t, f, b)]
     ref = reference(t, f, b, 1.0, BF16)
     np.testing.assert_array_equal(bits(out), bits(ref))
@@ -117,7 +89,7 @@ def test_exact_even_beyond_float64():
     # Exponent spreads where float64 itself is inexact: compare with exact rational arithmetic (alpha = 1).
     rng = np.random.default_rng(2)
     t, f, b = mixed(rng, 3000, BF16, spread=120)
-    out = np.asarray(treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
+    out = np.asarray(transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16))
     for i in range(len(t)):
         e = Fraction(float(t[i])) + Fraction(float(f[i])) - Fraction(float(b[i]))
         best = exact_round(e, BF16)
@@ -130,10 +102,10 @@ def test_identities_and_signed_zero():
     t[:3] = f[:3] = BF16(-0.0)
     b[:3] = BF16(0.0)
     t[3] = BF16(np.nan)
-    np.testing.assert_array_equal(bits(treeops.transfer_kernel(t, f, b, alpha=0.0, out_dtype=jnp.bfloat16)), bits(t))
-    np.testing.assert_array_equal(bits(treeops.transfer_kernel(b, f, b, alpha=1.0, out_dtype=jnp.bfloat16))[3:],
+    np.testing.assert_array_equal(bits(transfer_kernel(t, f, b, alpha=0.0, out_dtype=jnp.bfloat16)), bits(t))
+    np.testing.assert_array_equal(bits(transfer_kernel(b, f, b, alpha=1.0, out_dtype=jnp.bfloat16))[3:],
                                   bits(f)[3:])
-    out = treeops.transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16)
+    out = transfer_kernel(t, f, b, alpha=1.0, out_dtype=jnp.bfloat16)
     np.testing.assert_array_equal(bits(out)[:3], bits(reference(t, f, b, 1.0, BF16))[:3])  # -0 + (-0 - 0) = -0
     assert np.isnan(np.float32(out[3]))
 
@@ -141,12 +113,12 @@ def test_identities_and_signed_zero():
 def test_diff_then_apply_is_transfer():
     rng = np.random.default_rng(4)
     t, f, b = mixed(rng, 100_000, BF16)
-    hi, lo = treeops.diff_kernel(f, b)
+    hi, lo = diff_kernel(f, b)
     assert np.any(np.asarray(lo) != 0), "data must include differences inexact in float32"
     for alpha in (1.0, 0.5, 0.3):
         np.testing.assert_array_equal(
-            bits(treeops.apply_kernel(t, hi, lo, alpha=alpha, out_dtype=jnp.bfloat16)),
-            bits(treeops.transfer_kernel(t, f, b, alpha=alpha, out_dtype=jnp.bfloat16)))
+            bits(apply_kernel(t, hi, lo, alpha=alpha, out_dtype=jnp.bfloat16)),
+            bits(transfer_kernel(t, f, b, alpha=alpha, out_dtype=jnp.bfloat16)))
 
 
 def test_two_prod_exact():

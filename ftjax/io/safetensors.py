@@ -183,6 +183,10 @@ class SafetensorsFile:
             prev_name, prev_end = name, end
         return metadata, infos, offsets
 
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor `name`: this one (the reader protocol HFCheckpoint shares)."""
+        return self.path
+
     def names(self) -> list[str]:
         """Tensor names in file order (by data offset)."""
         return list(self._names)
