@@ -541,9 +541,13 @@ def _cmd_scan(args) -> None:
     for i, lam in enumerate(result["lambda"]):
         print(f"λ {lam:+.3f}  loss {result['loss'][i]:.6f}" +
               "".join(f"  {k} {result[k][i]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result))
-    print(f"barrier_linear {result['barrier_linear']:.6f} (λ {result['barrier_linear_lambda']:.3f})  "
-          f"barrier_mean {result['barrier_mean']:.6f} (λ {result['barrier_mean_lambda']:.3f}) nats; "
-          f"wrote {args.out / 'scan.json'}, scan.png, scan.pdf")
+    for name in ("barrier_linear", "barrier_mean"):
+        value, lam, note = result[name], result[f"{name}_lambda"], result[f"{name}_note"]
+        if lam is not None:
+            print(f"{name} {value:.6f} nats (λ {lam:.3f})")
+        else:  # no barrier (0) or undefined (NaN); the note says which and why
+            print(f"{name} {value:g} ({'no barrier: ' if value == 0 else ''}{note})")
+    print(f"wrote {args.out / 'scan.json'}, scan.png, scan.pdf")
 
 
 def _cmd_plane(args) -> None:

@@ -140,27 +140,77 @@ def parse_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def barriers(lambdas: Sequence[float], losses: Sequence[float]) -> dict[str, float]:
-    """Loss barriers over the λ in [0, 1] on the grid (both endpoints must be grid points).
+def barriers(lambdas: Sequence[float], losses: Sequence[float]) -> dict[str, Any]:
+    """Loss barriers (nats/token) on the segment between the two models: the grid's λ in [0, 1].
 
-    barrier_linear = max_λ L(λ) - ((1-λ)L(0) + λL(1))    (Frankle et al.)
-    barrier_mean   = max_λ L(λ) - (L(0) + L(1)) / 2      (git-re-basin's code)
-    Each comes with the λ where the max is attained.
+    Both endpoints must be grid points (FtjaxError otherwise); points outside [0, 1] never count. L(λ) is the
+    loss at λ: L(0) is model A (or the target), L(1) model B (or the transferred model).
+
+    barrier_linear  Entezari et al. 2022, "The Role of Permutation Invariance in Linear Mode Connectivity of
+                    Neural Networks": max over λ in (0, 1) of L(λ) - ((1-λ)L(0) + λL(1)), the rise above the
+                    straight line between the two models. A barrier only where that gap is positive at an
+                    interior grid point.
+    barrier_mean    Frankle et al. 2020, "Linear Mode Connectivity and the Lottery Ticket Hypothesis" (with test
+                    error for L); Ainsworth et al. 2023, "Git Re-Basin": max over λ in [0, 1] of
+                    L(λ) - (L(0) + L(1))/2. A barrier only where the maximum of L over [0, 1] is attained strictly
+                    inside, L(λ*) > max(L(0), L(1)) at an interior grid point. The papers compare models of
+                    about equal loss; between versions the endpoint losses differ, and a maximum at an endpoint is
+                    one of the two models, not a barrier (there the formula would return half the endpoint gap).
+
+    Returns, for each name in ("barrier_linear", "barrier_mean"): name (float, nats; 0.0 when there is no
+    barrier), name + "_lambda" (the interior λ of the maximum, the smallest on ties; None when there is no
+    barrier) and name + "_note" (None when there is a barrier, else the reason as a short phrase).
+    Undefined (NaN, None, note) when the loss at λ = 0 or 1 is not finite or every interior loss is NaN; other
+    interior NaN losses are skipped (the note says so). Linear gaps within float64 rounding of the baseline
+    (1e-12 of the endpoint losses) are not barriers.
     """
     lam, loss = np.asarray(lambdas, np.float64), np.asarray(losses, np.float64)
+    if lam.ndim != 1 or lam.shape != loss.shape:
+        raise FtjaxError(f"barriers needs one loss per λ, got {lam.size} λ values and {loss.size} losses")
     at = {}
     for end in (0.0, 1.0):
-        hits = np.flatnonzero(np.isclose(lam, end, atol=1e-9))
+        hits = np.flatnonzero(np.isclose(lam, end, rtol=0.0, atol=1e-9))
         if not len(hits):
             raise FtjaxError(f"the λ grid must contain {end:g} to compute a barrier")
-        at[end] = loss[hits[0]]
-    inside = (lam >= -1e-9) & (lam <= 1 + 1e-9)
-    lam, loss = lam[inside], loss[inside]
-    linear = loss - ((1 - lam) * at[0.0] + lam * at[1.0])
-    mean = loss - 0.5 * (at[0.0] + at[1.0])
-    i, j = int(np.argmax(linear)), int(np.argmax(mean))
-    return {"barrier_linear": float(linear[i]), "barrier_linear_lambda": float(lam[i]),
-            "barrier_mean": float(mean[j]), "barrier_mean_lambda": float(lam[j])}
+        at[end] = float(loss[hits[0]])
+    l0, l1 = at[0.0], at[1.0]
+    for end, value in at.items():
+        if not math.isfinite(value):
+            note = f"the loss at λ = {end:g} is {value}, so the barrier is undefined"
+            return {**_no_barrier("barrier_linear", note, math.nan), **_no_barrier("barrier_mean", note, math.nan)}
+    inside = (lam > 1e-9) & (lam < 1 - 1e-9)
+    nan = inside & np.isnan(loss)
+    if not inside.any():
+        note = "no grid point strictly between the two models (0 < λ < 1)"
+        return {**_no_barrier("barrier_linear", note), **_no_barrier("barrier_mean", note)}
+    keep = inside & ~nan
+    if not keep.any():
+        note = "the loss is NaN at every grid point strictly between the two models, so the barrier is undefined"
+        return {**_no_barrier("barrier_linear", note, math.nan), **_no_barrier("barrier_mean", note, math.nan)}
+    suffix = f" (NaN loss at {int(nan.sum())} grid points skipped)" if nan.any() else ""
+    order = np.argsort(lam[keep], kind="stable")
+    lam, loss = lam[keep][order], loss[keep][order]
+
+    out: dict[str, Any] = {}
+    gap = loss - ((1 - lam) * l0 + lam * l1)
+    i = int(np.argmax(gap))
+    if gap[i] > 1e-12 * max(1.0, abs(l0), abs(l1)):
+        out.update(barrier_linear=float(gap[i]), barrier_linear_lambda=float(lam[i]), barrier_linear_note=None)
+    else:
+        out.update(_no_barrier("barrier_linear",
+                               "the loss never rises above the straight line between the two models" + suffix))
+    j = int(np.argmax(loss))
+    if loss[j] > max(l0, l1):
+        out.update(barrier_mean=float(loss[j] - 0.5 * (l0 + l1)), barrier_mean_lambda=float(lam[j]),
+                   barrier_mean_note=None)
+    else:
+        where = "at both endpoints (λ = 0 and 1)" if l0 == l1 else f"at an endpoint (λ = {0 if l0 > l1 else 1})"
+        out.update(_no_barrier("barrier_mean", f"the loss is highest {where}" + suffix))
+    return out
+
+
+def _no_barrier(name: str, note: str, value: float = 0.0) -> dict[str, Any]:
+    return {name: value, f"{name}_lambda": None, f"{name}_note": note}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +252,8 @@ def scan(theta_a: Any, theta_b: Any, cfg: ModelConfig, examples: Sequence[Exampl
     """Loss of (1-λ)·A + λ·B at every λ (the grid must contain 0 and 1).
 
     Returns {"path", "labels", "lambda", "loss" (nats/token), optional "acc"/"acc_norm"/"exact_match" (one per
-    λ), "tokens", "forward_tokens", "barrier_linear", "barrier_mean" and their argmax λ}.
+    λ), "tokens", "forward_tokens", and `barriers`' keys: "barrier_linear", "barrier_mean", each with its
+    "_lambda" (None when there is no barrier) and "_note" (why there is none)}.
     dtype: compute dtype (None: A's dtype); the interpolation itself is float32.
     """
     check_compatible({labels[0]: (cfg, theta_a), labels[1]: (cfg, theta_b)})
@@ -215,7 +266,11 @@ def scan_along_diff(target: Any, source_ft: Any, source_base: Any, cfg: ModelCon
                     lambdas: Sequence[float], *, labels: Sequence[str] = ("target", "target + Δ"),
                     batch_size: int = 8, max_len: int | None = None, dtype: Any = None,
                     mesh: Mesh | None = None) -> dict[str, Any]:
-    """Loss of T + λ·(F - S) at every λ: λ=0 is the target, λ=1 the transferred model. Same result keys as `scan`."""
+    """Loss of T + λ·(F - S) at every λ: λ=0 is the target, λ=1 the transferred model. Same result keys as `scan`.
+
+    The barriers are those of the segment from the target to the transferred model T + (F - S); λ > 1
+    (over-applying the diff) never counts.
+    """
     check_compatible({"target": (cfg, target), "source-ft": (cfg, source_ft), "source-base": (cfg, source_base)})
     points, seen = _evaluate_points("diff", (target, source_ft, source_base), [[lam] for lam in lambdas], cfg,
                                     examples, batch_size=batch_size, max_len=max_len, dtype=dtype, mesh=mesh)

@@ -8,6 +8,7 @@ built with `matplotlib.figure.Figure` directly, so no GUI backend or pyplot glob
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -32,47 +33,85 @@ def _nan(values: Any) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in np.ravel(values)], np.float64).reshape(np.shape(values))
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend only when something on `ax` is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+def _at(lam: np.ndarray, values: np.ndarray, x: float) -> float:
+    """The value at grid point λ = x, NaN when x is not on the grid."""
+    hits = np.flatnonzero(np.isclose(lam, x, rtol=0.0, atol=1e-9))
+    return float(values[hits[0]]) if len(hits) else math.nan
+
+
+def _barrier(result: dict[str, Any], name: str) -> tuple[float, float] | None:
+    """(height, λ) of a barrier that exists: positive and finite, at an interior λ; None otherwise."""
+    value, lam = result.get(name), result.get(f"{name}_lambda")
+    if value is None or lam is None or not math.isfinite(value) or value <= 0 or not 0 < lam < 1:
+        return None
+    return float(value), float(lam)
+
+
 def plot_scan(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:
-    """Loss along the λ path, the linear baseline between the endpoints (dashed) and the barrier (marked).
+    """`scan_figure(result, title)` written to `<stem>.png` and `<stem>.pdf`."""
+    return _save(scan_figure(result, title), stem)
+
+
+def scan_figure(result: dict[str, Any], title: str | None = None) -> Figure:
+    """Loss along the λ path, the straight line between the two models (dashed, λ in [0, 1] only) and each
+    barrier (arrow) where there is one; the legend gives the heights in nats, or why there is no barrier.
 
     result: as returned by `ftjax.lmc.scan` / `scan_along_diff` (or read back from scan.json).
     """
     lam, loss = np.asarray(result["lambda"], np.float64), _nan(result["loss"])
     label_a, label_b = result.get("labels", ("Model A", "Model B"))
+    diff = result.get("path") == "diff"
     acc_keys = [k for k in ("acc", "acc_norm", "exact_match") if k in result]
     fig = Figure(figsize=(6.4, 4.2 if not acc_keys else 6.4))
     axes = fig.subplots(2 if acc_keys else 1, 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": [2, 1]} if acc_keys else None)[:, 0]
     ax = axes[0]
-    ax.plot(lam, loss, "o-", color="C0", label="interpolated model")
-    l0, l1 = loss[np.argmin(np.abs(lam))], loss[np.argmin(np.abs(lam - 1))]
-    ax.plot(lam, (1 - lam) * l0 + lam * l1, "--", color="0.5", label="linear baseline")
-    ax.plot([0, 1], [l0, l1], "s", color="k", zorder=3)
+    ax.plot(lam, loss, "o-", color="C0", label="target + λ·diff" if diff else "interpolated model")
+    l0, l1 = _at(lam, loss, 0.0), _at(lam, loss, 1.0)
+    if math.isfinite(l0) and math.isfinite(l1):
+        ax.plot([0, 1], [l0, l1], "--", color="0.5", label="straight line between the two models")
     for x, y, name in ((0, l0, label_a), (1, l1, label_b)):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
-    if "barrier_linear" in result and result["barrier_linear"] is not None:
-        xb = result["barrier_linear_lambda"]
-        base = (1 - xb) * l0 + xb * l1
-        top = base + result["barrier_linear"]
-        ax.annotate("", xy=(xb, top), xytext=(xb, base), arrowprops={"arrowstyle": "<->", "color": "C3"})
-        ax.plot([], [], color="C3", label=f"barrier (linear) = {result['barrier_linear']:.4g} nats"
-                f"\nbarrier (mean) = {result['barrier_mean']:.4g} nats")
+        if math.isfinite(y):
+            ax.plot(x, y, "s", color="k", zorder=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
+    for name, kind, color in (("barrier_linear", "linear", "C3"), ("barrier_mean", "mean", "C4")):
+        if name not in result:
+            continue
+        found = _barrier(result, name)
+        if found is None:
+            value, note = result.get(name), result.get(f"{name}_note")
+            head = f"no {kind} barrier" if value == 0 else f"{kind} barrier"
+            ax.plot([], [], " ", label=textwrap.fill(f"{head}: {note}" if note else head, 52))
+            continue
+        height, xb = found
+        base = (1 - xb) * l0 + xb * l1 if kind == "linear" else 0.5 * (l0 + l1)
+        if kind == "mean":
+            ax.plot([0, 1], [base, base], ":", color=color, lw=1.0, label="mean of the two models' losses")
+        ax.annotate("", xy=(xb, base + height), xytext=(xb, base), arrowprops={"arrowstyle": "<->", "color": color})
+        ax.plot([], [], color=color, label=f"{kind} barrier = {height:.4g} nats at λ = {xb:.3g}")
     ax.set_ylabel(LOSS_LABEL)
-    ax.legend(framealpha=0.5, fontsize=8)
+    _legend(ax, framealpha=0.5, fontsize=8)
     ax.grid(alpha=0.3)
     for i, key in enumerate(acc_keys):
         axes[1].plot(lam, _nan(result[key]), "o-", color=f"C{i + 1}", label=_ACC_NAMES[key])
     if acc_keys:
         axes[1].set_ylabel("accuracy (fraction)")
         axes[1].set_ylim(-0.05, 1.05)
-        axes[1].legend(framealpha=0.5, fontsize=8)
+        _legend(axes[1], framealpha=0.5, fontsize=8)
         axes[1].grid(alpha=0.3)
-    path = {"lerp": "(1-λ)·A + λ·B", "diff": "T + λ·(F − S)"}.get(result.get("path"), "")
-    axes[-1].set_xlabel(f"λ  (interpolation coefficient{': ' + path if path else ''})")
-    axes[-1].axvline(0, color="0.8", lw=0.8, zorder=0)
-    axes[-1].axvline(1, color="0.8", lw=0.8, zorder=0)
+    path = {"diff": "scale of the diff: T + λ·(F − S)", "lerp": "interpolation coefficient: (1-λ)·A + λ·B"}
+    axes[-1].set_xlabel(f"λ  ({path.get(result.get('path'), 'interpolation coefficient')})")
+    for a in axes:
+        a.axvline(0, color="0.8", lw=0.8, zorder=0)
+        a.axvline(1, color="0.8", lw=0.8, zorder=0)
     axes[0].set_title(title or f"{label_a} → {label_b}")
-    return _save(fig, stem)
+    return fig
 
 
 def plane_coordinates(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]:
@@ -95,8 +134,12 @@ def plot_plane(result: dict[str, Any], stem: str | Path, title: str | None = Non
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.subplots()
     finite = loss[np.isfinite(loss)]
-    levels = np.linspace(finite.min(), np.quantile(finite, 0.95), 20) if finite.size and np.ptp(finite) > 0 else 20
-    filled = ax.contourf(x, y, np.clip(loss, None, np.max(levels) if not isinstance(levels, int) else None),
+    levels: Any = 20
+    if finite.size and np.ptp(finite) > 0:
+        top = np.quantile(finite, 0.95)
+        top = top if top > finite.min() else finite.max()  # mostly constant: the top 5% holds the whole range
+        levels = np.linspace(finite.min(), top, 20)
+    filled = ax.contourf(x, y, loss if isinstance(levels, int) else np.clip(loss, None, levels[-1]),
                          levels=levels, cmap="viridis_r", extend="max")
     ax.contour(x, y, loss, levels=filled.levels[::4], colors="k", linewidths=0.4, alpha=0.5)
     fig.colorbar(filled, ax=ax, label=LOSS_LABEL)
@@ -128,15 +171,17 @@ def plot_stats(result: dict[str, Any], stem: str | Path, title: str | None = Non
         if any(v is not None for v in values):
             axes[0].plot(idx, _nan(values), "o-", color=f"C{i}", label=label)
     axes[0].set_ylabel("relative L2 norm (fraction)")
-    axes[0].set_yscale("log")
-    axes[0].legend(framealpha=0.5, fontsize=8)
+    plotted = np.concatenate([np.ravel(line.get_ydata()) for line in axes[0].get_lines()] + [np.zeros(0)])
+    if (plotted > 0).any():  # a log axis needs a positive value to show (NaN compares False)
+        axes[0].set_yscale("log")
+    _legend(axes[0], framealpha=0.5, fontsize=8)
     axes[0].grid(alpha=0.3, which="both")
     if has_cos:
         axes[1].plot(idx, _nan([r.get("cos_delta") for r in layers]), "o-", color="C3", label="cos(Δs, Δt)")
         axes[1].axhline(0, color="0.5", ls="--", lw=0.8)
         axes[1].set_ylabel("cosine similarity")
         axes[1].set_ylim(-1.05, 1.05)
-        axes[1].legend(framealpha=0.5, fontsize=8)
+        _legend(axes[1], framealpha=0.5, fontsize=8)
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("decoder layer index")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -160,7 +205,6 @@ def plot_curves(runs: dict[str, dict[str, list]], stem: str | Path, title: str |
     ax.set_ylabel(LOSS_LABEL)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if runs:
-        ax.legend(framealpha=0.5, fontsize=8)
+    _legend(ax, framealpha=0.5, fontsize=8)
     ax.set_title(title or "fine-tuning curves")
     return _save(fig, stem)

@@ -82,16 +82,80 @@ def test_along_diff_and_plane_paths(loaded, examples):
     assert abs(res["cos_ab_ac"] - ab @ ac / np.linalg.norm(ab) / np.linalg.norm(ac)) < 1e-4
 
 
-def test_barrier_formulas_on_known_numbers():
-    lam = [0.0, 0.25, 0.5, 0.75, 1.0]
-    got = lmc.barriers(lam, [1.0, 1.2, 1.5, 3.0, 3.0])
-    # linear baseline 1 + 2λ: residuals [0, -0.3, -0.5, 0.5, 0]; mean baseline 2: max loss 3.0 first at λ = 0.75
-    assert got == pytest.approx({"barrier_linear": 0.5, "barrier_linear_lambda": 0.75,
-                                 "barrier_mean": 1.0, "barrier_mean_lambda": 0.75})
-    outside = lmc.barriers([-0.5, 0.0, 0.5, 1.0, 1.5], [9.0, 1.0, 1.25, 2.0, 9.0])  # only λ in [0, 1] counts
-    assert outside["barrier_linear"] == pytest.approx(-0.25 + 0.25) and outside["barrier_mean"] == pytest.approx(0.5)
+LAM5 = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def no_barrier(got, name, note):
+    assert got[name] == 0.0 and got[f"{name}_lambda"] is None and note in got[f"{name}_note"]
+
+
+def test_falling_loss_has_no_barrier():
+    # the case: the loss only falls, so the highest point (2.6 nats above nothing) is model A itself
+    got = lmc.barriers(LAM5, [5.2, 4.4, 3.8, 3.2, 2.6])  # straight line 5.2 - 2.6λ: gaps -0.15, -0.1, -0.05
+    no_barrier(got, "barrier_linear", "never rises above the straight line")
+    no_barrier(got, "barrier_mean", "highest at an endpoint (λ = 0)")
+    straight = lmc.barriers(np.linspace(0, 1, 11), [3 - 0.1 * i for i in range(11)])  # gaps are float64 rounding
+    assert straight["barrier_linear_lambda"] is None and straight["barrier_mean_lambda"] is None
+
+
+def test_symmetric_bump():
+    # both baselines are 1.0 at λ = 0.5; the peak 2.0 is 1.0 above them
+    got = lmc.barriers(LAM5, [1.0, 1.5, 2.0, 1.5, 1.0])
+    assert got == pytest.approx({"barrier_linear": 1.0, "barrier_linear_lambda": 0.5, "barrier_linear_note": None,
+                                 "barrier_mean": 1.0, "barrier_mean_lambda": 0.5, "barrier_mean_note": None})
+
+
+def test_asymmetric_bump_linear_and_mean_differ():
+    loss = [1.0, 2.5, 2.9, 3.2, 3.0]
+    # linear: baseline 1 + 2λ = 1.5, 2.0, 2.5 inside, gaps 1.0, 0.9, 0.7 -> 1.0 at λ = 0.25
+    # mean: max L = 3.2 at λ = 0.75 > max(L(0), L(1)) = 3.0, so 3.2 - (1.0 + 3.0)/2 = 1.2 at λ = 0.75
+    got = lmc.barriers(LAM5, loss)
+    assert got == pytest.approx({"barrier_linear": 1.0, "barrier_linear_lambda": 0.25, "barrier_linear_note": None,
+                                 "barrier_mean": 1.2, "barrier_mean_lambda": 0.75, "barrier_mean_note": None})
+
+
+def test_concave_monotone_loss_has_only_a_linear_barrier():
+    # straight line 3 - λ = 2.75, 2.5, 2.25 inside; gaps 0.15, 0.2, 0.15 -> 0.2 at λ = 0.5
+    got = lmc.barriers(LAM5, [3.0, 2.9, 2.7, 2.4, 2.0])
+    assert got["barrier_linear"] == pytest.approx(0.2) and got["barrier_linear_lambda"] == 0.5
+    assert got["barrier_linear_note"] is None
+    no_barrier(got, "barrier_mean", "highest at an endpoint (λ = 0)")  # the loss falls all the way
+    # the old test curve: the loss ties its maximum 3.0 at λ = 0.75 and at λ = 1, so the maximum is an endpoint
+    old = lmc.barriers(LAM5, [1.0, 1.2, 1.5, 3.0, 3.0])
+    assert old["barrier_linear"] == pytest.approx(0.5) and old["barrier_linear_lambda"] == 0.75
+    no_barrier(old, "barrier_mean", "highest at an endpoint (λ = 1)")
+    no_barrier(lmc.barriers([0.0, 0.5, 1.0], [2.0, 1.0, 2.0]), "barrier_mean", "both endpoints")
+
+
+def test_points_outside_the_segment_never_count():
+    lam = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    bump = lmc.barriers(lam, [9.0, 1.0, 2.0, 1.0, 9.0])  # 9.0 outside [0, 1] is higher than the bump 2.0
+    assert bump == pytest.approx({"barrier_linear": 1.0, "barrier_linear_lambda": 0.5, "barrier_linear_note": None,
+                                  "barrier_mean": 1.0, "barrier_mean_lambda": 0.5, "barrier_mean_note": None})
+    rising = lmc.barriers(lam, [9.0, 1.0, 1.25, 2.0, 9.0])  # baseline 1.5 at λ = 0.5: gap -0.25
+    no_barrier(rising, "barrier_linear", "never rises")
+    no_barrier(rising, "barrier_mean", "λ = 1")
+    along_diff = lmc.barriers([0.0, 0.5, 1.0, 1.5, 2.0], [2.0, 1.5, 1.0, 1.2, 4.0])  # λ > 1 over-applies the diff
+    assert along_diff["barrier_linear_lambda"] is None and along_diff["barrier_mean_lambda"] is None
+
+
+def test_barrier_edge_cases_and_refusals():
+    ends = lmc.barriers([0.0, 1.0], [1.0, 2.0])
+    no_barrier(ends, "barrier_linear", "no grid point strictly between")
+    nan = float("nan")
+    skipped = lmc.barriers(LAM5, [1.0, nan, 2.0, 1.5, 1.0])  # the NaN point is skipped, not a barrier
+    assert skipped["barrier_linear"] == pytest.approx(1.0) and skipped["barrier_mean_lambda"] == 0.5
+    undefined = lmc.barriers(LAM5, [nan, 1.0, 2.0, 1.5, 1.0])
+    assert np.isnan(undefined["barrier_linear"]) and undefined["barrier_linear_lambda"] is None
+    assert "undefined" in undefined["barrier_mean_note"]
+    spike = lmc.barriers([0.0, 0.5, 1.0], [1.0, float("inf"), 1.0])
+    assert spike["barrier_linear"] == float("inf") and spike["barrier_mean_lambda"] == 0.5
     with pytest.raises(FtjaxError, match="contain 1"):
         lmc.barriers([0.0, 0.5], [1.0, 2.0])
+    with pytest.raises(FtjaxError, match="contain 0"):
+        lmc.barriers([0.25, 0.5, 1.0], [1.0, 2.0, 1.0])
+    with pytest.raises(FtjaxError, match="one loss per λ"):
+        lmc.barriers([0.0, 0.5, 1.0], [1.0, 2.0])
 
 
 def test_grid_always_holds_both_endpoints():
@@ -153,10 +217,14 @@ def test_cli_scan_writes_results_and_plots(models, tmp_path, capsys):
                  "--range", "-0.5:1.5", "--out", str(out)]) == 0
     result = json.loads((out / "scan.json").read_text())
     assert result["lambda"] == [-0.5, 0.0, 0.5, 1.0, 1.5] and len(result["loss"]) == 5 and len(result["acc"]) == 5
-    assert {"barrier_linear", "barrier_mean", "barrier_linear_lambda", "barrier_mean_lambda"} <= set(result)
     assert result["labels"] == ["a", "b"]
     assert (out / "scan.png").stat().st_size > 1000 and (out / "scan.pdf").stat().st_size > 1000
-    assert "barrier_linear" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    for name in ("barrier_linear", "barrier_mean"):
+        value, lam, note = result[name], result[f"{name}_lambda"], result[f"{name}_note"]
+        assert (lam is None) == (note is not None)
+        want = f"{name} {value:.6f} nats (λ {lam:.3f})" if lam is not None else f"{name} 0 (no barrier: {note})"
+        assert want in printed.splitlines()
 
     assert main(["scan", "--along-diff", "--target", str(models["c"]), "--source-ft", str(models["b"]),
                  "--source-base", str(models["a"]), "--data", str(data), "--points", "2", "--out", str(out / "d"),

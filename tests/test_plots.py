@@ -1,6 +1,8 @@
-"""plots: PNG and PDF files come out of real scan / plane / stats results (pixels are not compared)."""
+"""plots: PNG and PDF files come out of real scan / plane / stats results (pixels are not compared); what the scan
+figure draws; no library warnings on any result."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -61,3 +63,70 @@ def test_curves_plot(tmp_path):
     runs = {"M1*": {"step": [1, 2, 3], "loss": [3.0, 2.5, None], "eval_step": [0, 3], "eval_loss": [3.1, 2.4]},
             "M2*": {"step": [], "loss": [], "eval_step": [0], "eval_loss": [3.0]}}
     assert_figures(plots.plot_curves(runs, tmp_path / "curves", title="recycling"))
+
+
+def scan_result(lam, loss, **extra):
+    return {"path": "lerp", "labels": ["A", "B"], "lambda": lam, "loss": loss, **lmc.barriers(lam, loss), **extra}
+
+
+def legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_scan_figure_baseline_between_the_models_and_barriers_only_where_they_are():
+    lam = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    falling = plots.scan_figure(scan_result(lam, [6.0, 5.2, 3.9, 2.6, 1.0]))
+    ax = falling.axes[0]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [0, 1]  # never extrapolated past the two models
+    assert list(dashed[0].get_ydata()) == [5.2, 2.6]
+    assert not [t for t in ax.texts if t.arrow_patch is not None]  # no barrier, so no arrow
+    texts = " ".join(legend_texts(ax)).replace("\n", " ")
+    assert "no linear barrier" in texts and "no mean barrier" in texts and "(λ = 0)" in texts
+
+    bump = plots.scan_figure(scan_result(lam, [9.0, 1.0, 2.5, 2.0, 9.0]))
+    arrows = [t for t in bump.axes[0].texts if t.arrow_patch is not None]
+    # linear: 2.5 - 1.5 = 1.0 at λ = 0.5; mean: 2.5 - (1.0 + 2.0)/2 = 1.0 at λ = 0.5
+    assert [(t.xy, t.xyann) for t in arrows] == [((0.5, 2.5), (0.5, 1.5)), ((0.5, 2.5), (0.5, 1.5))]
+    texts = legend_texts(bump.axes[0])
+    assert "linear barrier = 1 nats at λ = 0.5" in texts and "mean barrier = 1 nats at λ = 0.5" in texts
+    dotted = [line for line in bump.axes[0].get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and list(dotted[0].get_xdata()) == [0, 1]
+
+
+def test_every_plot_without_library_warnings(setup, tmp_path):
+    nan = float("nan")
+    lam5 = [0.0, 0.25, 0.5, 0.75, 1.0]
+    scans = {
+        "falling": scan_result(lam5, [5.2, 4.4, 3.8, 3.2, 2.6]),  # all-zero barriers, with notes
+        "bump": scan_result(lam5, [1.0, 2.5, 2.9, 3.2, 3.0], acc=[0.5, None, 0.25, 0.0, 0.5]),
+        "single_curve_endpoints_only": scan_result([0.0, 1.0], [2.0, 1.0]),
+        "nan_inside": scan_result(lam5, [1.0, nan, 2.0, nan, 1.0], acc=[nan] * 5, exact_match=[1.0] * 5),
+        "nan_endpoint": scan_result(lam5, [nan, 1.0, 2.0, 1.5, 1.0]),
+        "all_nan": scan_result([0.0, 0.5, 1.0], [nan, nan, nan]),
+        "no_barrier_keys": {"lambda": [0.0, 0.5, 1.0], "loss": [1.0, 2.0, 1.0]},
+    }
+    scans["json"] = json.loads(json.dumps(lmc.finite_or_none(scans["nan_endpoint"])))
+    geometry = {"u": [0.0, 0.5, 1.0], "v": [0.0, 1.0], "norm_ab": 2.0, "norm_ac": 1.0, "cos_ab_ac": 0.5}
+    planes = {"plain": [[1.0, 2.0, 3.0], [2.0, 2.5, 9.0]], "constant": [[1.0] * 3] * 2,
+              "nan": [[1.0, None, 3.0], [nan, 2.5, 9.0]], "all_nan": [[None] * 3] * 2}
+    dirs = setup[0]
+    stats = {"real": diff_stats(*dirs, dirs[2]), "no_values": {"layers": [{"layer": 0}, {"layer": 1}]},
+             "zeros": {"layers": [{"layer": 0, "rel_delta": 0.0}, {"layer": 1, "rel_delta": 0.0}]},
+             "nan": {"layers": [{"layer": 0, "rel_delta": nan, "cos_delta": nan}, {"layer": 1, "rel_delta": 0.1}]},
+             "no_layers": {"layers": []}}
+    curves = {"runs": {"M1*": {"step": [1, 2], "loss": [3.0, None], "eval_step": [2], "eval_loss": [2.9]}},
+              "empty_run": {"M1*": {"step": [], "loss": [], "eval_step": [], "eval_loss": []}}, "none": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, result in scans.items():
+            assert_figures(plots.plot_scan(result, tmp_path / f"scan_{name}"))
+        for name, loss in planes.items():
+            plots.plot_plane({**geometry, "loss": loss}, tmp_path / f"plane_{name}")
+        axis = [0.0, 0.25, 0.5, 0.75, 1.0]  # 24 of 25 equal: the 95% quantile is the minimum
+        mostly_constant = [[1.0] * 5] * 4 + [[1.0] * 4 + [3.0]]
+        plots.plot_plane({**geometry, "u": axis, "v": axis, "loss": mostly_constant}, tmp_path / "plane_flat")
+        for name, result in stats.items():
+            plots.plot_stats(result, tmp_path / f"stats_{name}")
+        for name, runs in curves.items():
+            plots.plot_curves(runs, tmp_path / f"curves_{name}")
