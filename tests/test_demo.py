@@ -1,5 +1,8 @@
 """`ftjax demo`: structure, identities and reproducibility on the tiny configuration (never the scientific outcome)."""
 
+import contextlib
+import dataclasses
+import io
 import json
 import math
 import subprocess
@@ -151,3 +154,268 @@ def test_checkpoints_load_in_transformers(demo):
     cfg, params = load_params(path)
     got = np.asarray(forward(params, np.asarray([ids], np.int32), cfg))
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------- verdicts
+STAGE1, STAGE2 = ("M1", "M2", "M3"), ("M4", "M5")
+CORE = STAGE1 + STAGE2
+
+
+def same_stage(i, j):
+    return (i in STAGE1) == (j in STAGE1)
+
+
+def fake_result(*, same=0.95, cross=-10.0, m0=1.0, gain=True, same_barrier=0.0, cross_barrier=0.2, c_barrier=1.0,
+                tft_delta=5.0, tft_steps=30, recycle=(3.0, 4.0), alpha_best=None, seed=0):
+    """A hand-made per-seed result with the keys the verdicts read. same: share of FT's gain a same-stage diff
+    recovers; cross: EM points a cross-stage diff adds; m0: EM points M0 + Δj gains; gain: whether FT gains at all;
+    recycle: (direct, iterative) − plain; alpha_best: EM of the best α point (default: the α = 1 score)."""
+    base = {"M0": 0.0, "M1": 10.0, "M2": 15.0, "M3": 20.0, "M4": 60.0, "M5": 65.0, "C": 10.0}
+    ft = {n: (b + (20.0 if n == "M0" else 15.0 if n in STAGE2 else 30.0)) if gain else b for n, b in base.items()}
+    row = lambda task: {"task": task, "task_nll": 1.0, "probe": 50.0, "lm1": 3.0, "lm2": 3.0, "lm": 3.0}  # noqa: E731
+    grid = {}
+    for i in NAMES:
+        for j in NAMES:
+            if i == j:
+                continue
+            if i in CORE and j in CORE:
+                task = base[i] + (same * (ft[i] - base[i]) if same_stage(i, j) else cross)
+            elif i == "M0":
+                task = base[i] + m0
+            else:
+                task = base[i]
+            grid[f"{i}+D{j}"] = row(task)
+    sweep = {}
+    for k, g in grid.items():
+        at1 = g["task"]
+        best = at1 if alpha_best is None or k not in ("M5+DM4", "M4+DM5") else alpha_best
+        sweep[k] = {"alpha": [0.0, 0.5, 1.0, 2.0], "task": [base[k.split("+")[0]], best, at1, at1 - 5],
+                    "task_nll": [1.0] * 4, "barrier": 0.0 if same_stage(k[:2], k[-2:]) else 0.1,
+                    "barrier_lambda": None, "barrier_note": "no interior λ above the line"}
+    scans, dist, cos = {}, {}, {}
+    for a_i, a in enumerate(NAMES):
+        for b in NAMES[a_i + 1:]:
+            if "C" in (a, b):
+                bar = c_barrier
+            elif "M0" in (a, b):
+                bar = 0.3
+            else:
+                bar = same_barrier if same_stage(a, b) else cross_barrier
+            scans[f"{a}-{b}"] = {"lambda": [0.0, 0.5, 1.0], "loss": [3.0, 3.0 + bar, 3.0], "barrier": bar,
+                                 "barrier_lambda": 0.5 if bar > 0 else None, "barrier_note": None,
+                                 "mid_excess": bar}
+            near = "C" not in (a, b) and "M0" not in (a, b) and same_stage(a, b)
+            dist[f"{a}-{b}"], cos[f"{a}-{b}"] = (1.0, 0.9) if near else (3.0, 0.3)
+    adjacent = [(i, j) for i in CORE for j in CORE if abs(int(i[1]) - int(j[1])) == 1]
+    tft = {f"{i}+D{j}": {"final": ft[i] + tft_delta, "start": grid[f"{i}+D{j}"]["task"], "steps_to_ft": tft_steps}
+           for i, j in adjacent}
+    tft.update({f"FT({i})": {"final": ft[i], "start": base[i], "steps_to_ft": 90} for i in CORE})
+    rec = {"plain": {}, "direct": {}, "iterative": {}}
+    for i in ("M2", "M3", "M4", "M5"):
+        for mode, d in zip(rec, (0.0, *recycle)):
+            rec[mode][i] = {"final": ft[i] + d, "start": base[i], "steps_to_ft": 90}
+    return {"seed": seed, "names": list(NAMES), "base": {n: row(v) for n, v in base.items()},
+            "ft": {n: row(v) for n, v in ft.items()}, "grid": grid, "sweep": sweep, "scans": scans,
+            "distance": dist, "cos": cos, "tft": tft, "recycle": rec}
+
+
+AGREE = dict()
+DISAGREE = dict(same=0.0, cross=7.5, m0=10.0, same_barrier=0.0, cross_barrier=0.0, c_barrier=0.0, tft_delta=-5.0,
+                tft_steps=None, recycle=(-3.0, -4.0))
+
+
+@pytest.mark.parametrize("claim", list("abcdef"))
+def test_verdicts_agree_and_disagree_on_hand_made_results(claim):
+    from ftjax.demo import verdicts
+
+    assert verdicts.CLAIMS[claim]([fake_result(**AGREE)]).verdict == verdicts.AGREES
+    assert verdicts.CLAIMS[claim]([fake_result(**DISAGREE)]).verdict == verdicts.DISAGREES
+
+
+def test_verdict_a_thresholds_and_undefined():
+    from ftjax.demo import verdicts
+
+    v = verdicts.verdict_a([fake_result(same=0.7)])
+    # M5: base 65, FT 80, M5 + Δ4 = 65 + 0.7·15 = 75.5 -> 70 %; M4 likewise
+    assert v.numbers["M5+DM4"] == 75.5 and v.numbers["rec_M5+DM4"] == 70 and v.numbers["rec_mean"] == 70
+    assert v.verdict == verdicts.PARTLY
+    assert v.numbers["paper_rec_M5+DM4"] == 116 and v.numbers["paper_rec_M4+DM5"] == 75
+    assert verdicts.verdict_a([fake_result(gain=False)]).verdict == verdicts.UNJUDGED
+
+
+def test_verdict_f_the_m5_case():
+    """plain 66.0, direct 62.0, iterative 65.3 for M5 is not "both above plain": partly, with M3 and M4 agreeing."""
+    from ftjax.demo import claims, verdicts
+
+    r = fake_result()
+    for mode, value in (("plain", 66.0), ("direct", 62.0), ("iterative", 65.3)):
+        r["recycle"][mode]["M5"]["final"] = value
+    r["ft"]["M5"]["task"] = 66.0
+    v = verdicts.verdict_f([r])
+    assert v.checks == {"M3: plain < direct ≤ iterative": True, "M4: plain < direct ≤ iterative": True,
+                        "M5: plain < direct ≤ iterative": False}
+    assert v.verdict == verdicts.PARTLY
+    text = claims.claim_f(v, 1)
+    assert "M5: plain 66.0, direct 62.0, iterative 65.3" in text and text.endswith("Verdict: **partly agrees**.")
+
+
+def test_verdict_f_compares_printed_numbers():
+    """62.04 and 62.0 print alike, so direct is not above plain although the unrounded value is."""
+    from ftjax.demo import verdicts
+
+    r = fake_result(recycle=(3.0, 4.0))
+    r["recycle"]["plain"]["M4"]["final"], r["recycle"]["direct"]["M4"]["final"] = 62.0, 62.04
+    assert verdicts.verdict_f([r]).checks["M4: plain < direct ≤ iterative"] is False
+
+
+def test_partial_verdicts():
+    from ftjax.demo import verdicts
+
+    # (b): proximity holds (cross −10 < same 95 %) but no transfer onto M0 is judged a failure (M0 gains 10)
+    assert verdicts.verdict_b([fake_result(m0=10.0)]).verdict == verdicts.PARTLY
+    # (c): only M5 + α·Δ4 comes near FT(M5) (at α = 0.5), M4 + α·Δ5 stays at 0 % recovery
+    r = fake_result(same=0.0)
+    r["sweep"]["M5+DM4"]["task"][1] = 78.0
+    v = verdicts.verdict_c([r])
+    assert v.numbers["M5+DM4"]["best_alpha"] == 0.5 and v.numbers["M4+DM5"]["best_alpha"] == 1.0
+    assert v.verdict == verdicts.PARTLY
+    # (d): stages separated by barrier, but the control is as connected as the run
+    assert verdicts.verdict_d([fake_result(c_barrier=0.0)]).verdict == verdicts.PARTLY
+    # (e): ends above FT(Mi) but never reaches its score sooner
+    assert verdicts.verdict_e([fake_result(tft_steps=None)]).verdict == verdicts.PARTLY
+    # nothing learned: (e) and (f) cannot be judged rather than "do not agree"
+    assert verdicts.verdict_e([fake_result(gain=False)]).verdict == verdicts.UNJUDGED
+    assert verdicts.verdict_f([fake_result(gain=False)]).verdict == verdicts.UNJUDGED
+
+
+def test_verdicts_use_seed_means():
+    """Two seeds: the verdict is computed from the seed means the tables print."""
+    from ftjax.demo import verdicts
+
+    a, b = fake_result(same=1.0, seed=0), fake_result(same=0.0, seed=1)
+    v = verdicts.verdict_a([a, b])
+    assert v.numbers["M5+DM4"] == 72.5 and v.numbers["rec_mean"] == 50 and v.verdict == verdicts.PARTLY
+
+
+def test_best_alpha_prefers_one_on_ties():
+    from ftjax.demo.verdicts import best_alpha
+
+    assert best_alpha([0.0, 0.5, 1.0, 2.0], [3.0, 3.0, 3.0, 1.0]) == (3.0, 1.0)
+    assert best_alpha([0.0, 0.75, 1.25, 2.0], [1.0, 4.0, 4.0, 0.0]) == (4.0, 0.75)
+
+
+def test_report_verdicts_match_results_json(demo):
+    """Every verdict is re-derived from results.json, equals the stored one, and the report prints that claim text
+    (whose verdict word is the derived one) and no other verdict."""
+    from ftjax.demo import claims, verdicts
+
+    summary = json.loads((demo / "results.json").read_text())
+    report = (demo / "report.md").read_text()
+    derived = verdicts.all_verdicts(summary["results"])
+    assert set(derived) == set("abcdef")
+    lines = [line for line in report.splitlines() if line.startswith("- **(")]
+    assert len(lines) == 6
+    for (key, v), line in zip(sorted(derived.items()), lines):
+        assert json.loads(json.dumps(dataclasses.asdict(v))) == summary["verdicts"][key], key
+        text = claims.RENDER[key](v, len(summary["results"]))
+        assert line == f"- {text}", key
+        assert line.startswith(f"- **({key})") and line.endswith(f"Verdict: **{v.verdict}**.")
+        others = [w for w in verdicts.VERDICTS if w != v.verdict]
+        assert not any(f"Verdict: **{w}**" in line for w in others)
+
+
+def test_report_stands_alone(demo):
+    """No reference to files or work outside the repository, barrier text with its citations."""
+    report = (demo / "report.md").read_text()
+    for phrase in ("demo-spike", "prototype", ".md)", "tuning notes"):
+        assert phrase not in report, phrase
+    assert "Entezari et al. 2022" in report and "Frankle et al. 2020" in report
+    for path in sorted((ROOT / "ftjax" / "demo").glob("*.py")):
+        text = path.read_text()
+        assert "demo-spike" not in text and "prototype" not in text, path.name
+
+
+# ---------------------------------------------------------------------------------------------------------- progress
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal():
+    from ftjax.demo.progress import Progress
+
+    for enabled, stream, drawn in ((True, _Terminal(), True), (True, io.StringIO(), False),
+                                   (False, _Terminal(), False)):
+        with Progress(enabled, stream).stage("seed 0: pretraining", 20, "step") as tick:
+            for _ in range(4):
+                tick(5)
+        out = stream.getvalue()
+        assert ("seed 0: pretraining" in out and "20/20" in out and "<" in out) == drawn, (enabled, out)
+
+
+# ---------------------------------------------------------------------------------------------------------- barriers
+def barriers_contract(lambdas, losses):
+    """ftjax.lmc.barriers as its new contract states it (a test-only stand-in until that change lands)."""
+    lam, loss = np.asarray(lambdas, np.float64), np.asarray(losses, np.float64)
+    l0, l1 = loss[np.isclose(lam, 0.0)][0], loss[np.isclose(lam, 1.0)][0]
+    inside = (lam >= 0) & (lam <= 1)
+    lam, loss = lam[inside], loss[inside]
+    interior = (lam > 0) & (lam < 1)
+    gap = loss - ((1 - lam) * l0 + lam * l1)
+    out = {"barrier_linear": 0.0, "barrier_linear_lambda": None,
+           "barrier_linear_note": "no interior λ lies above the line between the endpoint losses",
+           "barrier_mean": 0.0, "barrier_mean_lambda": None,
+           "barrier_mean_note": "the maximum of L over [0, 1] is at an endpoint"}
+    if interior.any() and gap[interior].max() > 0:
+        k = np.flatnonzero(interior)[np.argmax(gap[interior])]
+        out.update(barrier_linear=float(gap[k]), barrier_linear_lambda=float(lam[k]), barrier_linear_note=None)
+    top = int(np.argmax(loss))
+    if 0 < lam[top] < 1:
+        out.update(barrier_mean=float(loss[top] - (l0 + l1) / 2), barrier_mean_lambda=float(lam[top]),
+                   barrier_mean_note=None)
+    return out
+
+
+def test_demo_under_the_barrier_contract_and_with_progress(tmp_path, monkeypatch, capfd):
+    """With lmc.barriers returning None λ and notes, the demo stores them, prints "–" and the note, and every
+    stage's progress bar reaches its total; nothing is drawn on a non-terminal stderr."""
+    from ftjax import lmc
+    from ftjax.demo import progress, run_demo
+
+    monkeypatch.setattr(lmc, "barriers", barriers_contract)
+    stages = []
+    real = progress.Progress.stage
+
+    def recording(self, desc, total, unit="it"):
+        stages.append({"desc": desc, "total": total, "done": 0})
+        ctx = real(self, desc, total, unit)
+        with ctx as tick:
+            def count(n):
+                stages[-1]["done"] += n
+                tick(n)
+            yield count
+
+    monkeypatch.setattr(progress.Progress, "stage", contextlib.contextmanager(recording))
+    run_demo(tmp_path / "out", mode="tiny")
+    err = capfd.readouterr().err
+    assert "%|" not in err and "it/s" not in err  # stderr is not a terminal here
+    assert len(stages) == 7 and all(s["done"] == s["total"] > 0 for s in stages), stages
+    (r,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    flat = [s for s in r["scans"].values() if s["barrier"] == 0.0]
+    assert flat and all(s["barrier_lambda"] is None and s["barrier_note"] for s in flat)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| – |" in report and "no interior λ lies above the line between the endpoint losses" in report
+
+
+# ---------------------------------------------------------------------------------------------------------- figures
+def test_predictors_figure_has_a_legend_and_says_when_no_barrier():
+    from ftjax.demo import figures
+
+    fig = figures.predictors(fake_result(same_barrier=0.0, cross_barrier=0.0))
+    axes = fig.axes
+    labels = [t.get_text() for t in axes[-1].get_legend().get_texts()]
+    assert labels == [f"target {n}" for n in CORE]
+    assert any("no barrier on any path" in t.get_text() for t in axes[2].texts)
+    assert not any("no barrier" in t.get_text() for t in axes[0].texts)
+    fig = figures.predictors(fake_result())
+    assert not fig.axes[2].texts

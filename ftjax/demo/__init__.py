@@ -6,7 +6,8 @@ family of tiny Llama "versions" with ftjax's own training step, fine-tunes each,
 It writes DIR/report.md, DIR/results.json, the PNGs, and real Hugging Face checkpoints under DIR/seed<k>/.
 
 Modules: `world` (tokenizer, corpora, task), `engine` (in-memory training and scoring on ftjax.train's step),
-`study` (the experiment), `report` (results.json, report.md, the comparison with the paper), `figures` (PNGs).
+`study` (the experiment), `progress` (a bar per stage), `verdicts` (claims (a)–(f) decided from the numbers),
+`claims` (their text), `report` (results.json, report.md, tables), `figures` (PNGs).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
              seeds: Sequence[int] | None = None, quiet: bool = False, config: Any = None) -> dict[str, Any]:
     """Run the study and write the report. mode: "quick" (one seed, minutes on 2 CPU cores), "full" (>= 3 seeds,
     longer training, every transfer-then-finetune pair) or "tiny" (CI: structure only). `config` (a
-    `study.StudyConfig`) overrides the mode. Returns the aggregated summary (also in out/results.json)."""
+    `study.StudyConfig`) overrides the mode. Progress bars (stderr, only on a terminal) and the log (stdout) are
+    off with quiet. Returns the aggregated summary (also in out/results.json)."""
     from ftjax.demo import report, study
+    from ftjax.demo.progress import Progress
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -56,7 +59,7 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
     results = []
     for s in config.seeds:
         log(f"ftjax demo: seed {s} -> {out / f'seed{s}'}")
-        results.append(study.run_seed(config, s, out / f"seed{s}", log=log))
+        results.append(study.run_seed(config, s, out / f"seed{s}", log=log, progress=Progress(enabled=not quiet)))
     summary = report.write(out, config, results, seconds=time.perf_counter() - t0)
     log(report.main_table(summary))
     log(f"ftjax demo: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and "

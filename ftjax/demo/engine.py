@@ -1,9 +1,10 @@
 """The demo's in-memory training and scoring, built from ftjax.train's public pieces.
 
 `ftjax.train.finetune` goes through a JSONL file, Orbax checkpoints and an HF export per run; the study runs dozens
-of short runs on a 300k-parameter model, where that I/O would dominate. So here the same `train_step` (optimizer
-from `make_optimizer`, schedule from `learning_rate_schedule`, loss from `loss_sums`) runs K steps per call inside
-one `lax.scan`, on parameters that stay in memory. One compilation serves every run with the same TrainConfig.
+of short runs on models of about 10^4–10^5 parameters, where that I/O would dominate. So here the same `train_step`
+(optimizer from `make_optimizer`, schedule from `learning_rate_schedule`, loss from `loss_sums`) runs K steps per
+call inside one `lax.scan`, on parameters that stay in memory. One compilation serves every run with the same
+TrainConfig.
 """
 
 from __future__ import annotations

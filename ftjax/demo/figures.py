@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 CORE = ("M1", "M2", "M3", "M4", "M5")
@@ -20,8 +21,11 @@ def _pair(d: dict, a: str, b: str):
 
 
 def plots(out: Path, summary: dict) -> list[str]:
+    """grid.png (seed mean), alpha.png, finetune_curves.png, lmc.png and predictors.png (first seed) under out;
+    returns the file names."""
     r = summary["results"][0]
     names = r["names"]
+    seeds = len(summary["results"])
     written = []
 
     fig = Figure(figsize=(6.4, 5.0))
@@ -41,8 +45,9 @@ def plots(out: Path, summary: dict) -> list[str]:
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names) + 2), ["base", *[f"+Δ{n}" for n in names], "FT"])
     ax.set_xlabel("target version")
-    ax.set_title("task exact match % of Mi + Δj (the paper's Table 3)")
-    fig.colorbar(im, ax=ax)
+    ax.set_title("task exact match % of Mi + Δj (the paper's Table 3)" + (f", mean of {seeds} seeds" if seeds > 1
+                                                                            else ""))
+    fig.colorbar(im, ax=ax, label="task exact match %")
     written.append(_save(fig, out / "grid.png"))
 
     fig = Figure(figsize=(6.4, 4.2))
@@ -66,7 +71,7 @@ def plots(out: Path, summary: dict) -> list[str]:
             cur = np.asarray(r["curves"][key])
             ax.plot(cur[:, 0], cur[:, 1], "o-" if key == f"FT({i})" else ".-", ms=3, color=f"C{c}", label=label(key))
         ax.set_xlabel("fine-tuning step")
-        ax.set_title(f"fine-tuning from {i} vs {i} + Δ")
+        ax.set_title(f"fine-tuning from {i} vs {i} + Δ (seed {r['seed']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("task exact match %")
@@ -76,28 +81,45 @@ def plots(out: Path, summary: dict) -> list[str]:
     ax = fig.subplots()
     for c, key in enumerate(k for k in ("M4-M5", "M3-M4", "M1-M5", "M0-M5", "M5-C") if k in r["scans"]):
         sc = r["scans"][key]
-        ax.plot(sc["lambda"], sc["loss"], "o-", ms=3, color=f"C{c}", label=f"{key} (barrier {sc['barrier']:.2f})")
+        where = "no barrier" if sc.get("barrier_lambda") is None else \
+            f"barrier {sc['barrier']:.3f} at λ = {sc['barrier_lambda']:.2f}"
+        ax.plot(sc["lambda"], sc["loss"], "o-", ms=3, color=f"C{c}", label=f"{key} ({where})")
     ax.set_xlabel("λ  ((1−λ)·A + λ·B)")
     ax.set_ylabel("held-out LM loss (nats/token)")
-    ax.set_title("linear interpolation between versions")
+    ax.set_title(f"linear interpolation between versions (seed {r['seed']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     written.append(_save(fig, out / "lmc.png"))
 
+    written.append(_save(predictors(r), out / "predictors.png"))
+    return written
+
+
+def predictors(r: dict) -> Figure:
+    """Gain of Mi + Δj over Mi against ‖Mi − Mj‖, cos(Δi, Δj) and the LM barrier, one colour per target Mi (legend);
+    a panel whose quantity is the same for every pair says so."""
     pairs = [(i, j) for i in CORE for j in CORE if i != j]
     gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
-    fig = Figure(figsize=(10.5, 3.4))
+    fig = Figure(figsize=(10.5, 3.6))
     axes = fig.subplots(1, 3, sharey=True)
-    for ax, (xlabel, xs) in zip(axes, (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
-                                      ("cos(Δi, Δj)", [_pair(r["cos"], i, j) for i, j in pairs]),
-                                      ("LM barrier Mi–Mj", [_pair(r["scans"], i, j)["barrier"] for i, j in pairs]))):
-        ax.scatter(xs, gain, c=[int(i[1]) for i, _ in pairs], cmap="viridis", s=18)
+    colours = dict(zip(CORE, colormaps["viridis"](np.linspace(0, 0.9, len(CORE)))))
+    panels = (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
+              ("cos(Δi, Δj)", [_pair(r["cos"], i, j) for i, j in pairs]),
+              ("LM barrier Mi–Mj (nats)", [_pair(r["scans"], i, j)["barrier"] for i, j in pairs]))
+    for ax, (xlabel, xs) in zip(axes, panels):
+        for t in CORE:
+            idx = [k for k, (i, _) in enumerate(pairs) if i == t]
+            ax.scatter([xs[k] for k in idx], [gain[k] for k in idx], color=colours[t], s=18, label=f"target {t}")
+        if np.ptp(np.asarray(xs, np.float64)) == 0:
+            what = "no barrier on any path" if xlabel.startswith("LM barrier") and xs[0] == 0 else "the same"
+            ax.text(0.5, 0.5, f"{what}:\nall {len(xs)} pairs at {xs[0]:.3g}", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, bbox={"facecolor": "w", "alpha": 0.8, "lw": 0})
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gain of Mi + Δj over Mi (EM points)")
-    fig.suptitle("what predicts transfer gain (colour: target version)")
-    written.append(_save(fig, out / "predictors.png"))
-    return written
+    axes[-1].legend(fontsize=7, title="colour: target Mi", title_fontsize=7, loc="best")
+    fig.suptitle(f"what predicts transfer gain (seed {r['seed']}; one point per ordered pair Mi + Δj of M1..M5)")
+    return fig
 
 
 def _save(fig: Figure, path: Path) -> str:

@@ -18,7 +18,7 @@ import dataclasses
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from ftjax.rows import make_rows, training_examples
 from ftjax.train import TrainConfig
 
 from ftjax.demo import engine, world
+from ftjax.demo.progress import SILENT, Progress
 
 CORE = ("M1", "M2", "M3", "M4", "M5")
 
@@ -142,10 +143,14 @@ def ft_config(sc: StudyConfig, seed: int) -> TrainConfig:
                        batch_size=sc.ft_batch, max_len=64, weight_decay=0.0, dtype="float32", b2=0.95, seed=seed)
 
 
+def _no_tick(n: int) -> None:
+    pass
+
+
 def pretrain(sc: StudyConfig, s: Setup, corpora: tuple, init_seed: int, data_seed: int,
-             capture: dict[str, int]) -> dict[str, Any]:
+             capture: dict[str, int], tick: Callable[[int], None] = _no_tick) -> dict[str, Any]:
     """One two-stage run; returns the params at each captured global step. Stage 2 starts a fresh AdamW state
-    (the re-warmed, linearly decayed schedule of a mid-training stage)."""
+    (the re-warmed, linearly decayed schedule of a mid-training stage). tick(n): called after every n steps."""
     tc1, tc2 = pretrain_configs(sc, 0)  # one compilation for the main run and the control
     params = init_params(s.cfg, jax.random.key(init_seed), jnp.float32)
     out, step = {}, 0
@@ -154,6 +159,7 @@ def pretrain(sc: StudyConfig, s: Setup, corpora: tuple, init_seed: int, data_see
         for _ in range(tc.steps // sc.chunk):
             state, _ = engine.run_steps(state, rows, s.cfg, tc, sc.chunk, data_seed=data_seed)
             step += sc.chunk
+            tick(sc.chunk)
             for name, at in capture.items():
                 if at == step:
                     out[name] = jax.tree.map(jnp.copy, state["params"])
@@ -161,8 +167,10 @@ def pretrain(sc: StudyConfig, s: Setup, corpora: tuple, init_seed: int, data_see
     return out
 
 
-def finetune(params: Any, s: Setup, tc: TrainConfig, every: int) -> tuple[Any, list[list[float]]]:
-    """FT with the study's recipe; returns the fine-tuned params and the curve [[step, task EM %, task NLL]]."""
+def finetune(params: Any, s: Setup, tc: TrainConfig, every: int,
+             tick: Callable[[int], None] = _no_tick) -> tuple[Any, list[list[float]]]:
+    """FT with the study's recipe; returns the fine-tuned params and the curve [[step, task EM %, task NLL]].
+    tick(n): called after every n steps."""
     state = engine.init_state(jax.tree.map(jnp.copy, params), tc)
     first = engine.score(params, s.cfg, s.sets["task"])
     curve = [[0, 100 * first["em"], first["loss"]]]
@@ -170,6 +178,7 @@ def finetune(params: Any, s: Setup, tc: TrainConfig, every: int) -> tuple[Any, l
         state, _ = engine.run_steps(state, s.ft_rows, s.cfg, tc, every)
         r = engine.score(state["params"], s.cfg, s.sets["task"])
         curve.append([(k + 1) * every, 100 * r["em"], r["loss"]])
+        tick(every)
     return state["params"], curve
 
 
@@ -193,13 +202,25 @@ def steps_to(curve: list[list[float]], target: float) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------------- one seed
-def run_seed(sc: StudyConfig, seed: int, out: Path, log=print) -> dict[str, Any]:
-    """The whole study for one seed; checkpoints under out/ (models/, ft/, transfers/). Returns JSON-able results."""
+def _barrier(r: dict[str, Any]) -> dict[str, Any]:
+    """The linear-path barrier of an lmc scan (Entezari et al. 2022), its λ (None: no barrier) and lmc's note."""
+    # ftjax.lmc.barriers: λ is None and a note says why when a path has no barrier. An older lmc gave an endpoint
+    # λ and no note; a zero barrier has no location either way.
+    lam = r.get("barrier_linear_lambda") if r["barrier_linear"] > 0 else None
+    return {"barrier": r["barrier_linear"], "barrier_lambda": lam, "barrier_note": r.get("barrier_linear_note")}
+
+
+def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progress = SILENT) -> dict[str, Any]:
+    """The whole study for one seed; checkpoints under out/ (models/, ft/, transfers/). Returns JSON-able results.
+    progress: one bar per stage (`progress.Progress`)."""
     t0, timing = time.perf_counter(), {}
 
     def lap(name):
         timing[name] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
         log(f"  [{seed}] {name}: {timing[name]:.1f} s")
+
+    def stage(desc, total, unit="it"):
+        return progress.stage(f"seed {seed}: {desc}", total, unit)
 
     s, writer = setup(sc, seed, out)
     rng = random.Random(f"corpus-{seed}")
@@ -207,10 +228,13 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print) -> dict[str, Any]
                world.corpus(writer, 2, sc.stage2_steps * sc.batch, rng))
     lap("data")
     steps = sc.version_steps()
-    models = pretrain(sc, s, corpora, init_seed=seed, data_seed=seed, capture=steps)
-    if sc.control:
-        models["C"] = pretrain(sc, s, corpora, init_seed=seed + 10_000, data_seed=seed + 10_000,
-                               capture={"C": steps["M5"]})["C"]
+    runs = 2 if sc.control else 1
+    run_steps = sc.stage1_steps // sc.chunk * sc.chunk + sc.stage2_steps // sc.chunk * sc.chunk
+    with stage("pretraining" + (" (main run, then control)" if sc.control else ""), runs * run_steps, "step") as tick:
+        models = pretrain(sc, s, corpora, init_seed=seed, data_seed=seed, capture=steps, tick=tick)
+        if sc.control:
+            models["C"] = pretrain(sc, s, corpora, init_seed=seed + 10_000, data_seed=seed + 10_000,
+                                   capture={"C": steps["M5"]}, tick=tick)["C"]
     names = list(models)
     lap("pretrain")
     save = lambda p, where: save_params(p, out / where, config=s.hf, aux_from=s.tok_dir, overwrite=True)  # noqa: E731
@@ -218,19 +242,24 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print) -> dict[str, Any]
         save(models[n], f"models/{n}")
 
     tc = ft_config(sc, seed)
+    ft_steps = tc.steps // sc.ft_every * sc.ft_every  # the steps finetune() runs
     ft, curves = {}, {}
-    for n in names:
-        ft[n], curves[f"FT({n})"] = finetune(models[n], s, tc, sc.ft_every)
-        save(ft[n], f"ft/{n}")
+    with stage(f"fine-tuning {', '.join(names)}", len(names) * ft_steps, "step") as tick:
+        for n in names:
+            ft[n], curves[f"FT({n})"] = finetune(models[n], s, tc, sc.ft_every, tick)
+            save(ft[n], f"ft/{n}")
     lap("finetune")
 
-    base = {n: measure(models[n], s) for n in names}
-    tuned = {n: measure(ft[n], s) for n in names}
-    grid: dict[str, dict[str, Any]] = {}
-    for i in names:
-        for j in names:
-            if i != j:
-                grid[f"{i}+D{j}"] = measure(_transfer(models[i], ft[j], models[j]), s)
+    ordered = [(i, j) for i in names for j in names if i != j]
+    with stage("transfer grid Mi + Δj (scoring)", 2 * len(names) + len(ordered), "model") as tick:
+        base, tuned = {}, {}
+        for n in names:
+            base[n], tuned[n] = measure(models[n], s), measure(ft[n], s)
+            tick(2)
+        grid: dict[str, dict[str, Any]] = {}
+        for i, j in ordered:
+            grid[f"{i}+D{j}"] = measure(_transfer(models[i], ft[j], models[j]), s)
+            tick(1)
     identity = {n: float(max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
         jax.tree.leaves(_transfer(models[n], ft[n], models[n])), jax.tree.leaves(ft[n])))) for n in names}
     kept = [("M5", "M4"), ("M4", "M5"), ("M5", "M1")]
@@ -241,27 +270,29 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print) -> dict[str, Any]
 
     # α sweep (and the task-NLL barrier along Mi + λΔj) for every ordered pair, through ftjax.lmc.
     sweep = {}
-    for i in names:
-        for j in names:
-            if i != j:
-                r = lmc.scan_along_diff(models[i], ft[j], models[j], s.cfg, s.task_examples, list(sc.alphas),
-                                        batch_size=64, labels=(i, f"{i}+D{j}"))
-                sweep[f"{i}+D{j}"] = {"alpha": r["lambda"], "task": [100 * x for x in r["exact_match"]],
-                                      "task_nll": r["loss"], "barrier": r["barrier_linear"]}
+    with stage("α sweeps Mi + α·Δj", len(ordered), "path") as tick:
+        for i, j in ordered:
+            r = lmc.scan_along_diff(models[i], ft[j], models[j], s.cfg, s.task_examples, list(sc.alphas),
+                                    batch_size=64, labels=(i, f"{i}+D{j}"))
+            sweep[f"{i}+D{j}"] = {"alpha": r["lambda"], "task": [100 * x for x in r["exact_match"]],
+                                  "task_nll": r["loss"], **_barrier(r)}
+            tick(1)
     lap("alpha sweep")
 
     scans, dist, cos = {}, {}, {}
-    for a_i, a in enumerate(names):
-        for b in names[a_i + 1:]:
+    pairs_lm = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+    with stage("connectivity scans (1−λ)·Mi + λ·Mj", len(pairs_lm), "path") as tick:
+        for a, b in pairs_lm:
             r = lmc.scan(models[a], models[b], s.cfg, s.lm_examples, list(sc.lambdas), labels=(a, b),
                          batch_size=64)
             lam, loss = np.asarray(r["lambda"]), np.asarray(r["loss"])
             mid = int(np.argmin(np.abs(lam - 0.5)))
-            scans[f"{a}-{b}"] = {"lambda": r["lambda"], "loss": r["loss"], "barrier": r["barrier_linear"],
+            scans[f"{a}-{b}"] = {"lambda": r["lambda"], "loss": r["loss"], **_barrier(r),
                                  # signed: L(1/2) − (L(0) + L(1))/2, negative when the path dips below the chord
                                  "mid_excess": float(loss[mid] - (loss[0] + loss[-1]) / 2)}
             dist[f"{a}-{b}"] = float(_geometry(models[a], models[b]))
             cos[f"{a}-{b}"] = float(_cos(ft[a], models[a], ft[b], models[b]))
+            tick(1)
     delta_norm = {n: float(_geometry(ft[n], models[n])) for n in names}
     lap("connectivity")
 
@@ -269,12 +300,13 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print) -> dict[str, Any]
     if sc.tft == "adjacent":
         pairs = [(i, j) for i, j in pairs if abs(int(i[1]) - int(j[1])) == 1]
     tft = {}
-    for i, j in pairs:
-        start = _transfer(models[i], ft[j], models[j])
-        _, curve = finetune(start, s, tc, sc.ft_every)
-        curves[f"FT({i}+D{j})"] = curve
-        tft[f"{i}+D{j}"] = {"final": curve[-1][1], "start": curve[0][1],
-                            "steps_to_ft": steps_to(curve, curves[f"FT({i})"][-1][1])}
+    with stage(f"transfer-then-finetune ({len(pairs)} runs)", len(pairs) * ft_steps, "step") as tick:
+        for i, j in pairs:
+            start = _transfer(models[i], ft[j], models[j])
+            _, curve = finetune(start, s, tc, sc.ft_every, tick)
+            curves[f"FT({i}+D{j})"] = curve
+            tft[f"{i}+D{j}"] = {"final": curve[-1][1], "start": curve[0][1],
+                                "steps_to_ft": steps_to(curve, curves[f"FT({i})"][-1][1])}
     for i in CORE:
         tft[f"FT({i})"] = {"final": curves[f"FT({i})"][-1][1], "start": curves[f"FT({i})"][0][1],
                            "steps_to_ft": steps_to(curves[f"FT({i})"], curves[f"FT({i})"][-1][1])}
@@ -283,20 +315,22 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print) -> dict[str, Any]
     # Algorithm 1. M1* = FT(M1); M2* = FT(M2 + Δ1) is the direct run; later versions carry M*(i-1) − M(i-1).
     star = {"M1": ft["M1"]}
     recycle = {"plain": {}, "direct": {}, "iterative": {}}
-    for k in range(2, 6):
-        i, prev = f"M{k}", f"M{k - 1}"
-        direct = curves.get(f"FT({i}+D{prev})")
-        if direct is None:
-            _, direct = finetune(_transfer(models[i], ft[prev], models[prev]), s, tc, sc.ft_every)
-            curves[f"FT({i}+D{prev})"] = direct
-        if k == 2:
-            star[i], it = finetune(_transfer(models[i], ft[prev], models[prev]), s, tc, sc.ft_every)
-        else:
-            star[i], it = finetune(_transfer(models[i], star[prev], models[prev]), s, tc, sc.ft_every)
-        curves[f"iter({i})"] = it
-        target = curves[f"FT({i})"][-1][1]
-        for mode, c in (("plain", curves[f"FT({i})"]), ("direct", direct), ("iterative", it)):
-            recycle[mode][i] = {"final": c[-1][1], "start": c[0][1], "steps_to_ft": steps_to(c, target)}
+    missing = sum(f"FT(M{k}+DM{k - 1})" not in curves for k in range(2, 6))
+    with stage("recycling (Algorithm 1)", (4 + missing) * ft_steps, "step") as tick:
+        for k in range(2, 6):
+            i, prev = f"M{k}", f"M{k - 1}"
+            direct = curves.get(f"FT({i}+D{prev})")
+            if direct is None:
+                _, direct = finetune(_transfer(models[i], ft[prev], models[prev]), s, tc, sc.ft_every, tick)
+                curves[f"FT({i}+D{prev})"] = direct
+            if k == 2:
+                star[i], it = finetune(_transfer(models[i], ft[prev], models[prev]), s, tc, sc.ft_every, tick)
+            else:
+                star[i], it = finetune(_transfer(models[i], star[prev], models[prev]), s, tc, sc.ft_every, tick)
+            curves[f"iter({i})"] = it
+            target = curves[f"FT({i})"][-1][1]
+            for mode, c in (("plain", curves[f"FT({i})"]), ("direct", direct), ("iterative", it)):
+                recycle[mode][i] = {"final": c[-1][1], "start": c[0][1], "steps_to_ft": steps_to(c, target)}
     save(star["M5"], "recycle/M5_star")
     lap("recycling")
 

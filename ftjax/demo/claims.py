@@ -1,0 +1,143 @@
+"""The report's claims (a)–(f) as text: each rendered from its `verdicts.Verdict` alone.
+
+Every number in a claim is one of the verdict's numbers, printed at the precision it was rounded to, and the
+verdict word is the verdict's own; each claim states its rule. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftjax.demo.verdicts import INERT, NEAR, PAPER, PREDICTORS, RECYCLED, Verdict, label as _label
+
+
+def _n(x: float | None, digits: int = 1, sign: bool = False) -> str:
+    """A number as printed ("n/a" when undefined)."""
+    return "n/a" if x is None else f"{x:{'+' if sign else ''}.{digits}f}"
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:g}"
+
+
+def _pct(x: int | None) -> str:
+    return "n/a" if x is None else f"{x} %"
+
+
+def _checks(v: Verdict) -> str:
+    """"check: yes; check: no; check: undefined"."""
+    word = {True: "yes", False: "no", None: "undefined"}
+    return "; ".join(f"{name}: {word[ok]}" for name, ok in v.checks.items())
+
+
+def _end(v: Verdict) -> str:
+    return f" Checks — {_checks(v)}. Verdict: **{v.verdict}**."
+
+
+def claim_a(v: Verdict, seeds: int) -> str:
+    n = v.numbers
+    parts = [f"{_label(k)} = {_n(n[k])} % (base {_n(n[f'base_{i}'])} %, FT({i}) = {_n(n[f'ft_{i}'])} %, latent "
+             f"skill by the probe {_n(n[f'probe_{i}'], 0)} %) recovers {_pct(n[f'rec_{k}'])} of FT({i})'s gain"
+             for k, i in (("M5+DM4", "M5"), ("M4+DM5", "M4"))]
+    return ("**(a) Same-stage transfer.** " + "; ".join(parts) + f"; mean {_pct(n['rec_mean'])}. Within stage 1 "
+            f"the mean recovery is {_pct(n['rec_stage1'])}. The paper's GSM8K numbers give "
+            f"{_pct(n['paper_rec_M5+DM4'])} (M5 + Δ4 = {PAPER['grid']['M5+DM4']} against FT(M5) = "
+            f"{PAPER['ft']['M5']}) and {_pct(n['paper_rec_M4+DM5'])} (M4 + Δ5). Recovery = (transfer − base) / "
+            "(FT − base), undefined without a gain."
+            + (" One seed: `--full` shows the spread over seeds." if seeds == 1 else "") + _end(v))
+
+
+def claim_b(v: Verdict, seeds: int) -> str:
+    n = v.numbers
+    cross = ", ".join(_label(k) for k in n["below_base_cross_pairs"]) or "none"
+    text = (f"**(b) Cross-stage, M0 and the control.** Stage-2 targets given stage-1 diffs recover "
+            f"{_pct(n['rec_cross_to_stage2'])} of their FT gain on average, against {_pct(n['rec_same_stage2'])} "
+            f"from their stage-2 neighbour (all cross-stage pairs: {_pct(n['rec_cross'])}); the paper: M5 + Δ2 = "
+            f"{PAPER['grid']['M5+DM2']} and M4 + Δ1 = {PAPER['grid']['M4+DM1']}, below their bases "
+            f"{PAPER['base']['M5']} and {PAPER['base']['M4']}. Here {n['below_base']} of {n['below_base_of']} "
+            f"transfers onto M1..M5 end below their base, {n['below_base_cross']} of the "
+            f"{n['below_base_cross_of']} cross-stage ones ({cross}). Onto the near-initial M0, transfer gives "
+            f"{_n(n['m0_transfer'])} % on average, {_n(n['m0_gain'], sign=True)} points over its base "
+            f"{_n(n['m0_base'])} % (FT(M0) itself: {_n(n['m0_ft'])} %, {_n(n['m0_ft_gain'], sign=True)}; the M0 check "
+            f"is judged only when FT(M0) gains at least {INERT:g} points), and changes M0's LM loss by "
+            f"{_n(n['m0_lm_change'], 3, True)} nats.")
+    if "c_mi_dc" in n:
+        def effect(x: float | None) -> str:
+            return "undefined" if x is None else "no change" if abs(x) < INERT else "a gain" if x > 0 else "a loss"
+
+        text += (f" Control C (another init, reported, not judged): Mi + ΔC changes task EM by "
+                 f"{_n(n['c_mi_dc'], sign=True)} points on average ({effect(n['c_mi_dc'])}), C + Δj by "
+                 f"{_n(n['c_c_dj'], sign=True)} ({effect(n['c_c_dj'])}; LM loss {_n(n['c_lm_change'], 3, True)} "
+                 f"nats); |cos(ΔC, Δj)| = {_n(n['c_cos'], 2)} and the LM barrier C–M5 is "
+                 f"{_n(n['c_barrier_m5'], 3)} nats. \"No change\" = under {INERT:g} points either way.")
+    return text + _end(v)
+
+
+def _alpha_phrase(p: dict[str, Any]) -> str:
+    if p["best_alpha"] is None:
+        return "undefined"
+    if p["best_alpha"] == 1.0:
+        return "no α beats α = 1"
+    return "the diff undershoots" if p["best_alpha"] > 1 else "the diff overshoots"
+
+
+def claim_c(v: Verdict, seeds: int) -> str:
+    parts = []
+    for k, p in v.numbers.items():
+        i = k.split("+")[0]
+        parts.append(f"{_label(k).replace('Δ', 'α·Δ')} scores {_n(p['at_1'])} % at α = 1 and at best "
+                     f"{_n(p['best'])} % at α = {_g(p['best_alpha'])} ({_alpha_phrase(p)}), against FT({i}) = "
+                     f"{_n(p['ft'])} % and base {_n(p['base'])} %")
+    return ("**(c) α sweep.** " + "; ".join(parts) + ". The paper used α = 1 only, where a same-stage diff came "
+            f"close to FT(target); here the rule is \"best α within {NEAR:g} points of FT(target)\", undefined when "
+            f"FT gains less than {NEAR:g} points over the base (ties between α go to the α closest to 1)." + _end(v))
+
+
+def claim_d(v: Verdict, seeds: int) -> str:
+    n = v.numbers
+    rhos = "; ".join(f"{p}: " + ("undefined (constant over the pairs)" if n["rho"][p] is None else
+                                 f"{_n(n['rho'][p], 2, True)} ({_n(n['rho_within'][p], 2, True)})")
+                     for p in PREDICTORS)
+    strongest = (" The largest |ρ|: **" + "**, **".join(n["strongest"]) + "**.") if n["strongest"] else \
+        " No ρ is defined (nothing varies)."
+    text = ("**(d) What predicts transfer gain.** Spearman ρ between each quantity and the gain of Mi + Δj over Mi "
+            "over the 20 ordered pairs of M1..M5 (the predictor table below; in parentheses the mean ρ within each "
+            f"target column, which removes the strong-target confound): {rhos}.{strongest} The paper explains "
+            "transfer by linear mode connectivity: it works when source and target lie in one linearly connected "
+            "region. Here the largest LM barrier between versions of one stage is "
+            f"{_n(n['max_same_stage_barrier'], 3)} nats and the smallest across the stage boundary "
+            f"{_n(n['min_cross_stage_barrier'], 3)} nats (largest within the run: {_n(n['max_core_barrier'], 3)})")
+    if "c_barrier_m5" in n:
+        text += (f"; the different-init control has {_n(n['c_barrier_m5'], 3)} nats to M5 and its diff changes "
+                 f"Mi's EM by {_n(n['c_mi_dc'], sign=True)} points")
+    return text + "." + _end(v)
+
+
+def claim_e(v: Verdict, seeds: int) -> str:
+    n = v.numbers
+    left = (f"; {n['left_out']} pairs left out because FT(Mi) gained nothing over Mi's base" if n["left_out"]
+            else "")
+    return (f"**(e) Transferring-then-finetuning.** FT(Mi + Δj) ends above FT(Mi) in {n['above']} of {n['pairs']} "
+            f"pairs and reaches FT(Mi)'s final EM in fewer steps than FT(Mi) itself in {n['sooner']} of "
+            f"{n['pairs']} (the table below; \"never\" counts as not sooner{left}). The paper's Tables 4–5 and "
+            "Figures 2–3 find both." + _end(v))
+
+
+def claim_f(v: Verdict, seeds: int) -> str:
+    n = v.numbers
+    rows = "; ".join(f"{i}: plain {_n(n[i]['plain'])}, direct {_n(n[i]['direct'])}, iterative "
+                     f"{_n(n[i]['iterative'])}" for i in RECYCLED)
+    return (f"**(f) Recycling** (final EM %, {', '.join(RECYCLED)}): {rows}. Direct above plain in "
+            f"{n['direct_above_plain']} of {len(RECYCLED)}, iterative above plain in {n['iterative_above_plain']}, "
+            f"iterative ≥ direct in {n['iterative_ge_direct']}; iterative − direct = "
+            f"{_n(n['iterative_minus_direct'], sign=True)} points on average. The paper reports plain < direct ≤ "
+            "iterative (iterative ahead by at most 1.6 points); a version is not judged when its plain FT gained "
+            "nothing over its base." + _end(v))
+
+
+RENDER = {"a": claim_a, "b": claim_b, "c": claim_c, "d": claim_d, "e": claim_e, "f": claim_f}
+
+
+def claim_lines(verdicts: dict[str, Verdict], seeds: int) -> list[str]:
+    """One markdown paragraph per claim, in order (a)..(f)."""
+    return [RENDER[k](verdicts[k], seeds) for k in sorted(verdicts)]
