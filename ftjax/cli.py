@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a structure-only configuration for tests (seconds; too small for any phenomenon)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="seeds to run (default: --seed; --full: 3)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log")
     p.set_defaults(mode="quick")
 
     p = sub.add_parser("finetune", help="fine-tune a model (optax AdamW), resumable; exports DIR/final as HF")
@@ -594,7 +595,7 @@ def _cmd_stats(args) -> None:
 def _cmd_demo(args) -> None:
     from ftjax.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, overwrite=args.overwrite, mode=args.mode, seeds=args.seeds)
+    run_demo(args.out, seed=args.seed, overwrite=args.overwrite, mode=args.mode, seeds=args.seeds, quiet=args.quiet)
 
 
 def _train_config(args):

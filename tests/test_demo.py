@@ -106,7 +106,7 @@ def test_refuses_foreign_directory(tmp_path):
 
     with pytest.raises(FtjaxError, match="not empty"):
         run_demo(tmp_path, mode="tiny", quiet=True)
-    with pytest.raises(FtjaxError, match="not a demo output"):
+    with pytest.raises(FtjaxError, match="holds keep.txt, which ftjax did not write"):
         run_demo(tmp_path, mode="tiny", overwrite=True, quiet=True)
     assert (tmp_path / "keep.txt").read_text() == "mine"
 

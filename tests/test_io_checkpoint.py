@@ -529,8 +529,10 @@ def test_every_command_refuses_to_write_over_a_users_folder(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("thesis.txt" in err or "figures" in err or "not an ftjax" in err), argv
         assert tree(out) == before, argv
-    assert main(["convert", str(m), str(out), "--to", "orbax", "--overwrite"]) == 2
-    assert tree(out) == before
+    for argv in (["convert", str(m), str(out), "--to", "orbax", "--overwrite"],
+                 ["demo", "--tiny", "--out", str(out), "--overwrite"]):
+        assert main(argv) == 2
+        assert tree(out) == before
     # an earlier output of the same command is replaced
     again = tmp_path / "again"
     for _ in range(2):

@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import RECORD_KEY, check_replaceable
 
-MARKER = ".ftjax-demo"
+RECORD = "ftjax_demo.json"  # what the demo wrote, so that --overwrite replaces nothing else
+
+
+def _record(out: Path, entries: Sequence[str]) -> None:
+    (out / RECORD).write_text(json.dumps({"written_by": "ftjax demo", RECORD_KEY: sorted({*entries, RECORD})}) + "\n")
 
 
 def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: str = "quick",
@@ -36,11 +41,9 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FtjaxError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-        if not (out / MARKER).is_file():
-            raise FtjaxError(f"{out} exists and is not a demo output (no {MARKER}); not removing it")
+        check_replaceable(out)  # only an earlier demo's files (its record lists them) or an empty directory
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `ftjax demo`; --overwrite may delete this directory\n")
     if config is None:
         if mode == "full":
             config = study.StudyConfig.full(tuple(seeds) if seeds else (seed, seed + 1, seed + 2))
@@ -55,12 +58,14 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
 
             config = dataclasses.replace(config, seeds=tuple(seeds))
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    _record(out, [f"seed{s}" for s in config.seeds])  # before anything else: a crashed run can be replaced too
     t0 = time.perf_counter()
     results = []
     for s in config.seeds:
         log(f"ftjax demo: seed {s} -> {out / f'seed{s}'}")
         results.append(study.run_seed(config, s, out / f"seed{s}", log=log, progress=Progress(enabled=not quiet)))
     summary = report.write(out, config, results, seconds=time.perf_counter() - t0)
+    _record(out, [p.name for p in out.iterdir()])
     log(report.main_table(summary))
     log(f"ftjax demo: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and "
         f"checkpoints under {out}/seed{config.seeds[0]}/ (try `ftjax inspect {out}/seed{config.seeds[0]}/models/M5`)")

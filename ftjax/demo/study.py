@@ -204,10 +204,8 @@ def steps_to(curve: list[list[float]], target: float) -> int | None:
 # ---------------------------------------------------------------------------------------------------------- one seed
 def _barrier(r: dict[str, Any]) -> dict[str, Any]:
     """The linear-path barrier of an lmc scan (Entezari et al. 2022), its λ (None: no barrier) and lmc's note."""
-    # ftjax.lmc.barriers: λ is None and a note says why when a path has no barrier. An older lmc gave an endpoint
-    # λ and no note; a zero barrier has no location either way.
-    lam = r.get("barrier_linear_lambda") if r["barrier_linear"] > 0 else None
-    return {"barrier": r["barrier_linear"], "barrier_lambda": lam, "barrier_note": r.get("barrier_linear_note")}
+    return {"barrier": r["barrier_linear"], "barrier_lambda": r["barrier_linear_lambda"],
+            "barrier_note": r["barrier_linear_note"]}
 
 
 def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progress = SILENT) -> dict[str, Any]:
