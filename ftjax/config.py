@@ -100,7 +100,9 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one checkpoint. Hashable, so it can be a static argument of jax.jit.
+    """Architecture of one checkpoint: what the compiled forward pass depends on, and nothing else (token ids, the
+    stored dtype and initialisation are `CheckpointMeta`), so a base and its instruct model share one compilation.
+    Hashable, so it can be a static argument of jax.jit.
 
     `layer_types[i]` is "full_attention" or "sliding_attention" (window `sliding_window` tokens, self included).
     Bias/norm flags are resolved per family: qwen2 has q/k/v biases only; olmo2 has no input norm, post-sublayer
@@ -127,11 +129,6 @@ class ModelConfig:
     norm_weight_in_f32: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
-    initializer_range: float = 0.02
-    dtype: str | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
 
     def __post_init__(self):
         if not self.layer_types:
@@ -155,8 +152,10 @@ class ModelConfig:
         """Parse a Hugging Face config dict; `source` names the file in error messages."""
         return read_config(config, source=source).config
 
-    def to_hf(self) -> dict[str, Any]:
-        """A config.json dict that transformers (v5, and v4 via rope_theta/rope_scaling) loads into this model."""
+    def to_hf(self, meta: CheckpointMeta | None = None) -> dict[str, Any]:
+        """A config.json dict that transformers (v5, and v4 via rope_theta/rope_scaling) loads into this model, with
+        the token ids, dtype and initializer range of `meta` (default: none)."""
+        meta = meta or CheckpointMeta()
         rope_scaling = None if self.rope.rope_type == "default" else {
             k: v for k, v in self.rope.to_hf().items() if k != "rope_theta"}
         out: dict[str, Any] = {
@@ -166,14 +165,14 @@ class ModelConfig:
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings or 4096,
-            "initializer_range": self.initializer_range, "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": meta.initializer_range, "tie_word_embeddings": self.tie_word_embeddings,
             "rope_theta": self.rope.theta, "rope_scaling": rope_scaling, "rope_parameters": self.rope.to_hf(),
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "pad_token_id": self.pad_token_id, "use_cache": True,
+            "bos_token_id": meta.bos_token_id,
+            "eos_token_id": list(meta.eos_token_id) if isinstance(meta.eos_token_id, tuple) else meta.eos_token_id,
+            "pad_token_id": meta.pad_token_id, "use_cache": True,
         }
-        if self.dtype is not None:
-            out["dtype"] = self.dtype
+        if meta.dtype is not None:
+            out["dtype"] = meta.dtype
         if self.model_type in ("llama", "olmo2"):
             out["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":
@@ -189,13 +188,34 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ConfigReport:
-    """A parsed config.json: the model, the keys transformers' modeling code for the family never reads (inert, in
-    file order, PreTrainedConfig boilerplate left out) and notes on what was resolved unusually."""
+class CheckpointMeta:
+    """What a config.json says beyond the architecture: the stored dtype, token ids, the initializer range (for new
+    parameters), the keys transformers' modeling code for the family never reads (inert, in file order,
+    PreTrainedConfig boilerplate left out) and notes on what was resolved unusually."""
 
-    config: ModelConfig
+    dtype: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
     ignored: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConfigReport:
+    """A parsed config.json: the architecture and the checkpoint's metadata."""
+
+    config: ModelConfig
+    meta: CheckpointMeta
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        return self.meta.ignored
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.meta.notes
 
 
 def read_config(config: Mapping[str, Any], *, source: str = "config.json") -> ConfigReport:
@@ -219,7 +239,13 @@ def read_config(config: Mapping[str, Any], *, source: str = "config.json") -> Co
     reads = set(_COMMON) | set(fam.reads)
     ignored = [k for k in c if k not in reads and k not in _METADATA and k not in _GENERIC]
     cfg = _from_hf(c, family, source, ignored, notes)
-    return ConfigReport(cfg, tuple(ignored), tuple(notes))
+    eos = c.get("eos_token_id")
+    meta = CheckpointMeta(dtype=c.get("dtype") or c.get("torch_dtype"), bos_token_id=c.get("bos_token_id"),
+                          eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+                          pad_token_id=c.get("pad_token_id"),
+                          initializer_range=float(c.get("initializer_range") or 0.02),
+                          ignored=tuple(ignored), notes=tuple(notes))
+    return ConfigReport(cfg, meta)
 
 
 def _from_hf(c: dict[str, Any], family: str, src: str, ignored: list[str], notes: list[str]) -> ModelConfig:
@@ -245,7 +271,6 @@ def _from_hf(c: dict[str, Any], family: str, src: str, ignored: list[str], notes
         raise FtjaxError(f"{src}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
     attention_bias = bool(get("attention_bias")) if "attention_bias" in FAMILIES[family].reads else False
     window, layer_types = _attention_layout(c, family, n_layers, src, notes)
-    eos = c.get("eos_token_id")
     eps = get("rms_norm_eps")
     return ModelConfig(
         model_type=family, vocab_size=c["vocab_size"], hidden_size=hidden,
@@ -259,10 +284,6 @@ def _from_hf(c: dict[str, Any], family: str, src: str, ignored: list[str], notes
         mlp_bias=family == "llama" and bool(get("mlp_bias")),
         qk_norm=family == "olmo2", post_sublayer_norms=family == "olmo2", norm_weight_in_f32=family == "olmo2",
         sliding_window=window, layer_types=layer_types,
-        initializer_range=float(c.get("initializer_range") or 0.02),
-        dtype=c.get("dtype") or c.get("torch_dtype"),
-        bos_token_id=c.get("bos_token_id"), pad_token_id=c.get("pad_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
     )
 
 

@@ -220,12 +220,12 @@ def check_vocab(examples: Sequence[Example], vocab_size: int, *, source: str = "
                              f"the model's vocabulary of {vocab_size}")
 
 
-def bucket_length(n: int, max_len: int, minimum: int = 16) -> int:
+def bucket_length(n: int, max_len: int | None = None, minimum: int = 16) -> int:
     """Smallest power of two >= n (at least `minimum`), capped at max_len: few shapes, so few compilations."""
     size = minimum
     while size < n:
         size *= 2
-    return min(size, max_len)
+    return size if max_len is None else min(size, max_len)
 
 
 def truncate(examples: Sequence[Example], max_len: int, *, warn: bool = True) -> list[Example]:

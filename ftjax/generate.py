@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.chat import chat_messages, render_chat
-from ftjax.config import ModelConfig
-from ftjax.data import where
+from ftjax.config import CheckpointMeta, ModelConfig, read_config
+from ftjax.data import bucket_length, where
 from ftjax.errors import FtjaxError
 from ftjax.model import forward_cached, init_cache
 
@@ -43,15 +43,8 @@ class Completion:
     finish_reason: str
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
-
-
-def eos_token_ids(model_dir: str | Path | None, cfg: ModelConfig) -> tuple[int, ...]:
-    """Stop ids: `eos_token_id` of generation_config.json (int or list) if present, else the config's."""
+def eos_token_ids(model_dir: str | Path | None, meta: CheckpointMeta | None = None) -> tuple[int, ...]:
+    """Stop ids: `eos_token_id` of generation_config.json (int or list) if present, else the config's (`meta`)."""
     eos: Any = None
     path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if path is not None and path.is_file():
@@ -59,8 +52,8 @@ def eos_token_ids(model_dir: str | Path | None, cfg: ModelConfig) -> tuple[int, 
             eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
         except (OSError, json.JSONDecodeError, AttributeError) as e:
             raise FtjaxError(f"{path}: cannot be read as a JSON object ({e})") from None
-    if eos is None:
-        eos = cfg.eos_token_id
+    if eos is None and meta is not None:
+        eos = meta.eos_token_id
     if eos is None:
         return ()
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
@@ -155,7 +148,7 @@ def generate_ids(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # pad the batch with copies: one shape per size
-        t = _bucket(max(len(prompts[i]) for i in rows))
+        t = bucket_length(max(len(prompts[i]) for i in rows))
         budgets = np.array([min(max_new_tokens, context - len(prompts[i])) for i in rows], np.int32)
         tokens_bt = np.full((batch_size, t), pad_id, np.int32)
         mask_bt = np.zeros((batch_size, t), np.int32)
@@ -164,7 +157,7 @@ def generate_ids(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]]
             tokens_bt[r, t - n:], mask_bt[r, t - n:] = prompts[i], 1
         out_bn, _ = _generate_batch(params, tokens_bt, mask_bt, budgets, eos_e, jax.random.fold_in(key, start),
                                     jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id),
-                                    cfg=cfg, cache_len=t + _bucket(int(budgets.max())), greedy=temperature == 0)
+                                    cfg=cfg, cache_len=t + bucket_length(int(budgets.max())), greedy=temperature == 0)
         out_bn = np.asarray(out_bn)
         for r, i in enumerate(chunk):
             ids = out_bn[r, :budgets[r]].tolist()
@@ -293,9 +286,9 @@ class TextSetup:
         from ftjax.io.checkpoint import HFCheckpoint
 
         model_dir = Path(model_dir)
-        cfg = ModelConfig.from_hf(HFCheckpoint(model_dir).config, source=str(model_dir / "config.json"))
+        parsed = read_config(HFCheckpoint(model_dir).config, source=str(model_dir / "config.json"))
         template = require_chat_template(model_dir) if chat else None
-        return cls(cfg, load_tokenizer(model_dir), eos_token_ids(model_dir, cfg), template,
+        return cls(parsed.config, load_tokenizer(model_dir), eos_token_ids(model_dir, parsed.meta), template,
                    special_tokens(model_dir) if chat else {})
 
     def encode(self, prompts: Sequence[str | Sequence[dict]], system: str | None = None) -> list[list[int]]:

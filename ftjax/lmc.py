@@ -82,15 +82,10 @@ def check_compatible(models: dict[str, tuple[ModelConfig, Any]]) -> ModelConfig:
             if shapes0[name] != shapes[name]:
                 raise FtjaxError(f"tensor {name} has shape {shapes[name]} in {label} but {shapes0[name]} "
                                  f"in {first}; interpolation needs identical shapes")
-        if _numerics(cfg) != _numerics(cfg0):
+        if cfg != cfg0:
             print(f"ftjax: warning: {label}'s config differs from {first}'s; using {first}'s for the forward pass",
                   file=sys.stderr)
     return cfg0
-
-
-def _numerics(cfg: ModelConfig) -> ModelConfig:
-    """The config without fields that never change the forward pass (dtype, token ids, init scale)."""
-    return cfg.replace(dtype=None, bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.0)
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

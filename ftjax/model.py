@@ -125,17 +125,16 @@ def cache_mask_bts(index: jax.Array, length: int, cache_len: int, window: int | 
 
 # ---------------------------------------------------------------------------------------------------------- modules
 class Linear(nn.Module):
-    """y = x @ weight.T (+ bias), weight [out, in] as torch stores it."""
+    """y = x @ weight.T (+ bias), weight [out, in] as torch stores it. (Initial values come from `init_params`, so
+    the modules' own initializers only shape the parameter tree.)"""
 
     features: int
     use_bias: bool = False
-    std: float = 0.02
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        w_fd = self.param("weight", nn.initializers.normal(self.std), (self.features, x_btd.shape[-1]),
-                          self.param_dtype)
+        w_fd = self.param("weight", nn.initializers.zeros, (self.features, x_btd.shape[-1]), self.param_dtype)
         y_btf = jnp.einsum("btd,fd->btf", x_btd, w_fd, precision=precision(x_btd.dtype))
         if self.use_bias:
             y_btf = y_btf + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
@@ -147,12 +146,11 @@ class Table(nn.Module):
 
     rows: int
     cols: int
-    std: float = 0.02
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self) -> jax.Array:
-        return self.param("weight", nn.initializers.normal(self.std), (self.rows, self.cols), self.param_dtype)
+        return self.param("weight", nn.initializers.zeros, (self.rows, self.cols), self.param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -184,7 +182,7 @@ class Attention(nn.Module):
     def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, cache=None, index=None):
         """Returns (output, cache). With a cache {"k", "v": [B, K, S, H]}, the T new keys and values are written
         at slots [index, index + T) and the queries attend over all S slots (allowed_bts is [B, T, S])."""
-        cfg, kw = self.cfg, dict(std=self.cfg.initializer_range, param_dtype=self.param_dtype)
+        cfg, kw = self.cfg, dict(param_dtype=self.param_dtype)
         b, t, _ = x_btd.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_btf = Linear(n * h, cfg.qkv_bias, name="q_proj", **kw)(x_btd)
@@ -223,7 +221,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd):
-        cfg, kw = self.cfg, dict(std=self.cfg.initializer_range, param_dtype=self.param_dtype)
+        cfg, kw = self.cfg, dict(param_dtype=self.param_dtype)
         gate_btf = Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj", **kw)(x_btd)
         up_btf = Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj", **kw)(x_btd)
         return Linear(cfg.hidden_size, cfg.mlp_bias, name="down_proj", **kw)(jax.nn.silu(gate_btf) * up_btf)
@@ -274,8 +272,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_bt, cos_bth, sin_bth, allowed_by_type, caches=None, index=None):
         cfg = self.cfg
-        embed_vd = Table(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, self.param_dtype,
-                         name="embed_tokens")()
+        embed_vd = Table(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
         x_btd = jnp.take(embed_vd, tokens_bt, axis=0)
         x_btd, caches = Layers(cfg, self.param_dtype, name="layers")(x_btd, cos_bth, sin_bth, allowed_by_type,
                                                                      caches, index)
@@ -296,7 +293,7 @@ class CausalLM(nn.Module):
         x_btd, embed_vd, new_caches = Decoder(cfg, self.param_dtype, name="model")(
             tokens_bt, cos_bth, sin_bth, allowed_by_type, caches, index)
         head_vd = embed_vd if cfg.tie_word_embeddings else Table(
-            cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, self.param_dtype, name="lm_head")()
+            cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="lm_head")()
         if last_only:
             x_btd = x_btd[:, -1:]
         # float32 accumulation out of the last matmul: bf16-rounded logits would cost log-prob precision.
@@ -364,14 +361,14 @@ def forward_cached(params: dict, tokens_bt: jax.Array, cache: list, index: jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _init(rng, cfg, dtype):
+def _init(rng, std, cfg, dtype):
     inputs = _inputs(cfg, jnp.zeros((1, 1), jnp.int32), dtype, None, None, None)
     abstract = jax.eval_shape(lambda: CausalLM(cfg, dtype).init(jax.random.key(0), *inputs)["params"])
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     is_random = [path[-1].key == "weight" and not path[-2].key.endswith("norm") for path, _ in paths_leaves]
     # One normal draw for all weights, then slices: XLA compiles one RNG instead of one per tensor.
     sizes = [leaf.size if rand else 0 for (_, leaf), rand in zip(paths_leaves, is_random)]
-    flat = cfg.initializer_range * jax.random.normal(rng, (sum(sizes),), jnp.float32)
+    flat = std * jax.random.normal(rng, (sum(sizes),), jnp.float32)
     offsets = np.cumsum([0] + sizes)
     leaves = []
     for (path, leaf), rand, start, stop in zip(paths_leaves, is_random, offsets[:-1], offsets[1:]):
@@ -396,7 +393,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return dict(_param_shapes(cfg))
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
-    """A random param tree in HF names and layouts: linears and embeddings normal(0, initializer_range),
-    biases zero, norm weights one."""
-    return _init(rng, cfg, jnp.dtype(dtype))
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> dict:
+    """A random param tree in HF names and layouts: linears and embeddings normal(0, std) (a config's
+    initializer_range is `CheckpointMeta.initializer_range`), biases zero, norm weights one."""
+    return _init(rng, jnp.float32(std), cfg, jnp.dtype(dtype))

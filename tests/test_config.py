@@ -32,7 +32,8 @@ def test_llama_fields():
     assert (cfg.model_type, cfg.head_dim, cfg.num_key_value_heads, cfg.rms_norm_eps) == ("llama", 16, 2, 1e-5)
     assert cfg.rope == LLAMA3_ROPE and cfg.layer_types == ("full_attention",) * 2 and cfg.window(0) is None
     assert (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.qk_norm, cfg.tie_word_embeddings) == (False,) * 5
-    assert (cfg.dtype, cfg.eos_token_id) == ("bfloat16", (2, 3))
+    meta = read_config(LLAMA).meta
+    assert (meta.dtype, meta.eos_token_id, meta.bos_token_id, meta.initializer_range) == ("bfloat16", (2, 3), 1, 0.02)
     assert hash(cfg) == hash(cfg_of())  # usable as a static jit argument
     assert cfg_of(head_dim=32).head_dim == 32 and cfg_of(head_dim=None).head_dim == 16
     assert cfg_of(num_key_value_heads=None).num_key_value_heads == 4

@@ -186,3 +186,23 @@ def test_cli_eval_multiple_choice_output(model_dir, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "oov.jsonl", [{"input_ids": [1, 500]}])
     assert main(["eval", "--model", str(model_dir), "--data", str(bad)]) == 2
     assert "outside the model's vocabulary" in capsys.readouterr().err
+
+
+def test_checkpoints_that_differ_only_in_metadata_compile_once(tmp_path, count_calls):
+    """A base and its instruct model differ in token ids and dtype metadata, not in architecture: one compilation."""
+    import jax
+
+    import ftjax.evaluate as E
+    from hf_models import make_hf_model
+
+    a = make_hf_model(tmp_path / "a", seed=0, eos_token_id=2, bos_token_id=1)
+    b = make_hf_model(tmp_path / "b", seed=1, eos_token_id=[2, 5], bos_token_id=3, pad_token_id=0,
+                      initializer_range=0.01)
+    (cfg_a, pa), (cfg_b, pb) = load_params(a), load_params(b)
+    assert cfg_a == cfg_b and hash(cfg_a) == hash(cfg_b)
+    examples = examples_from_rows([{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7, 8]}])
+    jax.clear_caches()
+    traced = count_calls(E, "forward")  # called only while the evaluator is traced
+    E.evaluate_loss(pa, cfg_a, examples, batch_size=2)
+    E.evaluate_loss(pb, cfg_b, examples, batch_size=2)
+    assert traced["n"] == 1
