@@ -118,8 +118,9 @@ def test_step0_eval_is_ftjax_eval_in_float32_and_printed(setup, tmp_path, capsys
     model, data, eval_data = setup
     common = ["finetune", "--init", str(model), "--data", str(data), "--eval-data", str(eval_data), "--steps", "2",
               "--batch-size", "4", "--max-len", "32", "--lr", "1e-3"]
-    assert main([*common, "--out", str(tmp_path / "f32")]) == 0
+    assert main([*common, "--keep", "0", "--out", str(tmp_path / "f32")]) == 0
     err = capsys.readouterr().err
+    assert list((tmp_path / "f32" / "checkpoints").iterdir()) == [] and (tmp_path / "f32" / "final").is_dir()
     log = _log(tmp_path / "f32")
     evals = [e for e in log if "eval_loss" in e]
     assert [e["step"] for e in evals] == [0, 2] and {e["eval_dtype"] for e in evals} == {"float32"}
