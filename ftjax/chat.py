@@ -7,6 +7,9 @@ jinja2 sandboxed environment with trim_blocks and lstrip_blocks, the loop-contro
 does not escape HTML and takes indent / separators / sort_keys, `namespace`, `dict`), and the tokenizer's named
 special tokens (`bos_token`, `eos_token`, ...) as variables. Chat templates come from the Hub and are untrusted
 code: the sandbox is what keeps them from reaching Python internals.
+
+`chat_token_weights` turns a conversation into training tokens with loss weights on the assistant turns only
+(open-instruct's masking of non-assistant messages by tokenized prefix lengths).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from ftjax.errors import FtjaxError
 
@@ -167,3 +172,43 @@ def chat_messages(prompt: str | Sequence[Message], system: str | None = None) ->
     if system is not None and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system})
     return messages
+
+
+def chat_token_weights(tokenizer, template: str, messages: Sequence[Message], *,
+                       special: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (int32 [T]) of a conversation rendered by its chat template, and each token's loss weight
+    (float32 [T]): 1 on what the assistant says, 0 on everything else. This is open-instruct's SFT masking
+    (`mask_labels` of `sft_tulu_tokenize_and_truncate_v1`), applied to the whole conversation before truncation.
+
+    ids = tokenize(render(messages, add_generation_prompt=False)), without added special tokens, as
+    `apply_chat_template(messages, tokenize=True)` gives them (`tokenizer` is a `tokenizers.Tokenizer`). Then for
+    every message i whose role is not "assistant" (system, user, tool, ...), tokens [start_i, end_i) weigh 0:
+        start_i = 0 if i == 0 else len(tokenize(render(messages[:i], add_generation_prompt=False)))
+        end_i = len(tokenize(render(messages[:i + 1], add_generation_prompt=<messages[i + 1] is "assistant">)))
+    So masked: the template's preamble (BOS, default system prompt), every non-assistant message with its header
+    and end-of-turn tokens, and the assistant header that follows it (the generation prompt). Trained: each
+    assistant message's content and whatever the template emits after it up to the next message's start (its
+    end-of-turn / EOS tokens, so the model learns to stop). Token 0 always weighs 0 (nothing precedes it). A
+    conversation that opens with an assistant message has nothing before it to mask, so there the preamble and
+    that first assistant header are trained too (as in open-instruct).
+
+    The spans come from token counts of re-rendered prefixes, so they assume the template renders a prefix of the
+    conversation as a prefix of the whole (true of Tulu, Llama 3 and Qwen 2.5 templates; a template that rewrites
+    earlier turns once later ones exist can shift the boundaries by a few tokens, as in open-instruct).
+    """
+    def render(msgs: Sequence[Message], generation_prompt: bool) -> str:
+        return render_chat(template, msgs, add_generation_prompt=generation_prompt, special=special)
+
+    masked = [i for i, m in enumerate(messages) if m.get("role") != "assistant"]
+    texts = [render(messages, False)]
+    for i in masked:  # the prefix before message i (none for i = 0), and through message i
+        next_is_assistant = i + 1 < len(messages) and messages[i + 1].get("role") == "assistant"
+        texts += ([render(messages[:i], False)] if i else []) + [render(messages[:i + 1], next_is_assistant)]
+    ids, *prefixes = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    lengths = iter(len(p) for p in prefixes)
+    weights = np.ones(len(ids), np.float32)
+    for i in masked:
+        start = next(lengths) if i else 0
+        weights[start:next(lengths)] = 0.0
+    weights[:1] = 0.0
+    return np.asarray(ids, np.int32), weights

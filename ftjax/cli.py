@@ -261,14 +261,19 @@ def _warmup(text: str) -> float:
 
 
 def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
-    p.add_argument("--data", required=True, type=Path, help="training JSONL (same row forms as `ftjax eval`)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="training JSONL: the row forms of `ftjax eval`, or chat rows {\"messages\": [{\"role\", "
+                        "\"content\"}, ...]} (rendered with the model's chat template, loss on assistant turns)")
     p.add_argument("--eval-data", type=Path, help="JSONL evaluated at step 0, every --eval-every steps and at the end")
+    p.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of those evaluations (as `ftjax eval`; independent of --dtype)")
     p.add_argument("--steps", required=True, type=int, help="optimizer steps" + (" per version (0: transfer only)"
                                                                                  if recycle else ""))
     p.add_argument("--out", required=True, type=Path, help="run directory (re-run the same command to resume)")
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (the paper's)")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--warmup", type=_warmup, default=0.03, help="fraction of steps (< 1) or steps")
+    p.add_argument("--warmup", type=_warmup, default=0.03,
+                   help="fraction of steps (< 1, rounded up) or steps; step 1 trains at lr/warmup")
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per row; longer examples keep their start")
@@ -277,6 +282,8 @@ def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="checkpoint period (0: at the end)")
+    p.add_argument("--keep", type=int, default=2, metavar="N",
+                   help="checkpoints kept, the newest N (0: delete them once DIR/final is written)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype (master weights and optimizer state are float32 either way)")
     p.add_argument("--remat", action="store_true", help="gradient checkpointing (recompute all but weight matmuls)")
@@ -609,7 +616,8 @@ def _train_config(args):
 
 def _train_kwargs(args) -> dict:
     return dict(config=_train_config(args), eval_data=args.eval_data, eval_every=args.eval_every,
-                save_every=args.save_every, mesh=_mesh(args), progress=not (args.quiet or args.json))
+                save_every=args.save_every, keep=args.keep, eval_dtype=args.eval_dtype, mesh=_mesh(args),
+                progress=not (args.quiet or args.json))
 
 
 def _cmd_finetune(args) -> None:
@@ -622,9 +630,11 @@ def _cmd_finetune(args) -> None:
     if args.json:
         print(json.dumps(finite_or_none(result)))
     elif not args.quiet:
-        ev = result.get("eval", {})
+        ev, rate = result.get("eval", {}), result.get("nonpad_tokens_per_s")
         print(f"finetune: {result['steps']} steps, final train loss {result.get('loss', float('nan')):.4f}"
-              + (f", eval loss {ev['loss']:.4f}" if "loss" in ev else "") + f"; wrote {result['final']}")
+              + (f", eval loss {ev['loss']:.4f}" if "loss" in ev else "")
+              + (f" ({ev['dtype']} compute)" if "dtype" in ev else "")
+              + (f", {rate:.0f} tokens/s (non-pad)" if rate is not None else "") + f"; wrote {result['final']}")
 
 
 def _cmd_recycle(args) -> None:

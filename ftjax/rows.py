@@ -1,13 +1,18 @@
 """Training rows: examples laid out in fixed-length rows (optionally packed, with segment ids so attention stays
 within each document) and the resumable data order (a seeded permutation per epoch, so the data position of a run
-is just an integer)."""
+is just an integer).
+
+Besides the row forms of ftjax.data, a training file may hold chat rows, {"messages": [{"role", "content"}, ...]}
+(Tulu 3 / open-instruct SFT data): rendered with the model directory's chat template, loss on the assistant turns
+only (`ftjax.chat.chat_token_weights` says exactly which tokens). A file holds chat rows or other rows, not both.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,8 +20,7 @@ from ftjax.config import ModelConfig
 from ftjax.data import CHOICE, Example, check_vocab, examples_from_rows, load_tokenizer, needs_tokenizer, read_jsonl
 from ftjax.errors import FtjaxError
 
-if TYPE_CHECKING:
-    from ftjax.train import TrainConfig
+CHAT = "chat"  # Example.kind of a {"messages": [...]} row: weights on the assistant turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +33,13 @@ class Rows:
     weights_nt: np.ndarray  # float32 [N, T], loss weight of predicting tokens[:, t] (0 at each document start)
 
 
-def training_examples(examples: Sequence[Example], max_len: int, *, source: str = "data") -> list[Example]:
-    """Examples to train on: multiple-choice rows keep only the correct choice, every example keeps its first max_len
-    tokens (as SFT trainers do, so a long prompt can push its completion out), examples left without a weighted
-    token are dropped with a warning; none left is an error."""
-    kept, empty, cut = [], 0, 0
+def select_examples(examples: Sequence[Example], max_len: int, *,
+                    source: str = "data") -> tuple[list[Example], int, int]:
+    """(examples to train on, number truncated, number skipped): multiple-choice rows keep only the correct choice,
+    every example keeps its first max_len tokens (as SFT trainers do, so a long prompt can push its completion or
+    every assistant turn out), examples left without a weighted token are skipped. Warns with both counts; none
+    left is an error."""
+    kept, skipped, cut = [], 0, 0
     for e in examples:
         if e.kind == CHOICE and e.choice != e.answer:
             continue
@@ -43,14 +49,19 @@ def training_examples(examples: Sequence[Example], max_len: int, *, source: str 
         if float(e.weights_t.sum()) > 0:
             kept.append(e)
         else:
-            empty += 1
+            skipped += 1
     if not kept:
         raise FtjaxError(f"{source}: no tokens to train on after truncation to --max-len {max_len} (every completion "
-                         "was cut off); raise --max-len or shorten the prompts")
-    if cut or empty:
-        print(f"ftjax: warning: {source}: {cut} example(s) truncated to {max_len} tokens, {empty} dropped with no "
-              "completion tokens left", file=sys.stderr)
-    return kept
+                         "or assistant turn was cut off); raise --max-len or shorten the prompts")
+    if cut or skipped:
+        print(f"ftjax: warning: {source}: {cut} example(s) truncated to {max_len} tokens, {skipped} skipped with no "
+              "trained tokens left (completion or assistant turns cut off)", file=sys.stderr)
+    return kept, cut, skipped
+
+
+def training_examples(examples: Sequence[Example], max_len: int, *, source: str = "data") -> list[Example]:
+    """The examples of `select_examples` (without the counts)."""
+    return select_examples(examples, max_len, source=source)[0]
 
 
 def make_rows(examples: Sequence[Example], max_len: int, *, pack: bool = False) -> Rows:
@@ -86,20 +97,76 @@ def make_rows(examples: Sequence[Example], max_len: int, *, pack: bool = False) 
     return rows
 
 
+def chat_examples(rows: Sequence[dict], model_dir: str | Path, *, source: str = "data") -> list[Example]:
+    """Examples of {"messages": [...]} rows: the model directory's chat template and tokenizer.json, loss weights on
+    the assistant turns (`ftjax.chat.chat_token_weights`). No chat template in model_dir is an error."""
+    from ftjax.chat import chat_token_weights, load_chat_template, special_tokens
+
+    template = load_chat_template(model_dir)
+    if template is None:
+        raise FtjaxError(f"{source}: 'messages' rows need a chat template and {model_dir} has none (no "
+                         "chat_template.jinja, no 'chat_template' in tokenizer_config.json); copy the instruct "
+                         f"model's chat_template.jinja into {model_dir}, or write the rows as prompt/completion")
+    tokenizer, special = load_tokenizer(model_dir), special_tokens(model_dir)
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        messages = _messages(row, where)
+        try:
+            ids, weights = chat_token_weights(tokenizer, template, messages, special=special)
+        except FtjaxError as e:
+            raise FtjaxError(f"{where}: {e}") from None
+        if len(ids) < 2:
+            raise FtjaxError(f"{where}: the conversation renders to fewer than two tokens")
+        out.append(Example(ids, weights, kind=CHAT, row=i))
+    return out
+
+
+def _messages(row: dict, where: str) -> list[dict[str, Any]]:
+    messages = row.get("messages")
+    if messages is None:
+        raise FtjaxError(f"{where}: expected 'messages' (this file holds chat rows), got keys {sorted(row)}")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise FtjaxError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    if not all(isinstance(m.get("role"), str) for m in messages):
+        raise FtjaxError(f"{where}: every message needs a 'role' string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FtjaxError(f"{where}: no 'assistant' message to train on (roles: "
+                         f"{', '.join(m['role'] for m in messages)})")
+    return messages
+
+
 def load_examples(data: str | Path, model_dir: str | Path, cfg: ModelConfig) -> list[Example]:
-    """Read and tokenize a JSONL file (with model_dir's tokenizer.json where rows hold text); ids checked against
-    the vocabulary."""
+    """Read and tokenize a JSONL file (with model_dir's tokenizer.json where rows hold text, and its chat template
+    where they hold messages); ids checked against the vocabulary."""
     rows = read_jsonl(data)
-    tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
-    examples = examples_from_rows(rows, tokenizer, source=str(data))
+    if any("messages" in r for r in rows):
+        examples = chat_examples(rows, model_dir, source=str(data))
+    else:
+        tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
+        examples = examples_from_rows(rows, tokenizer, source=str(data))
     check_vocab(examples, cfg.vocab_size, source=str(data))
     return examples
 
 
-def load_rows(data: str | Path, model_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig) -> Rows:
-    """Read, tokenize, truncate and lay out a JSONL file as training rows."""
+@dataclasses.dataclass(frozen=True)
+class DataCounts:
+    """What became of a training file: rows read, examples trained on, examples truncated to max_len (skipped ones
+    included), and examples skipped (no trained token left after truncation, e.g. every assistant turn cut off)."""
+
+    rows: int
+    examples: int
+    truncated: int
+    skipped: int
+
+
+def load_rows(data: str | Path, model_dir: str | Path, cfg: ModelConfig, *, max_len: int,
+              pack: bool = False) -> tuple[Rows, DataCounts]:
+    """Read, tokenize, truncate to max_len tokens and lay out a JSONL file as training rows (packed if `pack`)."""
     examples = load_examples(data, model_dir, cfg)
-    return make_rows(training_examples(examples, tcfg.max_len, source=str(data)), tcfg.max_len, pack=tcfg.pack)
+    kept, cut, skipped = select_examples(examples, max_len, source=str(data))
+    counts = DataCounts(len({e.row for e in examples}), len(kept), cut, skipped)
+    return make_rows(kept, max_len, pack=pack), counts
 
 
 def row_indices(step: int, n_rows: int, rows_per_step: int, seed: int) -> np.ndarray:
@@ -113,9 +180,10 @@ def row_indices(step: int, n_rows: int, rows_per_step: int, seed: int) -> np.nda
     return out
 
 
-def step_batch(rows: Rows, step: int, tcfg: TrainConfig) -> tuple[np.ndarray, ...]:
-    """(tokens, segments, positions, weights), each [grad_accum, batch_size, T], for optimizer step `step`."""
-    idx = row_indices(step, rows.tokens_nt.shape[0], tcfg.rows_per_step, tcfg.seed)
-    shape = (tcfg.grad_accum, tcfg.batch_size, -1)
+def step_batch(rows: Rows, step: int, batch_size: int, grad_accum: int, seed: int) -> tuple[np.ndarray, ...]:
+    """(tokens, segments, positions, weights), each [grad_accum, batch_size, T], for optimizer step `step`
+    (0-based), drawn from the permutation that `seed` picks."""
+    idx = row_indices(step, rows.tokens_nt.shape[0], batch_size * grad_accum, seed)
+    shape = (grad_accum, batch_size, -1)
     return tuple(a[idx].reshape(shape) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt,
                                                  rows.weights_nt))

@@ -2,9 +2,19 @@
 
 Run directory layout (`finetune(init, data, out)`):
     out/run.json          what this run is: init model, model config, TrainConfig, data file hash (checked on resume)
-    out/log.jsonl         one line per step (loss, lr, grad_norm, tokens, tokens_per_s) and per evaluation (eval_*)
-    out/checkpoints/<k>/  Orbax: float32 params, optimizer state, step, RNG key (`state`) + data position (`meta`)
-    out/final/            the fine-tuned model as a Hugging Face directory, in the init's dtypes
+    out/log.jsonl         one line per step (loss, lr, grad_norm, loss_tokens, nonpad_tokens, nonpad_tokens_per_s)
+                          and per evaluation (eval_loss, eval_ppl, eval_tokens, ..., eval_dtype)
+    out/checkpoints/<k>/  Orbax: float32 params, optimizer state, step, RNG key (`state`) + data position (`meta`);
+                          the newest `keep` are kept (0: none once final/ is written)
+    out/final/            the fine-tuned model as a Hugging Face directory, in the init's dtypes (never pruned)
+
+(ftjax.runlog reads and writes run.json and log.jsonl.) Steps are counted from 1: step s is the s-th optimizer
+update, logged as "step": s with the lr it used (`lr_at`). Per step, loss_tokens = tokens with a loss weight (the
+NLL denominator) and nonpad_tokens = input tokens that are not padding (padding columns cost compute too but are
+not counted). nonpad_tokens_per_s = non-padding tokens per second of training: for the first step of a process its
+own tokens over its time, compilation included; afterwards the tokens of the later steps over the time since the
+first, evaluations and checkpoint writes excluded. The console and the summary print the same figure, as
+"tokens/s (non-pad)".
 
 Numerics: float32 master weights and optimizer state; the forward/backward runs in `TrainConfig.dtype` (bfloat16
 by default) by casting the params inside the step, so gradients arrive in float32. The loss is the token-weighted
@@ -25,11 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,18 +51,22 @@ from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
 from ftjax.evaluate import cast_params
-from ftjax.rows import Rows, load_examples, load_rows, step_batch
 from ftjax.model import forward
+from ftjax.rows import Rows, load_examples, load_rows, step_batch
+from ftjax.runlog import RUN_FILE, RunLog, check_resume, eval_line, last_metrics, read_log, run_record
+from ftjax.runlog import read_curves as read_curves  # re-exported: `ftjax.train.read_curves` is public
 
-RUN_FILE, LOG_FILE, CKPT_DIR, FINAL_DIR = "run.json", "log.jsonl", "checkpoints", "final"
+CKPT_DIR, FINAL_DIR = "checkpoints", "final"
 SCHEDULES = ("linear", "cosine", "constant")
+EVAL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines the training trajectory (a resumed run must match it exactly).
 
-    warmup: a fraction of `steps` if < 1, else a number of steps. batch_size: rows per micro-batch; an optimizer
+    warmup: a fraction of `steps` if < 1 (rounded up to whole steps, as transformers' Trainer does), else a
+    number of steps (at most `steps`); see `lr_at` for the schedule. batch_size: rows per micro-batch; an optimizer
     step sees batch_size * grad_accum rows of max_len tokens (fewer when the longest example is shorter).
     dtype: compute dtype, bfloat16 or float32 (master weights are float32 either way). remat: recompute
     activations in the backward pass except weight matmuls (saves the attention scores and elementwise buffers).
@@ -95,6 +106,9 @@ class TrainConfig:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
             problems.append(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {self.warmup}")
+        elif self.warmup >= 1 and self.steps > 0 and self.warmup > self.steps:
+            problems.append(f"warmup of {int(self.warmup)} steps is longer than the run ({self.steps} steps): the lr "
+                            "would never reach --lr")
         if self.dtype not in ("bfloat16", "float32"):
             problems.append(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
         if self.clip < 0 or self.weight_decay < 0:
@@ -104,7 +118,8 @@ class TrainConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+        """Warmup length in steps: a fraction rounds up (round(, 9) first: 0.03 * 100 is 3.0000000000000004)."""
+        return math.ceil(round(self.warmup * self.steps, 9)) if self.warmup < 1 else int(self.warmup)
 
     @property
     def rows_per_step(self) -> int:
@@ -125,15 +140,28 @@ def loss_sums(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, segments_bt: 
     return jnp.sum(jnp.where(w_bt > 0, nll_bt * w_bt, 0.0)), jnp.sum(w_bt)
 
 
+def lr_at(tcfg: TrainConfig, step: Any) -> jax.Array:
+    """Learning rate of optimizer step `step` (1-based: step 1 is the first update; a scalar or an array of steps).
+
+    With W = warmup_steps, S = steps and the peak step P = max(W, 1):
+        warmup  (step <= P):  lr * step / W   (lr * 1/W at step 1 ... lr at step W; lr at step 1 when W = 0)
+        decay   (step >= P):  lr * g((step - P) / (S + 1 - P)), g(x) = 1 - x (linear), (1 + cos(pi x)) / 2 (cosine)
+                              or 1 (constant)
+    Neither end trains at lr 0: warmup starts from 0 at the (virtual) step 0 and decay reaches 0 at step S + 1.
+    """
+    lr, warm = tcfg.lr, tcfg.warmup_steps
+    peak, total = max(warm, 1), max(tcfg.steps, 1)
+    s = jnp.asarray(step, jnp.float32)
+    x = jnp.clip((s - peak) / max(total + 1 - peak, 1), 0.0, 1.0)
+    decay = {"linear": 1.0 - x, "cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * x)),
+             "constant": jnp.ones_like(x)}[tcfg.schedule]
+    warmup = s / warm if warm else jnp.ones_like(s)
+    return lr * jnp.where(s < peak, warmup, decay)
+
+
 def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to lr over warmup_steps, then linear decay to 0, cosine decay to 0, or constant."""
-    lr, warm, total = tcfg.lr, tcfg.warmup_steps, max(tcfg.steps, 1)
-    decay = max(total - warm, 1)
-    after = {"linear": optax.linear_schedule(lr, 0.0, decay), "cosine": optax.cosine_decay_schedule(lr, decay),
-             "constant": optax.constant_schedule(lr)}[tcfg.schedule]
-    if warm == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+    """The optax schedule: a function of the 0-based update count (optax's), i.e. `lr_at(tcfg, count + 1)`."""
+    return lambda count: lr_at(tcfg, count + 1)
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
@@ -148,7 +176,8 @@ def train_step(state: dict, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, t
     """One optimizer step over a [grad_accum, batch, T] batch. state: {"params", "opt_state", "step", "rng"}.
 
     Returns the new state and scalar metrics: loss (token-weighted mean NLL, nats), grad_norm (before clipping),
-    lr (used for this update), tokens (scored tokens), finite (loss, gradient and new params all finite)."""
+    lr (used for this update), loss_tokens (sum of loss weights: the tokens scored), finite (loss, gradient and new
+    params all finite)."""
     compute = jnp.dtype(tcfg.dtype)
 
     def micro_loss(params, micro):
@@ -173,7 +202,7 @@ def train_step(state: dict, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, t
     finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
     finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
     metrics = {"loss": nll / denom, "grad_norm": grad_norm, "lr": learning_rate_schedule(tcfg)(state["step"]),
-               "tokens": weight, "finite": finite}
+               "loss_tokens": weight, "finite": finite}
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
 
@@ -219,110 +248,15 @@ def _from_saved(saved: dict, opt_treedef: Any) -> dict:
             "rng": saved["rng"]}
 
 
-def _manager(out: Path) -> ocp.CheckpointManager:
+def _manager(out: Path, keep: int) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a save cut short by a kill leaves a temporary directory; it is removed on resume.
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=True,
+    # keep=0 still keeps the newest one while the run lasts (to resume from); finetune deletes it after the export.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), enable_async_checkpointing=False, create=True,
                                            cleanup_tmp_directories=True)
     return ocp.CheckpointManager((out / CKPT_DIR).absolute(), options=options)
 
 
 # ---------------------------------------------------------------------------------------------------------- run
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _run_record(init: Path, cfg: ModelConfig, tcfg: TrainConfig, data: Path) -> dict:
-    model = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    return {"format": "ftjax-finetune", "init": str(init.resolve()), "model": model,
-            "train": dataclasses.asdict(tcfg), "data": {"path": str(data), "sha256": _sha256(data)}}
-
-
-def _check_resume(out: Path, record: dict) -> bool:
-    """True when `out` holds an earlier run of the same configuration; FtjaxError when it holds something else."""
-    file = out / RUN_FILE
-    if not file.is_file():
-        if out.exists() and any(out.iterdir()):
-            raise FtjaxError(f"{out} exists and is not an ftjax finetune directory; choose another --out")
-        return False
-    try:
-        old = json.loads(file.read_text())
-    except ValueError:
-        raise FtjaxError(f"{file}: unreadable run record; remove {out} or choose another --out") from None
-    differ = [f"init ({old.get('init')} vs {record['init']})"] if old.get("init") != record["init"] else []
-    differ += ["model config"] if old.get("model") != record["model"] else []
-    old_train = old.get("train", {})
-    differ += [f"{k} ({old_train.get(k)!r} vs {v!r})" for k, v in record["train"].items() if old_train.get(k) != v]
-    differ += ["data file contents"] if old.get("data", {}).get("sha256") != record["data"]["sha256"] else []
-    if differ:
-        raise FtjaxError(f"{out} holds a run with a different configuration ({'; '.join(differ)}); resume with the "
-                         "same options or choose another --out")
-    return True
-
-
-def _read_log(out: Path, upto: int) -> list[dict]:
-    try:
-        lines = (out / LOG_FILE).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
-        if entry.get("step", 0) <= upto:
-            entries.append(entry)
-    return entries
-
-
-def read_curves(run_dir: str | Path) -> dict[str, list]:
-    """A run's curves from its log.jsonl: step/loss/lr/grad_norm of training steps, eval_step/eval_loss of evals."""
-    if not (Path(run_dir) / LOG_FILE).is_file():
-        raise FtjaxError(f"{run_dir} has no {LOG_FILE}; is it an `ftjax finetune` output directory?")
-    entries = _read_log(Path(run_dir), upto=sys.maxsize)
-    train = [e for e in entries if "loss" in e]
-    evals = [e for e in entries if "eval_loss" in e]
-    return {"step": [e["step"] for e in train], "loss": [e["loss"] for e in train], "lr": [e["lr"] for e in train],
-            "grad_norm": [e["grad_norm"] for e in train], "eval_step": [e["step"] for e in evals],
-            "eval_loss": [e["eval_loss"] for e in evals]}
-
-
-class _Log:
-    """Appends JSON lines to out/log.jsonl (flushed each line) and draws a one-line progress bar on stderr."""
-
-    def __init__(self, out: Path, keep: list[dict], total: int, progress: bool):
-        self.total, self.progress, self.file = total, progress and distributed.is_main(), None
-        if not distributed.is_main():  # one writer in a multi-process run
-            return
-        tmp = out / (LOG_FILE + ".tmp")  # rewrite the kept entries atomically: a kill here must not lose the log
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
-        os.replace(tmp, out / LOG_FILE)
-        self.file = open(out / LOG_FILE, "a")
-
-    def write(self, entry: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                    for k, v in entry.items()}) + "\n")
-        self.file.flush()
-
-    def bar(self, entry: dict) -> None:
-        if self.progress:
-            done = int(30 * entry["step"] / max(self.total, 1))
-            print(f"\r[{'#' * done}{'.' * (30 - done)}] step {entry['step']}/{self.total}  loss {entry['loss']:.4f}"
-                  f"  lr {entry['lr']:.2e}  {entry['tokens_per_s']:.0f} tok/s", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.progress:
-            print(file=sys.stderr)
-        if self.file is not None:
-            self.file.close()
-
-
 _STEPS: dict[tuple, Any] = {}
 
 
@@ -341,15 +275,21 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: TrainConfig,
-             eval_data: str | Path | None = None, eval_every: int = 0, save_every: int = 0, mesh: Mesh | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             eval_data: str | Path | None = None, eval_every: int = 0, save_every: int = 0, keep: int = 2,
+             eval_dtype: str = "float32", mesh: Mesh | None = None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the HF model `init` on a JSONL file; resumable; the result is exported to `out/final/`.
 
-    eval_data: JSONL evaluated (ftjax.evaluate.evaluate_loss) at step 0, every `eval_every` steps and at the end.
-    save_every: Orbax checkpoint period in steps (0: only at the end; the last two are kept). mesh: shard params,
-    optimizer state (like the params) and batches over `data`/`fsdp` axes (None: one device). config.steps == 0
-    exports `init` unchanged through the same path (used by `recycle` for a pure transfer chain).
-    Returns a summary: out, final, steps, resumed_from, loss (last step), eval (last evaluation), seconds.
+    eval_data: JSONL evaluated (ftjax.evaluate.evaluate_loss, rows cut to config.max_len) at step 0, every
+    `eval_every` steps and at the end, in `eval_dtype` compute (float32 by default, as `ftjax eval`; independent of
+    the training dtype); with `progress`, each evaluation also prints a line on stderr. save_every: Orbax
+    checkpoint period in steps (0: only at the end). keep: checkpoints kept on disk, the newest (0: none once the
+    run has finished and final/ is written; final/ itself is never pruned). mesh: shard params, optimizer state
+    (like the params) and batches over `data`/`fsdp` axes (None: one device). config.steps == 0 exports `init`
+    unchanged through the same path (used by `recycle` for a pure transfer chain). Re-running a finished run (final/
+    complete) does nothing and returns its summary.
+    Returns a summary: out, final, steps, resumed_from, data (rows, examples, truncated, skipped), loss (last step),
+    eval (last evaluation, with its dtype), nonpad_tokens_per_s (training throughput in non-padding input tokens,
+    evaluation and checkpoint time excluded; compilation too, except in a run of one step), seconds.
     """
     from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path
     from ftjax.layout import shardings_for
@@ -357,29 +297,33 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
 
     t0 = time.perf_counter()
     config.check()
-    if eval_every < 0 or save_every < 0:
-        raise FtjaxError(f"--eval-every and --save-every must be >= 0, got {eval_every} and {save_every}")
+    if eval_every < 0 or save_every < 0 or keep < 0:
+        raise FtjaxError(f"--eval-every, --save-every and --keep must be >= 0, got {eval_every}, {save_every} and "
+                         f"{keep}")
+    if eval_dtype not in EVAL_DTYPES:
+        raise FtjaxError(f"--eval-dtype must be one of {', '.join(EVAL_DTYPES)}, got {eval_dtype!r}")
     init_dir, out, data = resolve_model_path(init), Path(out), Path(data)
     hf_config = HFCheckpoint(init_dir).config
     cfg = ModelConfig.from_hf(hf_config)
-    rows = load_rows(data, init_dir, cfg, config)
+    rows, counts = load_rows(data, init_dir, cfg, max_len=config.max_len, pack=config.pack)
     eval_examples = None if eval_data is None else load_examples(eval_data, init_dir, cfg)
     if mesh is None and jax.process_count() > 1:
         mesh = make_mesh()
-    record = _run_record(init_dir, cfg, config, data)
-    resuming = _check_resume(out, record)
+    record = run_record(init_dir, cfg, dataclasses.asdict(config), data)
+    resuming = check_resume(out, record)
     distributed.barrier("ftjax.finetune:checked")  # every process decided before process 0 writes run.json
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
             (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     distributed.barrier("ftjax.finetune:recorded")
-    manager = _manager(out)
+    manager = _manager(out, keep)
     latest = manager.latest_step() if resuming else None
-    summary = {"out": str(out), "final": str(out / FINAL_DIR), "steps": config.steps, "resumed_from": latest}
-    if latest == config.steps and (out / FINAL_DIR / "config.json").is_file():
-        manager.close()
-        return {**summary, **_last_metrics(out), "seconds": time.perf_counter() - t0}
+    summary = {"out": str(out), "final": str(out / FINAL_DIR), "steps": config.steps, "resumed_from": latest,
+               "data": dataclasses.asdict(counts)}
+    if resuming and (out / FINAL_DIR / "config.json").is_file():  # finished (the export is atomic and comes last)
+        _close(manager, keep)
+        return {**summary, **last_metrics(out), "seconds": time.perf_counter() - t0}
 
     # -- state: float32 master params + optimizer state, sharded like the params
     _, params = load_params(init_dir, mesh=mesh)
@@ -407,20 +351,29 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     del params
     start = int(distributed.to_host(state["step"]))
     # Keep the log up to the restored step (a fresh start re-evaluates step 0, so it keeps nothing).
-    log = _Log(out, _read_log(out, start) if resuming and start > 0 else [], config.steps, progress)
+    log = RunLog(out, read_log(out, start) if resuming and start > 0 else [], config.steps, progress)
+    # Throughput clock: "base" is when the first step's metrics arrived (compilation is before it); time spent in
+    # evaluations and checkpoint writes after it is "paused" and not counted.
+    clock = {"t0": 0.0, "base": None, "tokens": 0, "paused": 0.0}
 
     def evaluate(step: int) -> None:
         from ftjax.evaluate import evaluate_loss
 
+        began = time.perf_counter()
         result = evaluate_loss(state["params"], cfg, eval_examples, batch_size=config.batch_size,
-                               max_len=config.max_len, dtype=config.dtype, mesh=mesh)
+                               max_len=config.max_len, dtype=eval_dtype, mesh=mesh)
         keys = ("loss", "ppl", "tokens", "exact_match", "acc", "acc_norm")
-        log.write({"step": step, **{f"eval_{k}": result[k] for k in keys if k in result}})
-        summary["eval"] = {k: result[k] for k in keys if k in result}
+        summary["eval"] = {**{k: result[k] for k in keys if k in result}, "dtype": eval_dtype}
+        log.write({"step": step, **{f"eval_{k}": v for k, v in summary["eval"].items()}})
+        log.line(eval_line(step, summary["eval"]))
+        clock["paused"] += time.perf_counter() - began
 
-    clock = {"t0": time.perf_counter(), "tokens": 0, "first": True}
+    def save(step: int) -> None:
+        began = time.perf_counter()
+        _save(manager, state, step, rows, config)
+        clock["paused"] += time.perf_counter() - began
 
-    def record_metrics(step: int, metrics: dict, real_tokens: int) -> None:
+    def record_metrics(step: int, metrics: dict, nonpad: int) -> None:
         m = {k: v.item() for k, v in distributed.to_host(metrics).items()}
         if not m["finite"]:
             good = manager.latest_step()
@@ -428,24 +381,26 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
                 "no checkpoint was saved yet"
             raise FtjaxError(f"training diverged at step {step}: loss {m['loss']}, grad norm {m['grad_norm']} "
                              f"(NaN/Inf); stopped, {where}; lower --lr or check the data")
-        # tokens/s: input tokens (padding excluded) per second since the first step (which includes compilation).
         now = time.perf_counter()
-        clock["tokens"] += real_tokens
-        rate = clock["tokens"] / max(now - clock["t0"], 1e-9)
-        if clock["first"]:
-            clock.update(t0=now, tokens=0, first=False)
+        if clock["base"] is None:  # the first step of this process: its rate includes compilation
+            rate = nonpad / max(now - clock["t0"], 1e-9)
+            clock.update(base=now, paused=0.0)
+        else:  # steps since the first: non-padding tokens over training time
+            clock["tokens"] += nonpad
+            rate = clock["tokens"] / max(now - clock["base"] - clock["paused"], 1e-9)
         entry = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                 "tokens": int(m["tokens"]), "tokens_per_s": rate}
+                 "loss_tokens": int(m["loss_tokens"]), "nonpad_tokens": nonpad, "nonpad_tokens_per_s": rate}
         log.write(entry)
         log.bar(entry)
-        summary["loss"] = m["loss"]
+        summary["loss"], summary["nonpad_tokens_per_s"] = m["loss"], rate
 
     try:
         if eval_examples is not None and start == 0:
             evaluate(0)
+        clock["t0"] = time.perf_counter()
         pending = None
         for step in range(start, config.steps):
-            host = step_batch(rows, step, config)
+            host = step_batch(rows, step, config.batch_size, config.grad_accum, config.seed)
             # Each process copies only its own devices' slices of the (identical) host batch.
             state, metrics = step_fn(state, tuple(distributed.put_global(a, batch_sh) for a in host))
             if pending is not None:  # fetch the previous step's metrics while this one runs
@@ -460,13 +415,21 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
                 if do_eval:
                     evaluate(done)
                 if do_save:
-                    _save(manager, state, done, rows, config)
+                    save(done)
     finally:
         log.close()
-    manager.close()
     final = jax.tree.map(lambda x, dt: x.astype(dt), state["params"], out_dtypes)
     save_params(final, out / FINAL_DIR, config=hf_config, aux_from=init_dir, overwrite=True, inputs=[init_dir])
+    _close(manager, keep)
     return {**summary, "seconds": time.perf_counter() - t0}
+
+
+def _close(manager: ocp.CheckpointManager, keep: int) -> None:
+    """Close the checkpoint manager; keep=0 first deletes every checkpoint (only once final/ is complete)."""
+    if keep == 0:
+        for step in manager.all_steps():
+            manager.delete(step)
+    manager.close()
 
 
 def _meta(step: int, rows: Rows, tcfg: TrainConfig) -> dict:
@@ -498,11 +461,3 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: dict, sharding
         raise FtjaxError(f"{out / CKPT_DIR}/{step}: data position {restored.meta} does not match this run's data "
                          f"({_meta(step, rows, tcfg)}); choose another --out")
     return _from_saved(restored.state, jax.tree.structure(abstract["opt_state"]))
-
-
-def _last_metrics(out: Path) -> dict:
-    entries = _read_log(out, upto=sys.maxsize)
-    loss = [e["loss"] for e in entries if "loss" in e]
-    evals = [{k.removeprefix("eval_"): v for k, v in e.items() if k.startswith("eval_")} for e in entries
-             if "eval_loss" in e]
-    return {**({"loss": loss[-1]} if loss else {}), **({"eval": evals[-1]} if evals else {})}

@@ -41,10 +41,11 @@ def versions(tmp_path_factory):
 def test_two_versions_iterative_equals_direct(versions, tmp_path, capsys):
     _, (m1, m2), data = versions
     tcfg = TrainConfig(steps=3, lr=1e-3, batch_size=4, max_len=32, warmup=0)
-    runs = {mode: recycle([m1, m2], data, tmp_path / mode, config=tcfg, mode=mode, progress=False)
+    runs = {mode: recycle([m1, m2], data, tmp_path / mode, config=tcfg, mode=mode, keep=0, progress=False)
             for mode in ("iterative", "direct")}
     for mode in runs:
         out = tmp_path / mode
+        assert list((out / "M2_star" / "checkpoints").iterdir()) == []  # keep=0 reaches every fine-tuning run
         assert (out / "summary.md").is_file() and (out / "curves.png").is_file()
         assert (out / "delta_1" / "config.json").is_file() and (out / "M2_init" / "config.json").is_file()
     _assert_same_bits(tmp_path / "iterative" / "M1_star" / "final", tmp_path / "direct" / "M1_star" / "final")

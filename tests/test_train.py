@@ -112,7 +112,8 @@ def test_export_loads_in_transformers_with_same_logits(setup, tmp_path):
     assert curves["step"] == [1, 2, 3] and curves["eval_step"] == [0, 2, 3]
     assert all(np.isfinite(curves["grad_norm"])) and curves["lr"][0] > 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert all(e["tokens_per_s"] > 0 for e in log if "loss" in e)
+    assert all(e["nonpad_tokens_per_s"] > 0 for e in log if "loss" in e)
+    assert result["nonpad_tokens_per_s"] == log[-2]["nonpad_tokens_per_s"]  # the last step's (then its eval)
 
 
 def _tiny_state(cfg: ModelConfig, tcfg: TrainConfig):
@@ -132,13 +133,13 @@ def test_grad_accumulation_matches_larger_batch():
                            warmup=0, weight_decay=0.1)
         step = jax.jit(lambda s, b, t=tcfg: train_step(s, b, cfg=cfg, tcfg=t, optimizer=make_optimizer(t)))
         state = _tiny_state(cfg, tcfg)
-        state, m1 = step(state, step_batch(rows, 0, tcfg))
-        assert step_batch(rows, 0, tcfg)[0].shape == (accum, batch, 32)
+        state, m1 = step(state, step_batch(rows, 0, batch, accum, tcfg.seed))
+        assert step_batch(rows, 0, batch, accum, tcfg.seed)[0].shape == (accum, batch, 32)
         results.append((state["params"], m1))
     (p_a, m_a), (p_b, m_b) = results
     np.testing.assert_allclose(m_a["loss"], m_b["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_a["grad_norm"], m_b["grad_norm"], rtol=1e-5)
-    assert m_a["tokens"] == m_b["tokens"]
+    assert m_a["loss_tokens"] == m_b["loss_tokens"]
     for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 

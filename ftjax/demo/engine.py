@@ -61,7 +61,7 @@ def run_steps(state: dict, rows: Rows, cfg: ModelConfig, tcfg: TrainConfig, n: i
     runs that differ only in data order share one compilation). Returns the new state and the n training losses."""
     start = int(state["step"])
     order = tcfg if data_seed is None else dataclasses.replace(tcfg, seed=data_seed)
-    per_step = [step_batch(rows, s, order) for s in range(start, start + n)]
+    per_step = [step_batch(rows, s, order.batch_size, order.grad_accum, order.seed) for s in range(start, start + n)]
     batch_k = tuple(np.stack([b[i] for b in per_step]) for i in range(4))
     state, metrics = _steps_fn(cfg, dataclasses.replace(tcfg, seed=0))(state, batch_k)  # seed: data order only
     return state, np.asarray(metrics["loss"])

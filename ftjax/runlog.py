@@ -1,0 +1,142 @@
+"""An `ftjax finetune` run directory's record and log: run.json (what the run is, checked on resume) and log.jsonl
+(one JSON line per step and per evaluation), the console lines that go with them, and the curves read back."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from ftjax import distributed
+from ftjax.config import ModelConfig
+from ftjax.errors import FtjaxError
+
+RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_record(init: Path, cfg: ModelConfig, train: dict, data: Path) -> dict:
+    """run.json: the init model, its ModelConfig, the TrainConfig (as a dict) and the data file's path and hash."""
+    model = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return {"format": "ftjax-finetune", "init": str(init.resolve()), "model": model,
+            "train": train, "data": {"path": str(data), "sha256": _sha256(data)}}
+
+
+def check_resume(out: Path, record: dict) -> bool:
+    """True when `out` holds an earlier run of the same configuration; FtjaxError when it holds something else."""
+    file = out / RUN_FILE
+    if not file.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise FtjaxError(f"{out} exists and is not an ftjax finetune directory; choose another --out")
+        return False
+    try:
+        old = json.loads(file.read_text())
+    except ValueError:
+        raise FtjaxError(f"{file}: unreadable run record; remove {out} or choose another --out") from None
+    differ = [f"init ({old.get('init')} vs {record['init']})"] if old.get("init") != record["init"] else []
+    differ += ["model config"] if old.get("model") != record["model"] else []
+    old_train = old.get("train", {})
+    differ += [f"{k} ({old_train.get(k)!r} vs {v!r})" for k, v in record["train"].items() if old_train.get(k) != v]
+    differ += ["data file contents"] if old.get("data", {}).get("sha256") != record["data"]["sha256"] else []
+    if differ:
+        raise FtjaxError(f"{out} holds a run with a different configuration ({'; '.join(differ)}); resume with the "
+                         "same options or choose another --out")
+    return True
+
+
+def read_log(out: Path, upto: int) -> list[dict]:
+    """The log entries up to step `upto` (lines cut short by a kill are skipped)."""
+    try:
+        lines = (out / LOG_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if entry.get("step", 0) <= upto:
+            entries.append(entry)
+    return entries
+
+
+def read_curves(run_dir: str | Path) -> dict[str, list]:
+    """A run's curves from its log.jsonl: step/loss/lr/grad_norm of training steps, eval_step/eval_loss of evals."""
+    if not (Path(run_dir) / LOG_FILE).is_file():
+        raise FtjaxError(f"{run_dir} has no {LOG_FILE}; is it an `ftjax finetune` output directory?")
+    entries = read_log(Path(run_dir), upto=sys.maxsize)
+    train = [e for e in entries if "loss" in e]
+    evals = [e for e in entries if "eval_loss" in e]
+    return {"step": [e["step"] for e in train], "loss": [e["loss"] for e in train], "lr": [e["lr"] for e in train],
+            "grad_norm": [e["grad_norm"] for e in train], "eval_step": [e["step"] for e in evals],
+            "eval_loss": [e["eval_loss"] for e in evals]}
+
+
+class RunLog:
+    """Appends JSON lines to out/log.jsonl (flushed each line); on stderr a one-line progress bar and a line per
+    evaluation."""
+
+    def __init__(self, out: Path, keep: list[dict], total: int, progress: bool):
+        self.total, self.progress, self.file, self.shown = total, progress and distributed.is_main(), None, ""
+        if not distributed.is_main():  # one writer in a multi-process run
+            return
+        tmp = out / (LOG_FILE + ".tmp")  # rewrite the kept entries atomically: a kill here must not lose the log
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
+        os.replace(tmp, out / LOG_FILE)
+        self.file = open(out / LOG_FILE, "a")
+
+    def write(self, entry: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                    for k, v in entry.items()}) + "\n")
+        self.file.flush()
+
+    def bar(self, entry: dict) -> None:
+        if self.progress:
+            done = int(30 * entry["step"] / max(self.total, 1))
+            self.shown = (f"[{'#' * done}{'.' * (30 - done)}] step {entry['step']}/{self.total}  loss "
+                          f"{entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['nonpad_tokens_per_s']:.0f} tokens/s "
+                          "(non-pad)")
+            print("\r" + self.shown, end="", file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        """A line of its own, printed above the progress bar (which is drawn again below it)."""
+        if self.progress:
+            print("\r" + text.ljust(len(self.shown)), file=sys.stderr)
+            print(self.shown, end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress and self.shown:
+            print(file=sys.stderr)
+        if self.file is not None:
+            self.file.close()
+
+
+def eval_line(step: int, result: dict) -> str:
+    """The console line of an evaluation during training: step, loss (nats/token), ppl, tokens, compute dtype."""
+    extra = "".join(f"  {k} {result[k]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result)
+    return (f"eval step {step}: loss {result['loss']:.6f} nats  ppl {result['ppl']:.4f}  tokens {result['tokens']}"
+            f"{extra}  ({result['dtype']} compute)")
+
+
+def last_metrics(out: Path) -> dict:
+    """The last step's loss and throughput and the last evaluation, from a run's log."""
+    entries = read_log(out, upto=sys.maxsize)
+    train = [e for e in entries if "loss" in e]
+    evals = [{k.removeprefix("eval_"): v for k, v in e.items() if k.startswith("eval_")} for e in entries
+             if "eval_loss" in e]
+    last = {"loss": train[-1]["loss"], "nonpad_tokens_per_s": train[-1].get("nonpad_tokens_per_s")} if train else {}
+    return {**last, **({"eval": evals[-1]} if evals else {})}
