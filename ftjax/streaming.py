@@ -69,6 +69,8 @@ class Kernel:
     fn: Callable
     static: tuple = ()
     positional: bool = False
+    width: int = 0  # > 0: the kernel reduces over rows of `width` elements, so its batches hold one tensor's whole
+    #                 rows from a row start, and the kernel length is a multiple of `width`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Job:
     out: TensorInfo
     inputs: tuple[Source, ...]
     kernel: Kernel | None = None
-    args: tuple = ()  # traced scalars of the kernel: numpy scalars of a fixed dtype
+    args: tuple = ()  # traced arguments of the kernel: numpy scalars or small arrays of a fixed dtype
     rows: int = 0
     rest: Source | None = None
 
@@ -265,13 +267,13 @@ def _plan_batches(jobs: Sequence[Job], cap: int) -> Iterator[_KernelBatch | _Cop
     key, segs, filled = None, [], 0
 
     def flush():
-        return _KernelBatch(key[0], key[1], key[2], tuple(segs), filled)
+        return _KernelBatch(key[0], key[1], segs[0].job.args, tuple(segs), filled)
 
     for job in jobs:
         shape, row = job.out.shape, row_elems(job.out.shape)
         if job.kernel is not None and job.rows:
-            k = (job.kernel, tuple(_dtype_of(s) for s in job.inputs), job.args, job.name if job.kernel.positional
-                 else None)
+            alone = job.kernel.positional or job.kernel.width
+            k = (job.kernel, tuple(_dtype_of(s) for s in job.inputs), _args_key(job.args), job.name if alone else None)
             r = 0
             while r < job.rows:
                 if k != key or filled + row > cap:
@@ -292,6 +294,11 @@ def _plan_batches(jobs: Sequence[Job], cap: int) -> Iterator[_KernelBatch | _Cop
         yield flush()
 
 
+def _args_key(args: tuple) -> tuple:
+    """A hashable, comparable form of a job's traced arguments (numpy scalars or arrays)."""
+    return tuple((a.dtype.str, a.shape, a.tobytes()) for a in map(np.asarray, args))
+
+
 def _index_words(segments: tuple[_Segment, ...]) -> tuple[np.uint32, np.uint32]:
     """The first element index of a positional batch (one job's consecutive rows) as uint32 (hi, lo)."""
     first = segments[0].r0 * row_elems(segments[0].job.out.shape)
@@ -306,9 +313,10 @@ def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]]
     and nonfinite are filled in."""
     cap = max([chunk_elems] + [row_elems(j.out.shape) for j in jobs])
     slots = max([len(j.inputs) for j in jobs if j.kernel is not None and j.rows] + [1])
+    width = max([j.kernel.width for j in jobs if j.kernel is not None] + [0])
     free: queue.Queue = queue.Queue()
-    for _ in range(POOL):
-        free.put([_aligned(cap * 8) for _ in range(slots)])  # 8: widest dtype; pages are touched only as used
+    for _ in range(POOL):  # 8: widest dtype; pages are touched only as used; + width: rounding up to whole rows
+        free.put([_aligned((cap + width) * 8) for _ in range(slots)])
     todo: queue.Queue = queue.Queue()
     filled_q: queue.Queue = queue.Queue()
     stop, errors, files = threading.Event(), [], _Files()
@@ -371,6 +379,8 @@ def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]]
                     n = _bucket(batch.filled, cap, compiled in full)
                     if n == cap:
                         full.add(compiled)
+                    if batch.kernel.width:
+                        n = -(-n // batch.kernel.width) * batch.kernel.width
                     xs = [b.view(dt)[:n] for b, dt in zip(bufs, batch.dtypes)]
                     for seg in batch.segments:
                         m = (seg.r1 - seg.r0) * row_elems(seg.job.out.shape)

@@ -230,7 +230,8 @@ def test_mesh_and_remat_match_single_device(setup, tmp_path):
     """data=2,fsdp=2 sharding (optimizer state sharded like the params) with remat gives the single-device result."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from ftjax.params import flatten, make_mesh, shardings_for
+    from ftjax.layout import shardings_for
+    from ftjax.params import flatten, make_mesh
     from ftjax.train import batch_sharding, state_shardings
 
     _, model, data = setup
