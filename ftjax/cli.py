@@ -356,20 +356,11 @@ def _cmd_inspect(args) -> None:
 
 
 def _examples(args, *model_dirs: Path):
-    """The data file's rows encoded (`data.Encoded`), text tokenized with the first of model_dirs that has a
-    tokenizer; rows with nothing to score are skipped with a warning."""
-    from ftjax.data import encode_rows, load_tokenizer, needs_tokenizer, read_jsonl, warn_skipped
+    """The data file's rows encoded (`data.encode_file`; text and chat rows with the first of model_dirs that has a
+    tokenizer)."""
+    from ftjax.data import encode_file
 
-    rows = read_jsonl(args.data)
-    tokenizer = None
-    if needs_tokenizer(rows):
-        with_tokenizer = [d for d in model_dirs if (Path(d) / "tokenizer.json").is_file()]
-        tokenizer = load_tokenizer(with_tokenizer[0] if with_tokenizer else model_dirs[0])
-    encoded = encode_rows(rows, tokenizer, source=str(args.data))
-    warn_skipped(encoded.skipped)
-    if not encoded.examples:
-        raise FtjaxError(f"{args.data}: no row has anything to score")
-    return encoded
+    return encode_file(args.data, model_dirs)
 
 
 def _mesh(args):

@@ -5,6 +5,9 @@ Row forms (one JSON object per line):
     {"text": "..."}                           tokenized; loss over every next-token prediction
     {"prompt": "...", "completion": "..."}    loss and exact match over the completion tokens only
     {"question" | "prompt": "...", "choices": [...], "answer": k}   multiple choice: one sequence per choice
+    {"messages": [{"role", "content"}, ...]}  a conversation rendered with the model's chat template; loss on the
+                                              assistant turns only (`ftjax.chat.chat_token_weights`, open-instruct's
+                                              masking, as in Tulu 3 SFT data)
 
 Text goes through the model directory's tokenizer.json with its own special-token policy (e.g. a BOS from its
 post-processor). Prompt/completion and multiple-choice pairs are tokenized as lm-evaluation-harness does: trailing
@@ -24,15 +27,15 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 
-LM, COMPLETION, CHOICE = "lm", "completion", "choice"
+LM, COMPLETION, CHOICE, CHAT = "lm", "completion", "choice", "chat"
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One sequence. weights_t[i] weighs the loss of predicting tokens_t[i] from tokens_t[:i] (weights_t[0] = 0).
 
-    kind: LM (whole sequence), COMPLETION (weights on the completion only) or CHOICE (one choice of a
-    multiple-choice row). row: 0-based data row it came from. For CHOICE: `choice` index, `answer` (the correct
+    kind: LM (whole sequence), COMPLETION (weights on the completion only), CHOICE (one choice of a
+    multiple-choice row) or CHAT (weights on the assistant turns). row: 0-based data row it came from. For CHOICE: `choice` index, `answer` (the correct
     index) and `chars` (character length of the choice, the harness's acc_norm denominator).
     """
 
@@ -54,7 +57,7 @@ class Batch:
     index_b: np.ndarray  # int32 [B], position of each row's Example in the input list; -1 for padding rows
 
 
-class Rows(list):
+class JsonlRows(list):
     """The rows (dicts) of a JSONL file, remembering each row's line in the file, so every message about a row
     names it as `path:line` (blank lines are skipped, so row i is not line i + 1 in general)."""
 
@@ -65,12 +68,12 @@ class Rows(list):
 
 def where(rows: Sequence[dict], i: int, source: str = "data") -> str:
     """How messages name row i: `path:line` for rows read from a file, else `source row i+1`."""
-    if isinstance(rows, Rows) and len(rows.lines) == len(rows):
+    if isinstance(rows, JsonlRows) and len(rows.lines) == len(rows):
         return f"{rows.source}:{rows.lines[i]}"
     return f"{source} row {i + 1}"
 
 
-def read_jsonl(path: str | Path) -> Rows:
+def read_jsonl(path: str | Path) -> JsonlRows:
     """Parse a JSONL file; a malformed line is an error naming its line number; an empty file is an error."""
     path = Path(path)
     try:
@@ -95,7 +98,7 @@ def read_jsonl(path: str | Path) -> Rows:
         numbers.append(number)
     if not rows:
         raise FtjaxError(f"data file {path} has no rows")
-    return Rows(rows, numbers, str(path))
+    return JsonlRows(rows, numbers, str(path))
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -115,6 +118,49 @@ def load_tokenizer(model_dir: str | Path):
 def needs_tokenizer(rows: Sequence[dict]) -> bool:
     """True if any row holds text rather than input_ids."""
     return any("input_ids" not in r for r in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """What {"messages"} rows need from a model directory: its chat template and the special tokens it renders."""
+
+    template: str
+    special: dict[str, str]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, source: str = "data") -> Chat:
+        from ftjax.chat import load_chat_template, special_tokens
+
+        template = load_chat_template(model_dir)
+        if template is None:
+            raise FtjaxError(f"{source}: 'messages' rows need a chat template and {model_dir} has none (no "
+                             "chat_template.jinja, no 'chat_template' in tokenizer_config.json); copy the instruct "
+                             f"model's chat_template.jinja into {model_dir}, or write the rows as prompt/completion")
+        return cls(template, special_tokens(model_dir))
+
+
+def _messages(row: dict, where: str) -> list[dict]:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise FtjaxError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    if not all(isinstance(m.get("role"), str) for m in messages):
+        raise FtjaxError(f"{where}: every message needs a 'role' string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FtjaxError(f"{where}: no 'assistant' message to score (roles: "
+                         f"{', '.join(m['role'] for m in messages)})")
+    return messages
+
+
+def _chat_example(tokenizer, chat: Chat | None, row: dict, i: int, where: str) -> Example | None:
+    from ftjax.chat import chat_token_weights
+
+    if chat is None:
+        raise FtjaxError(f"{where}: 'messages' rows need the model's chat template")
+    try:
+        ids, weights = chat_token_weights(tokenizer, chat.template, _messages(row, where), special=chat.special)
+    except FtjaxError as e:
+        raise FtjaxError(f"{where}: {e}") from None
+    return Example(ids, weights, kind=CHAT, row=i, where=where) if len(ids) >= 2 else None
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
@@ -152,8 +198,9 @@ class Encoded:
     skipped: list[str]
 
 
-def encode_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -> Encoded:
-    """Token sequences with loss weights for every row (one per choice for multiple-choice rows)."""
+def encode_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data", chat: Chat | None = None) -> Encoded:
+    """Token sequences with loss weights for every row (one per choice for multiple-choice rows; `chat` renders
+    {"messages"} rows)."""
     out: list[Example] = []
     skipped: list[str] = []
     for i, row in enumerate(rows):
@@ -163,8 +210,10 @@ def encode_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -
             if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
                 raise FtjaxError(f"{at}: input_ids must be a list of non-negative integers")
             examples = [_lm_example(ids, i, at)]
-        elif tokenizer is None and any(k in row for k in ("text", "prompt", "question")):
+        elif tokenizer is None and any(k in row for k in ("text", "prompt", "question", "messages")):
             raise FtjaxError(f"{at}: text rows need a model directory with tokenizer.json")
+        elif "messages" in row:
+            examples = [_chat_example(tokenizer, chat, row, i, at)]
         elif "choices" in row:
             key = "question" if "question" in row else "prompt"
             context = _require_str(row, key, at)
@@ -181,13 +230,35 @@ def encode_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -
         elif "text" in row:
             examples = [_lm_example(tokenizer.encode(_require_str(row, "text", at)).ids, i, at)]
         else:
-            raise FtjaxError(f"{at}: expected 'input_ids', 'text', 'prompt'+'completion' or "
+            raise FtjaxError(f"{at}: expected 'input_ids', 'text', 'messages', 'prompt'+'completion' or "
                              f"'question'+'choices'+'answer', got keys {sorted(row)}")
         if any(e is None for e in examples):
             skipped.append(at)
         else:
             out.extend(examples)
     return Encoded(out, skipped)
+
+
+def encode_file(path: str | Path, model_dirs: str | Path | Sequence[str | Path], *,
+                vocab_size: int | None = None) -> Encoded:
+    """Read and encode a JSONL file: text with the tokenizer.json of the first of `model_dirs` that has one, chat
+    rows with that directory's chat template; rows with nothing to score skipped with a warning; no example left
+    is an error; token ids checked against `vocab_size` when given."""
+    dirs = [model_dirs] if isinstance(model_dirs, (str, Path)) else list(model_dirs)
+    rows = read_jsonl(path)
+    tokenizer, chat = None, None
+    if needs_tokenizer(rows):
+        model_dir = next((d for d in dirs if (Path(d) / "tokenizer.json").is_file()), dirs[0])
+        tokenizer = load_tokenizer(model_dir)
+        if any("messages" in r for r in rows):
+            chat = Chat.load(model_dir, str(path))
+    encoded = encode_rows(rows, tokenizer, source=str(path), chat=chat)
+    warn_skipped(encoded.skipped)
+    if not encoded.examples:
+        raise FtjaxError(f"{path}: no row has anything to score")
+    if vocab_size is not None:
+        check_vocab(encoded.examples, vocab_size, source=str(path))
+    return encoded
 
 
 def examples_from_rows(rows: Sequence[dict], tokenizer=None, *, source: str = "data") -> list[Example]:
@@ -231,25 +302,30 @@ def bucket_length(n: int, max_len: int | None = None, minimum: int = 16) -> int:
 def truncate(examples: Sequence[Example], max_len: int, *, warn: bool = True) -> list[Example]:
     """Cut examples to max_len tokens; warn once with the number truncated.
 
-    LM rows keep their first max_len tokens; completion and choice rows keep their last max_len (the scored end,
-    as the harness does), and the first kept token is then unscored: nothing precedes it.
+    LM and chat rows keep their first max_len tokens (as training does); completion and choice rows keep their last
+    max_len (the scored end, as the harness does).
     """
     if max_len < 2:
         raise FtjaxError(f"--max-len must be at least 2, got {max_len}")
-    cut = sum(len(e.tokens_t) > max_len for e in examples)
-    if cut and warn:
-        print(f"ftjax: warning: {cut} sequence(s) longer than --max-len {max_len} were truncated", file=sys.stderr)
+    n_cut = sum(len(e.tokens_t) > max_len for e in examples)
+    if n_cut and warn:
+        print(f"ftjax: warning: {n_cut} sequence(s) longer than --max-len {max_len} were truncated", file=sys.stderr)
     out = []
     for e in examples:
-        if len(e.tokens_t) <= max_len:
-            out.append(e)
-        elif e.kind == LM:
-            out.append(dataclasses.replace(e, tokens_t=e.tokens_t[:max_len], weights_t=e.weights_t[:max_len]))
-        else:
-            weights = e.weights_t[-max_len:].copy()
-            weights[0] = 0.0
-            out.append(dataclasses.replace(e, tokens_t=e.tokens_t[-max_len:], weights_t=weights))
+        out.append(cut(e, max_len, keep="start" if e.kind in (LM, CHAT) else "end"))
     return out
+
+
+def cut(e: Example, max_len: int, *, keep: str) -> Example:
+    """`e` cut to max_len tokens, keeping its "start" or its "end" (then the first kept token is unscored: nothing
+    precedes it)."""
+    if len(e.tokens_t) <= max_len:
+        return e
+    if keep == "start":
+        return dataclasses.replace(e, tokens_t=e.tokens_t[:max_len], weights_t=e.weights_t[:max_len])
+    weights = e.weights_t[-max_len:].copy()
+    weights[0] = 0.0
+    return dataclasses.replace(e, tokens_t=e.tokens_t[-max_len:], weights_t=weights)
 
 
 def batches(examples: Sequence[Example], batch_size: int, max_len: int) -> Iterator[Batch]:

@@ -27,6 +27,12 @@ from ftjax.model import forward
 BatchFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """Negative log-likelihood (nats, float32 [B, T]) of each target token under its logits (float32 [B, T, V])."""
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+
+
 def row_stats(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
               weights_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-row weighted NLL sum (nats, f32 [B]), weight sum (f32 [B]) and all-weighted-tokens-greedy (bool [B]).
@@ -35,8 +41,7 @@ def row_stats(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.
     """
     logits_btv = forward(params, tokens_bt, cfg, attention_mask_bt=mask_bt)[:, :-1].astype(jnp.float32)
     targets_bt = tokens_bt[:, 1:]
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+    nll_bt = token_nll(logits_btv, targets_bt)
     w_bt = weights_bt[:, 1:]
     scored_bt = w_bt > 0
     # where(), not a product: a fully padded row may hold NaN logits, and NaN * 0 is NaN.

@@ -28,6 +28,7 @@ from ftjax.data import Example, truncate
 from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError
 from ftjax.evaluate import device_batches, row_stats, run_batches, summarize
+from ftjax.results import finite_or_none  # noqa: F401 - kept importable from here
 
 METRICS = ("loss", "acc", "acc_norm", "exact_match")
 
@@ -302,14 +303,3 @@ def plane(theta_a: Any, theta_b: Any, theta_c: Any, cfg: ModelConfig, examples: 
             out[m] = [flat[i * len(us):(i + 1) * len(us)] for i in range(len(vs))]
     out["tokens"], out["forward_tokens"] = points[0]["tokens"], seen * len(coefs)
     return out
-
-
-def finite_or_none(value: Any) -> Any:
-    """JSON-safe copy of a result: NaN / inf become null (strict JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -2,9 +2,8 @@
 within each document) and the resumable data order (a seeded permutation per epoch, so the data position of a run
 is just an integer).
 
-Besides the row forms of ftjax.data, a training file may hold chat rows, {"messages": [{"role", "content"}, ...]}
-(Tulu 3 / open-instruct SFT data): rendered with the model directory's chat template, loss on the assistant turns
-only (`ftjax.chat.chat_token_weights` says exactly which tokens). A file holds chat rows or other rows, not both.
+A training file holds any row form of ftjax.data, chat rows {"messages": [{"role", "content"}, ...]} (Tulu 3 /
+open-instruct SFT data) included: loss on the assistant turns only (`ftjax.chat.chat_token_weights`).
 """
 
 from __future__ import annotations
@@ -12,15 +11,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ftjax.config import ModelConfig
-from ftjax.data import CHOICE, Example, check_vocab, examples_from_rows, load_tokenizer, needs_tokenizer, read_jsonl
+from ftjax.data import CHOICE, Example, cut, encode_file
 from ftjax.errors import FtjaxError
 
-CHAT = "chat"  # Example.kind of a {"messages": [...]} row: weights on the assistant turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +37,13 @@ def select_examples(examples: Sequence[Example], max_len: int, *,
     every example keeps its first max_len tokens (as SFT trainers do, so a long prompt can push its completion or
     every assistant turn out), examples left without a weighted token are skipped. Warns with both counts; none
     left is an error."""
-    kept, skipped, cut = [], 0, 0
+    kept, skipped, n_cut = [], 0, 0
     for e in examples:
         if e.kind == CHOICE and e.choice != e.answer:
             continue
         if len(e.tokens_t) > max_len:
-            cut += 1
-            e = dataclasses.replace(e, tokens_t=e.tokens_t[:max_len], weights_t=e.weights_t[:max_len])
+            n_cut += 1
+            e = cut(e, max_len, keep="start")
         if float(e.weights_t.sum()) > 0:
             kept.append(e)
         else:
@@ -53,10 +51,10 @@ def select_examples(examples: Sequence[Example], max_len: int, *,
     if not kept:
         raise FtjaxError(f"{source}: no tokens to train on after truncation to --max-len {max_len} (every completion "
                          "or assistant turn was cut off); raise --max-len or shorten the prompts")
-    if cut or skipped:
-        print(f"ftjax: warning: {source}: {cut} example(s) truncated to {max_len} tokens, {skipped} skipped with no "
+    if n_cut or skipped:
+        print(f"ftjax: warning: {source}: {n_cut} example(s) truncated to {max_len} tokens, {skipped} skipped with no "
               "trained tokens left (completion or assistant turns cut off)", file=sys.stderr)
-    return kept, cut, skipped
+    return kept, n_cut, skipped
 
 
 def training_examples(examples: Sequence[Example], max_len: int, *, source: str = "data") -> list[Example]:
@@ -97,56 +95,10 @@ def make_rows(examples: Sequence[Example], max_len: int, *, pack: bool = False) 
     return rows
 
 
-def chat_examples(rows: Sequence[dict], model_dir: str | Path, *, source: str = "data") -> list[Example]:
-    """Examples of {"messages": [...]} rows: the model directory's chat template and tokenizer.json, loss weights on
-    the assistant turns (`ftjax.chat.chat_token_weights`). No chat template in model_dir is an error."""
-    from ftjax.chat import chat_token_weights, load_chat_template, special_tokens
-
-    template = load_chat_template(model_dir)
-    if template is None:
-        raise FtjaxError(f"{source}: 'messages' rows need a chat template and {model_dir} has none (no "
-                         "chat_template.jinja, no 'chat_template' in tokenizer_config.json); copy the instruct "
-                         f"model's chat_template.jinja into {model_dir}, or write the rows as prompt/completion")
-    tokenizer, special = load_tokenizer(model_dir), special_tokens(model_dir)
-    out = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
-        messages = _messages(row, where)
-        try:
-            ids, weights = chat_token_weights(tokenizer, template, messages, special=special)
-        except FtjaxError as e:
-            raise FtjaxError(f"{where}: {e}") from None
-        if len(ids) < 2:
-            raise FtjaxError(f"{where}: the conversation renders to fewer than two tokens")
-        out.append(Example(ids, weights, kind=CHAT, row=i))
-    return out
-
-
-def _messages(row: dict, where: str) -> list[dict[str, Any]]:
-    messages = row.get("messages")
-    if messages is None:
-        raise FtjaxError(f"{where}: expected 'messages' (this file holds chat rows), got keys {sorted(row)}")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise FtjaxError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-    if not all(isinstance(m.get("role"), str) for m in messages):
-        raise FtjaxError(f"{where}: every message needs a 'role' string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise FtjaxError(f"{where}: no 'assistant' message to train on (roles: "
-                         f"{', '.join(m['role'] for m in messages)})")
-    return messages
-
-
 def load_examples(data: str | Path, model_dir: str | Path, cfg: ModelConfig) -> list[Example]:
-    """Read and tokenize a JSONL file (with model_dir's tokenizer.json where rows hold text, and its chat template
-    where they hold messages); ids checked against the vocabulary."""
-    rows = read_jsonl(data)
-    if any("messages" in r for r in rows):
-        examples = chat_examples(rows, model_dir, source=str(data))
-    else:
-        tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
-        examples = examples_from_rows(rows, tokenizer, source=str(data))
-    check_vocab(examples, cfg.vocab_size, source=str(data))
-    return examples
+    """Read and tokenize a JSONL file of any row form `ftjax.data` reads (chat rows with model_dir's chat template);
+    ids checked against the vocabulary."""
+    return encode_file(data, model_dir, vocab_size=cfg.vocab_size).examples
 
 
 @dataclasses.dataclass(frozen=True)

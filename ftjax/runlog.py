@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
+from ftjax.results import dumps
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -100,8 +100,7 @@ class RunLog:
     def write(self, entry: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                    for k, v in entry.items()}) + "\n")
+        self.file.write(dumps(entry) + "\n")
         self.file.flush()
 
     def bar(self, entry: dict) -> None:

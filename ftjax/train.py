@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
-from ftjax.evaluate import cast_params
+from ftjax.evaluate import cast_params, token_nll
 from ftjax.model import forward
 from ftjax.rows import Rows, load_examples, load_rows, step_batch
 from ftjax.runlog import RUN_FILE, RunLog, check_resume, eval_line, last_metrics, read_log, run_record
@@ -132,9 +132,7 @@ def loss_sums(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, segments_bt: 
     """(sum of weighted next-token NLL in nats, sum of weights) over a batch of rows; column 0 is never scored."""
     logits_btv = forward(params, tokens_bt, cfg, attention_mask_bt=segments_bt > 0, segment_ids_bt=segments_bt,
                          positions_bt=positions_bt)[:, :-1]
-    targets_bt = tokens_bt[:, 1:]
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+    nll_bt = token_nll(logits_btv, tokens_bt[:, 1:])
     w_bt = weights_bt[:, 1:]
     # where(), not a product: padding rows may hold NaN logits, and NaN * 0 is NaN.
     return jnp.sum(jnp.where(w_bt > 0, nll_bt * w_bt, 0.0)), jnp.sum(w_bt)

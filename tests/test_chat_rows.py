@@ -14,7 +14,8 @@ from ftjax.cli import main
 from ftjax.config import ModelConfig
 from ftjax.data import load_tokenizer
 from ftjax.errors import FtjaxError
-from ftjax.rows import CHAT, load_examples, load_rows
+from ftjax.data import CHAT
+from ftjax.rows import load_examples, load_rows
 from ftjax.train import TrainConfig, finetune
 
 # open-instruct's "tulu" chat template (open_instruct/dataset_transformation.py), as in Tulu 3's tokenizers.
@@ -169,11 +170,22 @@ def test_chat_row_errors_are_one_line(chat_model, tmp_path, capsys):
     err = _error(capsys, *base, "--init", str(plain))
     assert "'messages' rows need a chat template" in err and "chat_template.jinja" in err
     cfg = ModelConfig.from_hf(json.loads((model / "config.json").read_text()))
-    bad = {"row 2: expected 'messages'": [{"messages": TWO_TURNS}, {"text": "one two"}],  # one file, one form
-           "row 1: no 'assistant' message": [{"messages": [{"role": "user", "content": "one"}]}],
-           "row 1: every message needs a 'role'": [{"messages": [{"content": "one"}]}],
-           "row 1: 'messages' must be a non-empty list": [{"messages": []}]}
+    bad = {"bad.jsonl:1: no 'assistant' message": [{"messages": [{"role": "user", "content": "one"}]}],
+           "bad.jsonl:1: every message needs a 'role'": [{"messages": [{"content": "one"}]}],
+           "bad.jsonl:1: 'messages' must be a non-empty list": [{"messages": []}]}
     for match, rows in bad.items():
         with pytest.raises(FtjaxError, match=match):
             load_examples(_write(tmp_path / "bad.jsonl", rows), model, cfg)
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_scores_chat_rows_on_assistant_tokens(chat_model, tmp_path, capsys):
+    """`ftjax eval` reads the same chat rows as fine-tuning: the loss counts the assistant tokens only."""
+    _, model, _ = chat_model
+    data = _write(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    cfg = ModelConfig.from_hf(json.loads((model / "config.json").read_text()))
+    want = sum(int(e.weights_t.sum()) for e in load_examples(data, model, cfg))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == want and result["rows"] == len(CONVERSATIONS)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ftjax.demo import claims, figures, verdicts
 from ftjax.demo.figures import label
-from ftjax.lmc import finite_or_none
+from ftjax.results import finite_or_none
 
 ALPHA_PATHS = (("M5", "M4"), ("M4", "M5"), ("M5", "M3"))
 
