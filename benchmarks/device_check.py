@@ -333,11 +333,12 @@ def check_train_step(s, ctx):
         ones = jnp.ones_like(tokens)
         batch = (tokens, ones, jnp.broadcast_to(jnp.arange(s["seq"], dtype=jnp.int32), tokens.shape),
                  ones.astype(jnp.float32))
-        step = jax.jit(functools.partial(train_step, cfg=cfg, tcfg=tcfg, optimizer=opt), donate_argnums=0)
+        step = jax.jit(functools.partial(train_step, cfg=cfg, step_cfg=tcfg.step_config, optimizer=opt),
+                       donate_argnums=0)
         box = {"state": state}
 
         def run():
-            box["state"], metrics = step(box["state"], batch)
+            box["state"], metrics = step(box["state"], batch, jnp.float32(tcfg.lr))
             return metrics
 
         try:

@@ -62,11 +62,12 @@ def bench_ftjax(c: dict, args) -> float:
     tokens = rng.integers(0, c["vocab_size"], (1, args.batch, args.seq), dtype=np.int32)
     batch = tuple(jnp.asarray(a) for a in (tokens, np.ones_like(tokens), np.broadcast_to(np.arange(args.seq),
                                            tokens.shape).astype(np.int32), np.ones(tokens.shape, np.float32)))
-    step = jax.jit(functools.partial(train_step, cfg=cfg, tcfg=tcfg, optimizer=opt), donate_argnums=0)
+    step = jax.jit(functools.partial(train_step, cfg=cfg, step_cfg=tcfg.step_config, optimizer=opt),
+                   donate_argnums=0)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, jnp.float32(tcfg.lr))
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)

@@ -295,6 +295,32 @@ class TextSetup:
         return encode_prompts(self.tokenizer, prompts, template=self.template, special=self.special, system=system)
 
 
+def generation_rows(rows: Sequence[dict]) -> bool:
+    """True when every row is a {"prompt", "answer"} row scored by generating, False when none is; a file mixing the
+    two is an error (naming the first other row)."""
+    kinds = [is_generation_row(r) for r in rows]
+    if any(kinds) and not all(kinds):
+        raise FtjaxError(f"{where(rows, kinds.index(False))}: not a {{\"prompt\", \"answer\"}} row but others are; put "
+                         "generation-scored rows in a file of their own")
+    return bool(kinds) and all(kinds)
+
+
+def evaluate_generation_dir(model_dir: str | Path, rows: Sequence[dict], *, chat: bool = False,
+                            system: str | None = None, max_new_tokens: int = 256, extract: str | None = None,
+                            batch_size: int = 8, dtype: Any = None, mesh: Any = None) -> tuple[dict, list[dict]]:
+    """`evaluate_generation` of a model directory: its tokenizer, EOS ids and (with chat) chat template, checked
+    before the weights are loaded (with `dtype`, on `mesh`)."""
+    from ftjax.params import load_params
+
+    setup = TextSetup.load(model_dir, chat=chat)
+    if max_new_tokens < 1:
+        raise FtjaxError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    cfg, params = load_params(model_dir, dtype=dtype, mesh=mesh)
+    return evaluate_generation(params, cfg, rows, setup.tokenizer, eos_ids=setup.eos_ids, template=setup.template,
+                               special=setup.special, system=system, max_new_tokens=max_new_tokens, extract=extract,
+                               batch_size=batch_size, source=getattr(rows, "source", "data"))
+
+
 def prompts_from_rows(rows: Sequence[dict], *, source: str = "prompts") -> list[str | list[dict]]:
     """Prompts from JSONL rows: {"prompt": "..."} or, for chat models, {"messages": [{"role", "content"}, ...]}."""
     out: list[str | list[dict]] = []

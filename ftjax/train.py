@@ -62,6 +62,21 @@ EVAL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the compiled train step depends on besides the model: compute dtype, remat, AdamW's betas / eps, weight
+    decay and clipping. The learning rate is an argument of each step (the schedule runs on the host) and the data
+    order (seed) never reaches the device, so runs that differ in lr, schedule, steps or seed share a compilation."""
+
+    dtype: str = "bfloat16"
+    remat: bool = False
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines the training trajectory (a resumed run must match it exactly).
 
@@ -117,6 +132,11 @@ class TrainConfig:
             raise FtjaxError("bad training options: " + "; ".join(problems))
 
     @property
+    def step_config(self) -> StepConfig:
+        """The part of this configuration the compiled train step depends on (its jit key)."""
+        return StepConfig(self.dtype, self.remat, self.b1, self.b2, self.eps, self.weight_decay, self.clip)
+
+    @property
     def warmup_steps(self) -> int:
         """Warmup length in steps: a fraction rounds up (round(, 9) first: 0.03 * 100 is 3.0000000000000004)."""
         return math.ceil(round(self.warmup * self.steps, 9)) if self.warmup < 1 else int(self.warmup)
@@ -162,26 +182,29 @@ def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
     return lambda count: lr_at(tcfg, count + 1)
 
 
-def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW; weight decay on matrices only (not norms or biases)."""
-    adamw = optax.adamw(learning_rate_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                        weight_decay=tcfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-    return optax.chain(optax.clip_by_global_norm(tcfg.clip), adamw) if tcfg.clip > 0 else adamw
+def make_optimizer(step_cfg: StepConfig | TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW without its learning rate (`train_step` multiplies the update by -lr, as
+    optax.adamw's last stage does); weight decay on matrices only (not norms or biases)."""
+    adam = optax.chain(optax.scale_by_adam(b1=step_cfg.b1, b2=step_cfg.b2, eps=step_cfg.eps),
+                       optax.add_decayed_weights(step_cfg.weight_decay,
+                                                 mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    return optax.chain(optax.clip_by_global_norm(step_cfg.clip), adam) if step_cfg.clip > 0 else adam
 
 
-def train_step(state: dict, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, tcfg: TrainConfig,
+def train_step(state: dict, batch: tuple[jax.Array, ...], lr: jax.Array, *, cfg: ModelConfig, step_cfg: StepConfig,
                optimizer: optax.GradientTransformation) -> tuple[dict, dict]:
-    """One optimizer step over a [grad_accum, batch, T] batch. state: {"params", "opt_state", "step", "rng"}.
+    """One optimizer step over a [grad_accum, batch, T] batch at learning rate `lr` (a float32 scalar, `lr_at`).
+    state: {"params", "opt_state", "step", "rng"}.
 
     Returns the new state and scalar metrics: loss (token-weighted mean NLL, nats), grad_norm (before clipping),
     lr (used for this update), loss_tokens (sum of loss weights: the tokens scored), finite (loss, gradient and new
     params all finite)."""
-    compute = jnp.dtype(tcfg.dtype)
+    compute = jnp.dtype(step_cfg.dtype)
 
     def micro_loss(params, micro):
         return loss_sums(cast_params(params, compute), cfg, *micro)
 
-    if tcfg.remat:
+    if step_cfg.remat:
         micro_loss = jax.checkpoint(micro_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -196,10 +219,11 @@ def train_step(state: dict, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, t
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
     finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-    metrics = {"loss": nll / denom, "grad_norm": grad_norm, "lr": learning_rate_schedule(tcfg)(state["step"]),
+    metrics = {"loss": nll / denom, "grad_norm": grad_norm, "lr": lr,
                "loss_tokens": weight, "finite": finite}
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
@@ -258,13 +282,16 @@ def _manager(out: Path, keep: int) -> ocp.CheckpointManager:
 _STEPS: dict[tuple, Any] = {}
 
 
-def _jitted_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None, optimizer, state_sh, batch_sh, scalar_sh):
-    """The jitted train step, reused across runs of one process (recycle): shardings follow from (cfg, tcfg, mesh)."""
-    key = (cfg, tcfg, mesh)
+def _jitted_step(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None, optimizer, state_sh, batch_sh,
+                 scalar_sh):
+    """The jitted train step, reused across runs of one process (recycle): one per (architecture, StepConfig,
+    mesh), whatever the learning rate, steps or data order."""
+    key = (cfg, step_cfg, mesh)
     if key not in _STEPS:
         _STEPS.clear()
-        _STEPS[key] = jax.jit(functools.partial(train_step, cfg=cfg, tcfg=tcfg, optimizer=optimizer),
-                              donate_argnums=0, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, scalar_sh))
+        _STEPS[key] = jax.jit(functools.partial(train_step, cfg=cfg, step_cfg=step_cfg, optimizer=optimizer),
+                              donate_argnums=0, in_shardings=(state_sh, batch_sh, scalar_sh),
+                              out_shardings=(state_sh, scalar_sh))
     return _STEPS[key]
 
 
@@ -341,7 +368,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     else:
         device = jax.sharding.SingleDeviceSharding(distributed.local_device())
         state_sh, batch_sh, scalar_sh = jax.tree.map(lambda _: device, abstract), device, device
-    step_fn = _jitted_step(cfg, config, mesh, optimizer, state_sh, batch_sh, scalar_sh)
+    step_fn = _jitted_step(cfg, config.step_config, mesh, optimizer, state_sh, batch_sh, scalar_sh)
     if latest is not None:
         state = _restore(manager, latest, abstract, state_sh, rows, config, out)
     else:
@@ -400,7 +427,8 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         for step in range(start, config.steps):
             host = step_batch(rows, step, config.batch_size, config.grad_accum, config.seed)
             # Each process copies only its own devices' slices of the (identical) host batch.
-            state, metrics = step_fn(state, tuple(distributed.put_global(a, batch_sh) for a in host))
+            lr = distributed.put_global(jnp.float32(lr_at(config, step + 1)), scalar_sh)
+            state, metrics = step_fn(state, tuple(distributed.put_global(a, batch_sh) for a in host), lr)
             if pending is not None:  # fetch the previous step's metrics while this one runs
                 record_metrics(*pending)
             pending = (step + 1, metrics, int((host[1] > 0).sum()))

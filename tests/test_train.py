@@ -21,7 +21,7 @@ from ftjax.io.safetensors import SafetensorsFile
 from ftjax.model import forward, init_params
 from ftjax.params import load_params
 from ftjax.rows import make_rows, step_batch, training_examples
-from ftjax.train import TrainConfig, finetune, loss_sums, make_optimizer, read_curves, train_step
+from ftjax.train import TrainConfig, finetune, loss_sums, lr_at, make_optimizer, read_curves, train_step
 from hf_models import LLAMA, make_hf_model, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,8 @@ def test_grad_accumulation_matches_larger_batch():
     for accum, batch in ((2, 2), (1, 4)):
         tcfg = TrainConfig(steps=2, lr=1e-3, batch_size=batch, grad_accum=accum, max_len=32, dtype="float32",
                            warmup=0, weight_decay=0.1)
-        step = jax.jit(lambda s, b, t=tcfg: train_step(s, b, cfg=cfg, tcfg=t, optimizer=make_optimizer(t)))
+        step = jax.jit(lambda s, b, t=tcfg: train_step(s, b, lr_at(t, 1), cfg=cfg, step_cfg=t.step_config,
+                                                             optimizer=make_optimizer(t)))
         state = _tiny_state(cfg, tcfg)
         state, m1 = step(state, step_batch(rows, 0, batch, accum, tcfg.seed))
         assert step_batch(rows, 0, batch, accum, tcfg.seed)[0].shape == (accum, batch, 32)
@@ -249,7 +250,7 @@ def test_mesh_and_remat_match_single_device(setup, tmp_path):
     abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": opt.init(p)}, params)
     param_sh = shardings_for({n: x.shape for n, x in flatten(params).items()}, mesh)
     sh = state_shardings(abstract, param_sh, mesh)
-    mu = sh["opt_state"][1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
+    mu = sh["opt_state"][1][0].mu  # chain(clip, chain(adam, decay)): the ScaleByAdamState
     assert flatten(mu) == param_sh
     assert any(s.spec != () for s in param_sh.values())
     assert batch_sharding(mesh, 4).spec == PartitionSpec(None, ("data", "fsdp"), None)

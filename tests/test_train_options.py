@@ -81,7 +81,8 @@ def test_warmup_rounding_and_first_update():
     tokens = np.random.default_rng(0).integers(3, 128, (1, 2, 16)).astype(np.int32)
     batch = (tokens, np.ones_like(tokens), np.broadcast_to(np.arange(16, dtype=np.int32), tokens.shape),
              np.ones(tokens.shape, np.float32))
-    new, metrics = train_step(state, batch, cfg=cfg, tcfg=tcfg, optimizer=make_optimizer(tcfg))
+    new, metrics = train_step(state, batch, lr_at(tcfg, 1), cfg=cfg, step_cfg=tcfg.step_config,
+                              optimizer=make_optimizer(tcfg))
     assert float(metrics["lr"]) == pytest.approx(1e-2 / 4)
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(params)))
     assert moved == pytest.approx(1e-2 / 4, rel=1e-3)
@@ -141,3 +142,18 @@ def test_step0_eval_is_ftjax_eval_in_float32_and_printed(setup, tmp_path, capsys
     assert "(bfloat16 compute)" in capsys.readouterr().err
     bf16 = [e for e in _log(tmp_path / "bf16") if "eval_loss" in e]
     assert bf16[0]["eval_dtype"] == "bfloat16" and abs(bf16[0]["eval_loss"] - reference["loss"]) > 1e-6
+
+
+def test_runs_that_differ_in_lr_steps_or_seed_compile_the_step_once(setup, tmp_path, count_calls):
+    """The compiled step depends on StepConfig only: lr (traced per step), steps, schedule and seed do not recompile."""
+    import ftjax.train as T
+
+    model, train, _ = setup
+    traced = count_calls(T, "loss_sums")  # called only while the step is traced
+    base = dict(batch_size=2, max_len=32, warmup=0, dtype="float32")
+    finetune(model, train, tmp_path / "a", config=TrainConfig(steps=2, lr=1e-3, seed=0, **base), progress=False)
+    first = traced["n"]
+    finetune(model, train, tmp_path / "b", config=TrainConfig(steps=3, lr=5e-4, seed=7, schedule="cosine", **base),
+             progress=False)
+    assert first >= 1 and traced["n"] == first
+    assert TrainConfig(steps=2, lr=1e-3, seed=0).step_config == TrainConfig(steps=9, lr=1.0, seed=3).step_config

@@ -2,7 +2,7 @@
 
 `ftjax.train.finetune` goes through a JSONL file, Orbax checkpoints and an HF export per run; the study runs dozens
 of short runs on models of about 10^4–10^5 parameters, where that I/O would dominate. So here the same `train_step`
-(optimizer from `make_optimizer`, schedule from `learning_rate_schedule`, loss from `loss_sums`) runs K steps per
+(optimizer from `make_optimizer`, learning rates from `lr_at`, loss from `loss_sums`) runs K steps per
 call inside one `lax.scan`, on parameters that stay in memory. One compilation serves every run with the same
 TrainConfig.
 """
@@ -21,7 +21,7 @@ from ftjax.config import ModelConfig
 from ftjax.data import Example, batches
 from ftjax.evaluate import row_stats
 from ftjax.rows import Rows, step_batch
-from ftjax.train import TrainConfig, make_optimizer, train_step
+from ftjax.train import StepConfig, TrainConfig, lr_at, make_optimizer, train_step
 
 from ftjax.demo.world import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
@@ -45,11 +45,12 @@ def init_state(params: Any, tcfg: TrainConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _steps_fn(cfg: ModelConfig, tcfg: TrainConfig) -> Callable:
-    optimizer = make_optimizer(tcfg)
+def _steps_fn(cfg: ModelConfig, step_cfg: StepConfig) -> Callable:
+    optimizer = make_optimizer(step_cfg)
 
-    def run(state, batch_k):
-        return jax.lax.scan(lambda s, b: train_step(s, b, cfg=cfg, tcfg=tcfg, optimizer=optimizer), state, batch_k)
+    def run(state, batch_k, lr_k):
+        return jax.lax.scan(lambda s, b: train_step(s, b[0], b[1], cfg=cfg, step_cfg=step_cfg, optimizer=optimizer),
+                            state, (batch_k, lr_k))
 
     return jax.jit(run, donate_argnums=0)
 
@@ -63,7 +64,8 @@ def run_steps(state: dict, rows: Rows, cfg: ModelConfig, tcfg: TrainConfig, n: i
     order = tcfg if data_seed is None else dataclasses.replace(tcfg, seed=data_seed)
     per_step = [step_batch(rows, s, order.batch_size, order.grad_accum, order.seed) for s in range(start, start + n)]
     batch_k = tuple(np.stack([b[i] for b in per_step]) for i in range(4))
-    state, metrics = _steps_fn(cfg, dataclasses.replace(tcfg, seed=0))(state, batch_k)  # seed: data order only
+    lr_k = np.asarray(lr_at(tcfg, np.arange(start + 1, start + n + 1)), np.float32)
+    state, metrics = _steps_fn(cfg, tcfg.step_config)(state, batch_k, lr_k)
     return state, np.asarray(metrics["loss"])
 
 
