@@ -77,3 +77,19 @@ def sparse_model(path: Path, rows: int, cols: int) -> Path:
         fh.truncate(8 + len(header) + rows * cols * 2)
     (path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
     return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rows as a JSONL file."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lm_rows(n: int = 24, seed: int = 0) -> list[dict]:
+    """n pre-tokenized rows of 6-29 random ids in [3, 128)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(3, 128, rng.integers(6, 30)).tolist()} for _ in range(n)]

@@ -22,19 +22,9 @@ from ftjax.model import forward, init_params
 from ftjax.params import load_params
 from ftjax.rows import make_rows, step_batch, training_examples
 from ftjax.train import TrainConfig, finetune, loss_sums, lr_at, make_optimizer, read_curves, train_step
-from hf_models import LLAMA, make_hf_model, make_tokenizer
+from hf_models import LLAMA, make_hf_model, make_tokenizer, lm_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _lm_rows(n: int = 24, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [{"input_ids": rng.integers(3, 128, rng.integers(6, 30)).tolist()} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     model = make_hf_model(root / "m1")
     make_tokenizer(model)
-    data = _write_jsonl(root / "train.jsonl", _lm_rows())
+    data = write_jsonl(root / "train.jsonl", lm_rows())
     return root, model, data
 
 
@@ -96,7 +86,7 @@ def test_export_loads_in_transformers_with_same_logits(setup, tmp_path):
     import transformers
 
     root, model, data = setup
-    eval_data = _write_jsonl(tmp_path / "eval.jsonl", _lm_rows(6, seed=1))
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", lm_rows(6, seed=1))
     result = finetune(model, data, tmp_path / "run", config=TrainConfig(steps=3, lr=1e-3, batch_size=4, max_len=32),
                       eval_data=eval_data, eval_every=2, progress=False)
     final = Path(result["final"])
@@ -125,7 +115,7 @@ def _tiny_state(cfg: ModelConfig, tcfg: TrainConfig):
 def test_grad_accumulation_matches_larger_batch():
     """grad_accum=2 x batch 2 == grad_accum=1 x batch 4 (token-weighted over the whole step), up to rounding."""
     cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **LLAMA})
-    examples = examples_from_rows(_lm_rows(8), None)
+    examples = examples_from_rows(lm_rows(8), None)
     rows = make_rows(training_examples(examples, 32), 32)
     results = []
     for accum, batch in ((2, 2), (1, 4)):
@@ -195,7 +185,7 @@ def test_bad_input_is_one_line_error_before_training(setup, tmp_path, capsys):
         assert f"{flag[2:]} must be positive" in err
     assert not out.exists()
 
-    long_prompt = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "one two three four five six seven eight nine",
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "one two three four five six seven eight nine",
                                                           "completion": " ten"}])
     err = _error(capsys, "finetune", "--init", str(model), "--data", str(long_prompt), "--max-len", "4", "--steps", "2",
                  "--out", str(out))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import LLAMA, make_hf_model, make_tokenizer
+from hf_models import LLAMA, make_hf_model, make_tokenizer, lm_rows, write_jsonl
 
 from ftjax.cli import main
 from ftjax.config import ModelConfig
@@ -23,22 +23,12 @@ from ftjax.rows import load_examples, load_rows, step_batch
 from ftjax.train import TrainConfig, finetune, learning_rate_schedule, lr_at, make_optimizer, read_curves, train_step
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _lm_rows(n: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [{"input_ids": rng.integers(3, 128, rng.integers(6, 30)).tolist()} for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("options")
     model = make_hf_model(root / "m1")
     make_tokenizer(model)
-    return model, _write_jsonl(root / "train.jsonl", _lm_rows(24, 0)), _write_jsonl(root / "eval.jsonl", _lm_rows(6, 1))
+    return model, write_jsonl(root / "train.jsonl", lm_rows(24, 0)), write_jsonl(root / "eval.jsonl", lm_rows(6, 1))
 
 
 def _tensors(model_dir: Path) -> dict[str, bytes]:
