@@ -29,8 +29,21 @@ def _print_report(report, args) -> None:
 
 
 def _cmd_transfer(args) -> None:
-    from ftjax import transfer
+    from ftjax import lora, transfer
 
+    if (args.source_ft is None) == (args.source_lora is None):
+        raise FtjaxError("give one of --source-ft (a fine-tuned model) and --source-lora (a PEFT LoRA adapter)")
+    if args.source_lora is not None:
+        if args.vocab != "pad" or args.config_from != "target":
+            raise FtjaxError("--vocab and --config-from do not apply to --source-lora (the output keeps the target's)")
+        report = lora.transfer_lora(
+            args.source_lora, args.target_base, args.out, source_base=args.source_base, alpha=args.alpha,
+            alpha_for=args.alpha_for, skip=args.skip, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
+            overwrite=args.overwrite, dry_run=args.dry_run, strict=args.strict, max_shard_bytes=args.max_shard_size,
+            progress=not (args.quiet or args.json))
+        return _print_report(report, args)
+    if args.source_base is None:
+        raise FtjaxError("--source-ft needs --source-base (the model it was fine-tuned from)")
     report = transfer.transfer(
         args.source_base, args.source_ft, args.target_base, args.out,
         alpha=args.alpha, alpha_for=args.alpha_for, skip=args.skip, vocab=args.vocab, dtype=args.dtype,
@@ -38,6 +51,14 @@ def _cmd_transfer(args) -> None:
         dry_run=args.dry_run, strict=args.strict, max_shard_bytes=args.max_shard_size,
         progress=not (args.quiet or args.json),
     )
+    _print_report(report, args)
+
+
+def _cmd_merge(args) -> None:
+    from ftjax import merge
+
+    report = merge.merge(args.config, args.out, seed=args.seed, overwrite=args.overwrite, dry_run=args.dry_run,
+                         max_shard_bytes=args.max_shard_size, progress=not (args.quiet or args.json))
     _print_report(report, args)
 
 
@@ -352,7 +373,7 @@ def _cmd_plot_curves(args) -> None:
 
 COMMANDS = {
     "finetune": _cmd_finetune, "recycle": _cmd_recycle, "plot-curves": _cmd_plot_curves,
-    "transfer": _cmd_transfer, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
+    "transfer": _cmd_transfer, "merge": _cmd_merge, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
     "inspect": _cmd_inspect, "eval": _cmd_eval, "scan": _cmd_scan, "plane": _cmd_plane,
     "stats": _cmd_stats, "demo": _cmd_demo, "generate": _cmd_generate,
 }
@@ -360,7 +381,7 @@ COMMANDS = {
 
 # Commands that have fsynced and renamed everything they write when they return: `run` then ends the process at
 # once, skipping the interpreter's teardown of JAX (a measurable share of a short transfer: benchmarks/RESULTS.md).
-_FAST_EXIT = {"transfer", "diff", "apply"}
+_FAST_EXIT = {"transfer", "merge", "diff", "apply"}
 _DONE = {"fast_exit": False}
 
 

@@ -105,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("transfer", help="out = target_base + alpha * (source_ft - source_base), streamed from disk")
-    p.add_argument("--source-base", required=True, metavar="DIR|REPO", help="the source version's base model")
-    p.add_argument("--source-ft", required=True, metavar="DIR|REPO", help="the source version's fine-tuned model")
+    p.add_argument("--source-base", metavar="DIR|REPO",
+                   help="the source version's base model (with --source-lora: only for its whole tensors; default "
+                        "the adapter's base_model_name_or_path when found)")
+    p.add_argument("--source-ft", metavar="DIR|REPO", help="the source version's fine-tuned model")
+    p.add_argument("--source-lora", metavar="DIR|REPO",
+                   help="instead of --source-ft: a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--target-base", required=True, metavar="DIR|REPO", help="the target version's base model")
     p.add_argument("--out", required=True, type=Path, help="output directory (a Hugging Face checkpoint)")
     p.add_argument("--config-from", choices=["target", "source-ft"], default="target",
@@ -115,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where tokenizer, chat template and generation_config.json come from")
     _add_transfer_flags(p)
 
+    p = sub.add_parser("merge", help="merge models with a mergekit YAML config (ties, dare, slerp, ...), streamed")
+    p.add_argument("config", type=Path, help="mergekit config: merge_method, base_model, models, parameters, ...")
+    p.add_argument("--out", required=True, type=Path, help="output directory (a Hugging Face checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE / DELLA drop masks (recorded in ftjax_merge.json)")
+    p.add_argument("--dry-run", action="store_true", help="read the config and check the inputs; write nothing")
+    _add_output_flags(p)
+
     p = sub.add_parser("diff", help="write the diff vector ft - base as its own checkpoint directory")
     p.add_argument("--base", required=True, metavar="DIR|REPO")
     p.add_argument("--ft", required=True, metavar="DIR|REPO")
@@ -122,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     _add_output_flags(p)
 
-    p = sub.add_parser("apply", help="out = target + alpha * diff, with a diff written by `ftjax diff`")
+    p = sub.add_parser("apply", help="out = target + alpha * diff, with a diff written by `ftjax diff` or a LoRA adapter")
     p.add_argument("--target", required=True, metavar="DIR|REPO")
-    p.add_argument("--diff", required=True, type=Path)
+    p.add_argument("--diff", required=True, metavar="DIR|REPO",
+                   help="a diff written by `ftjax diff`, or a PEFT LoRA adapter trained on the target")
     p.add_argument("--out", required=True, type=Path)
     _add_transfer_flags(p)
 

@@ -13,7 +13,7 @@ import datetime
 import json
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class Finish:
     record_name: str
     record: dict
     own_files: tuple[str, ...] = ()  # files of aux_from never copied (an input's own ftjax records)
+    edit: Callable[[Path], None] | None = None  # changes the copied small files in the temp dir (e.g. a chat template)
 
 
 class Extras(Protocol):
@@ -122,6 +123,8 @@ def write_checkpoint(output: Output, jobs: Sequence[Job], report: Any, finish: F
                              f"{', '.join(report.nonfinite[:8])} (--strict); nothing was written")
         copy_aux_files(finish.aux_from, tmp, skip=(*finish.own_files, finish.record_name, "config.json"))
         write_json(tmp / "config.json", finish.config)
+        if finish.edit is not None:
+            finish.edit(tmp)
         files = sorted({p.name for p in tmp.iterdir()} | {finish.record_name})  # what --overwrite may replace
         write_json(tmp / finish.record_name, {**record, "report": report.to_dict(), RECORD_KEY: files})
 

@@ -40,7 +40,9 @@ _ALIGN = 64  # XLA:CPU aliases host buffers with this alignment instead of copyi
 
 
 class Reader(Protocol):
-    """What the engine reads from: HFCheckpoint (a model directory) and SafetensorsFile (one file)."""
+    """What the engine reads from: HFCheckpoint (a model directory) and SafetensorsFile (one file). A reader may
+    instead compute its tensors: then it has `rows(name, r0, r1) -> (array of those rows, bytes read from disk)`,
+    which the engine calls instead of reading a file view (`get` is then only for whole-tensor use)."""
 
     def info(self, name: str) -> TensorInfo: ...
     def get(self, name: str) -> np.ndarray: ...  # a read-only view on the file's mmap
@@ -70,7 +72,8 @@ class Kernel:
     static: tuple = ()
     positional: bool = False
     width: int = 0  # > 0: the kernel reduces over rows of `width` elements, so its batches hold one tensor's whole
-    #                 rows from a row start, and the kernel length is a multiple of `width`
+    #                 rows from a row start, the kernel length is a multiple of `width`, and an output of a
+    #                 `width`-th of that length holds one value per row (on_block gets the block's rows of it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +193,11 @@ class _Files:
         if reader is None:
             dst[:] = 0
             return 0
+        rows = getattr(reader, "rows", None)  # a computed tensor (e.g. a LoRA delta): rows on demand, no file view
+        if rows is not None:
+            block, nbytes = rows(name, r0, r1)
+            np.copyto(dst, block.reshape(-1), casting="unsafe")
+            return nbytes
         info = reader.info(name)
         loc = self._locate(reader, name)
         nbytes = (r1 - r0) * row_elems(info.shape) * info.dtype.itemsize
@@ -339,15 +347,18 @@ def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]]
     def writer() -> None:
         try:
             while (item := todo.get()) is not None:
-                bufs, batch, outs = item
+                bufs, batch, outs, n = item
                 if isinstance(batch, _KernelBatch):
                     outs = tuple(np.asarray(o) for o in outs)  # waits for the kernel; zero-copy
                     free.put(bufs)  # the kernel is done with its inputs
                     bad = _has_nonfinite(outs[0][:batch.filled])
+                    w = batch.kernel.width
                     for seg in batch.segments:
                         shape = seg.job.out.shape
                         rshape = (seg.r1 - seg.r0,) + shape[1:] if shape else ()
-                        blocks = tuple(o[seg.offset: seg.offset + math.prod(rshape)].reshape(rshape) for o in outs)
+                        m = math.prod(rshape)
+                        blocks = tuple(o[seg.offset // w: (seg.offset + m) // w] if w and o.shape[0] * w == n
+                                       else o[seg.offset: seg.offset + m].reshape(rshape) for o in outs)
                         if bad:
                             check(seg.job, blocks[0])
                         emit(seg.job, blocks)
@@ -407,10 +418,11 @@ def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]]
     try:  # this thread runs the kernels (XLA:CPU runs a call in the calling thread)
         while (item := wait(filled_q)) is not None:
             bufs, batch, xs = item
+            n = xs[0].shape[0]  # the kernel length (a per-row output of a width kernel is a width-th of it)
             if isinstance(batch, _KernelBatch):
                 extra = _index_words(batch.segments) if batch.kernel.positional else ()
                 xs = _kernel(*xs, *batch.args, *extra, fn=batch.kernel.fn, static=batch.kernel.static)
-            todo.put((bufs, batch, xs))  # aligned numpy args: aliased, not copied
+            todo.put((bufs, batch, xs, n))  # aligned numpy args: aliased, not copied
     except _Stopped:
         pass
     except BaseException:

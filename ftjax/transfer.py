@@ -255,7 +255,16 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
           overwrite: bool = False, dry_run: bool = False, strict: bool = False,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> TransferReport:
     """Write target + alpha * diff (a dir from `diff`); with a float32 diff, bitwise equal to `transfer`.
-    config_from / tokenizer_from: target | source-ft (the diff dir carries the source-ft's files)."""
+    config_from / tokenizer_from: target | source-ft (the diff dir carries the source-ft's files).
+    A PEFT LoRA adapter as the diff: `ftjax.lora.transfer_lora` with the target as the adapter's base."""
+    from ftjax import lora
+
+    if lora.is_adapter(diff):
+        if vocab != "pad" or config_from != "target":
+            raise FtjaxError("--vocab and --config-from do not apply to a LoRA adapter (the output keeps the target's)")
+        return lora.transfer_lora(diff, target, out, alpha=alpha, alpha_for=alpha_for, skip=skip, dtype=dtype,
+                                  tokenizer_from=tokenizer_from, target_is_base=True, overwrite=overwrite,
+                                  dry_run=dry_run, strict=strict, max_shard_bytes=max_shard_bytes, progress=progress)
     t0 = time.perf_counter()
     t, d = HFCheckpoint(target), _DiffReader(diff)
     roles = _roles(t, d.ck, config_from, tokenizer_from)

@@ -1,0 +1,102 @@
+"""Benchmark: `ftjax merge` vs mergekit vs the I/O floor on 1.1B-param bf16 Llama checkpoints (warm page cache).
+
+    python benchmarks/merge_bench.py [--small] [--dir /tmp/ftjax_bench] [--mergekit-yaml PATH] [--repeats 1]
+
+The models of benchmarks/transfer_bench.py (made there if missing): base = its base_s, the two merged models its
+ft_s (base + N(0, 1e-3)) and base_t (an independent random model). Methods, each from one config given to both
+tools (bf16, mergekit's default flags): ties (density 0.5), dare_ties (density 0.5), task_arithmetic, slerp
+(t 0.5). Every run is a subprocess; rows interleave so background load hits all alike. Peak anonymous RSS sampled
+as in transfer_bench. I/O floor: read the three inputs once, write one output, fsync. Passes: ties reads its
+inputs three times (two radix-select passes, the write), slerp twice (a Gram pass, the write);
+task_arithmetic once (dare_ties twice: its L1 rescale needs the norms of the kept and the whole deltas first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transfer_bench import FULL, IO_FLOOR, SMALL, make_models, timed, versions
+
+METHODS = {
+    "ties": ({"weight": 0.5, "density": 0.5}, {}, 3),
+    "dare_ties": ({"weight": 0.5, "density": 0.5}, {}, 2),
+    "task_arithmetic": ({"weight": 0.5}, {}, 1),
+    "slerp": (None, {"t": 0.5}, 2),
+}
+
+
+def config(method: str, base: str, models: list[str]) -> dict:
+    per, top, _ = METHODS[method]
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": base, "models": [{"model": models[0]}], "parameters": top,
+                "dtype": "bfloat16"}
+    return {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+            "models": [{"model": m, "parameters": per} for m in models]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--dir", default="/tmp/ftjax_bench")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--mergekit-yaml", default=shutil.which("mergekit-yaml"))
+    args = ap.parse_args()
+    root = Path(args.dir) / ("small" if args.small else "full")
+    root.mkdir(parents=True, exist_ok=True)
+    b, f, t = (str(p) for p in make_models(root, SMALL if args.small else FULL))
+    shards = {p: sorted(Path(p).glob("*.safetensors")) for p in (b, f, t)}
+    in_bytes = sum(os.path.getsize(x) for v in shards.values() for x in v)
+    for x in (x for v in shards.values() for x in v):  # warm the page cache
+        with open(x, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = root / "out_merge"
+    floor_cmd = [sys.executable, "-c", "WRITE_BEHIND = False\n" + IO_FLOOR,
+                 *map(str, shards[b] + shards[f] + shards[t]), str(root / "floor.bin")]
+    runs: dict[str, list[str]] = {"I/O floor": floor_cmd}
+    for method in METHODS:
+        y = root / f"{method}.yml"
+        y.write_text(json.dumps(config(method, b, [f, t])))  # JSON is YAML
+        runs[f"ftjax {method}"] = [sys.executable, "-m", "ftjax.cli", "merge", str(y), "--out", str(out), "--quiet"]
+        if args.mergekit_yaml:
+            runs[f"mergekit {method}"] = [args.mergekit_yaml, str(y), str(out)]
+    res: dict[str, list] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for label, cmd in runs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            (root / "floor.bin").unlink(missing_ok=True)
+            subprocess.run(["sync"])
+            res[label].append(timed(cmd, env))
+            print(f"  {label}: {res[label][-1][0]:.1f} s, {res[label][-1][2]:.0f} MB", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    (root / "floor.bin").unlink(missing_ok=True)
+    med = {k: statistics.median(r[0] for r in v) for k, v in res.items()}
+    medw = {k: statistics.median(r[0] + r[1] for r in v) for k, v in res.items()}
+    floor = med["I/O floor"]
+    print(f"\ninputs {in_bytes / 1e9:.2f} GB (base + 2 models), warm page cache, median of {args.repeats}\n")
+    print("| method | ftjax s | mergekit s (+ sync) | mergekit / ftjax (with its sync) | ftjax / I/O floor "
+          "| passes | ftjax peak anon RSS MB | mergekit peak anon RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, (_, _, passes) in METHODS.items():
+        fj, mk = f"ftjax {method}", f"mergekit {method}"
+        mk_s = f"{med[mk]:.1f} (+{medw[mk] - med[mk]:.1f})" if mk in med else "-"
+        ratio = f"{medw[mk] / med[fj]:.1f}x" if mk in med else "-"
+        mk_rss = f"{max(r[2] for r in res[mk]):.0f}" if mk in res else "-"
+        print(f"| {method} | {med[fj]:.1f} | {mk_s} | {ratio} | {med[fj] / floor:.2f} | {passes} "
+              f"| {max(r[2] for r in res[fj]):.0f} | {mk_rss} |")
+    print(f"\nI/O floor {floor:.1f} s; {time.strftime('%Y-%m-%d')}; versions: {versions(args.mergekit_yaml)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""Planning a merge: for each output tensor, which tensors of which inputs it reads, the value of every parameter for
+it, the statistics passes its method needs and, once those have run, the kernel and arguments that write it.
+
+Inputs are named by keys: "base" (base_model), "m0", "m1", ... (the config's models, in order), "d0", ... (delta
+bases other than the base). A `Task` addresses tensors as (key, tensor name); `ftjax.merge.run` maps keys to files
+(streaming) or to arrays (in memory), so both run exactly the same plan.
+
+Output tensors: those of the base (or, without one, the first model), in its order and tying. Vocabulary rows: the
+kernel merges the rows every input has; rows beyond them come from the tokenizer source (the base by default), as
+`ftjax transfer --vocab pad` takes new tokens from source-ft. A shape mismatch elsewhere is an error naming the
+tensor and the models (mergekit skips such tensors with a warning). Integer tensors are the base's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ftjax import dtypes
+from ftjax.errors import FtjaxError
+from ftjax.io.safetensors import TensorInfo
+from ftjax.layout import Layout, is_vocab
+from ftjax.merge import kernels as K
+from ftjax.merge import passes
+from ftjax.merge.config import MergeConfig, ModelEntry, layer_t, value
+from ftjax.streaming import Kernel, row_elems, rows_of
+
+Ref = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The models of a merge by key, with their roles."""
+
+    layouts: Mapping[str, Layout]
+    entries: Mapping[str, ModelEntry]  # "m{i}" -> the config's model entry
+    base: str | None  # "base" or None
+    deltas: Mapping[str, str]  # "m{i}" -> the key of its delta base ("base" or "d{j}")
+    tokenizer: str  # the key whose vocabulary rows the output keeps
+
+
+@dataclasses.dataclass
+class Task:
+    """One output tensor: read `refs` (kernel inputs, in order) over `rows` rows, rows beyond from `rest`."""
+
+    name: str
+    out: TensorInfo
+    kind: str  # "gta", "comb", "nearswap", "scale" or "copy"
+    refs: tuple[Ref, ...]
+    rows: int
+    rest: Ref | None = None
+    spec: Any = None
+    values: dict = dataclasses.field(default_factory=dict)  # host numbers: weights, densities, thresholds, ...
+    stages: list[str] = dataclasses.field(default_factory=list)  # statistics passes still to run, in order
+    state: dict = dataclasses.field(default_factory=dict)
+
+
+STAGES = ("keys_hi", "keys_lo", "l1", "gram")
+
+
+def out_dtype(config: MergeConfig, stored: np.dtype) -> np.dtype:
+    from ftjax.transfer_plan import DTYPES
+
+    return DTYPES[config.output_dtype] if config.output_dtype else np.dtype(stored)
+
+
+def mask_key(seed: int, model: int, name: str) -> np.ndarray:
+    """The random-mask key of (seed, model index, tensor name): three uint32 words of a stable hash."""
+    digest = hashlib.blake2b(f"{seed}\0{model}\0{name}".encode(), digest_size=12).digest()
+    return np.frombuffer(digest, np.uint32).copy()
+
+
+def plan_tensors(config: MergeConfig, inputs: Inputs, *, seed: int) -> list[Task]:
+    """One Task per output tensor (every mismatch of the inputs in one FtjaxError)."""
+    out_key = inputs.base or next(iter(inputs.entries))
+    out_layout = inputs.layouts[out_key]
+    num_layers = _num_layers(out_layout)
+    for model, (start, end) in config.layer_ranges:
+        if (start, end) != (0, num_layers):
+            raise FtjaxError(f"slices: layer_range [{start}, {end}] of {model} is not the whole model ([0, {num_layers}]"
+                             "); slices over part of the layers (frankenmerges) are not supported")
+    problems: list[str] = []
+    tasks = []
+    for name in out_layout.names:
+        try:
+            tasks.append(_task(config, inputs, out_key, name, num_layers, seed, problems))
+        except _Skip:
+            continue
+    if problems:
+        more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise FtjaxError(f"inputs do not match: {len(problems)} problem(s): {'; '.join(problems[:10])}{more}")
+    return tasks
+
+
+class _Skip(Exception):
+    pass
+
+
+def _num_layers(layout: Layout) -> int:
+    import re
+
+    idx = [int(m.group(1)) for n in layout.names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
+    return max(idx) + 1 if idx else 0
+
+
+def _refs(inputs: Inputs, out_key: str, name: str, keys: Sequence[str], problems: list[str]) -> list[Ref]:
+    out_layout = inputs.layouts[out_key]
+    refs = []
+    for key in keys:
+        layout = inputs.layouts[key]
+        src = out_layout.source_of(name, layout)
+        if src not in layout.shapes:
+            problems.append(f"{name}: missing from {_label(inputs, key)}")
+            raise _Skip
+        refs.append((key, src))
+    return refs
+
+
+def _label(inputs: Inputs, key: str) -> str:
+    if key == "base":
+        return "base_model"
+    entry = inputs.entries.get(key)
+    return entry.model if entry is not None else f"delta base {key}"
+
+
+def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, num_layers: int, seed: int,
+          problems: list[str]) -> Task:
+    m = config.method
+    out_layout = inputs.layouts[out_key]
+    stored, shape = out_layout.dtypes[name], out_layout.shapes[name]
+    if not dtypes.is_float(stored):  # integer / bool buffers: the base's, verbatim
+        return Task(name, TensorInfo(name, stored, shape), "copy", ((out_key, name),), 0)
+    # a model entry that is the base itself (mergekit configs often list it) is the base, not one more input
+    model_keys = [k for k, e in inputs.entries.items() if m.base == "input" or e.model != config.base_model]
+    if m.family == "gta":
+        delta_keys = sorted({inputs.deltas[k] for k in model_keys} - {"base"})
+        keys = ["base", *model_keys, *delta_keys]
+    elif m.family == "linear" or m.family == "karcher":
+        keys = model_keys
+    elif m.family in ("slerp", "model_stock", "nearswap"):
+        keys = ["base", *model_keys]
+    elif m.family in ("nuslerp", "multislerp"):
+        keys = (["base"] if inputs.base else []) + model_keys
+    else:  # passthrough
+        keys = model_keys
+    refs = _refs(inputs, out_key, name, keys, problems)
+    shapes = {key: inputs.layouts[key].shapes[src] for key, src in refs}
+    rows, rest = _rows(inputs, out_key, name, shapes, problems)
+    tok_shape = shapes.get(inputs.tokenizer, shape)
+    out = TensorInfo(name, out_dtype(config, stored), (max(rows_of(tok_shape), rows),) + tuple(shape[1:])
+                     if shape else ())
+    for key, src in refs:
+        dt = inputs.layouts[key].dtypes[src]
+        if not dtypes.is_computable(dt):
+            problems.append(f"{name}: {dt} in {_label(inputs, key)}; ftjax merges bfloat16, float16 and float32 tensors")
+    t = layer_t(name, num_layers)
+    entries = [inputs.entries[k] for k in model_keys]
+    task = Task(name, out, "", tuple(refs), rows, rest)
+    if m.family in ("gta", "linear"):
+        _gta(task, config, entries, model_keys, inputs, keys, t, seed, problems)
+    elif m.family == "nearswap":
+        task.kind, task.values["t"] = "nearswap", float(value(config, "t", name, t))
+    elif m.family == "passthrough":
+        scale = value(config, "scale", name, t, entries[0])
+        task.kind = "copy" if scale is None else "scale"
+        task.values["scale"] = None if scale is None else float(scale)
+    else:
+        _comb(task, config, entries, inputs, t)
+    return task
+
+
+def _rows(inputs: Inputs, out_key: str, name: str, shapes: dict[str, tuple], problems: list[str]
+          ) -> tuple[int, Ref | None]:
+    """(rows every input has, where the rows beyond come from) for a vocabulary tensor; a mismatch is a problem."""
+    first = shapes[out_key] if out_key in shapes else next(iter(shapes.values()))
+    if len(set(shapes.values())) == 1:
+        return rows_of(first), None
+    if not (is_vocab(name) and len({s[1:] for s in shapes.values()}) == 1):
+        problems.append(f"{name}: shapes differ: " + ", ".join(f"{list(s)} in {_label(inputs, k)}"
+                                                                  for k, s in shapes.items()))
+        raise _Skip
+    rows = min(s[0] for s in shapes.values())
+    tok = inputs.tokenizer
+    tok_layout = inputs.layouts[tok]
+    src = inputs.layouts[out_key].source_of(name, tok_layout)
+    if tok_layout.shapes.get(src, (0,))[0] > rows:
+        return rows, (tok, src)
+    return rows, None
+
+
+def _num(v: Any, what: str, name: str, entry: ModelEntry | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        who = f" of {entry.model}" if entry is not None else ""
+        raise FtjaxError(f"{what}{who} must be a number, got {v!r} (tensor {name})")
+    return float(v)
+
+
+def _bool(v: Any, what: str) -> bool:
+    if isinstance(v, bool) or v in (0, 1):
+        return bool(v)
+    raise FtjaxError(f"{what} must be true or false, got {v!r}")
+
+
+def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys: list[str], inputs: Inputs,
+         keys: list[str], t: float, seed: int, problems: list[str]) -> None:
+    m, name = config.method, task.name
+    g = lambda key: value(config, key, name, t)
+    w = np.array([_num(value(config, "weight", name, t, e), "weight", name, e) for e in entries])
+    dens = np.array([_num(value(config, "density", name, t, e), "density", name, e) if "density" in m.per_model
+                     else 1.0 for e in entries])
+    for e, d in zip(entries, dens):
+        if not 0.0 <= d <= 1.0:
+            raise FtjaxError(f"density of {e.model} is {d} for {name}; it must be in [0, 1]")
+    normalize = _bool(g("normalize"), "normalize")
+    rescale = _bool(g("rescale"), "rescale") if "rescale" in m.globals else False
+    lam = _num(g("lambda"), "lambda", name) if "lambda" in m.globals else 1.0
+    election = g("sign_election") if m.consensus else "weighted"
+    mode = g("rescale_mode") if "rescale_mode" in m.globals else "l1"
+    if election not in ("weighted", "unweighted"):
+        raise FtjaxError(f"sign_election must be 'weighted' (mergekit) or 'unweighted' (the TIES paper), got {election!r}")
+    if mode not in ("l1", "inverse_density"):
+        raise FtjaxError(f"rescale_mode must be 'l1' (mergekit) or 'inverse_density' (the papers), got {mode!r}")
+    n = len(entries)
+    if m.consensus and n > 16:
+        raise FtjaxError(f"{m.name} elects signs over at most 16 models at once, got {n}")
+    extra = 0.0
+    if m.sparsify == "outliers":
+        extra = np.array([_num(value(config, "gamma", name, t, e), "gamma", name, e) for e in entries])
+    elif m.sparsify == "della":
+        extra = np.array([_num(value(config, "epsilon", name, t, e), "epsilon", name, e) for e in entries])
+        for e, d, eps in zip(entries, dens, extra):
+            if 0 < d < 1 and not (0 < d - eps and d + eps < 1):
+                raise FtjaxError(f"epsilon {eps} of {e.model} for {name}: density ± epsilon must lie in (0, 1)")
+    width = 0
+    if m.sparsify == "della":
+        width = row_elems(task.out.shape) if len(task.out.shape) >= 2 else max(task.rows, 1)
+    trimmed = m.sparsify is not None and bool(np.any(dens < 1))
+    rescale_mode = None
+    if rescale and trimmed:
+        rescale_mode = "inverse_density" if mode == "inverse_density" and m.sparsify in ("random", "della") \
+            else "factor"
+    delta_keys = keys[1 + n:] if m.family == "gta" else []
+    spec = K.GtaSpec(n, tuple(-1 if inputs.deltas[k] == "base" else delta_keys.index(inputs.deltas[k])
+                              for k in model_keys) if m.family == "gta" else (0,) * n,
+                     len(delta_keys), m.family == "gta", m.sparsify if trimmed else None, m.consensus, election,
+                     rescale_mode, normalize, task.out.dtype, width)
+    div = float(w.sum()) if normalize and not m.consensus else 1.0
+    if normalize and not m.consensus and abs(div) < 1e-8:
+        if m.family == "linear":
+            raise FtjaxError(f"the weights of {name} sum to {div}: normalize divides by that; set normalize: false")
+        div = 1.0  # mergekit's guard
+    model_index = [int(k[1:]) for k in model_keys]
+    task.kind, task.spec = "gta", spec
+    task.values.update(w=w, dens=dens, extra=extra, lam=lam, div=div, r=np.ones(n), thr_lo=np.full(n, -1.0),
+                       thr_hi=np.full(n, np.inf), keys=np.stack([mask_key(seed, i, name) for i in model_index]),
+                       sparsify=spec.sparsify)
+    if trimmed and m.sparsify in ("magnitude", "outliers"):
+        task.stages += ["keys_hi", "keys_lo"]
+    if rescale_mode == "factor" and mode == "inverse_density":  # magnitude masks keep a fraction `density`
+        task.values["r"] = np.where(dens > 0, 1.0 / np.maximum(dens, 1e-30), 1.0)
+    elif rescale_mode == "factor":  # after the thresholds: the l1 factor counts what the masks keep
+        task.stages.append("l1")
+
+
+def _comb(task: Task, config: MergeConfig, entries: list[ModelEntry], inputs: Inputs, t: float) -> None:
+    m, name = config.method, task.name
+    fam = m.family
+    delta = fam in ("model_stock",) or (fam in ("nuslerp", "multislerp") and inputs.base is not None)
+    n = len(task.refs) - (1 if delta else 0)
+    width = row_elems(task.out.shape) if len(task.out.shape) >= 2 else max(task.rows, 1)
+    per_row = (fam == "nuslerp" and not _bool(value(config, "nuslerp_flatten", name, t), "nuslerp_flatten")
+               and not _bool(value(config, "nuslerp_row_wise", name, t), "nuslerp_row_wise")) or \
+              (fam == "model_stock" and _bool(value(config, "filter_wise", name, t), "filter_wise"))
+    per_col = (fam == "nuslerp" and not _bool(value(config, "nuslerp_flatten", name, t), "nuslerp_flatten")
+               and _bool(value(config, "nuslerp_row_wise", name, t), "nuslerp_row_wise"))
+    if (per_row or per_col) and len(task.out.shape) < 2:
+        per_row, per_col = True, False  # a vector is one row (mergekit unsqueezes it)
+    task.kind = "comb"
+    task.spec = K.CombSpec(n, delta, task.out.dtype, per_row, per_col, width)
+    task.values.update(family=fam, n=n, delta=delta, width=width)
+    if fam == "slerp":
+        task.values["t"] = _num(value(config, "t", name, t), "t", name)
+    elif fam in ("nuslerp", "multislerp"):
+        task.values["w"] = np.array([_num(value(config, "weight", name, t, e), "weight", name, e) for e in entries])
+        if fam == "multislerp":
+            task.values["normalize_weights"] = _bool(value(config, "normalize_weights", name, t), "normalize_weights")
+            task.values["eps"] = _num(value(config, "eps", name, t), "eps", name)
+    elif fam == "karcher":
+        task.values["max_iter"] = int(_num(value(config, "max_iter", name, t), "max_iter", name))
+        task.values["tol"] = _num(value(config, "tol", name, t), "tol", name)
+    task.stages.append("gram")
+
+
+# --- stage kernels and host reductions ----------------------------------------------------------------------------
+
+
+def stage_kernel(task: Task, stage: str) -> tuple[Kernel, tuple]:
+    """(kernel, args) of a statistics pass over `task`."""
+    v, spec = task.values, task.spec
+    if stage == "keys_hi":
+        return Kernel(passes.keys_hi_fn, (spec,)), ()
+    if stage == "keys_lo":
+        return Kernel(passes.keys_lo_fn, (spec,)), (np.asarray(task.state["bins"], np.uint32),)
+    if stage == "l1":
+        width = spec.width or row_elems(task.out.shape) or 1
+        s = dataclasses.replace(spec, width=width)
+        return Kernel(passes.l1_fn, (s,), positional=True, width=width), _mask_args(v)
+    if stage == "gram":
+        per_element = spec.per_col
+        width = 1 if per_element else (spec.width if spec.per_row else (row_elems(task.out.shape) or 1))
+        if not spec.per_row and len(task.out.shape) < 2:
+            width = 1  # a vector's "rows" are its elements
+        return Kernel(passes.gram_fn, ((spec.delta, spec.n, width, per_element),), width=width), ()
+    raise ValueError(stage)
+
+
+def _mask_args(v: dict) -> tuple:
+    """(density, low threshold, high threshold, mask keys) per model; DELLA's epsilon travels as the low
+    threshold (it has no magnitude threshold)."""
+    thr_lo = v["extra"] if v["sparsify"] == "della" else v["thr_lo"]
+    return (np.asarray(v["dens"], np.float32), np.asarray(thr_lo, np.float32), np.asarray(v["thr_hi"], np.float32),
+            np.asarray(v["keys"], np.uint32))
+
+
+def stage_start(task: Task, stage: str) -> None:
+    v, spec = task.values, task.spec
+    if stage == "keys_hi":
+        n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
+        sel = []
+        for i, d in enumerate(v["dens"]):
+            if spec.sparsify == "magnitude":
+                k = max(1, int(d * n_el))
+                ranks = [n_el - k] if d < 1 else [0]
+            else:
+                target = int(d * n_el)
+                n_top = int(v["extra"][i] * n_el)
+                n_bot = max(0, n_el - target - n_top)
+                ranks = [n_bot, min(n_bot + max(target, 1) - 1, n_el - 1)]
+            sel.append(passes.RadixSelect(ranks))
+        task.state["select"] = sel
+    elif stage == "l1":
+        task.state["l1"] = [[] for _ in range(2 * spec.n)]
+    elif stage == "gram":
+        task.state["gram"] = [np.zeros(spec.width) if spec.per_col else [] for _ in passes.pairs(spec.n)]
+
+
+def stage_add(task: Task, stage: str, outs: tuple[np.ndarray, ...]) -> None:
+    if stage == "keys_hi":
+        for sel, keys in zip(task.state["select"], outs):
+            sel.add_hi(keys)
+    elif stage == "keys_lo":
+        j = 0
+        for sel in task.state["select"]:
+            for r in range(len(sel.ranks)):
+                sel.add_lo(r, outs[j + r])
+            j += task.state["bins_per_model"]
+    elif stage == "gram" and task.spec.per_col:  # column sums over this block's rows, accumulated in float64
+        for acc, o in zip(task.state["gram"], outs):
+            acc += np.asarray(o, np.float64).reshape(-1, task.spec.width).sum(axis=0)
+    else:
+        for acc, o in zip(task.state[stage], outs):
+            acc.append(np.asarray(o, np.float32).reshape(-1).copy())
+
+
+def stage_finish(task: Task, stage: str) -> None:
+    v, spec = task.values, task.spec
+    if stage == "keys_hi":
+        for sel in task.state["select"]:
+            sel.choose_bins()
+        per = max(len(sel.bins) for sel in task.state["select"])
+        task.state["bins_per_model"] = per
+        task.state["bins"] = [sel.bins + [sel.bins[-1]] * (per - len(sel.bins)) for sel in task.state["select"]]
+    elif stage == "keys_lo":
+        for i, (sel, d) in enumerate(zip(task.state.pop("select"), v["dens"])):
+            vals = sel.values()
+            if spec.sparsify == "magnitude":
+                v["thr_lo"][i] = vals[0] if d < 1 else -1.0
+                if d <= 0:
+                    v["thr_lo"][i] = np.inf
+            else:
+                n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
+                target = int(d * n_el)
+                v["thr_lo"][i], v["thr_hi"][i] = (vals[0], vals[1]) if d < 1 else (-1.0, np.inf)
+                if target == 0 and d < 1:
+                    v["thr_lo"][i], v["thr_hi"][i] = np.inf, -np.inf
+    elif stage == "l1":
+        sums = [passes.fsum_rows(parts) for parts in task.state.pop("l1")]
+        for i in range(spec.n):
+            before, after = sums[2 * i], sums[2 * i + 1]
+            v["r"][i] = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    elif stage == "gram":
+        parts = task.state.pop("gram")
+        if spec.per_row:
+            totals = [np.concatenate(p).astype(np.float64) for p in parts]
+        elif spec.per_col:
+            totals = parts
+        else:
+            totals = [passes.fsum_rows(p) for p in parts]
+        v["coefs"] = _coefs(task, passes.gram_matrix(totals, spec.n))
+
+
+def _coefs(task: Task, g: np.ndarray) -> np.ndarray:
+    """The combination coefficients (float64 [n], or [n, rows] / [n, cols]) of a Gram-based method."""
+    v = task.values
+    fam = v["family"]
+    if g.ndim == 3:  # per row or per column: one small problem each
+        return np.stack([_coefs(task, gi) for gi in g], axis=-1)
+    if fam == "slerp":
+        return np.array(passes.slerp_coefs(g, v["t"]))
+    if fam == "nuslerp":
+        w0, w1 = v["w"]
+        t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+        return np.array(passes.nuslerp_coefs(g, t))
+    if fam == "multislerp":
+        w = v["w"] / v["w"].sum() if v["normalize_weights"] else v["w"]
+        c = passes.multislerp_coefs(g, w, v["eps"])
+        if c is None:
+            if len(w) == 2:
+                return np.asarray(w, np.float64)
+            raise FtjaxError(f"{task.name}: the weighted sum of the inputs' directions is zero; multislerp is "
+                             "undefined there (give other weights)")
+        return c
+    if fam == "karcher":
+        return passes.karcher_coefs(g, v["max_iter"], v["tol"])
+    if fam == "model_stock":
+        t = passes.model_stock_t(g)
+        return np.full(v["n"], t / v["n"])
+    raise ValueError(fam)
+
+
+def write_kernel(task: Task) -> tuple[Kernel | None, tuple]:
+    """(kernel, args) of the write pass (kernel None: a plain copy of the first ref)."""
+    v = task.values
+    if task.kind == "copy":
+        return None, ()
+    if task.kind == "gta":
+        w_hi, w_lo = K.split(v["w"])
+        r_hi, r_lo = K.split(v["r"])
+        dens, thr_lo, thr_hi, keys = _mask_args(v)
+        lam = np.stack(K.split(v["lam"]))
+        div = K.agreement_reciprocals(v["w"]) if task.spec.consensus else np.stack(K.split(v["div"]))
+        return Kernel(_gta_write, (task.spec,), positional=True, width=task.spec.width), (
+            w_hi, w_lo, dens, thr_lo, thr_hi, r_hi, r_lo, keys, lam, div)
+    if task.kind == "comb":
+        c_hi, c_lo = K.split(v["coefs"])
+        return Kernel(_comb_write, (task.spec,), positional=True,
+                      width=task.spec.width if task.spec.per_row or task.spec.per_col else 0), (c_hi, c_lo)
+    if task.kind == "nearswap":
+        return Kernel(_nearswap_write, (task.out.dtype,)), (np.float32(v["t"]),)
+    s_hi, s_lo = K.split(v["scale"])
+    return Kernel(_scale_write, (task.out.dtype,)), (s_hi, s_lo)
+
+
+def _gta_write(*a):
+    *xs, spec = a
+    return K.gta_kernel(*xs, spec=spec)
+
+
+def _comb_write(*a):
+    *xs, spec = a
+    return K.comb_kernel(*xs, spec=spec)
+
+
+def _nearswap_write(base, other, t, out_dtype):
+    return K.nearswap_kernel(base, other, t, out_dtype=out_dtype)
+
+
+def _scale_write(x, s_hi, s_lo, out_dtype):
+    return K.scale_kernel(x, s_hi, s_lo, out_dtype=out_dtype)

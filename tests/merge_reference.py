@@ -1,0 +1,118 @@
+"""Float64 numpy references of the merge methods, written from their published definitions (and mergekit's documented
+choices where ftjax follows them), independent of ftjax's kernels: the tests check ftjax against these."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from reference import round_f64
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+def linear(xs, w, normalize=True):
+    s = sum(wi * f64(x) for wi, x in zip(w, xs))
+    return s / sum(w) if normalize else s
+
+
+def task_arithmetic(base, xs, w, lam=1.0, normalize=False, delta_bases=None):
+    b = f64(base)
+    ds = [f64(x) - (b if d is None else f64(d)) for x, d in zip(xs, delta_bases or [None] * len(xs))]
+    s = sum(wi * d for wi, d in zip(w, ds))
+    if normalize:
+        s = s / (sum(w) if abs(sum(w)) >= 1e-8 else 1.0)
+    return b + lam * s
+
+
+def topk_mask(d, density):
+    """Keep |d| >= the k-th largest |fl32(d)|, k = max(1, int(density * N)) (ties at the threshold all kept)."""
+    mag = np.abs(d.astype(np.float32)).reshape(-1)
+    if density >= 1:
+        return np.ones(d.shape, bool)
+    k = max(1, int(density * mag.size))
+    thr = np.sort(mag)[mag.size - k]
+    return (np.abs(d.astype(np.float32)) >= thr)
+
+
+def ties(base, xs, w, density, normalize=True, lam=1.0, weighted_election=True):
+    b = f64(base)
+    taus = [(f64(x) - b) * topk_mask(f64(x) - b, dens) for x, dens in zip(xs, density)]
+    wt = [wi * t for wi, t in zip(w, taus)]
+    votes = wt if weighted_election else taus
+    elected = np.where(sum(votes) >= 0, 1.0, -1.0)
+    agree = [(np.sign(v) == elected) & (t != 0) for v, t in zip(votes, taus)]
+    mixed = sum(np.where(a, x, 0.0) for a, x in zip(agree, wt))
+    if normalize:
+        den = sum(np.where(a, wi, 0.0) for a, wi in zip(agree, w))
+        mixed = np.where(den != 0, mixed / np.where(den != 0, den, 1.0), mixed)
+    return b + lam * mixed
+
+
+def slerp(a, b, t):
+    a, b = f64(a), f64(b)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    dot = float(np.sum(a * b)) / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    th = math.acos(dot)
+    return math.sin(th * (1 - t)) / math.sin(th) * a + math.sin(th * t) / math.sin(th) * b
+
+
+def karcher(xs, max_iter=10, tol=1e-5):
+    """The Riemannian mean on the sphere of the unit vectors (equal weights), scaled by the mean norm."""
+    xs = [f64(x).reshape(-1) for x in xs]
+    norms = [np.linalg.norm(x) for x in xs]
+    units = [x / n for x, n in zip(xs, norms)]
+    u = sum(units) / len(units)
+    u /= np.linalg.norm(u)
+    for _ in range(max_iter):
+        tang = np.zeros_like(u)
+        for x in units:
+            d = np.clip(u @ x, -1, 1)
+            th = math.acos(d)
+            if th < tol:
+                continue
+            tang += (th / math.sin(th)) * (x - d * u) / len(units)
+        nt = np.linalg.norm(tang)
+        if nt < tol:
+            break
+        u = math.cos(nt) * u + math.sin(nt) * tang / nt
+        u /= np.linalg.norm(u)
+    return u * np.mean(norms)
+
+
+def model_stock(base, xs):
+    b = f64(base)
+    offs = [(f64(x) - b).reshape(-1) for x in xs]
+    cos = [offs[i] @ offs[j] / (np.linalg.norm(offs[i]) * np.linalg.norm(offs[j]))
+           for i in range(len(offs)) for j in range(i + 1, len(offs))]
+    c = float(np.mean(cos))
+    n = len(xs)
+    t = n * c / (1 + (n - 1) * c)
+    return t * sum(f64(x) for x in xs) / n + (1 - t) * b
+
+
+def ulps(got, want_f64, dtype) -> np.ndarray:
+    """Distance of `got` from round(want_f64) in units in the last place of `dtype` (bf16, f16 or f32)."""
+    dtype = np.dtype(dtype)
+    w = round_f64(want_f64, dtype)
+    g = np.asarray(got).astype(dtype)
+    width = {2: np.int16, 4: np.int32}[dtype.itemsize]
+    def ordered(x):  # sign-magnitude bits -> integers ordered like the values
+        b = x.view(width).astype(np.int64)
+        return np.where(b < 0, -(b & (2 ** (8 * dtype.itemsize - 1) - 1)), b)
+    return np.abs(ordered(g) - ordered(w))
+
+
+def ambiguous(want_f64, scale, dtype, rel: float = 2.0**-40) -> np.ndarray:
+    """Where a float64 value lies so close to a rounding boundary of `dtype` (a midpoint between neighbours) that
+    float64's own error (relative to `scale`, the size of the terms summed) could put it on either side."""
+    want_f64 = np.asarray(want_f64, np.float64)
+    lo = round_f64(want_f64, dtype).astype(np.float64)
+    up = np.nextafter(lo.astype(dtype), np.asarray(np.inf, dtype)).astype(np.float64)
+    down = np.nextafter(lo.astype(dtype), np.asarray(-np.inf, dtype)).astype(np.float64)
+    near = np.minimum(np.abs(want_f64 - (lo + up) / 2), np.abs(want_f64 - (lo + down) / 2))
+    return near <= rel * np.asarray(scale, np.float64)
