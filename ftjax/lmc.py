@@ -26,7 +26,7 @@ from ftjax import treeops
 from ftjax.config import ModelConfig
 from ftjax.data import Example, truncate
 from ftjax.dtypes import is_float
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, finite
 from ftjax.evaluate import device_batches, row_stats, run_batches, summarize
 from ftjax.results import finite_or_none  # noqa: F401 - kept importable from here
 
@@ -128,7 +128,7 @@ def grid(points: int, lo: float = 0.0, hi: float = 1.0) -> list[float]:
 def parse_range(text: str) -> tuple[float, float]:
     """`"-0.5:1.5"` -> (-0.5, 1.5)."""
     try:
-        lo, hi = (float(x) for x in text.split(":"))
+        lo, hi = (finite(f"--range {text}: LO and HI", float(x)) for x in text.split(":"))
     except ValueError:
         raise FtjaxError(f"bad range {text!r}: write LO:HI, e.g. -0.5:1.5") from None
     if not lo < hi:

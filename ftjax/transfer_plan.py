@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from ftjax import dtypes
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, finite
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.io.safetensors import TensorInfo
 from ftjax.layout import EMBED, LM_HEAD, Layout, is_vocab
@@ -98,8 +98,10 @@ def keyset_problems(sets: dict[str, list[str]]) -> list[str]:
 
 
 def alpha_rules(alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> tuple[list, list]:
+    """The compiled (regex, alpha) rules and skip regexes; FtjaxError for a bad regex or a non-finite alpha."""
+    alphas = [finite(f"the alpha of --alpha-for {p!r}", a) for p, a in alpha_for]
     try:
-        return [(re.compile(p), float(a)) for p, a in alpha_for], [re.compile(p) for p in skip]
+        return [(re.compile(p), a) for (p, _), a in zip(alpha_for, alphas)], [re.compile(p) for p in skip]
     except re.error as e:
         raise FtjaxError(f"bad regular expression {e.pattern!r} in --alpha-for/--skip: {e}") from None
 
@@ -139,6 +141,7 @@ def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alph
     the three roles (default target / source-ft / source-base)."""
     if vocab not in VOCAB_POLICIES:
         raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
+    alpha = finite("--alpha", alpha)
     rules, skips = alpha_rules(alpha_for, skip)
     label = {"target": "target", "source": "source-ft" if base else "diff", "base": "source-base", **(labels or {})}
     layouts = {label["target"]: target, label["source"]: src} | ({label["base"]: base} if base else {})

@@ -131,6 +131,26 @@ def test_alpha_for_skip_and_identities(models, tmp_path):
             np.testing.assert_array_equal(bits(o.get(n)), bits(w.get(n)), err_msg=n)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_alpha_is_refused_before_anything_is_written(models, tmp_path, bad):
+    """alpha or an alpha_for value that is NaN/Inf: FtjaxError naming it from transfer, apply and transfer_params,
+    nothing written (before the fix: an all-NaN model, exit 0)."""
+    from ftjax.params import load_params
+
+    b, f, t = models
+    for kw, name in (({"alpha": bad}, "--alpha"), ({"alpha_for": [("mlp", bad)]}, "--alpha-for 'mlp'")):
+        with pytest.raises(FtjaxError, match=f"{name}.* must be a finite number"):
+            T.transfer(b, f, t, tmp_path / "o", progress=False, **kw)
+        assert list(tmp_path.iterdir()) == []
+    T.diff(b, f, tmp_path / "d", progress=False)
+    with pytest.raises(FtjaxError, match="--alpha must be a finite number"):
+        T.apply(t, tmp_path / "d", tmp_path / "o", alpha=bad, progress=False)
+    assert not (tmp_path / "o").exists()
+    (_, pb), (_, pf), (_, pt) = (load_params(p) for p in (b, f, t))
+    with pytest.raises(FtjaxError, match="--alpha-for 'norm'.* must be a finite number"):
+        T.transfer_params(pt, pf, pb, alpha_for=[("norm", bad)])
+
+
 def test_vocab_policies(models, tmp_path):
     b, f, t = models
     big = _derive(b, tmp_path / "ft_big", 3, extra_rows=8)
