@@ -64,7 +64,8 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=_finite, default=1.0, help="scale of the diff")
     p.add_argument("--alpha-for", type=_alpha_rule, action="append", default=[], metavar="REGEX=A",
-                   help="per-tensor alpha for names matching REGEX (first match wins; repeatable)")
+                   help="per-tensor alpha for names matching REGEX (first match wins; repeatable; a REGEX that "
+                        "matches no tensor is an error, --dry-run lists the matches)")
     p.add_argument("--skip", type=_regex, action="append", default=[], metavar="REGEX",
                    help="keep tensors matching REGEX from the target (repeatable), e.g. 'embed_tokens|lm_head'")
     p.add_argument("--vocab", choices=["pad", "truncate", "error"], default="pad",

@@ -43,6 +43,7 @@ class TransferReport:
     vocab: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     nonfinite: list[str] = dataclasses.field(default_factory=list)
+    matched: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "--skip REGEX" -> target tensor names
     dry_run: bool = False
 
     @property
@@ -61,6 +62,8 @@ class TransferReport:
                          f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s)")
         if self.vocab:
             lines.append(f"  vocab: {self.vocab}")
+        for rule, names in self.matched.items():
+            lines.append(f"  {rule} matched {len(names)} tensor(s)" + (f": {', '.join(names)}" if self.dry_run else ""))
         lines += [f"  warning: {w}" for w in self.warnings]
         if self.nonfinite:
             lines.append(f"  NaN/Inf in {len(self.nonfinite)} output tensors: {', '.join(self.nonfinite[:8])}")
@@ -106,6 +109,19 @@ def alpha_rules(alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> 
         raise FtjaxError(f"bad regular expression {e.pattern!r} in --alpha-for/--skip: {e}") from None
 
 
+def rule_matches(names: Sequence[str], alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> dict:
+    """{"--alpha-for REGEX" / "--skip REGEX": the names it re.search-matches}; FtjaxError naming every pattern that
+    matches no name (a typo would otherwise silently leave alpha or the tensor as it is)."""
+    matched = {f"--alpha-for {p}": [n for n in names if re.search(p, n)] for p, _ in alpha_for}
+    matched |= {f"--skip {p}": [n for n in names if re.search(p, n)] for p in skip}
+    unmatched = [rule for rule, found in matched.items() if not found]
+    if unmatched:
+        raise FtjaxError(f"{'; '.join(repr(r) for r in unmatched)}: matches no tensor of the target (patterns are "
+                         f"regexes searched in names like {names[len(names) // 2] if names else '?'!r}); fix or "
+                         "drop the pattern")
+    return matched
+
+
 def out_dtype(dtype: str, t_dtype: np.dtype) -> np.dtype:
     if dtype == "auto":
         return np.dtype(t_dtype)
@@ -143,6 +159,7 @@ def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alph
         raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
     alpha = finite("--alpha", alpha)
     rules, skips = alpha_rules(alpha_for, skip)
+    report.matched = rule_matches(target.names, alpha_for, skip)
     label = {"target": "target", "source": "source-ft" if base else "diff", "base": "source-base", **(labels or {})}
     layouts = {label["target"]: target, label["source"]: src} | ({label["base"]: base} if base else {})
     problems = compare_configs(configs, report.warnings) if configs else []

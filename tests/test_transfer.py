@@ -151,6 +151,22 @@ def test_non_finite_alpha_is_refused_before_anything_is_written(models, tmp_path
         T.transfer_params(pt, pf, pb, alpha_for=[("norm", bad)])
 
 
+def test_a_pattern_that_matches_nothing_is_an_error_and_dry_run_lists_matches(models, tmp_path):
+    b, f, t = models
+    for kw, rule in (({"alpha_for": [("mlp", 0.5), ("mpl", 0.5)]}, "--alpha-for mpl"),
+                     ({"skip": ["norm", "nrom"]}, "--skip nrom")):
+        with pytest.raises(FtjaxError, match=f"'{rule}': matches no tensor") as e:
+            T.transfer(b, f, t, tmp_path / "o", progress=False, **kw)
+        assert "mlp" not in str(e.value).split(":")[0] and "'--skip norm'" not in str(e.value)
+        assert list(tmp_path.iterdir()) == []
+    rep = T.transfer(b, f, t, tmp_path / "o", alpha_for=[("mlp", 0.5)], skip=["norm"], dry_run=True, progress=False)
+    names = HFCheckpoint(t).names()
+    assert rep.matched == {"--alpha-for mlp": [n for n in names if "mlp" in n],
+                           "--skip norm": [n for n in names if "norm" in n]}
+    assert json.loads(json.dumps(rep.to_dict()))["matched"] == rep.matched
+    assert f"--skip norm matched {sum('norm' in n for n in names)} tensor(s): " in rep.summary()
+
+
 def test_vocab_policies(models, tmp_path):
     b, f, t = models
     big = _derive(b, tmp_path / "ft_big", 3, extra_rows=8)
