@@ -290,9 +290,12 @@ def sampled_distances(models: dict[str, HFCheckpoint], names: Sequence[str], row
 
 def transfer_warnings(base: HFCheckpoint, ft: HFCheckpoint, target: HFCheckpoint, names: Sequence[str]) -> list[str]:
     """Warnings for transfer inputs that look swapped or wrong, from names, chat templates and sampled distances:
-    source-ft much closer to the target base than to its own base (‖F − T‖ < ‖F − S‖ / 2) suggests that
-    --source-base and --target-base are swapped; F equal to S gives a zero diff."""
+    source-ft much closer to the target base than to its own base (‖F − T‖ < ‖F − S‖ / 2) means that S is the odd
+    one out: --source-base swapped with --target-base, or with --source-ft (then T is close to the real base). The
+    distances cannot tell these apart; when S looks fine-tuned and F does not (name or chat template), the source
+    pair is the one named. F equal to S gives a zero diff."""
     out = swapped_base_warnings(base, ft, "--source-base", "--source-ft")
+    source_pair_swapped = bool(out)
     d = sampled_distances({"S": base, "F": ft, "T": target}, names)
     fs, ft_, ts = d.get(("S", "F")), d.get(("F", "T")), d.get(("S", "T"))
     if fs is not None and ft_ is not None:
@@ -300,6 +303,8 @@ def transfer_warnings(base: HFCheckpoint, ft: HFCheckpoint, target: HFCheckpoint
             out.append("source-ft equals source-base on a sample of tensors: the diff is (nearly) zero; is "
                        "--source-ft the fine-tuned model?")
         elif ft_ < fs / 2 and ts:
+            suspect = ("are --source-base and --source-ft swapped?" if source_pair_swapped else
+                       "is --source-base swapped with --target-base, or with --source-ft?")
             out.append(f"source-ft is closer to the target base than to the source base on a sample of tensors "
-                       f"(‖F − T‖ = {ft_:.4g}, ‖F − S‖ = {fs:.4g}): are --source-base and --target-base swapped?")
+                       f"(‖F − T‖ = {ft_:.4g}, ‖F − S‖ = {fs:.4g}): {suspect}")
     return out

@@ -416,3 +416,16 @@ def test_inputs_that_look_swapped_are_warned_about(models, tmp_path):
     assert not T.transfer(b, f, t, tmp_path / "o2", progress=False).warnings
     rep = T.transfer(b, b, t, tmp_path / "o3", progress=False)
     assert any("diff is (nearly) zero" in w for w in rep.warnings)
+
+
+def test_swapped_source_pair_is_named_not_the_target(models, tmp_path):
+    """--source-base and --source-ft swapped, with a target base close to the real base (a new version that moved
+    less than the fine-tune did): F (really the base) is closer to T than to S, and S has the chat template. The
+    warnings name the source pair and never blame --target-base."""
+    b, f, _ = models
+    cb, rng = HFCheckpoint(b), np.random.default_rng(9)
+    near = {n: (cb.get(n).astype(np.float32) + rng.normal(0, 0.001, cb.get(n).shape)).astype(BF16) for n in cb.names()}
+    t_near = save_hf(tmp_path / "t_near", near, config=cb.config, aux_from=b)
+    rep = T.transfer(f, b, t_near, tmp_path / "o", dry_run=True, progress=False)
+    assert any("‖F − T‖" in w and "are --source-base and --source-ft swapped?" in w for w in rep.warnings), rep.warnings
+    assert not any("--target-base" in w for w in rep.warnings), rep.warnings
