@@ -114,7 +114,7 @@ def test_logits_match_transformers_reference_merge(models, tmp_path):
     with torch.no_grad():
         ref, got = ms[2](tokens).logits.float(), ms[3](tokens).logits.float()
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same weights, bit for bit: the same logits
 
 
 def test_alpha_for_skip_and_identities(models, tmp_path):
@@ -303,9 +303,32 @@ def test_dry_run_and_sharded_output(models, tmp_path):
 
 
 def test_small_chunks_bitwise(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "CHUNK_ELEMS", 1000)  # embeddings split into many row chunks
+    import collections
+
+    from ftjax import outputs, streaming
+
+    monkeypatch.setattr(outputs, "CHUNK_ELEMS", 1000)  # what write_checkpoint passes to the engine
+    blocks = collections.Counter()
+    write = streaming.WriteBehind.write
+
+    def counted(self, name, array):
+        blocks[name] += 1
+        return write(self, name, array)
+    monkeypatch.setattr(streaming.WriteBehind, "write", counted)
     T.transfer(*models, tmp_path / "o", alpha=0.3, progress=False)
+    embed = HFCheckpoint(models[2]).info(T.EMBED)
+    assert embed.shape[1] <= 1000 < embed.shape[0] * embed.shape[1]
+    assert blocks[T.EMBED] > 1, blocks  # streamed in several row blocks (with the default: one)
     _ref_ckpt(tmp_path / "o", *models, alpha_of=lambda n: 0.3)
+
+
+def test_cli_transfer_alpha_half_is_the_float64_formula_rounded_once(models, tmp_path):
+    from ftjax.cli import main
+
+    b, f, t = models
+    assert main(["transfer", "--source-base", str(b), "--source-ft", str(f), "--target-base", str(t),
+                 "--out", str(tmp_path / "o"), "--alpha", "0.5", "--quiet"]) == 0
+    _ref_ckpt(tmp_path / "o", b, f, t, alpha_of=lambda n: 0.5)
 
 
 def test_transfer_params_in_memory_sharded(models):
