@@ -79,8 +79,9 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path,
-                   help="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"}, {\"input_ids\"} or "
-                        "{\"question\", \"choices\", \"answer\"}")
+                   help="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"}, {\"input_ids\"}, "
+                        "{\"question\", \"choices\", \"answer\"} or {\"messages\": [{\"role\", \"content\"}, ...]} "
+                        "(rendered with the model's chat template, loss on the assistant turns)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None, help="truncate longer sequences (default: the context length)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")

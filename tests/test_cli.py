@@ -71,6 +71,15 @@ def test_non_finite_float_flags_are_refused(args, capsys):
     assert f"argument {args[-2]}: expected a f" in err and f"got {args[-1]!r}" in err, err
 
 
+def test_eval_help_lists_every_row_form(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for form in ('{"text"}', '{"prompt", "completion"}', '{"input_ids"}', '{"question", "choices", "answer"}',
+                 '{"messages": [{"role", "content"}, ...]}'):
+        assert form in usage, form
+
+
 def test_non_finite_range_is_refused():
     from ftjax.errors import FtjaxError
     from ftjax.lmc import parse_range
