@@ -27,7 +27,7 @@ from ftjax.config import ModelConfig
 from ftjax.data import Example, truncate
 from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError, finite
-from ftjax.evaluate import device_batches, row_stats, run_batches, summarize
+from ftjax.evaluate import device_batches, drop_cut_rows, row_stats, run_batches, summarize
 from ftjax.results import finite_or_none  # noqa: F401 - kept importable from here
 
 METRICS = ("loss", "acc", "acc_norm", "exact_match")
@@ -218,7 +218,7 @@ def _evaluate_points(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[
                      mesh: Mesh | None) -> tuple[list[dict[str, Any]], int]:
     """Metrics (ftjax.evaluate.summarize) at every coefficient vector; batches are put on device once."""
     max_len = max_len or cfg.max_position_embeddings or 4096
-    examples = truncate(examples, max_len)
+    examples = truncate(drop_cut_rows(examples, max_len)[0], max_len)
     dtype = jnp.dtype(dtype if dtype is not None else jax.tree.leaves(thetas[0])[0].dtype).name
     prepared = device_batches(examples, batch_size, max_len, mesh)
     thetas = tuple(thetas)
