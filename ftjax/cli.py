@@ -199,14 +199,18 @@ def _cmd_eval(args) -> None:
     check_vocab(encoded.examples, cfg.vocab_size, source=str(args.data))
     result = evaluate_loss(params, cfg, encoded.examples, batch_size=args.batch_size, max_len=args.max_len,
                            dtype=args.dtype, mesh=mesh)
-    result.update(rows=len({e.row for e in encoded.examples}), skipped_rows=len(encoded.skipped), dtype=args.dtype)
+    result.update(rows=len({e.row for e in encoded.examples}) + len(encoded.skipped),
+                  skipped_rows=len(encoded.skipped), dtype=args.dtype)
     if args.out is not None:
         write_json(args.out / "eval.json", result)
     if args.json:
         print(dumps(result))
     else:
-        skipped = f", {result['skipped_rows']} skipped" if result["skipped_rows"] else ""
-        print(f"{_metrics_line(result)}  ({result['rows']} rows{skipped}; {args.dtype}; "
+        covers = ", ".join(f"{metric} on {result[key]}" for metric, key in (
+            ("loss", "loss_rows"), ("exact_match", "completion_rows"), ("acc", "choice_rows")) if key in result)
+        skipped = f", {result['skipped_rows']} skipped with nothing to score" if result["skipped_rows"] else ""
+        cut = f", {result['cut_rows']} skipped as --max-len cuts what they score" if result["cut_rows"] else ""
+        print(f"{_metrics_line(result)}  ({result['rows']} rows: {covers}{skipped}{cut}; {args.dtype}; "
               f"{result['tokens_per_s']:.0f} tokens/s)")
 
 

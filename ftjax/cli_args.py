@@ -10,15 +10,27 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Sequence
 
+from ftjax.errors import FtjaxError, finite
+
+
+def _finite(text: str) -> float:
+    """A float flag's type: a finite number (NaN or Inf would compute a NaN result to the end)."""
+    try:
+        return finite("value", float(text))
+    except (ValueError, FtjaxError):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+
+
 def _alpha_rule(text: str) -> tuple[str, float]:
     pattern, sep, value = text.rpartition("=")
     try:
         if not sep:
             raise ValueError
         re.compile(pattern)
-        return pattern, float(value)
-    except (ValueError, re.error):
-        raise argparse.ArgumentTypeError(f"expected REGEX=ALPHA with a valid regex, got {text!r}") from None
+        return pattern, finite("ALPHA", float(value))
+    except (ValueError, re.error, FtjaxError):
+        raise argparse.ArgumentTypeError(f"expected REGEX=ALPHA with a valid regex and a finite ALPHA, "
+                                         f"got {text!r}") from None
 
 
 def _regex(text: str) -> str:
@@ -50,9 +62,10 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the diff")
+    p.add_argument("--alpha", type=_finite, default=1.0, help="scale of the diff")
     p.add_argument("--alpha-for", type=_alpha_rule, action="append", default=[], metavar="REGEX=A",
-                   help="per-tensor alpha for names matching REGEX (first match wins; repeatable)")
+                   help="per-tensor alpha for names matching REGEX (first match wins; repeatable; a REGEX that "
+                        "matches no tensor is an error, --dry-run lists the matches)")
     p.add_argument("--skip", type=_regex, action="append", default=[], metavar="REGEX",
                    help="keep tensors matching REGEX from the target (repeatable), e.g. 'embed_tokens|lm_head'")
     p.add_argument("--vocab", choices=["pad", "truncate", "error"], default="pad",
@@ -66,8 +79,9 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path,
-                   help="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"}, {\"input_ids\"} or "
-                        "{\"question\", \"choices\", \"answer\"}")
+                   help="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"}, {\"input_ids\"}, "
+                        "{\"question\", \"choices\", \"answer\"} or {\"messages\": [{\"role\", \"content\"}, ...]} "
+                        "(rendered with the model's chat template, loss on the assistant turns)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None, help="truncate longer sequences (default: the context length)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
@@ -170,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="render prompts with the model's chat template")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--temperature", type=_finite, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -245,10 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _warmup(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
+        return finite("--warmup", float(text))
+    except (ValueError, FtjaxError):
         raise argparse.ArgumentTypeError(f"expected a fraction (0.03) or a step count (100), got {text!r}") from None
-    return value
 
 
 def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
@@ -261,15 +274,15 @@ def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
     p.add_argument("--steps", required=True, type=int, help="optimizer steps" + (" per version (0: transfer only)"
                                                                                  if recycle else ""))
     p.add_argument("--out", required=True, type=Path, help="run directory (re-run the same command to resume)")
-    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (the paper's)")
+    p.add_argument("--lr", type=_finite, default=5e-6, help="peak learning rate (the paper's)")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
     p.add_argument("--warmup", type=_warmup, default=0.03,
                    help="fraction of steps (< 1, rounded up) or steps; step 1 trains at lr/warmup")
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per row; longer examples keep their start")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--weight-decay", type=_finite, default=0.0)
+    p.add_argument("--clip", type=_finite, default=1.0, help="global gradient-norm clip (0: off)")
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="checkpoint period (0: at the end)")

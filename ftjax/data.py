@@ -74,18 +74,22 @@ def where(rows: Sequence[dict], i: int, source: str = "data") -> str:
 
 
 def read_jsonl(path: str | Path) -> JsonlRows:
-    """Parse a JSONL file; a malformed line is an error naming its line number; an empty file is an error."""
+    """Parse a JSONL file; a malformed line (bad JSON or invalid UTF-8) is an error naming its line number; an empty
+    file is an error. Lines end at \n, \r\n or \r (JSON strings may hold U+2028 and other Unicode separators)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         raise FtjaxError(f"data file {path} does not exist") from None
     except IsADirectoryError:
         raise FtjaxError(f"data file {path} is a directory") from None
-    except UnicodeDecodeError:
-        raise FtjaxError(f"data file {path} is not UTF-8 text") from None
     rows, numbers = [], []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FtjaxError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -156,8 +160,9 @@ def _chat_example(tokenizer, chat: Chat | None, row: dict, i: int, where: str) -
 
     if chat is None:
         raise FtjaxError(f"{where}: 'messages' rows need the model's chat template")
+    messages = _messages(row, where)  # its errors name the row already
     try:
-        ids, weights = chat_token_weights(tokenizer, chat.template, _messages(row, where), special=chat.special)
+        ids, weights = chat_token_weights(tokenizer, chat.template, messages, special=chat.special)
     except FtjaxError as e:
         raise FtjaxError(f"{where}: {e}") from None
     return Example(ids, weights, kind=CHAT, row=i, where=where) if len(ids) >= 2 else None

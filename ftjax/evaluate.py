@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -19,8 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax import distributed
 from ftjax.config import ModelConfig
-from ftjax.data import CHOICE, COMPLETION, Batch, Example, batches, truncate
+from ftjax.data import CHAT, CHOICE, COMPLETION, Batch, Example, batches, truncate
 from ftjax.dtypes import is_float
+from ftjax.errors import FtjaxError
 from ftjax.model import forward
 
 # (tokens_bt, mask_bt, weights_bt) -> (nll_b, count_b, greedy_b): per-row sums for one fixed-shape batch.
@@ -101,19 +103,44 @@ def run_batches(fn: BatchFn, prepared: Sequence[tuple[Batch, tuple[jax.Array, ..
     return RowStats(nll, count, greedy)
 
 
+def drop_cut_rows(examples: Sequence[Example], max_len: int) -> tuple[list[Example], list[str]]:
+    """(examples to score, rows skipped as `path:line`): a row is skipped when truncation to max_len tokens would cut
+    what it scores (a completion or any choice of more than max_len - 1 tokens: its scored end would lose its start,
+    and exact match or the choice comparison would judge a part; a chat row with every assistant token beyond
+    max_len). A multiple-choice row goes whole. Warns on stderr with the count and the first rows."""
+    def cut_off(e: Example) -> bool:
+        if e.kind in (COMPLETION, CHOICE):
+            return int(np.count_nonzero(e.weights_t)) > max_len - 1
+        return e.kind == CHAT and not np.any(e.weights_t[:max_len])
+
+    cut_rows = {e.row for e in examples if cut_off(e)}
+    kept = [e for e in examples if e.row not in cut_rows]
+    skipped = list(dict.fromkeys(e.where or f"row {e.row + 1}" for e in examples if e.row in cut_rows))
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"ftjax: warning: skipped {len(skipped)} row(s) whose completion, choices or assistant turns "
+              f"--max-len {max_len} cuts off (not scored): {', '.join(skipped[:3])}{more}", file=sys.stderr)
+    if not kept:
+        raise FtjaxError(f"--max-len {max_len} cuts off what every row scores ({', '.join(skipped[:3])}"
+                         f"{', ...' if len(skipped) > 3 else ''}); raise --max-len")
+    return kept, skipped
+
+
 def summarize(examples: Sequence[Example], stats: RowStats) -> dict[str, Any]:
     """Aggregate per-example stats into metrics.
 
     loss: token-weighted mean NLL (nats) over LM rows, completion tokens and the correct choice of each
     multiple-choice row; ppl = exp(loss); tokens: scored tokens. exact_match (completion rows): fraction whose
     every completion token is greedy. acc / acc_norm (multiple choice): argmax of the summed log-likelihood, and of
-    log-likelihood / character length of the choice, equal to the answer (lm-evaluation-harness).
+    log-likelihood / character length of the choice, equal to the answer (lm-evaluation-harness). Rows each metric
+    covers: loss_rows (rows with a scored token), completion_rows (exact_match), choice_rows (acc, acc_norm).
     """
     in_loss = [i for i, e in enumerate(examples) if e.kind != CHOICE or e.choice == e.answer]
     total = math.fsum(stats.nll[i] for i in in_loss)
     count = math.fsum(stats.count[i] for i in in_loss)
     loss = total / count if count else math.nan
-    out: dict[str, Any] = {"loss": loss, "ppl": math.exp(loss) if count else math.nan, "tokens": int(round(count))}
+    out: dict[str, Any] = {"loss": loss, "ppl": math.exp(loss) if count else math.nan, "tokens": int(round(count)),
+                           "loss_rows": len({examples[i].row for i in in_loss if stats.count[i] > 0})}
     completions = [i for i, e in enumerate(examples) if e.kind == COMPLETION]
     if completions:
         out["exact_match"] = float(np.mean(stats.greedy[completions]))
@@ -145,12 +172,14 @@ def evaluate_loss(
     mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on examples: the metrics of `summarize` plus "tokens_per_s" (forward tokens, padding
-    included, per second of wall time, compilation included) and "compiles" (distinct batch shapes).
+    included, per second of wall time, compilation included), "compiles" (distinct batch shapes) and "cut_rows"
+    (rows skipped because max_len cuts off what they score, `drop_cut_rows`).
 
     dtype: compute dtype (None: the params' own). The result does not depend on batch size or padding: padded
     positions carry zero weight and causal attention never lets a real token see them.
     """
     max_len = max_len or cfg.max_position_embeddings or max(len(e.tokens_t) for e in examples) or 4096
+    examples, cut_rows = drop_cut_rows(examples, max_len)
     examples = truncate(examples, max_len)
     params = cast_params(params, dtype)
     start = time.perf_counter()
@@ -161,4 +190,5 @@ def evaluate_loss(
     seen = sum(b.tokens_bt.size for b, _ in prepared)
     out["tokens_per_s"] = seen / seconds if seconds > 0 else math.nan
     out["compiles"] = len({b.tokens_bt.shape for b, _ in prepared})
+    out["cut_rows"] = len(cut_rows)
     return out

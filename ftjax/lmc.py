@@ -26,8 +26,8 @@ from ftjax import treeops
 from ftjax.config import ModelConfig
 from ftjax.data import Example, truncate
 from ftjax.dtypes import is_float
-from ftjax.errors import FtjaxError
-from ftjax.evaluate import device_batches, row_stats, run_batches, summarize
+from ftjax.errors import FtjaxError, finite
+from ftjax.evaluate import device_batches, drop_cut_rows, row_stats, run_batches, summarize
 from ftjax.results import finite_or_none  # noqa: F401 - kept importable from here
 
 METRICS = ("loss", "acc", "acc_norm", "exact_match")
@@ -128,7 +128,7 @@ def grid(points: int, lo: float = 0.0, hi: float = 1.0) -> list[float]:
 def parse_range(text: str) -> tuple[float, float]:
     """`"-0.5:1.5"` -> (-0.5, 1.5)."""
     try:
-        lo, hi = (float(x) for x in text.split(":"))
+        lo, hi = (finite(f"--range {text}: LO and HI", float(x)) for x in text.split(":"))
     except ValueError:
         raise FtjaxError(f"bad range {text!r}: write LO:HI, e.g. -0.5:1.5") from None
     if not lo < hi:
@@ -218,7 +218,7 @@ def _evaluate_points(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[
                      mesh: Mesh | None) -> tuple[list[dict[str, Any]], int]:
     """Metrics (ftjax.evaluate.summarize) at every coefficient vector; batches are put on device once."""
     max_len = max_len or cfg.max_position_embeddings or 4096
-    examples = truncate(examples, max_len)
+    examples = truncate(drop_cut_rows(examples, max_len)[0], max_len)
     dtype = jnp.dtype(dtype if dtype is not None else jax.tree.leaves(thetas[0])[0].dtype).name
     prepared = device_batches(examples, batch_size, max_len, mesh)
     thetas = tuple(thetas)

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax import distributed
 from ftjax.config import ModelConfig
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, finite
 from ftjax.evaluate import cast_params, token_nll
 from ftjax.model import forward
 from ftjax.rows import Rows, load_examples, load_rows, step_batch
@@ -107,6 +107,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """FtjaxError for options that cannot train (before anything is loaded)."""
+        for name in ("lr", "warmup", "weight_decay", "clip", "b1", "b2", "eps"):
+            finite(f"--{name.replace('_', '-')}", getattr(self, name))
         problems = []
         if self.steps < 0:
             problems.append(f"steps must be >= 0, got {self.steps}")

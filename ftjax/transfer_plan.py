@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from ftjax import dtypes
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, finite
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.io.safetensors import TensorInfo
 from ftjax.layout import EMBED, LM_HEAD, Layout, is_vocab
@@ -43,6 +43,7 @@ class TransferReport:
     vocab: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     nonfinite: list[str] = dataclasses.field(default_factory=list)
+    matched: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "--skip REGEX" -> target tensor names
     dry_run: bool = False
 
     @property
@@ -61,6 +62,8 @@ class TransferReport:
                          f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s)")
         if self.vocab:
             lines.append(f"  vocab: {self.vocab}")
+        for rule, names in self.matched.items():
+            lines.append(f"  {rule} matched {len(names)} tensor(s)" + (f": {', '.join(names)}" if self.dry_run else ""))
         lines += [f"  warning: {w}" for w in self.warnings]
         if self.nonfinite:
             lines.append(f"  NaN/Inf in {len(self.nonfinite)} output tensors: {', '.join(self.nonfinite[:8])}")
@@ -98,10 +101,25 @@ def keyset_problems(sets: dict[str, list[str]]) -> list[str]:
 
 
 def alpha_rules(alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> tuple[list, list]:
+    """The compiled (regex, alpha) rules and skip regexes; FtjaxError for a bad regex or a non-finite alpha."""
+    alphas = [finite(f"the alpha of --alpha-for {p!r}", a) for p, a in alpha_for]
     try:
-        return [(re.compile(p), float(a)) for p, a in alpha_for], [re.compile(p) for p in skip]
+        return [(re.compile(p), a) for (p, _), a in zip(alpha_for, alphas)], [re.compile(p) for p in skip]
     except re.error as e:
         raise FtjaxError(f"bad regular expression {e.pattern!r} in --alpha-for/--skip: {e}") from None
+
+
+def rule_matches(names: Sequence[str], alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> dict:
+    """{"--alpha-for REGEX" / "--skip REGEX": the names it re.search-matches}; FtjaxError naming every pattern that
+    matches no name (a typo would otherwise silently leave alpha or the tensor as it is)."""
+    matched = {f"--alpha-for {p}": [n for n in names if re.search(p, n)] for p, _ in alpha_for}
+    matched |= {f"--skip {p}": [n for n in names if re.search(p, n)] for p in skip}
+    unmatched = [rule for rule, found in matched.items() if not found]
+    if unmatched:
+        raise FtjaxError(f"{'; '.join(repr(r) for r in unmatched)}: matches no tensor of the target (patterns are "
+                         f"regexes searched in names like {names[len(names) // 2] if names else '?'!r}); fix or "
+                         "drop the pattern")
+    return matched
 
 
 def out_dtype(dtype: str, t_dtype: np.dtype) -> np.dtype:
@@ -139,7 +157,9 @@ def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alph
     the three roles (default target / source-ft / source-base)."""
     if vocab not in VOCAB_POLICIES:
         raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
+    alpha = finite("--alpha", alpha)
     rules, skips = alpha_rules(alpha_for, skip)
+    report.matched = rule_matches(target.names, alpha_for, skip)
     label = {"target": "target", "source": "source-ft" if base else "diff", "base": "source-base", **(labels or {})}
     layouts = {label["target"]: target, label["source"]: src} | ({label["base"]: base} if base else {})
     problems = compare_configs(configs, report.warnings) if configs else []
@@ -270,9 +290,12 @@ def sampled_distances(models: dict[str, HFCheckpoint], names: Sequence[str], row
 
 def transfer_warnings(base: HFCheckpoint, ft: HFCheckpoint, target: HFCheckpoint, names: Sequence[str]) -> list[str]:
     """Warnings for transfer inputs that look swapped or wrong, from names, chat templates and sampled distances:
-    source-ft much closer to the target base than to its own base (‖F − T‖ < ‖F − S‖ / 2) suggests that
-    --source-base and --target-base are swapped; F equal to S gives a zero diff."""
+    source-ft much closer to the target base than to its own base (‖F − T‖ < ‖F − S‖ / 2) means that S is the odd
+    one out: --source-base swapped with --target-base, or with --source-ft (then T is close to the real base). The
+    distances cannot tell these apart; when S looks fine-tuned and F does not (name or chat template), the source
+    pair is the one named. F equal to S gives a zero diff."""
     out = swapped_base_warnings(base, ft, "--source-base", "--source-ft")
+    source_pair_swapped = bool(out)
     d = sampled_distances({"S": base, "F": ft, "T": target}, names)
     fs, ft_, ts = d.get(("S", "F")), d.get(("F", "T")), d.get(("S", "T"))
     if fs is not None and ft_ is not None:
@@ -280,6 +303,8 @@ def transfer_warnings(base: HFCheckpoint, ft: HFCheckpoint, target: HFCheckpoint
             out.append("source-ft equals source-base on a sample of tensors: the diff is (nearly) zero; is "
                        "--source-ft the fine-tuned model?")
         elif ft_ < fs / 2 and ts:
+            suspect = ("are --source-base and --source-ft swapped?" if source_pair_swapped else
+                       "is --source-base swapped with --target-base, or with --source-ft?")
             out.append(f"source-ft is closer to the target base than to the source base on a sample of tensors "
-                       f"(‖F − T‖ = {ft_:.4g}, ‖F − S‖ = {fs:.4g}): are --source-base and --target-base swapped?")
+                       f"(‖F − T‖ = {ft_:.4g}, ‖F − S‖ = {fs:.4g}): {suspect}")
     return out

@@ -174,8 +174,9 @@ def test_chat_row_errors_are_one_line(chat_model, tmp_path, capsys):
            "bad.jsonl:1: every message needs a 'role'": [{"messages": [{"content": "one"}]}],
            "bad.jsonl:1: 'messages' must be a non-empty list": [{"messages": []}]}
     for match, rows in bad.items():
-        with pytest.raises(FtjaxError, match=match):
+        with pytest.raises(FtjaxError, match=match) as e:
             load_examples(_write(tmp_path / "bad.jsonl", rows), model, cfg)
+        assert str(e.value).count("bad.jsonl:1") == 1, str(e.value)  # the location once, not repeated
     assert not (tmp_path / "r").exists()
 
 

@@ -39,10 +39,55 @@ def test_script_is_ftjax_transfer(tmp_path):
     assert helped.returncode == 0 and "--source-base" in helped.stdout
 
 
+TRANSFER = ["transfer", "--source-base", "a", "--source-ft", "b", "--target-base", "c", "--out", "o"]
+
+
 def test_usage_errors_exit_2(capsys):
+    """A bad --alpha-for rule is refused for itself (the required arguments are all given), a valid one parses."""
+    assert build_parser().parse_args([*TRANSFER, "--alpha-for", "mlp=0.5"]).alpha_for == [("mlp", 0.5)]
+    for rule in ("no-equals-sign", "(=0.5", "mlp=x", "mlp=nan", "mlp=inf"):
+        with pytest.raises(SystemExit) as e:
+            main([*TRANSFER, "--alpha-for", rule])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --alpha-for" in err and repr(rule) in err, err
+
+
+@pytest.mark.parametrize("args", [
+    [*TRANSFER, "--alpha", "nan"], [*TRANSFER, "--alpha", "inf"],
+    ["apply", "--target", "t", "--diff", "d", "--out", "o", "--alpha", "NaN"],
+    ["finetune", "--init", "m", "--data", "d", "--steps", "1", "--out", "o", "--lr", "nan"],
+    ["finetune", "--init", "m", "--data", "d", "--steps", "1", "--out", "o", "--warmup", "inf"],
+    ["finetune", "--init", "m", "--data", "d", "--steps", "1", "--out", "o", "--clip", "nan"],
+    ["finetune", "--init", "m", "--data", "d", "--steps", "1", "--out", "o", "--weight-decay", "inf"],
+    ["generate", "--model", "m", "--prompt", "p", "--temperature", "nan"],
+])
+def test_non_finite_float_flags_are_refused(args, capsys):
+    """Every float flag refuses NaN and ±Inf at parse time (exit 2, the flag named), before anything is computed."""
     with pytest.raises(SystemExit) as e:
-        main(["transfer", "--alpha-for", "no-equals-sign"])
+        main(args)
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {args[-2]}: expected a f" in err and f"got {args[-1]!r}" in err, err
+
+
+def test_eval_help_lists_every_row_form(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for form in ('{"text"}', '{"prompt", "completion"}', '{"input_ids"}', '{"question", "choices", "answer"}',
+                 '{"messages": [{"role", "content"}, ...]}'):
+        assert form in usage, form
+
+
+def test_non_finite_range_is_refused():
+    from ftjax.errors import FtjaxError
+    from ftjax.lmc import parse_range
+
+    assert parse_range("-0.5:1.5") == (-0.5, 1.5)
+    for bad in ("0:inf", "nan:1", "-inf:1"):
+        with pytest.raises(FtjaxError, match="--range .*finite"):
+            parse_range(bad)
 
 
 def test_every_readme_command_exists(capsys):

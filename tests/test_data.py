@@ -83,8 +83,19 @@ def test_read_jsonl_errors(tmp_path):
     with pytest.raises(FtjaxError, match="no rows"):
         read_jsonl(tmp_path / "b.jsonl")
     (tmp_path / "c.jsonl").write_bytes(b"\xff\xfe")
-    with pytest.raises(FtjaxError, match="UTF-8"):
+    with pytest.raises(FtjaxError, match="c.jsonl:1: not UTF-8"):
         read_jsonl(tmp_path / "c.jsonl")
+
+
+def test_invalid_utf8_is_reported_with_its_line(tmp_path):
+    """Like every other data error: file:line, the byte and its column (was: the whole file 'is not UTF-8')."""
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "one"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(FtjaxError, match=r"d.jsonl:3: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        read_jsonl(tmp_path / "d.jsonl")
+    # A JSON string holding U+2028 is one row, not two broken lines.
+    (tmp_path / "e.jsonl").write_text('{"text": "a\u2028b"}\n{"text": "c"}\n', encoding="utf-8")
+    rows = read_jsonl(tmp_path / "e.jsonl")
+    assert rows == [{"text": "a\u2028b"}, {"text": "c"}] and rows.lines == [1, 2]
 
 
 def test_truncate_keeps_scored_end_of_completions(capsys):

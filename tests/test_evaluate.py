@@ -206,3 +206,32 @@ def test_checkpoints_that_differ_only_in_metadata_compile_once(tmp_path, count_c
     E.evaluate_loss(pa, cfg_a, examples, batch_size=2)
     E.evaluate_loss(pb, cfg_b, examples, batch_size=2)
     assert traced["n"] == 1
+
+
+def test_rows_whose_scored_tokens_max_len_cuts_are_skipped_and_counted(model_dir, tmp_path, capsys):
+    """A completion (or a choice) longer than --max-len - 1 tokens is skipped and counted, not judged on a part of
+    it; the summary says how many rows each metric covers."""
+    tok = load_tokenizer(model_dir)
+    long = " " + " ".join(["one two three"] * 6)
+    fits = {"prompt": "one plus", "completion": " two"}
+    rows = [fits, {"prompt": "one plus", "completion": long},
+            {"question": "is it", "choices": ["one", long], "answer": 0},
+            {"question": "is it", "choices": ["one", "two"], "answer": 1}, {"text": long}]
+    assert len(tok.encode(long).ids) > 15
+    cfg, params = load_params(model_dir)
+    capsys.readouterr()
+    got = evaluate_loss(params, cfg, examples_from_rows(rows, tok), max_len=16)
+    assert "skipped 2 row(s) whose completion, choices or assistant turns --max-len 16 cuts off" in \
+        capsys.readouterr().err
+    want = evaluate_loss(params, cfg, examples_from_rows([rows[0], rows[3], rows[4]], tok), max_len=16)
+    assert got["cut_rows"] == 2 and want["cut_rows"] == 0
+    assert (got["completion_rows"], got["choice_rows"], got["loss_rows"]) == (1, 1, 3)
+    for key in ("loss", "tokens", "exact_match", "acc"):
+        assert got[key] == want[key], key
+    with pytest.raises(FtjaxError, match="--max-len 16 cuts off what every row scores"):
+        evaluate_loss(params, cfg, examples_from_rows([rows[1]], tok), max_len=16)
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(["eval", "--model", str(model_dir), "--data", str(data), "--max-len", "16"]) == 0
+    line = capsys.readouterr().out
+    assert "(5 rows: loss on 3, exact_match on 1, acc on 1, 2 skipped as --max-len cuts what they score;" in line

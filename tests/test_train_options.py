@@ -58,6 +58,14 @@ def test_schedule_first_peak_and_last_step(schedule):
     np.testing.assert_allclose([flat[0], flat[-1]], [lr, last], rtol=1e-5)
 
 
+@pytest.mark.parametrize("field", ["lr", "warmup", "weight_decay", "clip", "b1", "b2", "eps"])
+def test_non_finite_training_options_are_refused(field):
+    """TrainConfig.check refuses NaN/Inf in any float option, naming its flag (NaN passed every `< 0` test)."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FtjaxError, match=f"--{field.replace('_', '-')} must be a finite number"):
+            TrainConfig(steps=10, **{field: bad}).check()
+
+
 def test_warmup_rounding_and_first_update():
     assert [TrainConfig(steps=n, warmup=0.03).warmup_steps for n in (0, 10, 50, 100, 101)] == [0, 1, 2, 3, 4]
     with pytest.raises(FtjaxError, match="longer than the run"):

@@ -114,7 +114,7 @@ def test_logits_match_transformers_reference_merge(models, tmp_path):
     with torch.no_grad():
         ref, got = ms[2](tokens).logits.float(), ms[3](tokens).logits.float()
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same weights, bit for bit: the same logits
 
 
 def test_alpha_for_skip_and_identities(models, tmp_path):
@@ -129,6 +129,42 @@ def test_alpha_for_skip_and_identities(models, tmp_path):
         o, w = HFCheckpoint(out), HFCheckpoint(want)
         for n in w.names():
             np.testing.assert_array_equal(bits(o.get(n)), bits(w.get(n)), err_msg=n)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_alpha_is_refused_before_anything_is_written(models, tmp_path, bad):
+    """alpha or an alpha_for value that is NaN/Inf: FtjaxError naming it from transfer, apply and transfer_params,
+    nothing written (before the fix: an all-NaN model, exit 0)."""
+    from ftjax.params import load_params
+
+    b, f, t = models
+    for kw, name in (({"alpha": bad}, "--alpha"), ({"alpha_for": [("mlp", bad)]}, "--alpha-for 'mlp'")):
+        with pytest.raises(FtjaxError, match=f"{name}.* must be a finite number"):
+            T.transfer(b, f, t, tmp_path / "o", progress=False, **kw)
+        assert list(tmp_path.iterdir()) == []
+    T.diff(b, f, tmp_path / "d", progress=False)
+    with pytest.raises(FtjaxError, match="--alpha must be a finite number"):
+        T.apply(t, tmp_path / "d", tmp_path / "o", alpha=bad, progress=False)
+    assert not (tmp_path / "o").exists()
+    (_, pb), (_, pf), (_, pt) = (load_params(p) for p in (b, f, t))
+    with pytest.raises(FtjaxError, match="--alpha-for 'norm'.* must be a finite number"):
+        T.transfer_params(pt, pf, pb, alpha_for=[("norm", bad)])
+
+
+def test_a_pattern_that_matches_nothing_is_an_error_and_dry_run_lists_matches(models, tmp_path):
+    b, f, t = models
+    for kw, rule in (({"alpha_for": [("mlp", 0.5), ("mpl", 0.5)]}, "--alpha-for mpl"),
+                     ({"skip": ["norm", "nrom"]}, "--skip nrom")):
+        with pytest.raises(FtjaxError, match=f"'{rule}': matches no tensor") as e:
+            T.transfer(b, f, t, tmp_path / "o", progress=False, **kw)
+        assert "mlp" not in str(e.value).split(":")[0] and "'--skip norm'" not in str(e.value)
+        assert list(tmp_path.iterdir()) == []
+    rep = T.transfer(b, f, t, tmp_path / "o", alpha_for=[("mlp", 0.5)], skip=["norm"], dry_run=True, progress=False)
+    names = HFCheckpoint(t).names()
+    assert rep.matched == {"--alpha-for mlp": [n for n in names if "mlp" in n],
+                           "--skip norm": [n for n in names if "norm" in n]}
+    assert json.loads(json.dumps(rep.to_dict()))["matched"] == rep.matched
+    assert f"--skip norm matched {sum('norm' in n for n in names)} tensor(s): " in rep.summary()
 
 
 def test_vocab_policies(models, tmp_path):
@@ -267,9 +303,32 @@ def test_dry_run_and_sharded_output(models, tmp_path):
 
 
 def test_small_chunks_bitwise(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "CHUNK_ELEMS", 1000)  # embeddings split into many row chunks
+    import collections
+
+    from ftjax import outputs, streaming
+
+    monkeypatch.setattr(outputs, "CHUNK_ELEMS", 1000)  # what write_checkpoint passes to the engine
+    blocks = collections.Counter()
+    write = streaming.WriteBehind.write
+
+    def counted(self, name, array):
+        blocks[name] += 1
+        return write(self, name, array)
+    monkeypatch.setattr(streaming.WriteBehind, "write", counted)
     T.transfer(*models, tmp_path / "o", alpha=0.3, progress=False)
+    embed = HFCheckpoint(models[2]).info(T.EMBED)
+    assert embed.shape[1] <= 1000 < embed.shape[0] * embed.shape[1]
+    assert blocks[T.EMBED] > 1, blocks  # streamed in several row blocks (with the default: one)
     _ref_ckpt(tmp_path / "o", *models, alpha_of=lambda n: 0.3)
+
+
+def test_cli_transfer_alpha_half_is_the_float64_formula_rounded_once(models, tmp_path):
+    from ftjax.cli import main
+
+    b, f, t = models
+    assert main(["transfer", "--source-base", str(b), "--source-ft", str(f), "--target-base", str(t),
+                 "--out", str(tmp_path / "o"), "--alpha", "0.5", "--quiet"]) == 0
+    _ref_ckpt(tmp_path / "o", b, f, t, alpha_of=lambda n: 0.5)
 
 
 def test_transfer_params_in_memory_sharded(models):
@@ -380,3 +439,16 @@ def test_inputs_that_look_swapped_are_warned_about(models, tmp_path):
     assert not T.transfer(b, f, t, tmp_path / "o2", progress=False).warnings
     rep = T.transfer(b, b, t, tmp_path / "o3", progress=False)
     assert any("diff is (nearly) zero" in w for w in rep.warnings)
+
+
+def test_swapped_source_pair_is_named_not_the_target(models, tmp_path):
+    """--source-base and --source-ft swapped, with a target base close to the real base (a new version that moved
+    less than the fine-tune did): F (really the base) is closer to T than to S, and S has the chat template. The
+    warnings name the source pair and never blame --target-base."""
+    b, f, _ = models
+    cb, rng = HFCheckpoint(b), np.random.default_rng(9)
+    near = {n: (cb.get(n).astype(np.float32) + rng.normal(0, 0.001, cb.get(n).shape)).astype(BF16) for n in cb.names()}
+    t_near = save_hf(tmp_path / "t_near", near, config=cb.config, aux_from=b)
+    rep = T.transfer(f, b, t_near, tmp_path / "o", dry_run=True, progress=False)
+    assert any("‖F − T‖" in w and "are --source-base and --source-ft swapped?" in w for w in rep.warnings), rep.warnings
+    assert not any("--target-base" in w for w in rep.warnings), rep.warnings
