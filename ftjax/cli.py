@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ftjax.cli_args import build_parser, parse_args  # noqa: F401 - build_parser: public
 from ftjax.errors import FtjaxError, describe
-from ftjax.results import dumps, write_json
+from ftjax.results import absolute_paths, dumps, write_json
 
 
 def _print_report(report, args) -> None:
@@ -232,6 +232,7 @@ def _cmd_scan(args) -> None:
     else:
         result = lmc.scan(*thetas, cfg, examples, lambdas, labels=_labels(args.a, args.b), **common)
     result["models"] = {k.lstrip("-"): str(v) for k, v in dirs.items()}
+    result["models_absolute"] = absolute_paths(result["models"])
     write_json(args.out / "scan.json", result)
     if _is_main():
         plots.plot_scan(result, args.out / "scan")
@@ -265,6 +266,7 @@ def _cmd_plane(args) -> None:
     result = lmc.plane(*thetas, cfg, examples, axis, axis, labels=_labels(args.a, args.b, args.c),
                        batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, mesh=mesh)
     result["models"] = {k: str(v) for k, v in dirs.items()}
+    result["models_absolute"] = absolute_paths(result["models"])
     write_json(args.out / "plane.json", result)
     if _is_main():
         plots.plot_plane(result, args.out / "plane")
