@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 class FtjaxError(Exception):
@@ -17,6 +17,12 @@ class FtjaxError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # force one line
+
+
+def first_few(items: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` items joined by "; ", then "; and N more" for the rest (an error listing stays readable)."""
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
 
 
 @contextlib.contextmanager

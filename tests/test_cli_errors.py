@@ -123,3 +123,22 @@ def test_about_file_and_describe():
             raise Exception("error while reading array index") from inner
     except Exception as e:
         assert describe(e) == "ValueError: byte range not valid"
+
+
+def test_architecture_mismatch_is_one_readable_line(tmp_path, capsys):
+    """Four shape-defining config keys differ (hidden, layers, heads, intermediate): the first three are named with
+    every input's value, the rest counted; the tensor mismatches that follow from them are counted, not listed."""
+    make_hf_model(tmp_path / "a", "llama")
+    make_hf_model(tmp_path / "b", "llama", hidden_size=48, num_hidden_layers=3, intermediate_size=80,
+                  num_attention_heads=6, num_key_value_heads=2)
+    code, err = run_main(capsys, "transfer", "--source-base", str(tmp_path / "a"), "--source-ft", str(tmp_path / "a"),
+                         "--target-base", str(tmp_path / "b"), "--out", str(tmp_path / "out"))
+    assert code == 2 and not (tmp_path / "out").exists()
+    line = assert_one_line(err, "architectures differ", "hidden_size target 48, source-ft 32, source-base 32",
+                           "num_hidden_layers target 3, source-ft 2, source-base 2")
+    assert "; and 1 more (and " in line and "tensor mismatch(es) that follow from them" in line
+    assert "model.layers" not in line and len(line) < 400, line
+    code, err = run_main(capsys, "diff", "--base", str(tmp_path / "a"), "--ft", str(tmp_path / "b"), "--out",
+                         str(tmp_path / "d"))
+    line = assert_one_line(err, "architectures differ", "hidden_size base 32, ft 48")
+    assert code == 2 and "model.layers" not in line and len(line) < 400, line
