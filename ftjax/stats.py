@@ -142,10 +142,13 @@ def diff_stats(source_base: str | Path, source_ft: str | Path, target_base: str 
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text per-layer table of the main figures."""
+    """A plain-text per-layer table of the main figures: every norm `diff_stats` computed (‖Δs‖; with a target
+    base ‖T−S‖; with a target fine-tune ‖Δt‖ and cos(Δs,Δt)) and its relative form."""
     cols = [("group", "group", "{}"), ("rel_delta", "‖Δs‖/‖S‖", "{:.3e}"), ("delta_norm", "‖Δs‖", "{:.4g}")]
     if "base_distance" in result["total"]:
         cols += [("base_distance", "‖T−S‖", "{:.4g}"), ("rel_base_distance", "‖T−S‖/‖S‖", "{:.3e}")]
+    if "delta_target_norm" in result["total"]:
+        cols += [("delta_target_norm", "‖Δt‖", "{:.4g}"), ("rel_delta_target", "‖Δt‖/‖T‖", "{:.3e}")]
     if "cos_delta" in result["total"]:
         cols += [("cos_delta", "cos(Δs,Δt)", "{:+.4f}")]
     rows = [[h for _, h, _ in cols]]
