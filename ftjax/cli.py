@@ -1,6 +1,7 @@
 """`ftjax` command line: argument parsing, progress and exit codes over the public API; nothing else.
 
-Exit status: 0 success, 2 bad input (one line on stderr: `ftjax: error: ...`), 130 interrupted (SIGINT, Ctrl-C),
+Exit status: 0 success, 2 bad input (one line on stderr: `ftjax: error: ...`), 1 any other error (one line naming
+its type and, where known, the file; the traceback with `--debug` or FTJAX_DEBUG=1), 130 interrupted (SIGINT, Ctrl-C),
 143 terminated (SIGTERM, e.g. a scheduler's time limit). Both signals become exceptions in the main thread, so every
 output being written is removed on the way out (`io.checkpoint.atomic_output_dir`); SIGKILL cannot be caught, and
 its leftover temp directory is removed by the next run into the same output.
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ftjax.cli_args import build_parser, parse_args  # noqa: F401 - build_parser: public
-from ftjax.errors import FtjaxError
-from ftjax.results import dumps, write_json
+from ftjax.errors import FtjaxError, describe
+from ftjax.results import absolute_paths, dumps, write_json
 
 
 def _print_report(report, args) -> None:
@@ -256,6 +257,7 @@ def _cmd_scan(args) -> None:
     else:
         result = lmc.scan(*thetas, cfg, examples, lambdas, labels=_labels(args.a, args.b), **common)
     result["models"] = {k.lstrip("-"): str(v) for k, v in dirs.items()}
+    result["models_absolute"] = absolute_paths(result["models"])
     write_json(args.out / "scan.json", result)
     if _is_main():
         plots.plot_scan(result, args.out / "scan")
@@ -289,6 +291,7 @@ def _cmd_plane(args) -> None:
     result = lmc.plane(*thetas, cfg, examples, axis, axis, labels=_labels(args.a, args.b, args.c),
                        batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, mesh=mesh)
     result["models"] = {k: str(v) for k, v in dirs.items()}
+    result["models_absolute"] = absolute_paths(result["models"])
     write_json(args.out / "plane.json", result)
     if _is_main():
         plots.plot_plane(result, args.out / "plane")
@@ -412,6 +415,23 @@ def _catch_signals() -> dict:
     return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _debug(args) -> bool:
+    """--debug, or the environment variable FTJAX_DEBUG set to anything but "", "0", "false" or "no"."""
+    env = os.environ.get("FTJAX_DEBUG", "").strip().lower()
+    return bool(getattr(args, "debug", False)) or env not in ("", "0", "false", "no")
+
+
+def _traceback_if_debug(e: BaseException, args) -> None:
+    """Under --debug / FTJAX_DEBUG: the full traceback on stderr, with the third-party error an FtjaxError was
+    raised from (`raise ... from None` hides it otherwise)."""
+    if not _debug(args):
+        return
+    import traceback
+
+    e.__suppress_context__ = False
+    traceback.print_exception(e, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = parse_args(argv)
@@ -429,8 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
         _DONE["fast_exit"] = args.command in _FAST_EXIT and not multi  # multi: jax.distributed shuts down at exit
     except FtjaxError as e:
+        _traceback_if_debug(e, args)
         print(f"ftjax: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a third-party library (Orbax, tokenizers, the filesystem ...) or a bug: one line
+        _traceback_if_debug(e, args)
+        hint = "" if _debug(args) else " (rerun with --debug for the traceback)"
+        print(f"ftjax: error: {describe(e)}{hint}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, _Signalled) as e:
         term = isinstance(e, _Signalled) and e.signum == signal.SIGTERM
         print(f"ftjax: {'terminated (SIGTERM)' if term else 'interrupted (SIGINT)'}", file=sys.stderr)

@@ -107,11 +107,15 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+DEBUG_HELP = "print the full traceback of an error (also: environment variable FTJAX_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ftjax import __version__
 
     parser = _Parser(prog="ftjax", description="Fine-tuning transfer between LLM versions, in JAX.")
     parser.add_argument("--version", action="version", version=f"ftjax {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     dist = parser.add_argument_group("multi-process runs (jax.distributed; give all three, before COMMAND)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (env JAX_COORDINATOR_ADDRESS)")
     dist.add_argument("--num-processes", type=int, metavar="N", help="number of processes (env JAX_NUM_PROCESSES)")
@@ -254,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", help="one label per run (default: directory names)")
     p.add_argument("--out", type=Path, default=Path("curves"), help="directory for curves.png and curves.pdf")
     p.add_argument("--title")
+    for p in sub.choices.values():  # --debug after COMMAND too; SUPPRESS keeps a --debug given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 

@@ -59,17 +59,25 @@ def eos_token_ids(model_dir: str | Path | None, meta: CheckpointMeta | None = No
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
-def _sample(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool):
-    if greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)  # first maximum on ties, as torch.argmax
+def sampling_logits(logits_bv: jax.Array, temperature: jax.Array | float, top_p: jax.Array | float) -> jax.Array:
+    """Logits [B, V] of the sampling distribution: divided by temperature (> 0), then top-p (nucleus) filtered.
+
+    Top-p keeps the smallest set of most likely tokens whose probability mass reaches top_p (the most likely always
+    stays; a token tied with the last kept one stays too); every other token gets -inf. softmax of the result is
+    the distribution sampled from, the kept probabilities renormalized.
+    """
     logits_bv = logits_bv / temperature
-    # top-p: keep the smallest set of most likely tokens whose mass reaches top_p (the most likely always stays).
     sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
     probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
     keep_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv < top_p
     threshold_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-    logits_bv = jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
-    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+    return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
+
+
+def _sample(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool):
+    if greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)  # first maximum on ties, as torch.argmax
+    return jax.random.categorical(key, sampling_logits(logits_bv, temperature, top_p), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "greedy"))

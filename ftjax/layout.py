@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax import dtypes
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, first_few
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -101,8 +101,7 @@ class Layout:
         """FtjaxError listing every problem unless `flat` ({name: array or info}) has exactly these tensors."""
         problems = self.problems({n: tuple(x.shape) for n, x in flat.items()})
         if problems:
-            shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-            raise FtjaxError(f"{source}: tensors do not match config.json: {shown}")
+            raise FtjaxError(f"{source}: tensors do not match config.json: {first_few(problems)}")
 
 
 # --- sharding: one rule table from tensor names to PartitionSpecs; first match wins -------------------------------

@@ -21,6 +21,7 @@ import ftjax
 from ftjax import distributed
 from ftjax.config import read_config
 from ftjax.errors import FtjaxError
+from ftjax.results import absolute_paths
 from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, RECORD_KEY, HFCheckpointWriter, copy_aux_files, write_json
 from ftjax.io.safetensors import TensorInfo
 from ftjax.streaming import Job, WriteBehind, stream
@@ -64,13 +65,15 @@ class Extras(Protocol):
 
 
 def provenance(kind: str, inputs: dict[str, str], config: dict, **fields: Any) -> dict:
-    """The provenance record of an output whose config.json is `config` (its inert keys listed, see ftjax.config)."""
+    """The provenance record of an output whose config.json is `config` (its inert keys listed, see ftjax.config):
+    `inputs` (role -> path, as given) and the same paths made absolute ("inputs_absolute")."""
     try:
         parsed = read_config(config)
         config_keys = {"ignored_keys": list(parsed.ignored), "notes": list(parsed.notes)}
     except FtjaxError:  # a family ftjax does not model: the tensor arithmetic does not depend on it
         config_keys = {}
     return {"ftjax_version": ftjax.__version__, "kind": kind, "inputs": inputs,
+            "inputs_absolute": absolute_paths(inputs),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config_keys, **fields}
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 LOSS_LABEL = "loss (nats / token)"
 _ACC_NAMES = {"acc": "accuracy", "acc_norm": "accuracy (length-normalised)", "exact_match": "exact match"}
@@ -154,10 +154,39 @@ def plot_plane(result: dict[str, Any], stem: str | Path, title: str | None = Non
     return _save(fig, stem)
 
 
+def log_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
+    """Labelled ticks for a log axis showing positive data in [lo, hi]: at least three readable values wherever
+    the range lies. Over more than three decades, powers of ten (every k-th so at most `most`); over fewer, the
+    1-2-5 values; within one 1-2-5 step, evenly spaced round values (a log axis there looks linear). Ticks
+    reach one step beyond the data, so the autoscaled view keeps at least three of them."""
+    lo_e, hi_e = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    if hi_e - lo_e > 3:
+        step = max(1, math.ceil((hi_e - lo_e + 1) / most))
+        return [10.0 ** e for e in range(lo_e, hi_e + 1, step)]
+    ticks = [m * 10.0 ** e for e in range(lo_e - 1, hi_e + 1) for m in (1, 2, 5)]
+    inside = [t for t in ticks if lo <= t <= hi]
+    if len(inside) >= 3:
+        return inside
+    spacing = 10.0 ** math.floor(math.log10((hi - lo) / 4)) if hi > lo else 10.0 ** (lo_e - 1)
+    for m in (1, 2, 5, 10):
+        if (hi - lo) / (m * spacing) <= 5:
+            spacing *= m
+            break
+    first = math.floor(lo / spacing) * spacing
+    return [first + k * spacing for k in range(int(math.ceil((hi - first) / spacing)) + 1) if first + k * spacing > 0]
+
+
 def plot_stats(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:
+    """`stats_figure` written as <stem>.png and <stem>.pdf."""
+    return _save(stats_figure(result, title), stem)
+
+
+def stats_figure(result: dict[str, Any], title: str | None = None) -> Figure:
     """Per-layer lines: relative diff norms (‖Δ‖/‖θ‖, base distance) and diff cosine similarity.
 
-    result: as returned by `ftjax.stats.diff_stats` (its "layers" list, one entry per decoder layer).
+    result: as returned by `ftjax.stats.diff_stats` (its "layers" list, one entry per decoder layer). The norms
+    go on a log axis when any is positive (ticks from `log_ticks`); a series that is 0 at every layer cannot show
+    there and is only named in the legend, which says so.
     """
     layers = [r for r in result["layers"] if r.get("layer") is not None]
     idx = [r["layer"] for r in layers]
@@ -166,14 +195,25 @@ def plot_stats(result: dict[str, Any], stem: str | Path, title: str | None = Non
     axes = fig.subplots(2 if has_cos else 1, 1, sharex=True, squeeze=False)[:, 0]
     series = [("rel_delta", "‖Δ‖ / ‖θ‖  (source diff)"), ("rel_delta_target", "‖Δt‖ / ‖θt‖  (target diff)"),
               ("rel_base_distance", "‖T − S‖ / ‖S‖  (base versions)")]
+    drawn = {key: _nan([r.get(key) for r in layers]) for key, _ in series}
+    drawn = {key: v for key, v in drawn.items() if not np.isnan(v).all()}
+    positive = np.concatenate([v[v > 0] for v in drawn.values()] + [np.zeros(0)])  # NaN compares False
+    log = positive.size > 0
     for i, (key, label) in enumerate(series):
-        values = [r.get(key) for r in layers]
-        if any(v is not None for v in values):
-            axes[0].plot(idx, _nan(values), "o-", color=f"C{i}", label=label)
+        if key not in drawn:
+            continue
+        if log and not (drawn[key] > 0).any():  # nothing of it can show on a log axis: say so instead
+            axes[0].plot([], [], "o-", color=f"C{i}", label=f"{label}: 0 at every layer (not drawn, log axis)")
+        else:
+            axes[0].plot(idx, drawn[key], "o-", color=f"C{i}", label=label)
     axes[0].set_ylabel("relative L2 norm (fraction)")
-    plotted = np.concatenate([np.ravel(line.get_ydata()) for line in axes[0].get_lines()] + [np.zeros(0)])
-    if (plotted > 0).any():  # a log axis needs a positive value to show (NaN compares False)
+    if log:
         axes[0].set_yscale("log")
+        ticks = log_ticks(float(positive.min()), float(positive.max()))
+        digits = next((d for d in range(3, 12) if len({f"{t:.{d}g}" for t in ticks}) == len(ticks)), 12)
+        axes[0].yaxis.set_major_locator(FixedLocator(ticks))
+        axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.{digits}g}"))  # distinct labels
+        axes[0].yaxis.set_minor_formatter(NullFormatter())
     _legend(axes[0], framealpha=0.5, fontsize=8)
     axes[0].grid(alpha=0.3, which="both")
     if has_cos:
@@ -186,7 +226,7 @@ def plot_stats(result: dict[str, Any], stem: str | Path, title: str | None = Non
     axes[-1].set_xlabel("decoder layer index")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(title or "diff statistics per layer")
-    return _save(fig, stem)
+    return fig
 
 
 def plot_curves(runs: dict[str, dict[str, list]], stem: str | Path, title: str | None = None) -> list[Path]:

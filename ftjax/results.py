@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 def finite_or_none(value: Any) -> Any:
@@ -18,6 +18,13 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def absolute_paths(paths: Mapping[str, str | Path]) -> dict[str, str]:
+    """role -> absolute path (symlinks resolved) of each input path that exists here; others (a hub repo id not on
+    disk) as given. Provenance records keep the paths as given and add these, so a record read from another
+    directory still names its inputs."""
+    return {role: str(Path(p).resolve()) if Path(p).exists() else str(p) for role, p in paths.items()}
 
 
 def dumps(value: Any, **kwargs: Any) -> str:

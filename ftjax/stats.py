@@ -19,6 +19,7 @@ from ftjax.layout import Layout
 from ftjax.streaming import row_chunks
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
+from ftjax.results import absolute_paths
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Accumulated float64 sums: squares of S, Δs, T, T−S, Δt, and dots Δs·Δt, Δs·(T−S).
@@ -67,7 +68,8 @@ def diff_stats(source_base: str | Path, source_ft: str | Path, target_base: str 
     """Per-tensor, per-layer and total diff statistics, streamed (at most `chunk_elems` float64 values per model
     in memory at once).
 
-    Returns {"models": {role: path}, "tensors": [...], "layers": [...], "total": {...}}; every entry has
+    Returns {"models": {role: path}, "models_absolute": {role: absolute path}, "tensors": [...], "layers": [...],
+    "total": {...}}; every entry has
     theta_norm = ‖S‖, delta_norm = ‖Δs‖, rel_delta = ‖Δs‖/‖S‖, and with a target base base_distance = ‖T − S‖,
     rel_base_distance, cos_delta_base = cos(Δs, T − S); with a target fine-tune delta_target_norm = ‖Δt‖,
     rel_delta_target = ‖Δt‖/‖T‖ and cos_delta = cos(Δs, Δt). Norms are L2 over the raw parameter values.
@@ -134,15 +136,19 @@ def diff_stats(source_base: str | Path, source_ft: str | Path, target_base: str 
               for g in sorted(groups.values(), key=lambda g: (g["layer"] is None, g["layer"] or 0, g["group"]))]
     for c in order:
         c.close()
-    return {"models": {r: str(ckpts[r].path) for r in ckpts}, "tensors": tensors, "layers": layers,
+    models = {r: str(ckpts[r].path) for r in ckpts}
+    return {"models": models, "models_absolute": absolute_paths(models), "tensors": tensors, "layers": layers,
             "total": {"numel": sum(t["numel"] for t in tensors), **_derive(total, have_t, have_g)}}
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text per-layer table of the main figures."""
+    """A plain-text per-layer table of the main figures: every norm `diff_stats` computed (‖Δs‖; with a target
+    base ‖T−S‖; with a target fine-tune ‖Δt‖ and cos(Δs,Δt)) and its relative form."""
     cols = [("group", "group", "{}"), ("rel_delta", "‖Δs‖/‖S‖", "{:.3e}"), ("delta_norm", "‖Δs‖", "{:.4g}")]
     if "base_distance" in result["total"]:
         cols += [("base_distance", "‖T−S‖", "{:.4g}"), ("rel_base_distance", "‖T−S‖/‖S‖", "{:.3e}")]
+    if "delta_target_norm" in result["total"]:
+        cols += [("delta_target_norm", "‖Δt‖", "{:.4g}"), ("rel_delta_target", "‖Δt‖/‖T‖", "{:.3e}")]
     if "cos_delta" in result["total"]:
         cols += [("cos_delta", "cos(Δs,Δt)", "{:+.4f}")]
     rows = [[h for _, h, _ in cols]]

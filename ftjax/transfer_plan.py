@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from ftjax import dtypes
-from ftjax.errors import FtjaxError, finite
+from ftjax.errors import FtjaxError, finite, first_few
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.io.safetensors import TensorInfo
 from ftjax.layout import EMBED, LM_HEAD, Layout, is_vocab
@@ -70,23 +70,33 @@ class TransferReport:
         return "\n".join(lines)
 
 
-def fail(problems: list[str], what: str) -> None:
+def fail(problems: list[str], what: str, *, following: int = 0) -> None:
+    """One-line FtjaxError: `what`, the first few problems and how many more; `following`: mismatches left out
+    because they follow from these (the tensors of a different architecture)."""
     if problems:
-        more = f"; ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise FtjaxError(f"{what}: {len(problems)} problem(s): {'; '.join(problems[:12])}{more}")
+        rest = f" (and {following} tensor mismatch(es) that follow from them)" if following else ""
+        raise FtjaxError(f"{what}: {first_few(problems)}{rest}")
+
+
+def config_differences(cfgs: dict[str, dict], keys: Sequence[str]) -> list[str]:
+    """One entry per key of `keys` whose value is not the same in every config: "key: label value, label value"."""
+    out = []
+    for key in keys:
+        values = [(label, c.get(key)) for label, c in cfgs.items()]
+        if any(v != values[0][1] for _, v in values):
+            out.append(f"{key} " + ", ".join(f"{label} {v!r}" for label, v in values))
+    return out
 
 
 def compare_configs(cfgs: dict[str, dict], warnings: list[str]) -> list[str]:
     """Family and shape-defining keys must agree (errors); keys that may differ on purpose -> warnings."""
-    problems, (first, c0), *_ = [], *cfgs.items()
-    for label, c in list(cfgs.items())[1:]:
-        for key in ("model_type", "architectures", *ERROR_KEYS):
-            if c0.get(key) != c.get(key):
-                problems.append(f"config {key} differs: {first} {c0.get(key)!r} vs {label} {c.get(key)!r}")
-        for key in WARN_KEYS:
-            if c0.get(key) != c.get(key):
-                warnings.append(f"config {key} differs: {first} {c0.get(key)!r} vs {label} {c.get(key)!r}")
-    return problems
+    warnings += [f"config {d}" for d in config_differences(cfgs, WARN_KEYS)]
+    return config_differences(cfgs, ("model_type", "architectures", *ERROR_KEYS))
+
+
+def _names(names: set[str], shown: int = 3) -> str:
+    first = sorted(names)
+    return ", ".join(first[:shown]) + (", ..." if len(first) > shown else "")
 
 
 def keyset_problems(sets: dict[str, list[str]]) -> list[str]:
@@ -94,9 +104,9 @@ def keyset_problems(sets: dict[str, list[str]]) -> list[str]:
     for label, names in list(sets.items())[1:]:
         a, b = set(n0), set(names)
         if a - b:
-            problems.append(f"{len(a - b)} tensor(s) in {first} missing from {label}: {', '.join(sorted(a - b)[:5])}")
+            problems.append(f"{len(a - b)} tensor(s) in {first} missing from {label}: {_names(a - b)}")
         if b - a:
-            problems.append(f"{len(b - a)} tensor(s) in {label} not in {first}: {', '.join(sorted(b - a)[:5])}")
+            problems.append(f"{len(b - a)} tensor(s) in {label} not in {first}: {_names(b - a)}")
     return problems
 
 
@@ -162,8 +172,8 @@ def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alph
     report.matched = rule_matches(target.names, alpha_for, skip)
     label = {"target": "target", "source": "source-ft" if base else "diff", "base": "source-base", **(labels or {})}
     layouts = {label["target"]: target, label["source"]: src} | ({label["base"]: base} if base else {})
-    problems = compare_configs(configs, report.warnings) if configs else []
-    problems += keyset_problems({k: [n for n in m.names if n != LM_HEAD] for k, m in layouts.items()})
+    architecture = compare_configs(configs, report.warnings) if configs else []
+    problems = keyset_problems({k: [n for n in m.names if n != LM_HEAD] for k, m in layouts.items()})
     if len({m.tied for m in layouts.values()}) > 1:
         ties = ", ".join(f"{k} {'tied' if m.tied else 'untied'}" for k, m in layouts.items())
         report.warnings.append(f"embedding tying differs ({ties}); output follows the target")
@@ -221,6 +231,7 @@ def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alph
         if a != float(alpha):
             report.alphas[name] = a
         plans.append(TensorPlan(name, out, "kernel", s_name, b_name, rows, a))
+    fail(architecture, "architectures differ (config.json)", following=len(problems))
     fail(problems, "inputs do not match")
     if vocab_rows:
         report.vocab = {"policy": vocab, "tensors": vocab_rows}

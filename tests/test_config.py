@@ -113,7 +113,10 @@ def test_transformers_boilerplate_is_harmless(config_cls):
               "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "max_length": 20,
               "do_sample": False, "pruned_heads": {}, "tie_encoder_decoder": False, "_name_or_path": "x",
               "bad_words_ids": None, "chunk_size_feed_forward": 0, "torch_dtype": "float32", "is_decoder": False}
-    ModelConfig.from_hf({**full, **legacy})
+    report = read_config({**full, **legacy})
+    assert report.config == ModelConfig.from_hf(full) and report.notes == ()
+    assert (report.config.hidden_size, report.config.num_hidden_layers) == (full["hidden_size"],
+                                                                            full["num_hidden_layers"])
 
 
 @pytest.mark.parametrize("model_type, arch", [("gpt2", ["GPT2LMHeadModel"]), ("gemma2", None)])

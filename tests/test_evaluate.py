@@ -68,7 +68,7 @@ def test_bfloat16_compute_is_close(model_dir):
     ex = examples_from_rows(rows)
     f32 = evaluate_loss(params, cfg, ex, dtype="float32")["loss"]
     bf16 = evaluate_loss(params, cfg, ex, dtype="bfloat16")["loss"]
-    assert bf16 != f32 and abs(bf16 - f32) < 0.05 * f32
+    assert bf16 != f32 and abs(bf16 - f32) < 1e-3 * f32  # measured: 1.2e-4 relative
 
 
 def test_truncation_warns_with_count(model_dir, tmp_path, capsys):

@@ -100,9 +100,11 @@ def test_eos_stops_rows_like_transformers(models):
 
 def test_one_compile_per_batch_and_cache_length(models, count_calls):
     _, cfg, params = models("llama")
+    jax.clear_caches()  # earlier tests compiled these shapes: start from none
     traced = count_calls(gen, "forward_cached")  # called (twice: prefill, decode step) only while tracing
     gen.generate_ids(params, cfg, prompts(), max_new_tokens=100, batch_size=3)
     first = traced["n"]
+    assert first == 2  # one compilation: the prefill and the decode step traced once each
     gen.generate_ids(params, cfg, prompts(), max_new_tokens=120, batch_size=3)  # same 128-token bucket
     gen.generate_ids(params, cfg, prompts(1)[::-1], max_new_tokens=97, batch_size=3)
     assert traced["n"] == first
@@ -122,6 +124,43 @@ def test_sharded_params_generate_the_same(models):
     assert len(sharded["model"]["embed_tokens"]["weight"].sharding.device_set) == 8
     expected = gen.generate_ids(params, cfg, prompts(), max_new_tokens=100, batch_size=3)
     assert gen.generate_ids(sharded, cfg, prompts(), max_new_tokens=100, batch_size=3) == expected
+
+
+def nucleus_probs(logits_v, temperature, top_p):
+    """Reference in numpy float64: softmax(logits / T), then the smallest most-likely set whose mass reaches
+    top_p, renormalized; zero elsewhere."""
+    z = np.asarray(logits_v, np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]  # mass of the strictly more likely tokens
+    keep = np.zeros(p.shape, bool)
+    keep[order[before < top_p]] = True
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (1.5, 0.5), (0.3, 0.999), (2.0, 1e-6)])
+def test_sampling_distribution_matches_numpy_softmax_with_nucleus(temperature, top_p):
+    logits_bv = np.random.default_rng(0).normal(0, 2, (4, 50)).astype(np.float32)
+    got = np.asarray(jax.nn.softmax(gen.sampling_logits(jnp.asarray(logits_bv), temperature, top_p), axis=-1))
+    for row, logits_v in zip(got, logits_bv):
+        want = nucleus_probs(logits_v, temperature, top_p)
+        np.testing.assert_array_equal(row == 0, want == 0)  # the same tokens filtered out
+        np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-7)
+
+
+def test_samples_follow_the_filtered_distribution():
+    """20000 draws of one row: frequencies within 4 standard errors of the numpy reference, none outside it."""
+    logits_v = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, 0.2], np.float32)
+    want = nucleus_probs(logits_v, 0.8, 0.85)
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draw = jax.vmap(lambda k: gen._sample(jnp.asarray(logits_v)[None], k, jnp.float32(0.8), jnp.float32(0.85),
+                                          False)[0])
+    counts = np.bincount(np.asarray(draw(keys)), minlength=logits_v.size)
+    assert np.all(counts[want == 0] == 0)
+    freq = counts / counts.sum()
+    assert np.all(np.abs(freq - want) <= 4 * np.sqrt(want * (1 - want) / counts.sum()) + 1e-12), (freq, want)
 
 
 def test_sampling_is_seeded_and_top_p_narrows_to_greedy(models):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import (
@@ -415,8 +417,6 @@ def test_full_disk_on_real_tmpfs(tiny_tmpfs, max_shard_bytes):
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """A tiny random Llama saved by transformers, once single-file and once sharded (20 KB shards)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -447,8 +447,6 @@ def test_reads_files_written_by_transformers(hf_models):
 
 @pytest.mark.parametrize("max_shard_bytes", [5 * 10**9, 30_000])
 def test_rewritten_checkpoint_loads_in_transformers_with_equal_logits(hf_models, tmp_path, max_shard_bytes):
-    import torch
-    import transformers
     from safetensors.numpy import load_file
 
     src = hf_models[1]

@@ -8,6 +8,8 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
 
 from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo, dtype_code
@@ -151,7 +153,6 @@ def test_writer_rejects_bad_infos(tmp_path):
 
 
 def test_interop_with_safetensors_library(tmp_path):
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
     # ours -> library (its numpy backend cannot build F8 arrays, so those go through torch below)
     plain = {k: v for k, v in ALL.items() if not k.startswith("t.F8")}
     ours = write(tmp_path / "ours.safetensors", plain)
@@ -159,7 +160,6 @@ def test_interop_with_safetensors_library(tmp_path):
     assert set(loaded) == set(plain)
     for k, v in loaded.items():
         assert_bytes_equal(v, plain[k])
-    torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
     loaded = load_file(str(write(tmp_path / "all.safetensors", ALL)))

@@ -186,7 +186,7 @@ def test_bfloat16_compute(loaded, examples):
     b = params_of(loaded, "b")
     f32 = lmc.scan(a, b, cfg, examples, [0.0, 1.0], batch_size=4)["loss"]
     bf16 = lmc.scan(a, b, cfg, examples, [0.0, 1.0], batch_size=4, dtype="bfloat16")["loss"]
-    assert bf16 != f32 and np.allclose(bf16, f32, rtol=0.05)
+    assert bf16 != f32 and np.allclose(bf16, f32, rtol=1e-3, atol=0)  # measured: 4e-5 relative
 
 
 def test_incompatible_models_refused_before_compute(models, loaded, examples, tmp_path, capsys, count_calls):

@@ -3,11 +3,10 @@
 import os
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the notebooks' kernel: a test dependency, so missing it fails)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

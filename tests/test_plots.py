@@ -130,3 +130,49 @@ def test_every_plot_without_library_warnings(setup, tmp_path):
             plots.plot_stats(result, tmp_path / f"stats_{name}")
         for name, runs in curves.items():
             plots.plot_curves(runs, tmp_path / f"curves_{name}")
+
+
+def layers_result(**series):
+    """A stats result with one decoder layer per value of each series (rel_delta, rel_delta_target, ...)."""
+    n = len(next(iter(series.values())))
+    return {"layers": [{"layer": i, "group": "layer", **{k: v[i] for k, v in series.items()}} for i in range(n)],
+            "total": {}}
+
+
+def visible_labels(fig):
+    """(text, bbox) of the non-empty y tick labels of the first axes that lie inside its view, as drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax, renderer = fig.axes[0], canvas.get_renderer()
+    lo, hi = ax.get_ylim()
+    return [(t.get_text(), t.get_window_extent(renderer))
+            for t in ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels()
+            if t.get_visible() and t.get_text() and lo <= t.get_position()[1] <= hi]
+
+
+@pytest.mark.parametrize("values", [[8e-4, 2e-3, 6e-3, 2e-2], [2e-4, 1e-3, 9e-3, 6e-2], [1.1e-3, 1.3e-3, 1.9e-3],
+                                    [1.001e-3, 1.002e-3, 1.0015e-3], [3e-5, 4e-5, 3.5e-5],
+                                    list(np.logspace(-14, 0, 8)), [5e-7, 1e-1]])
+def test_stats_tick_labels_readable_across_the_range(values):
+    """At least three distinct labelled ticks in view, none overlapping, whatever decades the norms span."""
+    labels = visible_labels(plots.stats_figure(layers_result(rel_delta=values)))
+    texts = [t for t, _ in labels]
+    assert 3 <= len(texts) <= 10 and len(set(texts)) == len(texts), texts
+    assert not any(a.overlaps(b) for i, (_, a) in enumerate(labels) for _, b in labels[i + 1:]), texts
+
+
+def test_stats_series_zero_everywhere_is_named_not_drawn_on_the_log_axis():
+    fig = plots.stats_figure(layers_result(rel_delta=[1e-3, 2e-3, 4e-3], rel_delta_target=[0.0, 0.0, 0.0],
+                                           cos_delta=[None, None, None]))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == "‖Δ‖ / ‖θ‖  (source diff)"
+    assert legend[1].startswith("‖Δt‖ / ‖θt‖  (target diff)") and "0 at every layer (not drawn" in legend[1]
+    drawn = {line.get_label(): len(line.get_ydata()) for line in ax.get_lines()}
+    assert drawn[legend[0]] == 3 and drawn[legend[1]] == 0
+    # all zero: a linear axis, where zeros are drawn as they are
+    fig = plots.stats_figure(layers_result(rel_delta=[0.0, 0.0], rel_delta_target=[0.0, 0.0]))
+    assert fig.axes[0].get_yscale() == "linear" and all(len(line.get_ydata()) == 2 for line in fig.axes[0].get_lines())

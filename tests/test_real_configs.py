@@ -120,8 +120,10 @@ def test_every_command_on_a_real_config(tmp_path, capsys):
     assert inert <= set(info["ignored_config_keys"]) and info["family"] == "llama"
     assert "is_llama_config" in run("inspect", dirs["base"])
     assert json.loads(run("eval", "--model", dirs["base"], "--data", str(data), "--json"))["tokens"] > 0
-    assert run("generate", "--model", dirs["base"], "--chat", "--prompt", "what is one plus one",
-               "--max-new-tokens", "4") is not None
+    generated = json.loads(run("generate", "--model", dirs["base"], "--chat", "--prompt", "what is one plus one",
+                               "--max-new-tokens", "4", "--json"))
+    assert generated["prompt"] == "what is one plus one" and isinstance(generated["generation"], str)
+    assert 1 <= generated["tokens"] <= 4 and generated["finish_reason"] in ("stop", "length")
     run("convert", dirs["base"], str(tmp_path / "orbax"), "--to", "orbax")
     run("convert", str(tmp_path / "orbax"), str(tmp_path / "back"), "--to", "hf")
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == (tmp_path / "base" / "model.safetensors"

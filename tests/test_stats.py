@@ -94,3 +94,18 @@ def test_cli_stats(models, tmp_path, capsys):
     saved = json.loads((out / "stats.json").read_text())
     assert len(saved["layers"]) >= 2 and saved["total"] == total
     assert (out / "stats.png").stat().st_size > 1000 and (out / "stats.pdf").stat().st_size > 1000
+
+
+def test_table_shows_every_norm_computed(models):
+    """With a target fine-tune the table has ‖Δt‖ and ‖Δt‖/‖T‖ beside ‖Δs‖, ‖T−S‖ and the cosine, per layer and
+    in the total row; without one, no Δt columns."""
+    result = diff_stats(models["s"], models["f"], models["t"], models["g"])
+    lines = format_table(result).splitlines()
+    header = lines[0].split()
+    assert header == ["group", "‖Δs‖/‖S‖", "‖Δs‖", "‖T−S‖", "‖T−S‖/‖S‖", "‖Δt‖", "‖Δt‖/‖T‖", "cos(Δs,Δt)"]
+    total = dict(zip(header, lines[-1].split()))
+    assert total["group"] == "total"
+    assert float(total["‖Δt‖"]) == pytest.approx(result["total"]["delta_target_norm"], rel=1e-3)
+    assert float(total["‖Δt‖/‖T‖"]) == pytest.approx(result["total"]["rel_delta_target"], rel=1e-3)
+    assert len(lines) == len(result["layers"]) + 2
+    assert "‖Δt‖" not in format_table(diff_stats(models["s"], models["f"], models["t"]))

@@ -246,7 +246,7 @@ def test_mismatches_in_one_error_and_warnings(models, tmp_path):
     with pytest.raises(FtjaxError) as e:
         T.transfer(b, f, other, tmp_path / "o", progress=False)
     msg = str(e.value)
-    assert "\n" not in msg and "hidden_size" in msg and "num_hidden_layers" in msg and "missing" in msg
+    assert "\n" not in msg and "hidden_size" in msg and "num_hidden_layers" in msg and "follow from them" in msg
     assert not (tmp_path / "o").exists()
     rope = make_hf_model(tmp_path / "rope", dtype="bfloat16", seed=1, rope_theta=500000.0)
     rep = T.transfer(b, f, rope, tmp_path / "o", progress=False, dry_run=True)

@@ -142,3 +142,30 @@ def test_tree_ops():
     np.testing.assert_array_equal(bits(lerp["a"]["w"]), bits(t["a"]["w"]))
     assert float(treeops.tree_cosine(t, t)) == pytest.approx(1.0, rel=1e-6)
     assert float(treeops.tree_norm(treeops.tree_scale(t, 0.0))) == 0.0
+
+
+def test_tree_norms_and_cosine_match_numpy_float64():
+    """tree_norm / tree_norms / tree_cosine of mixed-dtype trees (non-float leaves ignored, nan per-leaf norm)
+    against numpy float64 over the same values; float32 accumulation stays within 1e-5 relative."""
+    rng = np.random.default_rng(7)
+
+    def mk(scale):
+        return {"emb": jnp.asarray((scale * rng.standard_normal((64, 32))).astype(BF16)),
+                "layers": [jnp.asarray(rng.standard_normal((16, 16)).astype(np.float32) * 1e-3),
+                           jnp.asarray(rng.standard_normal(40).astype(np.float16))],
+                "step": jnp.int32(7)}
+
+    a, noise = mk(3.0), mk(2.0)
+    b = jax.tree.map(lambda x, n: (x + n).astype(x.dtype), a, noise)  # correlated: cosine about 0.8
+    floats = lambda t: [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(t)  # noqa: E731
+                        if np.dtype(x.dtype).kind != "i"]
+    va, vb = np.concatenate(floats(a)), np.concatenate(floats(b))
+    np.testing.assert_allclose(float(treeops.tree_norm(a)), np.linalg.norm(va), rtol=1e-5)
+    want_cos = va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb))
+    np.testing.assert_allclose(float(treeops.tree_cosine(a, b)), want_cos, rtol=1e-5, atol=1e-6)
+    norms = treeops.tree_norms(a)
+    for got, x in zip(jax.tree.leaves(norms), jax.tree.leaves(a)):
+        if np.dtype(x.dtype).kind == "i":
+            assert np.isnan(float(got))
+        else:
+            np.testing.assert_allclose(float(got), np.linalg.norm(np.asarray(x, np.float64)), rtol=1e-5)

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ftjax.dtypes import is_float
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, about_file
 from ftjax.io.checkpoint import RECORD_KEY, atomic_output_dir, copy_aux_files
 from ftjax.io.safetensors import DTYPES, dtype_code
 
@@ -53,7 +53,7 @@ def save_orbax(
             copy_aux_files(Path(aux_from), tmp)
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
         try:
-            with ocp.StandardCheckpointer() as ckptr:
+            with ocp.StandardCheckpointer() as ckptr, about_file(out / "params"):
                 ckptr.save((tmp / "params").absolute(), nest(dict(flat)))
         except OSError as e:
             raise FtjaxError(f"writing Orbax checkpoint {out}/params failed: {e.strerror or e}") from None
@@ -97,7 +97,7 @@ def restore_orbax(
         sharding = sharding_for(name, shape) if sharding_for else device
         abstract[name] = jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=sharding)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer() as ckptr, about_file(path / "params"):
             restored = ckptr.restore((path / "params").absolute(), nest(abstract))
     except (OSError, ValueError) as e:
         raise FtjaxError(f"{path}/params: cannot restore Orbax checkpoint ({str(e).splitlines()[0]})") from None
