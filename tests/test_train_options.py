@@ -147,3 +147,40 @@ def test_runs_that_differ_in_lr_steps_or_seed_compile_the_step_once(setup, tmp_p
              progress=False)
     assert first >= 1 and traced["n"] == first
     assert TrainConfig(steps=2, lr=1e-3, seed=0).step_config == TrainConfig(steps=9, lr=1.0, seed=3).step_config
+
+
+def test_final_eval_scores_the_model_as_saved_and_save_dtype(tmp_path_factory, capsys):
+    """bfloat16 init: the last evaluation is of final/ as written (`ftjax eval` on it gives the same loss), the log
+    names the weights of each evaluation, lost updates are counted and warned about; --save-dtype float32 keeps
+    the master weights bit for bit."""
+    root = tmp_path_factory.mktemp("save_dtype")
+    model = make_hf_model(root / "bf16", dtype="bfloat16")
+    make_tokenizer(model)
+    data, eval_data = write_jsonl(root / "train.jsonl", lm_rows(24, 0)), write_jsonl(root / "eval.jsonl", lm_rows(6, 1))
+    tcfg = TrainConfig(steps=4, lr=1e-4, warmup=0, batch_size=4, max_len=32)
+    run = finetune(model, data, root / "run", config=tcfg, eval_data=eval_data, eval_every=2, progress=True)
+    err = capsys.readouterr().err
+    evals = [e for e in _log(root / "run") if "eval_loss" in e]
+    assert [(e["step"], e["eval_weights"]) for e in evals] == [(0, "float32 master"), (2, "float32 master"),
+                                                               (4, "as saved, bfloat16")]
+    cfg, saved = load_params(root / "run" / "final")
+    assert {str(x.dtype) for x in jax.tree.leaves(saved)} == {"bfloat16"}
+    as_saved = evaluate_loss(saved, cfg, load_examples(eval_data, model, cfg), batch_size=4, max_len=32,
+                             dtype="float32")
+    assert evals[-1]["eval_loss"] == as_saved["loss"] == run["eval"]["loss"]
+    assert read_curves(root / "run")["eval_loss"][-1] == as_saved["loss"]
+    assert "weights: as saved, bfloat16" in err and "weights: float32 master" in err
+    assert run["lost_update_share"] > 0.1
+    assert f"{run['lost_update_share']:.1%} of the weights training changed" in err and "--save-dtype float32" in err
+
+    f32 = finetune(model, data, root / "f32", config=tcfg, eval_data=eval_data, eval_every=2, save_dtype="float32",
+                   progress=False)
+    cfg, master = load_params(root / "f32" / "final")
+    assert {str(x.dtype) for x in jax.tree.leaves(master)} == {"float32"} and f32["lost_update_share"] == 0.0
+    assert json.loads((root / "f32" / "final" / "config.json").read_text())["dtype"] == "float32"
+    assert [e["eval_weights"] for e in _log(root / "f32") if "eval_loss" in e][-1] == "as saved, float32"
+    # the same trajectory: the bfloat16 export is the float32 one rounded
+    for a, b in zip(jax.tree.leaves(master), jax.tree.leaves(saved)):
+        assert np.array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+    with pytest.raises(FtjaxError, match="--save-dtype must be one of"):
+        finetune(model, data, root / "bad", config=tcfg, save_dtype="int8", progress=False)
