@@ -13,9 +13,10 @@ from pathlib import Path
 from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import RUN_RECORD
 from ftjax.results import dumps
 
-RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
+RUN_FILE, LOG_FILE = RUN_RECORD, "log.jsonl"
 
 
 def _sha256(path: Path) -> str:

@@ -20,14 +20,33 @@ import orbax.checkpoint as ocp
 
 from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError
-from ftjax.io.checkpoint import RECORD_KEY, atomic_output_dir, copy_aux_files
+from ftjax.io.checkpoint import ORBAX_MANIFEST, ORBAX_STEP_MARKER, RECORD_KEY, atomic_output_dir, copy_aux_files
 from ftjax.io.safetensors import DTYPES, dtype_code
 
-MANIFEST = "ftjax_orbax.json"
+MANIFEST = ORBAX_MANIFEST
 
 
 def is_orbax_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_train_checkpoint(path: str | Path) -> bool:
+    """True for an `ftjax finetune` training checkpoint, RUN/checkpoints/STEP (an Orbax CheckpointManager step)."""
+    return (Path(path) / ORBAX_STEP_MARKER).is_file() and (Path(path) / "state").is_dir()
+
+
+def restore_train_params(step_dir: str | Path) -> dict[str, Any]:
+    """The float32 master parameters (a nested HF-named tree of host arrays) of an `ftjax finetune` training
+    checkpoint RUN/checkpoints/STEP: its "state" item's "params". The whole train state is read (params and
+    the two AdamW moments: about 3x the parameters' size in host memory)."""
+    path = Path(step_dir) / "state"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            state = ckptr.restore(path.absolute())
+        return jax.tree.map(np.asarray, state["params"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FtjaxError(f"{path}: cannot restore the training checkpoint ({str(e).splitlines()[0]}); "
+                         "use another step of the run") from None
 
 
 def save_orbax(
