@@ -55,7 +55,7 @@ from ftjax.errors import FtjaxError
 from ftjax.evaluate import cast_params, token_nll
 from ftjax.model import forward
 from ftjax.rows import Rows, load_examples, load_rows, step_batch
-from ftjax.runlog import RUN_FILE, RunLog, check_resume, eval_line, last_metrics, read_log, run_record
+from ftjax.runlog import RUN_FILE, RunLog, check_resume, eval_line, last_metrics, locks_out, read_log, run_record
 from ftjax.runlog import read_curves as read_curves  # re-exported: `ftjax.train.read_curves` is public
 
 CKPT_DIR, FINAL_DIR = "checkpoints", "final"
@@ -304,6 +304,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+@locks_out("finetune")
 def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: TrainConfig,
              eval_data: str | Path | None = None, eval_every: int = 0, save_every: int = 0, keep: int = 2,
              eval_dtype: str = "float32", save_dtype: str | None = None, mesh: Mesh | None = None,
@@ -322,10 +323,13 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     run has finished and final/ is written; final/ itself is never pruned). mesh: shard params, optimizer state
     (like the params) and batches over `data`/`fsdp` axes (None: one device). config.steps == 0 exports `init`
     unchanged through the same path (used by `recycle` for a pure transfer chain). Re-running a finished run (final/
-    complete) does nothing and returns its summary.
+    complete) does nothing and returns its summary. Resuming starts from the newest checkpoint that verifies (newer
+    ones a crash cut short are named on stderr and removed). `out` is locked while the run writes into it
+    (`ftjax.runlog.run_dir_lock`): a second process on the same directory stops with an error naming the first.
     Returns a summary: out, final, steps, resumed_from, data (rows, examples, truncated, skipped), loss (last step),
-    eval (last evaluation, with its dtype and weights), lost_update_share, nonpad_tokens_per_s (training throughput in non-padding input tokens,
-    evaluation and checkpoint time excluded; compilation too, except in a run of one step), seconds.
+    eval (last evaluation, with its dtype and weights), lost_update_share, nonpad_tokens_per_s (training throughput
+    in non-padding input tokens, evaluation and checkpoint time excluded; compilation too, except in a run of one
+    step), seconds.
     """
     from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path
     from ftjax.layout import shardings_for
@@ -355,13 +359,15 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         if not resuming:
             (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     distributed.barrier("ftjax.finetune:recorded")
+    finished = resuming and (out / FINAL_DIR / "config.json").is_file()  # the export is atomic and comes last
+    latest = _newest_whole_checkpoint(out) if resuming and not finished else None
     manager = _manager(out, keep)
-    latest = manager.latest_step() if resuming else None
     summary = {"out": str(out), "final": str(out / FINAL_DIR), "steps": config.steps, "resumed_from": latest,
                "data": dataclasses.asdict(counts)}
-    if resuming and (out / FINAL_DIR / "config.json").is_file():  # finished (the export is atomic and comes last)
+    if finished:
         _close(manager, keep)
-        return {**summary, **last_metrics(out), "seconds": time.perf_counter() - t0}
+        return {**summary, **last_metrics(out), "resumed_from": manager.latest_step(),
+                "seconds": time.perf_counter() - t0}
 
     # -- state: float32 master params + optimizer state, sharded like the params
     _, params = load_params(init_dir, mesh=mesh)
@@ -498,6 +504,38 @@ def _count_lost(init: Any, master: Any, saved: Any) -> list[tuple[jax.Array, jax
     return counts
 
 
+def _newest_whole_checkpoint(out: Path) -> int | None:
+    """The newest step under out/checkpoints that verifies (`ftjax.io.orbax.verify_step`), None when there is no
+    checkpoint. Newer ones that do not verify (a crash or a disk fault cut them short) are named on stderr and
+    removed, so the run re-creates them; FtjaxError when there are checkpoints and none verifies."""
+    import shutil
+
+    from ftjax.io.orbax import verify_step
+
+    root = out / CKPT_DIR
+    steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True) \
+        if root.is_dir() else []
+    problems = []
+    for step in steps:
+        problem = verify_step(root / str(step))
+        if problem is None:
+            break
+        problems.append(f"{step}: {problem}")
+    else:
+        step = None
+    if steps and step is None:
+        raise FtjaxError(f"{root}: no checkpoint verifies ({'; '.join(problems)}); remove {out} (or resume from a "
+                         "copy of a whole checkpoint) and start again")
+    distributed.barrier("ftjax.finetune:verified")  # every process has verified before process 0 removes
+    if problems and distributed.is_main():
+        for bad in steps[:len(problems)]:
+            shutil.rmtree(root / str(bad))
+        print(f"ftjax: warning: {root}: skipped checkpoint(s) that do not verify ({'; '.join(problems)}); removed "
+              f"them and resuming from step {step}", file=sys.stderr)
+    distributed.barrier("ftjax.finetune:pruned")
+    return step
+
+
 def _close(manager: ocp.CheckpointManager, keep: int) -> None:
     """Close the checkpoint manager; keep=0 first deletes every checkpoint (only once final/ is complete)."""
     if keep == 0:
@@ -513,11 +551,16 @@ def _meta(step: int, rows: Rows, tcfg: TrainConfig) -> dict:
 
 
 def _save(manager: ocp.CheckpointManager, state: dict, step: int, rows: Rows, tcfg: TrainConfig) -> None:
+    from ftjax.io.orbax import mark_step_complete
+
     args = ocp.args.Composite(state=ocp.args.StandardSave(_to_saved(state)),
                               meta=ocp.args.JsonSave(_meta(step, rows, tcfg)))
     try:
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
+        if distributed.is_main():
+            mark_step_complete(Path(manager.directory) / str(step))  # written last: the step is whole
+        distributed.barrier(f"ftjax.finetune:saved:{step}")
     except OSError as e:
         raise FtjaxError(f"writing checkpoint {step} under {manager.directory} failed: {e.strerror or e}") from None
 
