@@ -12,7 +12,7 @@ from ftjax.config import ModelConfig, read_config
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import DIFF_MARKER, HFCheckpoint, resolve_model_path, save_hf
 from ftjax.io.orbax import (is_orbax_dir, is_train_checkpoint, read_manifest, restore_orbax, restore_train_params,
-                            save_orbax)
+                            save_orbax, verify_step)
 from ftjax.layout import LM_HEAD, Layout
 
 
@@ -60,6 +60,9 @@ def _export_train_checkpoint(step_dir: Path, dst: Path, *, overwrite: bool) -> P
     if not Path(init).is_dir():
         raise FtjaxError(f"{step_dir}: the run's init model {init} (from {record_file}) is gone; its config and "
                          "tokenizer are needed to export the checkpoint; restore it at that path")
+    problem = verify_step(step_dir)
+    if problem is not None:
+        raise FtjaxError(f"{step_dir}: not a whole checkpoint ({problem}); export another step of the run")
     config = HFCheckpoint(init).config
     params = restore_train_params(step_dir)
     return save_params(params, dst, config=config, aux_from=init, dtype="float32", overwrite=overwrite,

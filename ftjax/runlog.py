@@ -183,7 +183,8 @@ def eval_line(step: int, result: dict) -> str:
     the weights evaluated ("float32 master" or "as saved, <dtype>")."""
     extra = "".join(f"  {k} {result[k]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result)
     return (f"eval step {step}: loss {result['loss']:.6f} nats  ppl {result['ppl']:.4f}  tokens {result['tokens']}"
-            f"{extra}  ({result['dtype']} compute)" + (f"  weights: {result['weights']}" if "weights" in result else ""))
+            f"{extra}  ({result['dtype']} compute)"
+            + (f"  weights: {result['weights']}" if "weights" in result else ""))
 
 
 def last_metrics(out: Path) -> dict:

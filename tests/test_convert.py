@@ -107,7 +107,8 @@ def test_convert_training_checkpoint_to_hf_loads_in_transformers(train_run, caps
     out = root / "exported"
     assert main(["convert", str(root / "run" / "checkpoints" / "4"), str(out), "--to", "hf"]) == 0
     assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["dtype"] == "float32"
-    with SafetensorsFile(out / "model.safetensors") as a, SafetensorsFile(root / "run" / "final" / "model.safetensors") as b:
+    final = root / "run" / "final" / "model.safetensors"
+    with SafetensorsFile(out / "model.safetensors") as a, SafetensorsFile(final) as b:
         assert sorted(a.names()) == sorted(b.names())
         for name in a.names():
             assert np.asarray(a.get(name)).tobytes() == np.asarray(b.get(name)).tobytes(), name
@@ -145,3 +146,19 @@ def test_run_directory_or_orbax_checkpoint_given_as_a_model_names_what_to_use(tr
         if where != "orbax":
             assert str(root / "run" / "final") in err, err
     assert not (tmp_path / "t").exists() and not (tmp_path / "f").exists()
+
+
+def test_convert_refuses_a_training_checkpoint_that_does_not_verify(train_run, tmp_path, capsys):
+    """A training checkpoint with a truncated file is refused in one line naming it; nothing is written."""
+    import shutil
+
+    root, _, _ = train_run
+    step = tmp_path / "run" / "checkpoints" / "2"
+    shutil.copytree(root / "run" / "checkpoints" / "2", step)
+    (tmp_path / "run" / "run.json").write_bytes((root / "run" / "run.json").read_bytes())
+    victim = max((p for p in (step / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-3])
+    assert main(["convert", str(step), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(step) in err and "not a whole checkpoint" in err
+    assert not (tmp_path / "out").exists()

@@ -304,7 +304,8 @@ def test_second_process_on_a_run_directory_is_refused_naming_the_first(setup, tm
         assert holder.stdout.readline().strip() == "locked"
         for argv in (["finetune", "--init", str(model)], ["recycle", "--versions", str(model)]):
             second = subprocess.run(_cli(*argv, "--data", str(data), "--steps", "1", "--out", str(out), "--quiet"),
-                                    cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                                    cwd=ROOT, capture_output=True, text=True,
+                                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
             assert second.returncode == 2, second.stderr
             assert second.stderr.count("\n") == 1 and f"process {holder.pid}" in second.stderr, second.stderr
             assert str(out) in second.stderr and "Traceback" not in second.stderr
