@@ -28,24 +28,25 @@ LOCK_FILE = ".ftjax.lock"  # flock'ed by the process writing into a run director
 def run_dir_lock(out: Path, command: str) -> Iterator[None]:
     """Hold an exclusive `fcntl.flock` on out/LOCK_FILE while `command` writes into the directory `out` (created if
     missing); the kernel releases it when the process ends, however it ends. FtjaxError naming the process that
-    holds it when another process does. Only process 0 of a multi-process run locks. A directory this call created
-    and that holds nothing else at the end is removed."""
+    holds it when another process does. Only process 0 of a multi-process run locks. The lock file is removed at the
+    end when this call created it, and so is the directory when this call created it and it is empty."""
     import fcntl
 
     if not distributed.is_main():
         yield
         return
-    created = not out.exists()
+    created, lock = not out.exists(), out / LOCK_FILE
+    ours = not lock.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise FtjaxError(f"{out}: cannot create the run directory's lock file: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid, _, cmd = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
-        os.close(fd)
+        os.close(fd)  # not ours to remove: the holder created it
         raise FtjaxError(f"{out} is in use by process {pid or '(unknown pid)'} (`ftjax {cmd or '...'}`, lock "
                          f"{out / LOCK_FILE}); wait for it to end or choose another --out") from None
     try:
@@ -53,10 +54,10 @@ def run_dir_lock(out: Path, command: str) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
         yield
     finally:
-        if [p.name for p in out.iterdir()] == [LOCK_FILE]:  # nothing was written: leave no trace
-            (out / LOCK_FILE).unlink()
-            if created:
-                out.rmdir()
+        if ours:  # leave no trace in a directory the command refused or left empty
+            lock.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
         os.close(fd)  # releases the lock
 
 

@@ -505,12 +505,13 @@ def _count_lost(init: Any, master: Any, saved: Any) -> list[tuple[jax.Array, jax
 
 
 def _newest_whole_checkpoint(out: Path) -> int | None:
-    """The newest step under out/checkpoints that verifies (`ftjax.io.orbax.verify_step`), None when there is no
-    checkpoint. Newer ones that do not verify (a crash or a disk fault cut them short) are named on stderr and
-    removed, so the run re-creates them; FtjaxError when there are checkpoints and none verifies."""
+    """The newest step under out/checkpoints that verifies (`ftjax.io.orbax.verify_step`), None when there is none
+    (the run starts from step 0). Newer ones that do not verify (a crash or a disk fault cut them short) are named
+    on stderr and removed, so the run re-creates them. FtjaxError when none verifies although one was completed
+    (has its STEP_COMPLETE marker): a whole checkpoint was damaged afterwards, and starting over is the user's call."""
     import shutil
 
-    from ftjax.io.orbax import verify_step
+    from ftjax.io.orbax import STEP_COMPLETE, verify_step
 
     root = out / CKPT_DIR
     steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True) \
@@ -523,7 +524,7 @@ def _newest_whole_checkpoint(out: Path) -> int | None:
         problems.append(f"{step}: {problem}")
     else:
         step = None
-    if steps and step is None:
+    if step is None and any((root / str(s) / STEP_COMPLETE).is_file() for s in steps):
         raise FtjaxError(f"{root}: no checkpoint verifies ({'; '.join(problems)}); remove {out} (or resume from a "
                          "copy of a whole checkpoint) and start again")
     distributed.barrier("ftjax.finetune:verified")  # every process has verified before process 0 removes
@@ -531,7 +532,7 @@ def _newest_whole_checkpoint(out: Path) -> int | None:
         for bad in steps[:len(problems)]:
             shutil.rmtree(root / str(bad))
         print(f"ftjax: warning: {root}: skipped checkpoint(s) that do not verify ({'; '.join(problems)}); removed "
-              f"them and resuming from step {step}", file=sys.stderr)
+              f"them and resuming from step {step or 0}", file=sys.stderr)
     distributed.barrier("ftjax.finetune:pruned")
     return step
 

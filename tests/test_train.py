@@ -62,7 +62,8 @@ def test_killed_run_resumes_bitwise(setup, tmp_path):
     proc = subprocess.Popen(_cli("finetune", *common, "--out", str(out)), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / "checkpoints" / "2" / "ftjax_complete.json").is_file() and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -288,6 +289,13 @@ def test_resume_skips_checkpoints_a_crash_cut_short(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ftjax: error:") and err.count("\n") == 1 and str(run / "checkpoints") in err, err
     assert "no checkpoint verifies" in err
+
+    for step in (2, 4, 6):  # saves a kill cut short before they completed: start again from step 0
+        (run / "checkpoints" / str(step) / "ftjax_complete.json").unlink()
+    again = finetune(model, data, run, config=tcfg, save_every=2, keep=3, progress=False)
+    assert again["resumed_from"] is None and "resuming from step 0" in capsys.readouterr().err
+    b = _tensors(run / "final")
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
 
 
 def test_second_process_on_a_run_directory_is_refused_naming_the_first(setup, tmp_path):
