@@ -334,7 +334,8 @@ def _train_config(args):
 
 def _train_kwargs(args) -> dict:
     return dict(config=_train_config(args), eval_data=args.eval_data, eval_every=args.eval_every,
-                save_every=args.save_every, keep=args.keep, eval_dtype=args.eval_dtype, mesh=_mesh(args),
+                save_every=args.save_every, keep=args.keep, eval_dtype=args.eval_dtype, save_dtype=args.save_dtype,
+                mesh=_mesh(args),
                 progress=not (args.quiet or args.json))
 
 

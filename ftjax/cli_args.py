@@ -277,6 +277,8 @@ def _add_train_flags(p: argparse.ArgumentParser, recycle: bool = False) -> None:
     p.add_argument("--eval-data", type=Path, help="JSONL evaluated at step 0, every --eval-every steps and at the end")
     p.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of those evaluations (as `ftjax eval`; independent of --dtype)")
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of DIR/final's weights (default: the init's; the last evaluation scores them as saved)")
     p.add_argument("--steps", required=True, type=int, help="optimizer steps" + (" per version (0: transfer only)"
                                                                                  if recycle else ""))
     p.add_argument("--out", required=True, type=Path, help="run directory (re-run the same command to resume)")

@@ -11,7 +11,8 @@ import numpy as np
 from ftjax.config import ModelConfig, read_config
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import DIFF_MARKER, HFCheckpoint, resolve_model_path, save_hf
-from ftjax.io.orbax import is_orbax_dir, read_manifest, restore_orbax, save_orbax
+from ftjax.io.orbax import (is_orbax_dir, is_train_checkpoint, read_manifest, restore_orbax, restore_train_params,
+                            save_orbax, verify_step)
 from ftjax.layout import LM_HEAD, Layout
 
 
@@ -19,7 +20,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = Fals
     """HF directory -> ftjax Orbax directory (`to="orbax"`) or back (`to="hf"`); tensors bit-exact.
 
     config.json and the tokenizer / generation files travel along verbatim. A redundant `lm_head.weight`
-    of a tied model is dropped, as the HF writer would.
+    of a tied model is dropped, as the HF writer would. `to="hf"` also exports an `ftjax finetune` training
+    checkpoint RUN/checkpoints/STEP: its float32 master weights, with the config (dtype float32) and tokenizer of
+    the run's init model (RUN/run.json).
     """
     dst = Path(dst)
     if to == "orbax":
@@ -30,6 +33,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = Fals
         return save_orbax(flat, dst, config=ckpt.config, aux_from=ckpt.path, overwrite=overwrite, inputs=[ckpt.path])
     if to == "hf":
         src = Path(src)
+        if is_train_checkpoint(src):
+            return _export_train_checkpoint(src, dst, overwrite=overwrite)
         if not is_orbax_dir(src):
             raise FtjaxError(f"{src} is not an ftjax Orbax checkpoint; convert a Hugging Face directory with --to orbax")
         config, flat = restore_orbax(src)
@@ -37,6 +42,31 @@ def convert(src: str | Path, dst: str | Path, *, to: str, overwrite: bool = Fals
         Layout.of_model(ModelConfig.from_hf(config)).check(tensors, source=str(src))
         return save_hf(dst, tensors, config=config, aux_from=src, overwrite=overwrite, inputs=[src])
     raise FtjaxError(f"unknown conversion target {to!r}; use 'orbax' or 'hf'")
+
+
+def _export_train_checkpoint(step_dir: Path, dst: Path, *, overwrite: bool) -> Path:
+    """RUN/checkpoints/STEP -> a float32 Hugging Face directory, config and tokenizer from RUN's init model."""
+    import json
+
+    from ftjax.params import save_params
+    from ftjax.runlog import RUN_FILE
+
+    record_file = step_dir.parent.parent / RUN_FILE
+    try:
+        init = json.loads(record_file.read_text())["init"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FtjaxError(f"{step_dir}: no readable {record_file} naming the run's init model (its config and "
+                         "tokenizer); export a checkpoint from inside its `ftjax finetune` run directory") from None
+    if not Path(init).is_dir():
+        raise FtjaxError(f"{step_dir}: the run's init model {init} (from {record_file}) is gone; its config and "
+                         "tokenizer are needed to export the checkpoint; restore it at that path")
+    problem = verify_step(step_dir)
+    if problem is not None:
+        raise FtjaxError(f"{step_dir}: not a whole checkpoint ({problem}); export another step of the run")
+    config = HFCheckpoint(init).config
+    params = restore_train_params(step_dir)
+    return save_params(params, dst, config=config, aux_from=init, dtype="float32", overwrite=overwrite,
+                       inputs=[step_dir])
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ftjax.errors import FtjaxError
+from ftjax.runlog import LOCK_FILE, locks_out
 from ftjax.train import FINAL_DIR, TrainConfig, finetune, read_curves
 
 MODES = ("iterative", "direct", "plain")
@@ -43,20 +44,23 @@ def _check_record(out: Path, record: dict) -> None:
             differ = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise FtjaxError(f"{out} holds a recycle run with different {', '.join(differ)}; re-run with the same "
                              "options or choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise FtjaxError(f"{out} exists and is not an ftjax recycle directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(record, indent=1) + "\n")
 
 
+@locks_out("recycle")
 def recycle(versions: Sequence[str | Path], data: str | Path, out: str | Path, *, config: TrainConfig,
             mode: str = "iterative", eval_data: str | Path | None = None, eval_every: int = 0, save_every: int = 0,
-            keep: int = 2, eval_dtype: str = "float32", mesh: Any = None, progress: bool = True) -> dict[str, Any]:
+            keep: int = 2, eval_dtype: str = "float32", save_dtype: str | None = None, mesh: Any = None,
+            progress: bool = True) -> dict[str, Any]:
     """Run Algorithm 1 (mode="iterative"), the direct baseline or plain FT over base versions M1..Mn (oldest first).
 
-    Every fine-tuning run uses the same TrainConfig, data and seed; eval_data, eval_every, save_every, keep and
-    eval_dtype are passed to each (`ftjax.train.finetune`). Returns the summary (also written to
+    Every fine-tuning run uses the same TrainConfig, data and seed; eval_data, eval_every, save_every, keep,
+    eval_dtype and save_dtype are passed to each (`ftjax.train.finetune`). Returns the summary (also written to
     out/summary.json): one entry per version with its base, init, run directory, Mi* and the first/last losses.
+    `out` is locked while the command runs: a second process on it stops with an error naming the first.
     """
     from ftjax import transfer as engine
     from ftjax.io.checkpoint import resolve_model_path
@@ -72,7 +76,7 @@ def recycle(versions: Sequence[str | Path], data: str | Path, out: str | Path, *
               "data": str(Path(data).resolve()), "train": dataclasses.asdict(config)}
     _check_record(out, record)
     train = dict(config=config, eval_data=eval_data, eval_every=eval_every, save_every=save_every, keep=keep,
-                 eval_dtype=eval_dtype, mesh=mesh, progress=progress)
+                 eval_dtype=eval_dtype, save_dtype=save_dtype, mesh=mesh, progress=progress)
 
     def ft(init: Path, run: Path) -> Path:
         if not _complete(run / FINAL_DIR):

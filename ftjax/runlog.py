@@ -3,19 +3,62 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 from ftjax import distributed
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import RUN_RECORD
 from ftjax.results import dumps
 
-RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
+T = TypeVar("T")
+RUN_FILE, LOG_FILE = RUN_RECORD, "log.jsonl"
+LOCK_FILE = ".ftjax.lock"  # flock'ed by the process writing into a run directory; holds its pid
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold an exclusive `fcntl.flock` on out/LOCK_FILE while `command` writes into the directory `out` (created if
+    missing); the kernel releases it when the process ends, however it ends. FtjaxError naming the process that
+    holds it when another process does. Only process 0 of a multi-process run locks. The lock file is removed at the
+    end when this call created it, and so is the directory when this call created it and it is empty."""
+    import fcntl
+
+    if not distributed.is_main():
+        yield
+        return
+    created, lock = not out.exists(), out / LOCK_FILE
+    ours = not lock.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise FtjaxError(f"{out}: cannot create the run directory's lock file: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid, _, cmd = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
+        os.close(fd)  # not ours to remove: the holder created it
+        raise FtjaxError(f"{out} is in use by process {pid or '(unknown pid)'} (`ftjax {cmd or '...'}`, lock "
+                         f"{out / LOCK_FILE}); wait for it to end or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        yield
+    finally:
+        if ours:  # leave no trace in a directory the command refused or left empty
+            lock.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        os.close(fd)  # releases the lock
 
 
 def _sha256(path: Path) -> str:
@@ -33,11 +76,23 @@ def run_record(init: Path, cfg: ModelConfig, train: dict, data: Path) -> dict:
             "train": train, "data": {"path": str(data), "sha256": _sha256(data)}}
 
 
+def locks_out(command: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: the function (its output directory is `out=` or the third positional argument) runs holding
+    `run_dir_lock(out, command)`."""
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def locked(*args: Any, **kwargs: Any) -> T:
+            with run_dir_lock(Path(kwargs["out"] if "out" in kwargs else args[2]), command):
+                return fn(*args, **kwargs)
+        return locked
+    return decorate
+
+
 def check_resume(out: Path, record: dict) -> bool:
     """True when `out` holds an earlier run of the same configuration; FtjaxError when it holds something else."""
     file = out / RUN_FILE
     if not file.is_file():
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
             raise FtjaxError(f"{out} exists and is not an ftjax finetune directory; choose another --out")
         return False
     try:
@@ -125,10 +180,12 @@ class RunLog:
 
 
 def eval_line(step: int, result: dict) -> str:
-    """The console line of an evaluation during training: step, loss (nats/token), ppl, tokens, compute dtype."""
+    """The console line of an evaluation during training: step, loss (nats/token), ppl, tokens, compute dtype and
+    the weights evaluated ("float32 master" or "as saved, <dtype>")."""
     extra = "".join(f"  {k} {result[k]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result)
     return (f"eval step {step}: loss {result['loss']:.6f} nats  ppl {result['ppl']:.4f}  tokens {result['tokens']}"
-            f"{extra}  ({result['dtype']} compute)")
+            f"{extra}  ({result['dtype']} compute)"
+            + (f"  weights: {result['weights']}" if "weights" in result else ""))
 
 
 def last_metrics(out: Path) -> dict:

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax import distributed
 from ftjax.config import ModelConfig
+from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError, finite
 from ftjax.evaluate import cast_params, token_nll
 from ftjax.model import forward
 from ftjax.rows import Rows, load_examples, load_rows, step_batch
-from ftjax.runlog import RUN_FILE, RunLog, check_resume, eval_line, last_metrics, read_log, run_record
+from ftjax.runlog import RUN_FILE, RunLog, check_resume, eval_line, last_metrics, locks_out, read_log, run_record
 from ftjax.runlog import read_curves as read_curves  # re-exported: `ftjax.train.read_curves` is public
 
 CKPT_DIR, FINAL_DIR = "checkpoints", "final"
 SCHEDULES = ("linear", "cosine", "constant")
 EVAL_DTYPES = ("float32", "bfloat16")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+LOST_UPDATE_WARN = 0.10  # warn when more than this share of the trained elements lose their update in the save cast
+MASTER = "float32 master"  # the weights an evaluation used: the training state's, or "as saved, <dtype>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,22 +306,32 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+@locks_out("finetune")
 def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: TrainConfig,
              eval_data: str | Path | None = None, eval_every: int = 0, save_every: int = 0, keep: int = 2,
-             eval_dtype: str = "float32", mesh: Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+             eval_dtype: str = "float32", save_dtype: str | None = None, mesh: Mesh | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Fine-tune the HF model `init` on a JSONL file; resumable; the result is exported to `out/final/`.
 
     eval_data: JSONL evaluated (ftjax.evaluate.evaluate_loss, rows cut to config.max_len) at step 0, every
     `eval_every` steps and at the end, in `eval_dtype` compute (float32 by default, as `ftjax eval`; independent of
-    the training dtype); with `progress`, each evaluation also prints a line on stderr. save_every: Orbax
+    the training dtype); with `progress`, each evaluation also prints a line on stderr. Evaluations before the last
+    step use the float32 master weights; the last one uses the weights as written to final/ (after the cast to the
+    save dtype), so the log's final figure is that of the exported model; each log entry names its weights
+    (`eval_weights`). save_dtype: dtype of the floating tensors of final/ (float32, bfloat16 or float16; None: each
+    tensor in the init's dtype); a warning on stderr when the cast loses the update of more than LOST_UPDATE_WARN of
+    the elements training changed (the share is in the summary, "lost_update_share"). save_every: Orbax
     checkpoint period in steps (0: only at the end). keep: checkpoints kept on disk, the newest (0: none once the
     run has finished and final/ is written; final/ itself is never pruned). mesh: shard params, optimizer state
     (like the params) and batches over `data`/`fsdp` axes (None: one device). config.steps == 0 exports `init`
     unchanged through the same path (used by `recycle` for a pure transfer chain). Re-running a finished run (final/
-    complete) does nothing and returns its summary.
+    complete) does nothing and returns its summary. Resuming starts from the newest checkpoint that verifies (newer
+    ones a crash cut short are named on stderr and removed). `out` is locked while the run writes into it
+    (`ftjax.runlog.run_dir_lock`): a second process on the same directory stops with an error naming the first.
     Returns a summary: out, final, steps, resumed_from, data (rows, examples, truncated, skipped), loss (last step),
-    eval (last evaluation, with its dtype), nonpad_tokens_per_s (training throughput in non-padding input tokens,
-    evaluation and checkpoint time excluded; compilation too, except in a run of one step), seconds.
+    eval (last evaluation, with its dtype and weights), lost_update_share, nonpad_tokens_per_s (training throughput
+    in non-padding input tokens, evaluation and checkpoint time excluded; compilation too, except in a run of one
+    step), seconds.
     """
     from ftjax.io.checkpoint import HFCheckpoint, resolve_model_path
     from ftjax.layout import shardings_for
@@ -329,6 +344,8 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
                          f"{keep}")
     if eval_dtype not in EVAL_DTYPES:
         raise FtjaxError(f"--eval-dtype must be one of {', '.join(EVAL_DTYPES)}, got {eval_dtype!r}")
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise FtjaxError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     init_dir, out, data = resolve_model_path(init), Path(out), Path(data)
     hf_config = HFCheckpoint(init_dir).config
     cfg = ModelConfig.from_hf(hf_config)
@@ -344,17 +361,21 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
         if not resuming:
             (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     distributed.barrier("ftjax.finetune:recorded")
+    finished = resuming and (out / FINAL_DIR / "config.json").is_file()  # the export is atomic and comes last
+    latest = _newest_whole_checkpoint(out) if resuming and not finished else None
     manager = _manager(out, keep)
-    latest = manager.latest_step() if resuming else None
     summary = {"out": str(out), "final": str(out / FINAL_DIR), "steps": config.steps, "resumed_from": latest,
                "data": dataclasses.asdict(counts)}
-    if resuming and (out / FINAL_DIR / "config.json").is_file():  # finished (the export is atomic and comes last)
+    if finished:
         _close(manager, keep)
-        return {**summary, **last_metrics(out), "seconds": time.perf_counter() - t0}
+        return {**summary, **last_metrics(out), "resumed_from": manager.latest_step(),
+                "seconds": time.perf_counter() - t0}
 
     # -- state: float32 master params + optimizer state, sharded like the params
     _, params = load_params(init_dir, mesh=mesh)
-    out_dtypes = jax.tree.map(lambda x: x.dtype, params)
+    out_dtypes = jax.tree.map(lambda x: x.dtype if save_dtype is None or not is_float(x.dtype)
+                              else jnp.dtype(save_dtype), params)
+    saved_weights = "as saved, " + "/".join(sorted({str(dt) for dt in jax.tree.leaves(out_dtypes)}))
     optimizer = make_optimizer(config)
     key_data = jax.random.key_data(jax.random.key(config.seed))
 
@@ -383,14 +404,14 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
     # evaluations and checkpoint writes after it is "paused" and not counted.
     clock = {"t0": 0.0, "base": None, "tokens": 0, "paused": 0.0}
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int, params: Any, weights: str) -> None:
         from ftjax.evaluate import evaluate_loss
 
         began = time.perf_counter()
-        result = evaluate_loss(state["params"], cfg, eval_examples, batch_size=config.batch_size,
+        result = evaluate_loss(params, cfg, eval_examples, batch_size=config.batch_size,
                                max_len=config.max_len, dtype=eval_dtype, mesh=mesh)
         keys = ("loss", "ppl", "tokens", "exact_match", "acc", "acc_norm")
-        summary["eval"] = {**{k: result[k] for k in keys if k in result}, "dtype": eval_dtype}
+        summary["eval"] = {**{k: result[k] for k in keys if k in result}, "dtype": eval_dtype, "weights": weights}
         log.write({"step": step, **{f"eval_{k}": v for k, v in summary["eval"].items()}})
         log.line(eval_line(step, summary["eval"]))
         clock["paused"] += time.perf_counter() - began
@@ -423,7 +444,7 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
 
     try:
         if eval_examples is not None and start == 0:
-            evaluate(0)
+            evaluate(0, state["params"], MASTER)
         clock["t0"] = time.perf_counter()
         pending = None
         for step in range(start, config.steps):
@@ -440,16 +461,82 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, config: Tra
             if do_eval or do_save:
                 record_metrics(*pending)
                 pending = None
-                if do_eval:
-                    evaluate(done)
+                if do_eval and done == config.steps:  # the model as final/ will hold it
+                    evaluate(done, cast_params_to(state["params"], out_dtypes), saved_weights)
+                elif do_eval:
+                    evaluate(done, state["params"], MASTER)
                 if do_save:
                     save(done)
     finally:
         log.close()
-    final = jax.tree.map(lambda x, dt: x.astype(dt), state["params"], out_dtypes)
-    save_params(final, out / FINAL_DIR, config=hf_config, aux_from=init_dir, overwrite=True, inputs=[init_dir])
+    final = cast_params_to(state["params"], out_dtypes)
+    _, init_params = load_params(init_dir, mesh=mesh)
+    summary["lost_update_share"] = lost = lost_update_share(init_params, state["params"], final)
+    del init_params
+    save_params(final, out / FINAL_DIR, config=hf_config, aux_from=init_dir, dtype=save_dtype, overwrite=True,
+                inputs=[init_dir])
+    if lost > LOST_UPDATE_WARN and distributed.is_main():
+        print(f"ftjax: warning: {out / FINAL_DIR}: {lost:.1%} of the weights training changed were written equal to "
+              f"the init's ({saved_weights}): their updates were smaller than half a unit of the save dtype and were "
+              "lost in the cast; --save-dtype float32 keeps them", file=sys.stderr)
     _close(manager, keep)
     return {**summary, "seconds": time.perf_counter() - t0}
+
+
+def cast_params_to(params: Any, dtypes: Any) -> Any:
+    """`params` with each leaf cast to the dtype at the same place in `dtypes` (a tree of the same structure)."""
+    return jax.tree.map(lambda x, dt: x.astype(dt), params, dtypes)
+
+
+def lost_update_share(init: Any, master: Any, saved: Any) -> float:
+    """Share (0..1) of the elements training changed (float32 `master` != `init`) whose value in `saved` (the
+    master cast to the save dtype) still equals the init's: updates smaller than half a unit of the save dtype,
+    lost in the cast. 0.0 when training changed nothing. Trees of the same structure, any dtypes."""
+    counts = distributed.to_host(_count_lost(init, master, saved))  # per tensor: int32 sums cannot overflow
+    changed, lost = sum(int(c) for c, _ in counts), sum(int(n) for _, n in counts)
+    return lost / changed if changed else 0.0
+
+
+@jax.jit
+def _count_lost(init: Any, master: Any, saved: Any) -> list[tuple[jax.Array, jax.Array]]:
+    counts = []
+    for i, m, s in zip(jax.tree.leaves(init), jax.tree.leaves(master), jax.tree.leaves(saved)):
+        moved = m != i.astype(m.dtype)
+        counts.append((jnp.sum(moved, dtype=jnp.int32), jnp.sum(moved & (s == i.astype(s.dtype)), dtype=jnp.int32)))
+    return counts
+
+
+def _newest_whole_checkpoint(out: Path) -> int | None:
+    """The newest step under out/checkpoints that verifies (`ftjax.io.orbax.verify_step`), None when there is none
+    (the run starts from step 0). Newer ones that do not verify (a crash or a disk fault cut them short) are named
+    on stderr and removed, so the run re-creates them. FtjaxError when none verifies although one was completed
+    (has its STEP_COMPLETE marker): a whole checkpoint was damaged afterwards, and starting over is the user's call."""
+    import shutil
+
+    from ftjax.io.orbax import STEP_COMPLETE, verify_step
+
+    root = out / CKPT_DIR
+    steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True) \
+        if root.is_dir() else []
+    problems = []
+    for step in steps:
+        problem = verify_step(root / str(step))
+        if problem is None:
+            break
+        problems.append(f"{step}: {problem}")
+    else:
+        step = None
+    if step is None and any((root / str(s) / STEP_COMPLETE).is_file() for s in steps):
+        raise FtjaxError(f"{root}: no checkpoint verifies ({'; '.join(problems)}); remove {out} (or resume from a "
+                         "copy of a whole checkpoint) and start again")
+    distributed.barrier("ftjax.finetune:verified")  # every process has verified before process 0 removes
+    if problems and distributed.is_main():
+        for bad in steps[:len(problems)]:
+            shutil.rmtree(root / str(bad))
+        print(f"ftjax: warning: {root}: skipped checkpoint(s) that do not verify ({'; '.join(problems)}); removed "
+              f"them and resuming from step {step or 0}", file=sys.stderr)
+    distributed.barrier("ftjax.finetune:pruned")
+    return step
 
 
 def _close(manager: ocp.CheckpointManager, keep: int) -> None:
@@ -467,11 +554,16 @@ def _meta(step: int, rows: Rows, tcfg: TrainConfig) -> dict:
 
 
 def _save(manager: ocp.CheckpointManager, state: dict, step: int, rows: Rows, tcfg: TrainConfig) -> None:
+    from ftjax.io.orbax import mark_step_complete
+
     args = ocp.args.Composite(state=ocp.args.StandardSave(_to_saved(state)),
                               meta=ocp.args.JsonSave(_meta(step, rows, tcfg)))
     try:
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
+        if distributed.is_main():
+            mark_step_complete(Path(manager.directory) / str(step))  # written last: the step is whole
+        distributed.barrier(f"ftjax.finetune:saved:{step}")
     except OSError as e:
         raise FtjaxError(f"writing checkpoint {step} under {manager.directory} failed: {e.strerror or e}") from None
 

@@ -1,4 +1,5 @@
-"""ftjax.recycle: two versions iterative == direct; zero steps => transfer-then-finetune == transfer; plot-curves."""
+"""ftjax.recycle: two versions iterative == direct; three versions == Algorithm 1's formula, bit for bit; zero steps
+=> transfer-then-finetune == transfer; plot-curves."""
 
 import json
 from pathlib import Path
@@ -85,3 +86,49 @@ def test_zero_steps_transfer_then_finetune_equals_transfer(versions, tmp_path):
     summary = recycle([m1, m2], data, tmp_path / "rec", config=TrainConfig(steps=0, max_len=32), progress=False)
     _assert_same_bits(m2, summary["versions"][1]["final"])  # M1* = M1, so Δ = 0 and M2* = M2 exactly
     assert "M2*" in (tmp_path / "rec" / "summary.md").read_text()
+
+
+def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float64 -> bfloat16 rounded once, to nearest even: to float32 rounding to odd (toward zero, lowest bit set
+    when inexact), then float32 -> bfloat16 to nearest even (correct with the 16 spare bits)."""
+    import ml_dtypes
+
+    f = x.astype(np.float32)
+    f = np.where(np.abs(f.astype(np.float64)) > np.abs(x), np.nextafter(f, np.float32(0)), f)
+    inexact = (f.astype(np.float64) != x).astype(np.uint32)
+    return (f.view(np.uint32) | inexact).view(np.float32).astype(ml_dtypes.bfloat16)
+
+
+def test_three_versions_iterative_is_algorithm_1_bit_for_bit(versions, tmp_path):
+    """Algorithm 1 over M1, M2, M3 against its formula: M1* = FT(M1), Mi* = FT(Mi + (M(i-1)* - M(i-1))), the sum
+    formed exactly (float64: bfloat16 operands) and rounded once to bfloat16, FT = `finetune` with the same recipe.
+    With three versions iterative and direct differ: M3's Δ carries M1's fine-tuning only in iterative mode."""
+    root, (m1, m2), data = versions
+    m3 = make_hf_model(root / "M3", seed=3, dtype="bfloat16")
+    tcfg = TrainConfig(steps=2, lr=1e-3, batch_size=4, max_len=32, warmup=0)
+    got = recycle([m1, m2, m3], data, tmp_path / "iterative", config=tcfg, mode="iterative", keep=0, progress=False)
+
+    def plus_delta(target: Path, tuned: Path, base: Path, out: Path) -> Path:
+        t, f, b = _tensors(target), _tensors(tuned), _tensors(base)
+        exact = {n: t[n].astype(np.float64) + (f[n].astype(np.float64) - b[n].astype(np.float64)) for n in t}
+        out.mkdir()
+        for aux in ("config.json", "generation_config.json"):
+            if (target / aux).is_file():
+                (out / aux).write_bytes((target / aux).read_bytes())
+        import safetensors.numpy
+
+        safetensors.numpy.save_file({n: _round_to_bfloat16(x) for n, x in exact.items()},
+                                    str(out / "model.safetensors"))
+        return out
+
+    star = Path(finetune(m1, data, tmp_path / "ref1", config=tcfg, keep=0, progress=False)["final"])
+    _assert_same_bits(star, got["versions"][0]["final"])
+    for i, (base, prev) in enumerate([(m2, m1), (m3, m2)], start=2):
+        init = plus_delta(base, star, prev, tmp_path / f"ref_init{i}")
+        _assert_same_bits(init, got["versions"][i - 1]["init"])
+        star = Path(finetune(init, data, tmp_path / f"ref{i}", config=tcfg, keep=0, progress=False)["final"])
+        _assert_same_bits(star, got["versions"][i - 1]["final"])
+
+    direct = recycle([m1, m2, m3], data, tmp_path / "direct", config=tcfg, mode="direct", keep=0, progress=False)
+    a, b = _tensors(direct["versions"][2]["final"]), _tensors(star)
+    assert any(a[n].tobytes() != b[n].tobytes() for n in a)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def test_killed_run_resumes_bitwise(setup, tmp_path):
     proc = subprocess.Popen(_cli("finetune", *common, "--out", str(out)), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / "checkpoints" / "2" / "ftjax_complete.json").is_file() and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -246,3 +248,77 @@ def test_mesh_and_remat_match_single_device(setup, tmp_path):
     assert batch_sharding(mesh, 4).spec == PartitionSpec(None, ("data", "fsdp"), None)
     assert isinstance(batch_sharding(mesh, 2), NamedSharding) and batch_sharding(mesh, 2).spec[1] == "data"
     assert batch_sharding(mesh, 3).spec[1] is None
+
+
+def test_resume_skips_checkpoints_a_crash_cut_short(setup, tmp_path, capsys):
+    """The newest checkpoint truncated (or missing a file): resume from the newest one that verifies, say which was
+    skipped and why, end with the same bits as an uninterrupted run; none verifies: one line naming the directory."""
+    _, model, data = setup
+    tcfg = TrainConfig(steps=6, lr=1e-3, warmup=0, batch_size=2, max_len=32)
+    whole = finetune(model, data, tmp_path / "a", config=tcfg, save_every=2, keep=3, progress=False)
+    run = tmp_path / "b"
+    finetune(model, data, run, config=tcfg, save_every=2, keep=3, progress=False)
+    shutil.rmtree(run / "final")  # as if killed after the last checkpoint, while a disk fault truncated it
+
+    def corrupt(step: int, how: str) -> None:
+        files = sorted((p for p in (run / "checkpoints" / str(step) / "state").rglob("*") if p.is_file()),
+                       key=lambda p: p.stat().st_size)
+        if how == "truncate":
+            files[-1].write_bytes(files[-1].read_bytes()[:-7])
+        else:
+            files[-1].unlink()
+
+    corrupt(6, "truncate")
+    corrupt(4, "delete")
+    capsys.readouterr()
+    resumed = finetune(model, data, run, config=tcfg, save_every=2, keep=3, progress=False)
+    err = capsys.readouterr().err
+    assert resumed["resumed_from"] == 2
+    assert "skipped checkpoint(s)" in err and "6: " in err and "4: " in err and "is missing" in err, err
+    assert "bytes" in err and "resuming from step 2" in err
+    a, b = _tensors(Path(whole["final"])), _tensors(run / "final")
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+    assert read_curves(tmp_path / "a") == read_curves(run)
+
+    shutil.rmtree(run / "final")
+    for step in (2, 4, 6):
+        corrupt(step, "truncate")
+    assert main(["finetune", "--init", str(model), "--data", str(data), "--steps", "6", "--lr", "1e-3", "--warmup",
+                 "0", "--batch-size", "2", "--max-len", "32", "--save-every", "2", "--keep", "3", "--out",
+                 str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftjax: error:") and err.count("\n") == 1 and str(run / "checkpoints") in err, err
+    assert "no checkpoint verifies" in err
+
+    for step in (2, 4, 6):  # saves a kill cut short before they completed: start again from step 0
+        (run / "checkpoints" / str(step) / "ftjax_complete.json").unlink()
+    again = finetune(model, data, run, config=tcfg, save_every=2, keep=3, progress=False)
+    assert again["resumed_from"] is None and "resuming from step 0" in capsys.readouterr().err
+    b = _tensors(run / "final")
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def test_second_process_on_a_run_directory_is_refused_naming_the_first(setup, tmp_path):
+    """While one process holds a run directory (finetune or recycle), another exits 2 with one line naming its pid;
+    the lock goes with the process (a killed holder leaves nothing to clean up)."""
+    _, model, data = setup
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from ftjax.runlog import run_dir_lock\n"
+                               "with run_dir_lock(Path(sys.argv[1]), 'finetune'):\n"
+                               "    print('locked', flush=True); time.sleep(120)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for argv in (["finetune", "--init", str(model)], ["recycle", "--versions", str(model)]):
+            second = subprocess.run(_cli(*argv, "--data", str(data), "--steps", "1", "--out", str(out), "--quiet"),
+                                    cwd=ROOT, capture_output=True, text=True,
+                                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.count("\n") == 1 and f"process {holder.pid}" in second.stderr, second.stderr
+            assert str(out) in second.stderr and "Traceback" not in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    tcfg = TrainConfig(steps=1, lr=1e-3, batch_size=2, max_len=32)
+    assert Path(finetune(model, data, out, config=tcfg, progress=False)["final"]).is_dir()  # free again

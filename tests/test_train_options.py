@@ -155,3 +155,85 @@ def test_runs_that_differ_in_lr_steps_or_seed_compile_the_step_once(setup, tmp_p
              progress=False)
     assert first >= 1 and traced["n"] == first
     assert TrainConfig(steps=2, lr=1e-3, seed=0).step_config == TrainConfig(steps=9, lr=1.0, seed=3).step_config
+
+
+def test_final_eval_scores_the_model_as_saved_and_save_dtype(tmp_path_factory, capsys):
+    """bfloat16 init: the last evaluation is of final/ as written (`ftjax eval` on it gives the same loss), the log
+    names the weights of each evaluation, lost updates are counted and warned about; --save-dtype float32 keeps
+    the master weights bit for bit."""
+    root = tmp_path_factory.mktemp("save_dtype")
+    model = make_hf_model(root / "bf16", dtype="bfloat16")
+    make_tokenizer(model)
+    data, eval_data = write_jsonl(root / "train.jsonl", lm_rows(24, 0)), write_jsonl(root / "eval.jsonl", lm_rows(6, 1))
+    tcfg = TrainConfig(steps=4, lr=1e-4, warmup=0, batch_size=4, max_len=32)
+    run = finetune(model, data, root / "run", config=tcfg, eval_data=eval_data, eval_every=2, progress=True)
+    err = capsys.readouterr().err
+    evals = [e for e in _log(root / "run") if "eval_loss" in e]
+    assert [(e["step"], e["eval_weights"]) for e in evals] == [(0, "float32 master"), (2, "float32 master"),
+                                                               (4, "as saved, bfloat16")]
+    cfg, saved = load_params(root / "run" / "final")
+    assert {str(x.dtype) for x in jax.tree.leaves(saved)} == {"bfloat16"}
+    as_saved = evaluate_loss(saved, cfg, load_examples(eval_data, model, cfg), batch_size=4, max_len=32,
+                             dtype="float32")
+    assert evals[-1]["eval_loss"] == as_saved["loss"] == run["eval"]["loss"]
+    assert read_curves(root / "run")["eval_loss"][-1] == as_saved["loss"]
+    assert "weights: as saved, bfloat16" in err and "weights: float32 master" in err
+    assert run["lost_update_share"] > 0.1
+    assert f"{run['lost_update_share']:.1%} of the weights training changed" in err and "--save-dtype float32" in err
+
+    f32 = finetune(model, data, root / "f32", config=tcfg, eval_data=eval_data, eval_every=2, save_dtype="float32",
+                   progress=False)
+    cfg, master = load_params(root / "f32" / "final")
+    assert {str(x.dtype) for x in jax.tree.leaves(master)} == {"float32"} and f32["lost_update_share"] == 0.0
+    assert json.loads((root / "f32" / "final" / "config.json").read_text())["dtype"] == "float32"
+    assert [e["eval_weights"] for e in _log(root / "f32") if "eval_loss" in e][-1] == "as saved, float32"
+    # the same trajectory: the bfloat16 export is the float32 one rounded
+    for a, b in zip(jax.tree.leaves(master), jax.tree.leaves(saved)):
+        assert np.array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+    with pytest.raises(FtjaxError, match="--save-dtype must be one of"):
+        finetune(model, data, root / "bad", config=tcfg, save_dtype="int8", progress=False)
+
+
+def test_optimizer_steps_match_torch_adamw_with_weight_decay_and_clipping():
+    """train_step (float32) against torch.optim.AdamW fed the same gradients, clipped by torch's
+    clip_grad_norm_, weight decay on matrices only: updated params agree to ~1e-6 after each of two steps."""
+    import torch
+
+    from ftjax.data import examples_from_rows
+    from ftjax.params import flatten
+    from ftjax.rows import make_rows, training_examples
+    from ftjax.train import loss_sums
+
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **LLAMA})
+    tcfg = TrainConfig(steps=2, lr=1e-2, warmup=0, schedule="constant", batch_size=4, max_len=32, dtype="float32",
+                       weight_decay=0.1, clip=0.05, b1=0.8, b2=0.95, eps=1e-6)
+    rows = make_rows(training_examples(examples_from_rows(lm_rows(8), None), 32), 32)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    state = {"params": params, "opt_state": make_optimizer(tcfg).init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    ours = jax.jit(lambda s, b: train_step(s, b, jnp.float32(tcfg.lr), cfg=cfg, step_cfg=tcfg.step_config,
+                                           optimizer=make_optimizer(tcfg)))
+
+    def mean_loss(p, batch):
+        nll, weight = loss_sums(p, cfg, *(x[0] for x in batch))
+        return nll / weight
+
+    names = list(flatten(params))
+    torch_params = {n: torch.nn.Parameter(torch.tensor(np.asarray(x))) for n, x in flatten(params).items()}
+    groups = [{"params": [torch_params[n] for n in names if torch_params[n].ndim >= 2], "weight_decay": 0.1},
+              {"params": [torch_params[n] for n in names if torch_params[n].ndim < 2], "weight_decay": 0.0}]
+    reference = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.b1, tcfg.b2), eps=tcfg.eps)
+    for step in range(2):
+        batch = tuple(jnp.asarray(x) for x in step_batch(rows, step, 4, 1, 0))
+        grads = flatten(jax.grad(mean_loss)(state["params"], batch))
+        state, metrics = ours(state, batch)
+        for n, p in torch_params.items():
+            p.grad = torch.tensor(np.asarray(grads[n]))
+        norm = torch.nn.utils.clip_grad_norm_(list(torch_params.values()), tcfg.clip)
+        assert float(norm) > 2 * tcfg.clip  # clipping is active
+        np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm), rtol=1e-5)
+        reference.step()
+        got = flatten(state["params"])
+        for n in names:
+            np.testing.assert_allclose(np.asarray(got[n]), torch_params[n].detach().numpy(), rtol=0, atol=2e-6,
+                                       err_msg=f"{n} after step {step + 1}")

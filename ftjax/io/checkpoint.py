@@ -25,9 +25,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DIFF_MARKER = "ftjax_diff.json"  # written by `ftjax diff`: the directory holds ft - base, not a model
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# Directories ftjax writes that are not Hugging Face models (recognised where a model is opened, `_not_a_model`):
+ORBAX_MANIFEST = "ftjax_orbax.json"  # an `ftjax convert --to orbax` directory (ftjax.io.orbax)
+RUN_RECORD = "run.json"  # an `ftjax finetune` run directory (ftjax.runlog); its model is RUN/final
+ORBAX_STEP_MARKER = "_CHECKPOINT_METADATA"  # an Orbax CheckpointManager step, e.g. RUN/checkpoints/10
+_NOT_AUX = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md", ORBAX_MANIFEST}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
-_NOT_AUX = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
@@ -46,7 +50,18 @@ def hub_cache_dir() -> Path:
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike) -> Path:
     """An existing local model directory, or a Hub repo id ("org/name[@revision]") found in the local
-    HF cache (offline only: never touches the network). FtjaxError otherwise."""
+    HF cache (offline only: never touches the network). FtjaxError otherwise, also for a directory ftjax wrote
+    that is not a model (a finetune run directory, a training or Orbax checkpoint: the message names what to use)."""
+    path = _locate(path_or_repo_id)
+    problem = _not_a_model(path)
+    if problem:
+        raise FtjaxError(problem)
+    return path
+
+
+def _locate(path_or_repo_id: str | os.PathLike) -> Path:
+    """`resolve_model_path` for any input directory (an aux-file source, a path checked for nesting): no check
+    that it holds a model."""
     path = Path(path_or_repo_id)
     if path.is_dir():
         return path
@@ -66,6 +81,23 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike) -> Path:
         f"{text}: neither a directory nor a Hub repo in the local cache {cache}; "
         f"give a model directory, or download it first (e.g. `hf download {text}`)"
     )
+
+
+def _not_a_model(path: Path) -> str | None:
+    """The one-line error for a directory ftjax wrote that is not a model (a finetune run, its checkpoints, an
+    Orbax checkpoint), saying which model to pass instead; None for anything else."""
+    run = next((p for p in (path, path.parent, path.parent.parent) if (p / RUN_RECORD).is_file()), None)
+    if (path / ORBAX_MANIFEST).is_file():
+        return (f"{path} is an ftjax Orbax checkpoint, not a Hugging Face model; export it first: "
+                f"ftjax convert {path} OUT --to hf")
+    if (path / ORBAX_STEP_MARKER).is_file():
+        final = f"; the finished run's model is {run / 'final'}" if run is not None else ""
+        return (f"{path} is an Orbax training checkpoint, not a Hugging Face model; export it first: "
+                f"ftjax convert {path} OUT --to hf{final}")
+    if run is not None and not (path / "config.json").is_file():
+        return (f"{path} is (inside) an `ftjax finetune` run directory, not a model; use {run / 'final'} (the "
+                f"exported model) or export a checkpoint: ftjax convert {run}/checkpoints/STEP OUT --to hf")
+    return None
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -395,7 +427,7 @@ def _check_not_nested(out: Path, inputs: Iterable[str | os.PathLike | None]) -> 
             continue
         if not Path(inp).exists():  # maybe a Hub repo id: guard its cache snapshot too
             try:
-                inp = resolve_model_path(inp)
+                inp = _locate(inp)
             except FtjaxError:
                 continue
         real_in = Path(os.path.realpath(inp))
@@ -556,7 +588,7 @@ def save_hf(
 ) -> Path:
     """Atomically write a HF checkpoint dir: `tensors` (flat HF names -> arrays, stored in their own
     dtype, in dict order), `config` as config.json, and the aux files (tokenizer, ...) of `aux_from`."""
-    src = resolve_model_path(aux_from) if aux_from is not None else None
+    src = _locate(aux_from) if aux_from is not None else None
     infos = [TensorInfo(name, np.dtype(a.dtype), tuple(a.shape)) for name, a in tensors.items()]
     with atomic_output_dir(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
         if src is not None:

@@ -20,14 +20,85 @@ import orbax.checkpoint as ocp
 
 from ftjax.dtypes import is_float
 from ftjax.errors import FtjaxError, about_file
-from ftjax.io.checkpoint import RECORD_KEY, atomic_output_dir, copy_aux_files
+from ftjax.io.checkpoint import ORBAX_MANIFEST, ORBAX_STEP_MARKER, RECORD_KEY, atomic_output_dir, copy_aux_files
 from ftjax.io.safetensors import DTYPES, dtype_code
 
-MANIFEST = "ftjax_orbax.json"
+MANIFEST = ORBAX_MANIFEST
 
 
 def is_orbax_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_train_checkpoint(path: str | Path) -> bool:
+    """True for an `ftjax finetune` training checkpoint, RUN/checkpoints/STEP (an Orbax CheckpointManager step)."""
+    return (Path(path) / ORBAX_STEP_MARKER).is_file() and (Path(path) / "state").is_dir()
+
+
+STEP_COMPLETE = "ftjax_complete.json"  # written last into a training checkpoint: {file: [bytes, sha256]}
+
+
+def _file_digests(step_dir: Path) -> dict[str, list]:
+    import hashlib
+
+    digests = {}
+    ours = (STEP_COMPLETE, STEP_COMPLETE + ".tmp")
+    for file in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in ours):
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[file.relative_to(step_dir).as_posix()] = [file.stat().st_size, h.hexdigest()]
+    return digests
+
+
+def mark_step_complete(step_dir: str | Path) -> None:
+    """Record the size and SHA-256 of every file of a finished training checkpoint in STEP_COMPLETE, written last
+    and atomically (a crash before it leaves a checkpoint that `verify_step` refuses)."""
+    import os
+
+    step_dir = Path(step_dir)
+    tmp = step_dir / (STEP_COMPLETE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": "ftjax-step-complete", "files": _file_digests(step_dir)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / STEP_COMPLETE)
+
+
+def verify_step(step_dir: str | Path) -> str | None:
+    """None when a training checkpoint is whole (every file recorded by `mark_step_complete` is there with the
+    same size and SHA-256); otherwise why not, in a few words."""
+    step_dir = Path(step_dir)
+    try:
+        recorded = json.loads((step_dir / STEP_COMPLETE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {STEP_COMPLETE}: its save never completed"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {STEP_COMPLETE}"
+    actual = _file_digests(step_dir)
+    for name, (size, digest) in recorded.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name][0] != size:
+            return f"{name} has {actual[name][0]} bytes, {size} were written"
+        if actual[name][1] != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def restore_train_params(step_dir: str | Path) -> dict[str, Any]:
+    """The float32 master parameters (a nested HF-named tree of host arrays) of an `ftjax finetune` training
+    checkpoint RUN/checkpoints/STEP: its "state" item's "params". The whole train state is read (params and
+    the two AdamW moments: about 3x the parameters' size in host memory)."""
+    path = Path(step_dir) / "state"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            state = ckptr.restore(path.absolute())
+        return jax.tree.map(np.asarray, state["params"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FtjaxError(f"{path}: cannot restore the training checkpoint ({str(e).splitlines()[0]}); "
+                         "use another step of the run") from None
 
 
 def save_orbax(
