@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -390,7 +391,7 @@ COMMANDS = {
 # Commands that have fsynced and renamed everything they write when they return: `run` then ends the process at
 # once, skipping the interpreter's teardown of JAX (a measurable share of a short transfer: benchmarks/RESULTS.md).
 _FAST_EXIT = {"transfer", "merge", "diff", "apply"}
-_DONE = {"fast_exit": False}
+_DONE = {"fast_exit": False, "debug": False}
 
 
 class _Signalled(BaseException):
@@ -436,7 +437,10 @@ def _traceback_if_debug(e: BaseException, args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = parse_args(argv)
-    _DONE["fast_exit"] = False
+    _DONE["fast_exit"], _DONE["debug"] = False, _debug(args)
+    if _DONE["debug"]:
+        sys.unraisablehook = sys.__unraisablehook__
+        logging.getLogger("asyncio").setLevel(logging.NOTSET)
     gc_was_on = gc.isenabled()
     if args.command in _FAST_EXIT:
         gc.disable()  # a short run with few Python objects: cyclic GC passes only slow it (JAX's import most)
@@ -470,10 +474,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _quiet_unraisable(unraisable) -> None:
+    """Exceptions Python could not raise (a coroutine or future of a failed third-party read collected later):
+    already reported as the command's one-line error, so not printed again outside --debug."""
+
+
 def run(argv: Sequence[str] | None = None) -> None:
     """The console entry point (`ftjax ...`, `python -m ftjax.cli`, scripts/transfer.py): `main`, then exit."""
+    sys.unraisablehook = _quiet_unraisable  # main restores Python's own under --debug
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     code = main(argv)
-    if _DONE["fast_exit"]:
+    # After an error the one-line message is all the user should see: a failed third-party read can leave futures
+    # and coroutines whose garbage collection at interpreter teardown prints pages of tracebacks (Orbax's
+    # TensorStore reads do), so the process ends without that teardown unless --debug asked for everything.
+    if _DONE["fast_exit"] or (code != 0 and not _DONE["debug"]):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
