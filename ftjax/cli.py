@@ -86,7 +86,7 @@ def _cmd_extract_lora(args) -> None:
 
     report = extract_lora(args.base, args.ft, args.out, rank=args.rank, energy=args.energy,
                           target_modules=args.target_modules, skip=args.skip, diff=args.diff,
-                          overwrite=args.overwrite, progress=not (args.quiet or args.json))
+                          overwrite=args.overwrite, plot=args.plot, progress=not (args.quiet or args.json))
     _print_report(report, args)
 
 

@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=_regex, action="append", default=[], metavar="REGEX",
                    help="leave tensors matching REGEX out (repeatable; reported), e.g. 'embed_tokens|lm_head|norm'; "
                         "otherwise changed embeddings, lm_head and norms are saved whole (modules_to_save)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (only once the new one is complete)")
+    p.add_argument("--plot", action="store_true",
+                   help="also write rank_error.png/.pdf in OUT: relative error against rank for a few modules")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 

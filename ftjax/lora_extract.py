@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +41,7 @@ from ftjax.outputs import CHUNK_ELEMS, provenance
 RECORD = "ftjax_extract_lora.json"
 EXACT_MAX = 1024  # exact SVD when the smaller side of Δ is at most this
 OVERSAMPLE, POWER_ITERS, SEED = 16, 4, 0
+PLOT, PLOTTED = "rank_error", 4  # --plot: file stem in the adapter dir, modules plotted
 
 
 @dataclasses.dataclass
@@ -56,6 +58,7 @@ class ExtractReport:
     adapter_bytes: int = 0
     diff_bytes: int = 0
     seconds: float = 0.0
+    curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with plot: error at rank 1, 2, ...
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,11 +104,12 @@ def _energy_rank(s: np.ndarray, total: float, energy: float) -> int | None:
     return int(hit[0]) + 1 if hit.size else None
 
 
-def factorize(d: np.ndarray, *, rank: int | None = None, energy: float | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                                               dict[str, Any]]:
+def factorize(d: np.ndarray, *, rank: int | None = None,
+              energy: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """B [out, k] = U_k·S_k and A [k, in] = V_kᵀ (float32) of Δ = `d` [out, in] (float32, nonzero), at `rank`
-    (capped at min(out, in)) or at the smallest rank keeping `energy` of ‖Δ‖²_F; and the stats (rank, rel_error,
-    energy_kept, method)."""
+    (capped at min(out, in)) or at the smallest rank keeping `energy` of ‖Δ‖²_F; the stats (rank, rel_error,
+    energy_kept, method); and the error curve: sqrt(1 − Σ_{i<j} s_i²/‖Δ‖²) at ranks j = 1 .. (singular values
+    computed), float64."""
     m, n = d.shape
     full = min(m, n)
     total = float(np.sum(d.astype(np.float64) ** 2))
@@ -126,13 +130,14 @@ def factorize(d: np.ndarray, *, rank: int | None = None, energy: float | None = 
                 k = _energy_rank(s, total, energy) or full
                 break
             width *= 2
+    curve = np.sqrt(np.clip(1 - np.cumsum(s.astype(np.float64) ** 2) / total, 0, None))
     s = s[:k]
     b = (u[:, :k] * s).astype(np.float32)
     a = np.ascontiguousarray(vt[:k]).astype(np.float32)
     res = d - np.matmul(b, a)
     stats = {"rank": int(k), "rel_error": float(math.sqrt(float(np.sum(res.astype(np.float64) ** 2)) / total)),
              "energy_kept": float(min(np.sum(s.astype(np.float64) ** 2) / total, 1.0)), "method": method}
-    return b, a, stats
+    return b, a, stats, curve
 
 
 def _check_args(rank: int | None, energy: float | None) -> None:
@@ -210,14 +215,15 @@ def _target_modules(modules: list[str], all_linear: list[str]) -> list[str]:
 def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, out: str | os.PathLike, *,
                  rank: int | None = None, energy: float | None = None, target_modules: Sequence[str] | None = None,
                  skip: Sequence[str] = (), diff: str | os.PathLike | None = None, overwrite: bool = False,
-                 progress: bool = True) -> ExtractReport:
+                 plot: bool = False, progress: bool = True) -> ExtractReport:
     """Write ft − base (or the `ftjax diff` directory `diff`) as a PEFT LoRA adapter directory at `out`.
 
     rank: the LoRA rank r (an int >= 1, capped per module at min(out, in)); or energy in (0, 1]: per module the
     smallest rank keeping that share of ‖Δ‖²_F. target_modules: module names or suffixes (PEFT's list rule) to
     factorize; default every 2-D linear weight. skip: regexes of tensor names to leave out (reported). Changed
     embeddings, lm_head and norms are saved whole (modules_to_save); with `diff` and no `base` they cannot be (no
-    fine-tuned values) and are left out. See the module docstring for the factors and the SVD."""
+    fine-tuned values) and are left out. plot: also write PLOT.png/.pdf in `out`, the relative error against the
+    rank of up to PLOTTED modules spread over the layers. See the module docstring for the factors and the SVD."""
     t0 = time.perf_counter()
     _check_args(rank, energy)
     skips = [re.compile(p) for p in skip]
@@ -232,19 +238,23 @@ def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, o
     inputs = [c.path for c in (b, f, d) if c is not None]
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        plotted = {linear[round(j * (len(linear) - 1) / (PLOTTED - 1))] for j in range(PLOTTED)} if linear else set()
         for i, n in enumerate(linear):
+            if progress:
+                print(f"\rftjax extract-lora: {i + 1}/{len(linear)} {_module_name(n)}", end="", flush=True,
+                      file=sys.stderr)
             delta = _delta(b, f, d, n)
             if not np.any(delta):
                 report.left_out[n] = "unchanged"
                 continue
-            bm, am, stats = factorize(delta, rank=rank, energy=energy)
+            bm, am, stats, curve = factorize(delta, rank=rank, energy=energy)
             del delta
+            if plot and n in plotted:
+                report.curves[_module_name(n)] = curve.tolist()
             factors[_module_name(n)] = (bm, am)
             report.modules.append({"module": _module_name(n), "shape": list(lb.shapes[n]), **stats})
-            if progress:
-                print(f"\rftjax extract-lora: {i + 1}/{len(linear)} {_module_name(n)}", end="", flush=True)
         if progress and linear:
-            print()
+            print(file=sys.stderr)
         saved = []
         for n in whole:
             if not _changed(b, f, d, n):
@@ -277,13 +287,20 @@ def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, o
                   "use_rslora": False, "fan_in_fan_out": False, "lora_dropout": 0.0, "init_lora_weights": True,
                   "inference_mode": True}
         write_json(tmp / ADAPTER_CONFIG, config)
+        own = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECORD]
+        if plot and report.curves:
+            from ftjax.plots import plot_rank_error
+
+            ranks_of = {m["module"]: m["rank"] for m in report.modules}
+            own += [p.name for p in plot_rank_error({m: (c, ranks_of[m]) for m, c in report.curves.items()},
+                                                    tmp / PLOT)]
         report.adapter_bytes = (tmp / ADAPTER_WEIGHTS).stat().st_size
         report.seconds = time.perf_counter() - t0
         record = provenance("extract-lora", report.inputs, {}, rank=rank, energy=energy,
                             target_modules=list(target_modules) if target_modules is not None else None,
                             skip=list(skip), factors="B = U_k S_k, A = V_k^T (float32), lora_alpha = r: scaling 1")
         write_json(tmp / RECORD, {**record, "report": report.to_dict(),
-                                  RECORD_KEY: sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECORD])})
+                                  RECORD_KEY: sorted(own)})
     return report
 
 

@@ -173,3 +173,24 @@ def test_cli_json_report_and_overwrite(base, ft, tmp_path, capsys):
         "adapter_config.json", "adapter_model.safetensors", "ftjax_extract_lora.json"]
     assert main(args[:-1] + ["--overwrite"]) == 0
     assert "rel_error" in capsys.readouterr().out
+
+
+def test_nothing_to_extract_is_an_error(base, tmp_path, capsys):
+    code = main(["extract-lora", "--base", str(base), "--ft", str(base), "--out", str(tmp_path / "ad"), "--rank", "2",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing to extract" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_rank_error(base, ft, tmp_path):
+    rep = extract_lora(base, ft, tmp_path / "ad", rank=RANK, plot=True, progress=False)
+    assert 2 <= len(rep.curves) <= lora_extract.PLOTTED
+    for module, errors in rep.curves.items():  # the error curve is the truncation error: ~0 from rank RANK on
+        assert errors[0] > 0.1 and max(errors[RANK - 1:]) < 1e-5 and np.all(np.diff(errors) <= 1e-12), module
+    png = tmp_path / "ad" / "rank_error.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "ad" / "rank_error.pdf").is_file()
+    record = json.loads((tmp_path / "ad" / "ftjax_extract_lora.json").read_text())
+    assert "rank_error.png" in record["files"]
+    extract_lora(base, ft, tmp_path / "ad", rank=RANK, overwrite=True, progress=False)  # its own plot is replaced
+    assert not png.exists()
