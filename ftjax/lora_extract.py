@@ -9,7 +9,9 @@ truncated SVD, written as a PEFT adapter directory that `peft.PeftModel.from_pre
   Gaussian sketch with OVERSAMPLE extra columns, POWER_ITERS power iterations with QR, fixed key), on the default
   JAX device. With `energy` the sketch doubles until it holds the energy (exact SVD past half the matrix).
 - Other changed float tensors (embeddings, lm_head, norms) are saved whole as `modules_to_save`
-  (`base_model.model.<module>.weight`, as PEFT saves them), or left out with `skip` and reported. Biases and other
+  (`base_model.model.<module>.weight`, as PEFT saves them), or left out with `skip` and reported. A tied model's
+  changed embedding is saved as both embed_tokens and lm_head with `ensure_weight_tying` (PEFT then ties the two
+  copies; without it PEFT's lm_head would keep the base's embedding). Biases and other
   tensors PEFT cannot hold as a LoRA or whole module are left out and reported; so are unchanged modules.
 - Memory: one Δ at a time (plus the factors, the adapter's size); whole tensors are streamed by row blocks.
 - Output: written atomically (a temp sibling renamed at the end), with `ftjax_extract_lora.json` recording it.
@@ -34,7 +36,7 @@ import numpy as np
 from ftjax.errors import FtjaxError, finite
 from ftjax.io.checkpoint import DIFF_MARKER, RECORD_KEY, HFCheckpoint, _read_json, atomic_output_dir, write_json
 from ftjax.io.safetensors import SafetensorsWriter, TensorInfo
-from ftjax.layout import Layout, is_vocab
+from ftjax.layout import EMBED, LM_HEAD, Layout, is_vocab
 from ftjax.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from ftjax.outputs import CHUNK_ELEMS, provenance
 
@@ -180,6 +182,9 @@ def _plan(lb: Layout, lf: Layout, skip: Sequence[re.Pattern], targets: Sequence[
     problems = [f"{n} is {lf.shapes[n]} in ft, {lb.shapes[n]} in base" for n in lb.names
                 if n in lf.shapes and lf.shapes[n] != lb.shapes[n] and not any(r.search(n) for r in skip)]
     problems += [f"{n} is missing in ft" for n in lb.names if n not in lf.shapes and not any(r.search(n) for r in skip)]
+    if lb.tied != lf.tied:
+        problems.append(f"the base {'ties' if lb.tied else 'does not tie'} lm_head to the embedding, ft "
+                        f"{'does' if lf.tied else 'does not'}")
     if problems:
         raise FtjaxError(f"base and ft do not match: {'; '.join(problems[:4])}; a LoRA adapter keeps the base's "
                          "shapes (leave such tensors out with --skip)")
@@ -262,8 +267,10 @@ def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, o
             if f is None:
                 report.left_out[n] = "changed, but a diff holds no fine-tuned values to save whole (give --ft)"
             else:
-                saved.append(n)
-        report.whole = [_module_name(n) for n in saved]
+                saved.append((_module_name(n), n))
+        if lb.tied and (_module_name(EMBED), EMBED) in saved:  # PEFT ties lm_head's copy to it when told to
+            saved.append((_module_name(LM_HEAD), EMBED))
+        report.whole = [m for m, _ in saved]
         if not factors and not saved:
             raise FtjaxError(f"nothing to extract: no selected tensor differs between {inputs[0]} and "
                              f"{inputs[-1]}; nothing was written")
@@ -272,20 +279,20 @@ def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, o
         pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
         infos = [TensorInfo(f"{PREFIX}{m}.lora_{ab}.weight", np.dtype(np.float32), x.shape)
                  for m, (bm, am) in factors.items() for ab, x in (("A", am), ("B", bm))]
-        infos += [TensorInfo(f"{PREFIX}{n}", f.info(n).dtype, tuple(f.info(n).shape)) for n in saved]
+        infos += [TensorInfo(f"{PREFIX}{m}.weight", f.info(n).dtype, tuple(f.info(n).shape)) for m, n in saved]
         with SafetensorsWriter(tmp / ADAPTER_WEIGHTS, infos) as w:
             for m, (bm, am) in factors.items():
                 w.write(f"{PREFIX}{m}.lora_A.weight", am)
                 w.write(f"{PREFIX}{m}.lora_B.weight", bm)
-            for n in saved:
+            for m, n in saved:
                 rows = max(1, CHUNK_ELEMS // max(1, math.prod(f.info(n).shape[1:])))
                 for r0 in range(0, f.info(n).shape[0], rows):
-                    w.write(f"{PREFIX}{n}", np.asarray(f.get_slice(n, (slice(r0, r0 + rows),))))
+                    w.write(f"{PREFIX}{m}.weight", np.asarray(f.get_slice(n, (slice(r0, r0 + rows),))))
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "rank_pattern": pattern,
                   "alpha_pattern": dict(pattern), "target_modules": _target_modules(list(factors), all_linear),
                   "modules_to_save": report.whole or None, "base_model_name_or_path": base_name, "bias": "none",
                   "use_rslora": False, "fan_in_fan_out": False, "lora_dropout": 0.0, "init_lora_weights": True,
-                  "inference_mode": True}
+                  "inference_mode": True, "ensure_weight_tying": _module_name(LM_HEAD) in report.whole}
         write_json(tmp / ADAPTER_CONFIG, config)
         own = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECORD]
         if plot and report.curves:

@@ -194,3 +194,18 @@ def test_plot_rank_error(base, ft, tmp_path):
     assert "rank_error.png" in record["files"]
     extract_lora(base, ft, tmp_path / "ad", rank=RANK, overwrite=True, progress=False)  # its own plot is replaced
     assert not png.exists()
+
+
+def test_tied_embedding_saved_for_lm_head_too(tmp_path):
+    """A tied model whose embedding changed: PEFT's output embedding must change with it (ensure_weight_tying)."""
+    base = make_hf_model(tmp_path / "base", seed=4, tie_word_embeddings=True)
+    low_rank_ft(base, tmp_path / "ft", extra=("model.embed_tokens.weight",))
+    rep = extract_lora(base, tmp_path / "ft", tmp_path / "ad", rank=RANK, progress=False)
+    assert rep.whole == ["model.embed_tokens", "lm_head"]
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["ensure_weight_tying"] is True
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    ft_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32)
+    with torch.no_grad():
+        got, want = peft_model(base, tmp_path / "ad")(input_ids=ids).logits, ft_model(input_ids=ids).logits
+    assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
