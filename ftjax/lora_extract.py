@@ -11,8 +11,8 @@ truncated SVD, written as a PEFT adapter directory that `peft.PeftModel.from_pre
 - Other changed float tensors (embeddings, lm_head, norms) are saved whole as `modules_to_save`
   (`base_model.model.<module>.weight`, as PEFT saves them), or left out with `skip` and reported. A tied model's
   changed embedding is saved as both embed_tokens and lm_head with `ensure_weight_tying` (PEFT then ties the two
-  copies; without it PEFT's lm_head would keep the base's embedding). Biases and other
-  tensors PEFT cannot hold as a LoRA or whole module are left out and reported; so are unchanged modules.
+  copies; without it PEFT's lm_head would keep the base's embedding). Changed biases are saved whole with
+  bias="all" (the LoRA layer's `base_layer.bias` when its module is adapted). Unchanged modules are left out.
 - Memory: one Δ at a time (plus the factors, the adapter's size); whole tensors are streamed by row blocks.
 - Output: written atomically (a temp sibling renamed at the end), with `ftjax_extract_lora.json` recording it.
 """
@@ -56,6 +56,7 @@ class ExtractReport:
     inputs: dict[str, str]
     modules: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     whole: list[str] = dataclasses.field(default_factory=list)
+    biases: list[str] = dataclasses.field(default_factory=list)  # changed biases, saved whole (PEFT's bias="all")
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)
     adapter_bytes: int = 0
     diff_bytes: int = 0
@@ -77,6 +78,7 @@ class ExtractReport:
             lines.append(f"  {m['module']:<44} {shape:>12} {m['rank']:>5} {m['rel_error']:>10.2e} "
                          f"{m['energy_kept']:>8.4f}")
         lines += [f"  whole (modules_to_save): {name}" for name in self.whole]
+        lines += [f"  bias (bias=all): {name}" for name in self.biases]
         lines += [f"  left out: {name} ({why})" for name, why in self.left_out.items()]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -178,7 +180,7 @@ def _inputs(base, ft, diff) -> tuple[HFCheckpoint | None, HFCheckpoint | None, H
 
 def _plan(lb: Layout, lf: Layout, skip: Sequence[re.Pattern], targets: Sequence[str] | None,
           report: ExtractReport) -> tuple[list[str], list[str]]:
-    """(linear tensors to factorize, candidate whole tensors); the rest recorded in report.left_out."""
+    """(linear tensors to factorize, candidate whole tensors: weights and biases); the rest in report.left_out."""
     problems = [f"{n} is {lf.shapes[n]} in ft, {lb.shapes[n]} in base" for n in lb.names
                 if n in lf.shapes and lf.shapes[n] != lb.shapes[n] and not any(r.search(n) for r in skip)]
     problems += [f"{n} is missing in ft" for n in lb.names if n not in lf.shapes and not any(r.search(n) for r in skip)]
@@ -199,9 +201,7 @@ def _plan(lb: Layout, lf: Layout, skip: Sequence[re.Pattern], targets: Sequence[
                 linear.append(n)
             else:
                 report.left_out[n] = "not in --target-modules"
-        elif n.endswith(".bias"):
-            report.left_out[n] = "a bias (a LoRA adapter holds none)"
-        elif not n.endswith(".weight"):
+        elif not n.endswith((".weight", ".bias")):
             report.left_out[n] = "not a module weight"
         else:
             whole.append(n)
@@ -260,17 +260,22 @@ def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, o
             report.modules.append({"module": _module_name(n), "shape": list(lb.shapes[n]), **stats})
         if progress and linear:
             print(file=sys.stderr)
-        saved = []
+        saved, biases = [], []  # (key after PREFIX, ft tensor)
         for n in whole:
             if not _changed(b, f, d, n):
                 continue
             if f is None:
                 report.left_out[n] = "changed, but a diff holds no fine-tuned values to save whole (give --ft)"
+            elif n.endswith(".bias"):  # PEFT's bias="all": saved under the LoRA layer's base_layer when wrapped
+                module = n.removesuffix(".bias")
+                biases.append((f"{module}.base_layer.bias" if module in factors else n, n))
             else:
-                saved.append((_module_name(n), n))
-        if lb.tied and (_module_name(EMBED), EMBED) in saved:  # PEFT ties lm_head's copy to it when told to
-            saved.append((_module_name(LM_HEAD), EMBED))
-        report.whole = [m for m, _ in saved]
+                saved.append((n, n))
+        if lb.tied and (EMBED, EMBED) in saved:  # PEFT ties lm_head's copy to it when told to
+            saved.append((LM_HEAD, EMBED))
+        report.whole = [_module_name(k) for k, _ in saved]
+        report.biases = [n for _, n in biases]
+        saved += biases
         if not factors and not saved:
             raise FtjaxError(f"nothing to extract: no selected tensor differs between {inputs[0]} and "
                              f"{inputs[-1]}; nothing was written")
@@ -279,18 +284,19 @@ def extract_lora(base: str | os.PathLike | None, ft: str | os.PathLike | None, o
         pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
         infos = [TensorInfo(f"{PREFIX}{m}.lora_{ab}.weight", np.dtype(np.float32), x.shape)
                  for m, (bm, am) in factors.items() for ab, x in (("A", am), ("B", bm))]
-        infos += [TensorInfo(f"{PREFIX}{m}.weight", f.info(n).dtype, tuple(f.info(n).shape)) for m, n in saved]
+        infos += [TensorInfo(f"{PREFIX}{k}", f.info(n).dtype, tuple(f.info(n).shape)) for k, n in saved]
         with SafetensorsWriter(tmp / ADAPTER_WEIGHTS, infos) as w:
             for m, (bm, am) in factors.items():
                 w.write(f"{PREFIX}{m}.lora_A.weight", am)
                 w.write(f"{PREFIX}{m}.lora_B.weight", bm)
-            for m, n in saved:
+            for k, n in saved:
                 rows = max(1, CHUNK_ELEMS // max(1, math.prod(f.info(n).shape[1:])))
                 for r0 in range(0, f.info(n).shape[0], rows):
-                    w.write(f"{PREFIX}{m}.weight", np.asarray(f.get_slice(n, (slice(r0, r0 + rows),))))
+                    w.write(f"{PREFIX}{k}", np.asarray(f.get_slice(n, (slice(r0, r0 + rows),))))
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "rank_pattern": pattern,
                   "alpha_pattern": dict(pattern), "target_modules": _target_modules(list(factors), all_linear),
-                  "modules_to_save": report.whole or None, "base_model_name_or_path": base_name, "bias": "none",
+                  "modules_to_save": report.whole or None, "base_model_name_or_path": base_name,
+                  "bias": "all" if biases else "none",
                   "use_rslora": False, "fan_in_fan_out": False, "lora_dropout": 0.0, "init_lora_weights": True,
                   "inference_mode": True, "ensure_weight_tying": _module_name(LM_HEAD) in report.whole}
         write_json(tmp / ADAPTER_CONFIG, config)

@@ -209,3 +209,23 @@ def test_tied_embedding_saved_for_lm_head_too(tmp_path):
     with torch.no_grad():
         got, want = peft_model(base, tmp_path / "ad")(input_ids=ids).logits, ft_model(input_ids=ids).logits
     assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
+
+
+def test_changed_biases_saved_with_bias_all(tmp_path):
+    """Qwen2's q/k/v biases: a changed bias of an adapted module (q_proj) and of a plain one (k_proj) both reach
+    PEFT's merge and forward."""
+    base = make_hf_model(tmp_path / "base", "qwen2", seed=5)
+    extra = ("model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.k_proj.bias")
+    f = low_rank_ft(base, tmp_path / "ft", extra=extra)
+    rep = extract_lora(base, tmp_path / "ft", tmp_path / "ad", rank=RANK, progress=False)
+    assert rep.biases == list(extra) and not any(n.endswith(".bias") for n in rep.left_out)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["bias"] == "all"
+    pm = peft_model(base, tmp_path / "ad")
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    ft_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32)
+    with torch.no_grad():
+        got, want = pm(input_ids=ids).logits, ft_model(input_ids=ids).logits
+    assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
+    merged = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    for name, w in f.items():
+        assert np.max(np.abs(merged[name] - w)) <= 1e-5 * max(np.max(np.abs(w)), 1.0), name
