@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
