@@ -189,6 +189,12 @@ def _plan(lb: Layout, lf: Layout, skip: Sequence[re.Pattern], targets: Sequence[
     if problems:
         raise FtjaxError(f"base and ft do not match: {'; '.join(problems[:4])}; a LoRA adapter keeps the base's "
                          "shapes (leave such tensors out with --skip)")
+    unmatched = [f"--skip {r.pattern!r}" for r in skip if not any(r.search(n) for n in lb.names)]
+    unmatched += [f"--target-modules {t!r}" for t in targets or () if not any(
+        _selected(_module_name(n), [t]) for n in lb.names if len(lb.shapes[n]) == 2 and not is_vocab(n))]
+    if unmatched:
+        raise FtjaxError(f"{', '.join(unmatched)} matches no tensor of the base; check the names "
+                         "(`ftjax inspect BASE` lists them)")
     linear, whole = [], []
     for n in lb.names:
         if any(r.search(n) for r in skip):

@@ -137,6 +137,8 @@ BAD = {
     "both": (["--rank", "2", "--energy", "0.9"], "give one of --rank"),
     "neither": ([], "give one of --rank"),
     "energy": (["--energy", "1.5"], "--energy must be in (0, 1]"),
+    "skip": (["--rank", "2", "--skip", "no_such_tensor"], "--skip 'no_such_tensor' matches no tensor"),
+    "targets": (["--rank", "2", "--target-modules", "q_proj,qproj"], "--target-modules 'qproj' matches no tensor"),
 }
 
 
