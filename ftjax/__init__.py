@@ -6,7 +6,8 @@ The public API, imported lazily (so `ftjax --help` does not start JAX):
     Model         ModelConfig, forward, init_params
     Transfer      ftjax.transfer.transfer (the module `ftjax.transfer` keeps its name), diff, apply,
                   transfer_params, and tree ops tree_diff, tree_add, tree_scale, tree_lerp, tree_norms, tree_cosine
-    LoRA          transfer_lora (an adapter onto a base; `apply` takes adapters too), load_adapter
+    LoRA          transfer_lora (an adapter onto a base; `apply` takes adapters too), load_adapter,
+                  extract_lora (a diff as an adapter)
     Merging       ftjax.merge.merge (a mergekit YAML config, streamed; the module keeps its name), merge_params
     Evaluation    evaluate_loss, generate_ids, evaluate_generation, render_chat
     Connectivity  scan, scan_along_diff, plane, barriers, diff_stats
@@ -47,6 +48,7 @@ _API = {
     "merge_params": "ftjax.merge",
     "transfer_lora": "ftjax.lora",
     "load_adapter": "ftjax.lora",
+    "extract_lora": "ftjax.lora_extract",
     "evaluate_loss": "ftjax.evaluate",
     "generate_ids": "ftjax.generate",
     "evaluate_generation": "ftjax.generate",
@@ -62,7 +64,8 @@ _API = {
 }
 
 _SUBMODULES = {"transfer", "treeops", "params", "model", "config", "evaluate", "data", "lmc", "stats", "plots",
-               "train", "recycle", "generate", "chat", "convert", "io", "demo", "streaming", "merge", "lora"}
+               "train", "recycle", "generate", "chat", "convert", "io", "demo", "streaming", "merge", "lora",
+               "lora_extract"}
 
 __all__ = ["FtjaxError", "__version__", *_API]
 

@@ -83,6 +83,15 @@ def _cmd_apply(args) -> None:
     _print_report(report, args)
 
 
+def _cmd_extract_lora(args) -> None:
+    from ftjax.lora_extract import extract_lora
+
+    report = extract_lora(args.base, args.ft, args.out, rank=args.rank, energy=args.energy,
+                          target_modules=args.target_modules, skip=args.skip, diff=args.diff,
+                          overwrite=args.overwrite, plot=args.plot, progress=not (args.quiet or args.json))
+    _print_report(report, args)
+
+
 def _cmd_convert(args) -> None:
     from ftjax.convert import convert
 
@@ -383,6 +392,7 @@ def _cmd_plot_curves(args) -> None:
 COMMANDS = {
     "finetune": _cmd_finetune, "recycle": _cmd_recycle, "plot-curves": _cmd_plot_curves,
     "transfer": _cmd_transfer, "merge": _cmd_merge, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
+    "extract-lora": _cmd_extract_lora,
     "inspect": _cmd_inspect, "eval": _cmd_eval, "scan": _cmd_scan, "plane": _cmd_plane,
     "stats": _cmd_stats, "demo": _cmd_demo, "generate": _cmd_generate,
 }

@@ -158,6 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     _add_transfer_flags(p)
 
+    p = sub.add_parser("extract-lora", help="write ft - base as a PEFT LoRA adapter (truncated SVD per linear "
+                                            "weight); report of rank, error and energy kept per module")
+    p.add_argument("--base", metavar="DIR|REPO", help="the base model (the adapter's base_model_name_or_path)")
+    p.add_argument("--ft", metavar="DIR|REPO", help="the fine-tuned model")
+    p.add_argument("--diff", metavar="DIR", help="instead of --ft: a diff written by `ftjax diff`")
+    p.add_argument("--out", required=True, type=Path, help="output directory (a PEFT adapter)")
+    p.add_argument("--rank", type=int, metavar="R", help="LoRA rank of every module (capped at its smaller side)")
+    p.add_argument("--energy", type=_finite, metavar="E",
+                   help="instead of --rank: per module the smallest rank keeping this share of ||Δ||²_F, in (0, 1]")
+    p.add_argument("--target-modules", type=lambda t: [m for m in t.split(",") if m], metavar="M1,M2",
+                   help="modules to factorize, by name or suffix (PEFT's rule), e.g. q_proj,v_proj (default: every "
+                        "2-D linear weight)")
+    p.add_argument("--skip", type=_regex, action="append", default=[], metavar="REGEX",
+                   help="leave tensors matching REGEX out (repeatable; reported), e.g. 'embed_tokens|lm_head|norm'; "
+                        "otherwise changed embeddings, lm_head and norms are saved whole (modules_to_save)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (only once the new one is complete)")
+    p.add_argument("--plot", action="store_true",
+                   help="also write rank_error.png/.pdf in OUT: relative error against rank for a few modules")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
     p = sub.add_parser("convert", help="Hugging Face directory <-> Orbax checkpoint, bit-exact")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)

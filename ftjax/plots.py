@@ -248,3 +248,26 @@ def plot_curves(runs: dict[str, dict[str, list]], stem: str | Path, title: str |
     _legend(ax, framealpha=0.5, fontsize=8)
     ax.set_title(title or "fine-tuning curves")
     return _save(fig, stem)
+
+
+def plot_rank_error(curves: dict[str, tuple[Any, int]], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Relative Frobenius error ‖Δ − B·A‖/‖Δ‖ of a truncated SVD against the LoRA rank, one line per module.
+
+    curves: module -> (errors at ranks 1, 2, ... (fractions), the rank chosen; marked); as `ftjax extract-lora
+    --plot` computes them (`ftjax.lora_extract.factorize`)."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for i, (module, (errors, rank)) in enumerate(curves.items()):
+        errors = np.asarray(errors, np.float64)
+        ranks = np.arange(1, len(errors) + 1)
+        ax.plot(ranks, np.maximum(errors, 1e-12), "-", color=f"C{i}", label=module)
+        if 1 <= rank <= len(errors):
+            ax.plot([rank], [max(errors[rank - 1], 1e-12)], "o", color=f"C{i}")
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("relative error ‖Δ − BA‖ / ‖Δ‖ (fraction)")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, framealpha=0.5, fontsize=7)
+    ax.set_title(title or "truncated SVD of each module's diff (dot: the rank written)", fontsize=9)
+    return _save(fig, stem)
