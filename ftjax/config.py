@@ -1,10 +1,11 @@
-"""ModelConfig: the numbers that define a Llama-family model, read from a Hugging Face config.json as transformers
-reads it.
+"""ModelConfig: the numbers that define a decoder model, read from a Hugging Face config.json as transformers reads it.
 
-Families: llama (1 / 2 / 3 / 3.1 / 3.2), mistral, qwen2 (Qwen2 / Qwen2.5), olmo2. The reference is transformers'
-modeling code for the family: `FAMILIES` lists, per family, every key that code reads and what transformers assumes
-when the key is absent (from transformers 5.24: `models/<family>/configuration_<family>.py` and
-`modeling_<family>.py`, `modeling_rope_utils.py`, `activations.py`, `modeling_utils.py`). A config is refused only
+Families (`ftjax.families`): llama, mistral, qwen2, qwen3, olmo2, olmo3, smollm3, gemma2, gemma3_text, phi3,
+granite. The reference is transformers' modeling code for the family: `FAMILIES` lists, per family, every key that
+code reads and what transformers assumes when the key is absent (from transformers 5.25:
+`models/<family>/configuration_<family>.py` and `modeling_<family>.py`, `modeling_rope_utils.py`, `activations.py`,
+`modeling_utils.py`). Mixture-of-experts families are refused by name (their routed forward is not implemented;
+transfer and merge are tensor-wise and work on them). A config is refused only
 where a key that code reads holds a value ftjax does not implement (a rope type, an activation, quantized weights,
 ...), since ftjax would then compute something else. Every other key -- leftovers of training frameworks,
 converters, web runtimes, or a field another family reads -- is inert: accepted, and reported by `read_config` so
@@ -19,44 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ftjax.errors import FtjaxError
+from ftjax.families import ARCHITECTURES, COMMON, FAMILIES, MOE, Keys, is_tied
+from ftjax.rope import LAYER_TYPES, ROPE_TYPES, RopeConfig  # noqa: F401 - public names of this module
 
-ROPE_TYPES = ("default", "linear", "llama3")
-LAYER_TYPES = ("full_attention", "sliding_attention")
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-# Read by every family's modeling code (and by PreTrainedModel: tie_word_embeddings, quantization_config).
 # dtype / torch_dtype and the token ids are read too, but only as checkpoint metadata (stored dtype, padding_idx
 # of the embedding at init, generation): they never change what the forward pass computes.
-_COMMON = (*_SIZES, "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
-           "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
-           "original_max_position_embeddings", "quantization_config")
 _METADATA = ("model_type", "architectures", "dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
              "initializer_range")
-
-
-@dataclass(frozen=True)
-class Family:
-    """One model_type: the class AutoModelForCausalLM builds, the keys its modeling code reads beyond `_COMMON`, and
-    the config class's defaults for keys config.json may leave out (`None`: derived, see `_from_hf`)."""
-
-    architecture: str
-    reads: tuple[str, ...]
-    defaults: Mapping[str, Any]
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM", ("attention_bias", "mlp_bias"), dict(
-        num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-6, attention_bias=False,
-        mlp_bias=False)),
-    "mistral": Family("MistralForCausalLM", ("sliding_window",), dict(
-        num_key_value_heads=8, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, sliding_window=4096)),
-    "qwen2": Family("Qwen2ForCausalLM", ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
-                    dict(num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                         use_sliding_window=False, sliding_window=4096, max_window_layers=28, layer_types=None)),
-    "olmo2": Family("Olmo2ForCausalLM", ("attention_bias",), dict(
-        num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-5, attention_bias=False)),
-}
-ARCHITECTURES = {family: f.architecture for family, f in FAMILIES.items()}
 _ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 
 # Fields of transformers' PreTrainedConfig (and generation settings older versions kept there) that none of these
@@ -72,32 +43,6 @@ _GENERIC = frozenset("""
     num_return_sequences output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id
     remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
 """.split())
-_ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
-                        "original_max_position_embeddings", "partial_rotary_factor"})
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding: `rope_type` in ROPE_TYPES; `factor` for linear/llama3, the rest for llama3 only."""
-
-    rope_type: str = "default"
-    theta: float = 10000.0
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int | None = None
-
-    def to_hf(self) -> dict[str, Any]:
-        """The `rope_parameters` dict transformers 5 writes (includes rope_theta)."""
-        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
-        if self.rope_type in ("linear", "llama3"):
-            out["factor"] = self.factor
-        if self.rope_type == "llama3":
-            out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
-                       original_max_position_embeddings=self.original_max_position_embeddings)
-        return out
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one checkpoint: what the compiled forward pass depends on, and nothing else (token ids, the
@@ -105,8 +50,19 @@ class ModelConfig:
     Hashable, so it can be a static argument of jax.jit.
 
     `layer_types[i]` is "full_attention" or "sliding_attention" (window `sliding_window` tokens, self included).
-    Bias/norm flags are resolved per family: qwen2 has q/k/v biases only; olmo2 has no input norm, post-sublayer
-    norms and q/k RMSNorm over the flat projection; `norm_weight_in_f32` is OLMo 2's `(w * x_f32).to(dtype)` order.
+    The family switches (`ftjax.families` sets them from config.json; `ftjax.model` reads them):
+    - biases: q/k/v (`qkv_bias`), o (`o_bias`), MLP (`mlp_bias`); `fused`: Phi-3's qkv_proj and gate_up_proj.
+    - `norm`: "w" (Llama: normalise in float32, cast, × w), "w_f32" (OLMo: × w in float32, then cast), "1+w" (Gemma:
+      × (1 + w) in float32, then cast; weights stored zero-centred). `layout`: "pre" (norm → sublayer → add), "post"
+      (OLMo: sublayer → norm → add, no input norm), "sandwich" (Gemma: norm → sublayer → norm → add).
+    - `qk_norm`: "" none, "flat" (OLMo: over the whole projection), "head" (Qwen3, Gemma 3: per head over head_dim),
+      before rope.
+    - rope: `rope` (every layer, or the full-attention layers when `local_rope` is set: OLMo 3, Gemma 3),
+      `rope_layers[i]` False for a layer without rotary embedding (SmolLM3), `rotary_dim` rotated dims per head
+      (Phi-3's partial rotary; 0 = head_dim).
+    - scalars: `attn_scale` (None: head_dim^-0.5), `attn_softcap` / `final_softcap` (tanh(x/c)·c on attention scores
+      / logits), `embed_scale` (embeddings ×; `embed_scale_rounded`: the scale rounded to the weight dtype first, as
+      Gemma), `residual_multiplier` (sublayer outputs ×), `logits_divisor`; `act` "silu" or "gelu_tanh".
     """
 
     model_type: str
@@ -124,17 +80,37 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
-    post_sublayer_norms: bool = False
-    norm_weight_in_f32: bool = False
+    fused: bool = False
+    norm: str = "w"
+    layout: str = "pre"
+    qk_norm: str = ""
+    act: str = "silu"
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
+    local_rope: RopeConfig | None = None
+    rope_layers: tuple[bool, ...] = ()
+    rotary_dim: int = 0
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float = 1.0
+    embed_scale_rounded: bool = False
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
 
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
             raise FtjaxError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_hidden_layers)
+        if not self.rotary_dim:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+
+    def rope_of(self, layer_type: str) -> RopeConfig:
+        """The rope of a layer type (OLMo 3 and Gemma 3 rotate sliding layers with `local_rope`)."""
+        return self.local_rope if layer_type == "sliding_attention" and self.local_rope is not None else self.rope
 
     @property
     def architecture(self) -> str:
@@ -173,17 +149,37 @@ class ModelConfig:
         }
         if meta.dtype is not None:
             out["dtype"] = meta.dtype
-        if self.model_type in ("llama", "olmo2"):
+        fam, sliding = FAMILIES[self.model_type], [i for i, t in enumerate(self.layer_types) if t != "full_attention"]
+        if "attention_bias" in fam.reads:
             out["attention_bias"] = self.qkv_bias
-        if self.model_type == "llama":
+        if "mlp_bias" in fam.reads:
             out["mlp_bias"] = self.mlp_bias
-        if self.model_type == "mistral":
+        if "sliding_window" in fam.reads:
             out["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
-            sliding = [i for i, t in enumerate(self.layer_types) if t == "sliding_attention"]
-            out.update(use_sliding_window=bool(sliding), sliding_window=self.sliding_window,
-                       max_window_layers=sliding[0] if sliding else self.num_hidden_layers,
-                       layer_types=list(self.layer_types))
+        if "layer_types" in fam.reads:
+            out["layer_types"] = list(self.layer_types)
+        if "use_sliding_window" in fam.reads:
+            out["use_sliding_window"] = bool(sliding)
+        if "max_window_layers" in fam.reads:
+            out["max_window_layers"] = sliding[0] if sliding else self.num_hidden_layers
+        if self.local_rope is not None:  # OLMo 3, Gemma 3: ropes keyed by layer type, nothing at the top level
+            out.update(rope_theta=None, rope_scaling=None, rope_parameters={
+                "full_attention": self.rope.to_hf(), "sliding_attention": self.local_rope.to_hf()})
+        if self.rotary_dim != self.head_dim:
+            out["partial_rotary_factor"] = out["rope_parameters"]["partial_rotary_factor"] = (
+                self.rotary_dim / self.head_dim)
+        if self.model_type == "phi3" and self.rope.original_max_position_embeddings:
+            out["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        if self.model_type == "smollm3":
+            out["no_rope_layers"] = [int(x) for x in self.rope_layers]
+        if self.act == "gelu_tanh":
+            out["hidden_act"] = out["hidden_activation"] = "gelu_pytorch_tanh"
+        if self.norm == "1+w":  # Gemma
+            out.update(query_pre_attn_scalar=round(self.attn_scale ** -2, 9), final_logit_softcapping=self.final_softcap,
+                       attn_logit_softcapping=self.attn_softcap)
+        if self.model_type == "granite":
+            out.update(embedding_multiplier=self.embed_scale, attention_multiplier=self.attn_scale,
+                       residual_multiplier=self.residual_multiplier, logits_scaling=self.logits_divisor)
         return out
 
 
@@ -226,8 +222,16 @@ def read_config(config: Mapping[str, Any], *, source: str = "config.json") -> Co
     family = c.get("model_type")
     archs = c.get("architectures") or []
     if family is None and archs:
-        family = {v: k for k, v in ARCHITECTURES.items()}.get(archs[0], archs[0])
+        family = {v: k for k, v in {**ARCHITECTURES, **MOE}.items()}.get(archs[0], archs[0])
         notes.append(f"no model_type: family {family!r} taken from architectures")
+    if family in MOE:
+        raise FtjaxError(f"{source}: model_type {family!r} is a mixture of experts; ftjax's forward pass does not "
+                         "route experts (eval, scan, generate, finetune); transfer, diff, apply and merge are "
+                         "tensor-wise and work on it")
+    if isinstance(c.get("text_config"), dict):
+        raise FtjaxError(f"{source}: a multimodal checkpoint (model_type {family!r}); ftjax models its language model "
+                         f"alone (text_config: model_type {c['text_config'].get('model_type')!r}), whose tensors such "
+                         "checkpoints keep under language_model.*: not supported yet")
     if family not in FAMILIES:
         raise FtjaxError(f"{source}: unsupported model_type {family!r} (architectures {archs}); "
                          f"supported: {', '.join(FAMILIES)}")
@@ -236,7 +240,7 @@ def read_config(config: Mapping[str, Any], *, source: str = "config.json") -> Co
     if unusual:
         notes.append(f"architectures {unusual} ignored: model_type {family!r} builds {fam.architecture}, "
                      "as transformers' AutoModelForCausalLM does")
-    reads = set(_COMMON) | set(fam.reads)
+    reads = set(COMMON) | set(fam.reads)
     ignored = [k for k in c if k not in reads and k not in _METADATA and k not in _GENERIC]
     cfg = _from_hf(c, family, source, ignored, notes)
     eos = c.get("eos_token_id")
@@ -249,11 +253,8 @@ def read_config(config: Mapping[str, Any], *, source: str = "config.json") -> Co
 
 
 def _from_hf(c: dict[str, Any], family: str, src: str, ignored: list[str], notes: list[str]) -> ModelConfig:
-    defaults = FAMILIES[family].defaults
-
-    def get(key: str) -> Any:
-        return c[key] if key in c else defaults.get(key)
-
+    fam = FAMILIES[family]
+    k = Keys(c, fam.defaults, src, notes, ignored)
     for key in _SIZES:
         if c.get(key) is None:
             raise FtjaxError(f"{src}: required key {key!r} is missing")
@@ -261,102 +262,26 @@ def _from_hf(c: dict[str, Any], family: str, src: str, ignored: list[str], notes
         method = c["quantization_config"].get("quant_method") if isinstance(c["quantization_config"], dict) else None
         raise FtjaxError(f"{src}: quantized checkpoint (quantization_config, quant_method {method!r}); ftjax computes "
                          "on unquantized weights only: use the original bf16/f16/f32 checkpoint")
-    act = c.get("hidden_act", "silu")
-    if act not in _ACTIVATIONS:
-        raise FtjaxError(f"{src}: hidden_act {act!r} is not supported (only {' or '.join(_ACTIVATIONS)})")
+    if fam.act_key == "hidden_act":  # Gemma reads hidden_activation (checked by its family function)
+        act = c.get("hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise FtjaxError(f"{src}: hidden_act {act!r} is not supported (only {' or '.join(_ACTIVATIONS)})")
     hidden, n_heads, n_layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
-    n_kv = get("num_key_value_heads")
+    n_kv = k("num_key_value_heads")
     n_kv = n_heads if n_kv is None else n_kv  # an explicit null means num_attention_heads in every family
     if n_heads % n_kv:
         raise FtjaxError(f"{src}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
-    attention_bias = bool(get("attention_bias")) if "attention_bias" in FAMILIES[family].reads else False
-    window, layer_types = _attention_layout(c, family, n_layers, src, notes)
-    eps = get("rms_norm_eps")
+    head_dim = k("head_dim") or hidden // n_heads
+    eps = k("rms_norm_eps")
+    rope_dict = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    partial = (rope_dict.get("partial_rotary_factor") if isinstance(rope_dict, dict) else None) or c.get(
+        "partial_rotary_factor") or 1.0
+    sizes = dict(n_layers=n_layers, hidden=hidden, rotary_dim=int(head_dim * partial))
+    switches = fam.switches(k, sizes)
     return ModelConfig(
         model_type=family, vocab_size=c["vocab_size"], hidden_size=hidden,
         intermediate_size=c["intermediate_size"], num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        num_key_value_heads=n_kv, head_dim=c.get("head_dim") or hidden // n_heads,
-        rms_norm_eps=float(defaults["rms_norm_eps"] if eps is None else eps),
-        rope=_rope(c, src, get("max_position_embeddings"), ignored, notes),
-        max_position_embeddings=get("max_position_embeddings"),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or attention_bias, o_bias=attention_bias,
-        mlp_bias=family == "llama" and bool(get("mlp_bias")),
-        qk_norm=family == "olmo2", post_sublayer_norms=family == "olmo2", norm_weight_in_f32=family == "olmo2",
-        sliding_window=window, layer_types=layer_types,
-    )
-
-
-def _attention_layout(c: dict, family: str, n_layers: int, src: str,
-                      notes: list[str]) -> tuple[int | None, tuple[str, ...]]:
-    """(sliding_window, layer_types) exactly as transformers' modeling code for `family` uses them."""
-    defaults = FAMILIES[family].defaults
-    get = lambda key: c[key] if key in c else defaults.get(key)  # noqa: E731
-    if family == "mistral":  # MistralModel windows every layer (None: full attention) and ignores layer_types
-        window = get("sliding_window")
-        if c.get("layer_types") is not None:
-            notes.append("layer_types ignored: transformers' Mistral applies sliding_window to every layer")
-        return window, (("full_attention", "sliding_attention")[window is not None],) * n_layers
-    if family != "qwen2":
-        return None, ("full_attention",) * n_layers
-    # Qwen2 carries sliding_window but uses it only with use_sliding_window, and then per layer.
-    window = get("sliding_window") if get("use_sliding_window") else None
-    layer_types = c.get("layer_types")
-    if layer_types is None:
-        return window, tuple("sliding_attention" if window is not None and i >= get("max_window_layers")
-                             else "full_attention" for i in range(n_layers))
-    layer_types = tuple(layer_types)
-    if len(layer_types) != n_layers or not set(layer_types) <= set(LAYER_TYPES):
-        raise FtjaxError(f"{src}: layer_types must be {n_layers} entries from {LAYER_TYPES}, got {list(layer_types)}")
-    if "sliding_attention" in layer_types and window is None:
-        raise FtjaxError(f"{src}: layer_types has sliding_attention layers but no sliding_window is in effect "
-                         f"(use_sliding_window={c.get('use_sliding_window')})")
-    return window, layer_types
-
-
-def _rope(c: dict, src: str, max_positions: int | None, ignored: list[str], notes: list[str]) -> RopeConfig:
-    """Rope settings from either schema as transformers 5 resolves them: a non-empty `rope_scaling` wins over
-    `rope_parameters` (which is then not read at all), `rope_theta` inside the dict over the top-level one."""
-    scaling, params = c.get("rope_scaling"), c.get("rope_parameters")
-    for key, value in (("rope_scaling", scaling), ("rope_parameters", params)):
-        if value is not None and not isinstance(value, dict):
-            raise FtjaxError(f"{src}: {key} must be a dict or null, got {value!r}")
-    if scaling and params and _std({"rope_theta": c.get("rope_theta"), **scaling}) != _std(
-            {"rope_theta": c.get("rope_theta"), **params}):
-        notes.append(f"rope_parameters {params} ignored: transformers uses rope_scaling {scaling}")
-    which = "rope_scaling" if scaling else "rope_parameters"
-    d = _std(scaling or params or {})
-    if set(d) & set(LAYER_TYPES):
-        raise FtjaxError(f"{src}: per-layer-type rope parameters are not supported")
-    ignored += [f"{which}.{k}" for k in d if k not in _ROPE_KEYS]  # no rope type ftjax implements reads them
-    rope_type = d["rope_type"]
-    if rope_type not in ROPE_TYPES:
-        raise FtjaxError(f"{src}: unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-    partial = d.get("partial_rotary_factor", c.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise FtjaxError(f"{src}: partial_rotary_factor {partial} is not supported (rope over the whole head only)")
-    theta = float(d.get("rope_theta") or c.get("rope_theta") or 10000.0)
-    if rope_type == "default":
-        return RopeConfig("default", theta)
-
-    def need(key: str) -> float:
-        if d.get(key) is None:
-            raise FtjaxError(f"{src}: rope type {rope_type!r} needs {key!r}")
-        return float(d[key])
-
-    if rope_type == "linear":
-        return RopeConfig("linear", theta, factor=need("factor"))
-    # a top-level original_max_position_embeddings wins (transformers' Phi-3 rule), then the dict's, then the context
-    original = c.get("original_max_position_embeddings") or d.get("original_max_position_embeddings") or max_positions
-    if original is None:
-        raise FtjaxError(f"{src}: rope type 'llama3' needs original_max_position_embeddings")
-    return RopeConfig("llama3", theta, factor=need("factor"), low_freq_factor=need("low_freq_factor"),
-                      high_freq_factor=need("high_freq_factor"), original_max_position_embeddings=int(original))
-
-
-def _std(d: dict) -> dict:
-    """Rope dict with `rope_type` set from the legacy `type` key (default 'default')."""
-    d = dict(d)
-    d.setdefault("rope_type", d.get("type") or "default")
-    d.pop("type", None)
-    return d
+        num_key_value_heads=n_kv, head_dim=head_dim, rms_norm_eps=float(fam.defaults["rms_norm_eps"] if eps is None
+                                                                         else eps),
+        max_position_embeddings=k("max_position_embeddings"),
+        tie_word_embeddings=is_tied({**c, "model_type": family}), **switches)

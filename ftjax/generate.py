@@ -97,14 +97,37 @@ def _generate_batch(params, tokens_bt, mask_bt, budget_b, eos_e, key, temperatur
         i, _, _, _, done_b = state
         return (i < n_new) & ~done_b.all()
 
+    def step(i, cache, tok_b, out_bn):
+        logits_b1v, cache = forward_cached(params, tok_b[:, None], cache, t + i, cfg, attention_mask_bs=mask_bs,
+                                           positions_bt=(n_real_b + i)[:, None])
+        return logits_b1v[:, 0], cache
+
+    def recompute(i, cache, tok_b, out_bn):
+        """Long-rope (Phi-3): a row whose token first lies past the original context re-runs its whole sequence with
+        the long factors, as transformers drops its cache there (later steps are long by their positions); the other
+        rows take the plain step."""
+        logits_bv, cache = step(i, cache, tok_b, out_bn)
+        tokens_bs = jnp.concatenate([tokens_bt, out_bn], axis=1)
+        now_b = n_real_b + i  # the position of this step's token; later slots are masked by causality
+        positions_bs = jnp.clip(jnp.cumsum(mask_bs, axis=1) - 1, 0, now_b[:, None])
+        logits_bsv, fresh = forward_cached(params, tokens_bs, init_cache(cfg, b, cache_len, cache[0]["k"].dtype), 0,
+                                           cfg, attention_mask_bs=mask_bs, positions_bt=positions_bs)
+        cross_b = now_b == cfg.rope.original_max_position_embeddings
+        pick = lambda new, old: jnp.where(cross_b.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+        logits_bv = pick(jax.lax.dynamic_index_in_dim(logits_bsv, t + i, axis=1, keepdims=False), logits_bv)
+        return logits_bv, jax.tree_util.tree_map(pick, fresh, cache)
+
     def body(state):
         i, cache, logits_bv, out_bn, done_b = state
         tok_b = jnp.where(done_b, pad_id, _sample(logits_bv, jax.random.fold_in(key, i), temperature, top_p, greedy))
         out_bn = jax.lax.dynamic_update_slice_in_dim(out_bn, tok_b[:, None], i, axis=1)
         done_b = done_b | (tok_b[:, None] == eos_e[None, :]).any(axis=-1) | (i + 1 >= budget_b)
-        logits_b1v, cache = forward_cached(params, tok_b[:, None], cache, t + i, cfg, attention_mask_bs=mask_bs,
-                                           positions_bt=(n_real_b + i)[:, None])
-        return i + 1, cache, logits_b1v[:, 0], out_bn, done_b
+        if cfg.rope.rope_type == "longrope":
+            crossing = (n_real_b + i == cfg.rope.original_max_position_embeddings).any()
+            logits_bv, cache = jax.lax.cond(crossing, recompute, step, i, cache, tok_b, out_bn)
+        else:
+            logits_bv, cache = step(i, cache, tok_b, out_bn)
+        return i + 1, cache, logits_bv, out_bn, done_b
 
     state = (jnp.int32(0), cache, logits_b1v[:, 0], jnp.full((b, n_new), pad_id, jnp.int32), budget_b <= 0)
     steps, _, _, out_bn, _ = jax.lax.while_loop(cond, body, state)

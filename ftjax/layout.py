@@ -1,9 +1,11 @@
 """What tensors a checkpoint has and how each is treated: one rule for each, used by every engine.
 
 - Names: the checkpoint's own (`model.layers.3.mlp.up_proj.weight`), in checkpoint order.
-- Tying: a checkpoint ties its output embedding to `model.embed_tokens.weight` when its config says
-  `tie_word_embeddings`, or when it has no `lm_head.weight` at all; a tied checkpoint's redundant `lm_head.weight` is
-  not one of its tensors. Whatever plays the output embedding is `Layout.lm_head` (the embedding when tied).
+- Tying: a checkpoint ties its output embedding to `model.embed_tokens.weight` when its config's
+  `tie_word_embeddings` says so, or, absent that key, when its family ties by default in transformers (SmolLM3,
+  Gemma; PreTrainedConfig's True for families ftjax does not model); a tied checkpoint's redundant `lm_head.weight`
+  is not one of its tensors. An untied checkpoint without `lm_head.weight` is refused (transformers would start
+  that head at random). Whatever plays the output embedding is `Layout.lm_head` (the embedding when tied).
 - Vocabulary tensors (`is_vocab`) have one row per token: they may differ in rows between versions.
 - Floating tensors are the ones engines compute with (`ftjax.dtypes`); integer/bool ones are carried verbatim.
 - The tensors a model needs, with shapes, come from the model's own parameter tree (`model.param_shapes`), never
@@ -15,20 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax import dtypes
 from ftjax.errors import FtjaxError, first_few
+from ftjax.families import is_tied
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-
-
-def is_tied(config: Mapping[str, Any], names: Collection[str]) -> bool:
-    """The tying rule: the config's `tie_word_embeddings`, or no `lm_head.weight` among the tensors."""
-    return bool(config.get("tie_word_embeddings", False)) or LM_HEAD not in names
 
 
 def is_vocab(name: str) -> bool:
@@ -49,7 +47,12 @@ class Layout:
     def of_checkpoint(cls, ckpt: Any) -> Layout:
         """From an HFCheckpoint: its tensors (a tied checkpoint's redundant lm_head.weight left out)."""
         all_names = ckpt.names()
-        tied = is_tied(ckpt.config, all_names)
+        tied = is_tied(ckpt.config)
+        if not tied and LM_HEAD not in all_names and EMBED in all_names:
+            raise FtjaxError(f"{ckpt.path}: config.json does not tie the embeddings (tie_word_embeddings "
+                             f"{ckpt.config.get('tie_word_embeddings', 'absent')}) but there is no {LM_HEAD}; "
+                             "transformers would start that head at random. If the model ties them, set "
+                             '"tie_word_embeddings": true in config.json')
         names = tuple(n for n in all_names if not (tied and n == LM_HEAD))
         infos = {n: ckpt.info(n) for n in names}
         return cls(names, {n: tuple(i.shape) for n, i in infos.items()}, {n: i.dtype for n, i in infos.items()}, tied)

@@ -1,4 +1,6 @@
-"""The Llama-family forward pass (llama, mistral, qwen2, olmo2) as Flax linen modules.
+"""The decoder forward pass of every supported family as Flax linen modules: one block, steered by the family
+switches of `ModelConfig` (norm form, layer layout, q/k norm, rope per layer type, NoPE layers, softcaps, scalar
+multipliers, fused projections; see its docstring and `ftjax.families`).
 
 Module and parameter names ARE the Hugging Face names and layouts, so `CausalLM(cfg).apply({"params": params}, ...)`
 takes the nested HF-named tree from `ftjax.params` as is: Linear `weight` is [out, in] (used as x @ w.T), biases are
@@ -10,7 +12,6 @@ d model width, f output features, v vocab, n query heads, k kv heads, g query he
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import rope as R
 from ftjax.config import ModelConfig
 from ftjax.errors import FtjaxError
 
@@ -44,53 +46,19 @@ def attention_implementation(dtype: Any) -> str:
     return "xla"
 
 
-def fused_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, allowed_bts: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(h), masked) v through `jax.nn.dot_product_attention` -> [B, T, N, H].
+def fused_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, allowed_bts: jax.Array,
+                    scale: float) -> jax.Array:
+    """softmax(q k^T * scale, masked) v through `jax.nn.dot_product_attention` -> [B, T, N, H].
 
     GQA groups query heads as (k, g) like HF repeat_kv. Scores and softmax are float32 on every backend. The mask
     includes causality; cuDNN is also told `is_causal` so it skips the upper-triangle blocks. Fully masked rows
     (padding queries) come out uniform (XLA) or arbitrary (cuDNN); callers never score them.
     """
     impl = attention_implementation(q_btnh.dtype)
-    h = q_btnh.shape[-1]
     # Under HIGHEST for float32: the XLA implementation's einsums take the default precision.
     with jax.default_matmul_precision("highest" if q_btnh.dtype == jnp.float32 else None):
-        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=allowed_bts[:, None], scale=h**-0.5,
+        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=allowed_bts[:, None], scale=scale,
                                             is_causal=impl == "cudnn", implementation=impl)
-
-
-# ---------------------------------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] float32 (radians per position) for cfg.rope: default, linear, llama3."""
-    rope, dim = cfg.rope, cfg.head_dim
-    # HF rounds the base frequencies to float32 before any scaling; the scaling itself is done here in float64.
-    inv_freq = (1.0 / rope.theta ** (np.arange(0, dim, 2) / dim)).astype(np.float32).astype(np.float64)
-    if rope.rope_type == "linear":
-        inv_freq = inv_freq / rope.factor
-    elif rope.rope_type == "llama3":
-        # Three bands by wavelength: long waves divided by factor, short ones kept, the middle interpolated.
-        old_len, lo, hi = rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
-        inv_freq = np.where(wavelen > old_len / lo, inv_freq / rope.factor,
-                            np.where(wavelen < old_len / hi, inv_freq, smoothed))
-    return inv_freq.astype(np.float32)
-
-
-def rope_cos_sin(positions_bt: jax.Array, cfg: ModelConfig, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, head_dim] in `dtype`, split-half layout (HF checkpoints are stored for rotate_half)."""
-    # Angles in float32 (an elementwise product, so exact: no bf16 rounding of 257 to 256), then cast like HF.
-    angles_bth = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
-    angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
-    return jnp.cos(angles_bth).astype(dtype), jnp.sin(angles_bth).astype(dtype)
-
-
-def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
-    """x * cos + rotate_half(x) * sin, with rotate_half(x) = concat(-x2, x1)."""
-    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
@@ -153,25 +121,48 @@ class Table(nn.Module):
         return self.param("weight", nn.initializers.zeros, (self.rows, self.cols), self.param_dtype)
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalized in float32.
+def einsum_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, allowed_bts: jax.Array, scale: float,
+                     softcap: float | None = None) -> jax.Array:
+    """softmax(softcap(q k^T * scale), masked) v as plain einsums over [B, K, S, H] keys and values (a KV cache's
+    layout; decode is bandwidth-bound anyway), scores in the compute dtype, softmax in float32 -> [B, T, N, H].
+    GQA as HF repeat_kv: query head i uses kv head i // g, so heads split as (k, g), never (g, k)."""
+    b, t, n, h = q_btnh.shape
+    k = k_bksh.shape[1]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    prec = precision(q_btnh.dtype)
+    scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, precision=prec) * scale
+    if softcap is not None:  # Gemma 2: before the mask
+        scores_bkgts = jnp.tanh(scores_bkgts / softcap) * softcap
+    scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkgts.astype(jnp.float32), _MASKED)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh, precision=prec)
+    return out_btkgh.reshape(b, t, n, h)
 
-    Llama order casts back to the input dtype before the weight multiply; OLMo 2 (`weight_in_f32`) multiplies in
-    float32 and casts after. Identical in float32, different in bfloat16.
-    """
+
+class RMSNorm(nn.Module):
+    """x / rms(x), normalized in float32, then by `form`: "w" (Llama: cast back to the input dtype, then × weight),
+    "w_f32" (OLMo: × weight in float32, then cast), "1+w" (Gemma: × (1 + weight) in float32, then cast; the stored
+    weight is zero-centred). The three agree in float32 for w and 1 + w; they differ in bfloat16."""
 
     eps: float
-    weight_in_f32: bool = False
+    form: str = "w"
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        w_d = self.param("weight", nn.initializers.ones, (x_btd.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.form == "1+w" else nn.initializers.ones
+        w_d = self.param("weight", init, (x_btd.shape[-1],), self.param_dtype)
         x_f32 = x_btd.astype(jnp.float32)
         x_f32 = x_f32 * jax.lax.rsqrt(jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True) + self.eps)
-        if self.weight_in_f32:
+        if self.form == "1+w":
+            return (x_f32 * (1.0 + w_d.astype(jnp.float32))).astype(x_btd.dtype)
+        if self.form == "w_f32":
             return (w_d.astype(jnp.float32) * x_f32).astype(x_btd.dtype)
         return w_d * x_f32.astype(x_btd.dtype)
+
+
+def _norm(cfg: ModelConfig, param_dtype: Any, name: str) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, cfg.norm, param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -179,40 +170,39 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, cache=None, index=None):
-        """Returns (output, cache). With a cache {"k", "v": [B, K, S, H]}, the T new keys and values are written
-        at slots [index, index + T) and the queries attend over all S slots (allowed_bts is [B, T, S])."""
+    def __call__(self, x_btd, rope_bth, allowed_bts, cache=None, index=None):
+        """Returns (output, cache). rope_bth: (cos, sin) of this layer, or None (a NoPE layer). With a cache
+        {"k", "v": [B, K, S, H]}, the T new keys and values are written at slots [index, index + T) and the queries
+        attend over all S slots (allowed_bts is [B, T, S])."""
         cfg, kw = self.cfg, dict(param_dtype=self.param_dtype)
         b, t, _ = x_btd.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q_btf = Linear(n * h, cfg.qkv_bias, name="q_proj", **kw)(x_btd)
-        k_btf = Linear(k * h, cfg.qkv_bias, name="k_proj", **kw)(x_btd)
-        v_btf = Linear(k * h, cfg.qkv_bias, name="v_proj", **kw)(x_btd)
-        if cfg.qk_norm:  # OLMo 2: RMSNorm over the whole flat projection, before the head split and RoPE
-            norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_weight_in_f32, self.param_dtype)
-            q_btf, k_btf = norm(name="q_norm")(q_btf), norm(name="k_norm")(k_btf)
-        q_btnh = apply_rope(q_btf.reshape(b, t, n, h), cos_bth, sin_bth)
-        k_btkh = apply_rope(k_btf.reshape(b, t, k, h), cos_bth, sin_bth)
-        v_btkh = v_btf.reshape(b, t, k, h)
-        if cache is None:  # full-sequence pass (training, scoring, scans): the fused kernel
-            out_btnh = fused_attention(q_btnh, k_btkh, v_btkh, allowed_bts)
-            return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj", **kw)(out_btnh.reshape(b, t, n * h)), cache
-        # Keys and values as [B, K, S, H], the cache's layout: a decode step then reads the cache without a transpose.
-        k_bksh = k_btkh.transpose(0, 2, 1, 3)
-        v_bksh = v_btkh.transpose(0, 2, 1, 3)
-        k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), index, axis=2)
-        v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), index, axis=2)
-        cache = {"k": k_bksh, "v": v_bksh}
-
-        # With a cache (prefill, decode): plain einsums over the [B, K, S, H] cache (decode is bandwidth-bound anyway).
-        # GQA as HF repeat_kv: query head i uses kv head i // g, so split heads as (k, g), never (g, k).
-        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        prec = precision(q_btnh.dtype)
-        scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, precision=prec) * h**-0.5
-        scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkgts.astype(jnp.float32), _MASKED)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
-        out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh, precision=prec)
-        return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj", **kw)(out_btkgh.reshape(b, t, n * h)), cache
+        if cfg.fused:  # Phi-3: one qkv_proj, output columns q | k | v
+            qkv_btf = Linear((n + 2 * k) * h, cfg.qkv_bias, name="qkv_proj", **kw)(x_btd)
+            q_btf, k_btf, v_btf = jnp.split(qkv_btf, [n * h, (n + k) * h], axis=-1)
+        else:
+            q_btf = Linear(n * h, cfg.qkv_bias, name="q_proj", **kw)(x_btd)
+            k_btf = Linear(k * h, cfg.qkv_bias, name="k_proj", **kw)(x_btd)
+            v_btf = Linear(k * h, cfg.qkv_bias, name="v_proj", **kw)(x_btd)
+        if cfg.qk_norm == "flat":  # OLMo: over the whole flat projection, before the head split and rope
+            q_btf, k_btf = _norm(cfg, self.param_dtype, "q_norm")(q_btf), _norm(cfg, self.param_dtype, "k_norm")(k_btf)
+        q_btnh, k_btkh, v_btkh = q_btf.reshape(b, t, n, h), k_btf.reshape(b, t, k, h), v_btf.reshape(b, t, k, h)
+        if cfg.qk_norm == "head":  # Qwen3, Gemma 3: one weight [head_dim] shared by the heads, before rope
+            q_btnh = _norm(cfg, self.param_dtype, "q_norm")(q_btnh)
+            k_btkh = _norm(cfg, self.param_dtype, "k_norm")(k_btkh)
+        if rope_bth is not None:
+            q_btnh, k_btkh = R.apply(q_btnh, *rope_bth), R.apply(k_btkh, *rope_bth)
+        scale = cfg.head_dim ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
+        o_proj = Linear(cfg.hidden_size, cfg.o_bias, name="o_proj", **kw)
+        if cache is None and cfg.attn_softcap is None:  # full-sequence pass (training, scoring, scans)
+            return o_proj(fused_attention(q_btnh, k_btkh, v_btkh, allowed_bts, scale).reshape(b, t, n * h)), cache
+        k_bksh, v_bksh = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
+        if cache is not None:  # write the new keys and values at slots [index, index + T)
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), index, axis=2)
+            v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), index, axis=2)
+            cache = {"k": k_bksh, "v": v_bksh}
+        out_btnh = einsum_attention(q_btnh, k_bksh, v_bksh, allowed_bts, scale, cfg.attn_softcap)
+        return o_proj(out_btnh.reshape(b, t, n * h)), cache
 
 
 class MLP(nn.Module):
@@ -221,10 +211,16 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd):
+        """down(act(gate(x)) * up(x)); act SiLU, or GELU with the tanh approximation (Gemma)."""
         cfg, kw = self.cfg, dict(param_dtype=self.param_dtype)
-        gate_btf = Linear(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj", **kw)(x_btd)
-        up_btf = Linear(cfg.intermediate_size, cfg.mlp_bias, name="up_proj", **kw)(x_btd)
-        return Linear(cfg.hidden_size, cfg.mlp_bias, name="down_proj", **kw)(jax.nn.silu(gate_btf) * up_btf)
+        i = cfg.intermediate_size
+        if cfg.fused:  # Phi-3: gate_up_proj, gate rows first
+            gate_btf, up_btf = jnp.split(Linear(2 * i, cfg.mlp_bias, name="gate_up_proj", **kw)(x_btd), 2, axis=-1)
+        else:
+            gate_btf = Linear(i, cfg.mlp_bias, name="gate_proj", **kw)(x_btd)
+            up_btf = Linear(i, cfg.mlp_bias, name="up_proj", **kw)(x_btd)
+        act = jax.nn.silu if cfg.act == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+        return Linear(cfg.hidden_size, cfg.mlp_bias, name="down_proj", **kw)(act(gate_btf) * up_btf)
 
 
 class DecoderLayer(nn.Module):
@@ -232,19 +228,27 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, cache=None, index=None):
-        """Returns (x_btd, cache); see Attention for the cache."""
-        cfg = self.cfg
-        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_weight_in_f32, self.param_dtype)
-        attn = Attention(cfg, self.param_dtype, name="self_attn")
-        mlp = MLP(cfg, self.param_dtype, name="mlp")
-        if cfg.post_sublayer_norms:  # OLMo 2: no input norm; norm each sublayer's output before the residual add
-            a_btd, cache = attn(x_btd, cos_bth, sin_bth, allowed_bts, cache, index)
-            x_btd = x_btd + norm(name="post_attention_layernorm")(a_btd)
-            return x_btd + norm(name="post_feedforward_layernorm")(mlp(x_btd)), cache
-        a_btd, cache = attn(norm(name="input_layernorm")(x_btd), cos_bth, sin_bth, allowed_bts, cache, index)
-        x_btd = x_btd + a_btd
-        return x_btd + mlp(norm(name="post_attention_layernorm")(x_btd)), cache
+    def __call__(self, x_btd, rope_bth, allowed_bts, cache=None, index=None):
+        """Returns (x_btd, cache); see Attention for rope_bth and the cache. Layouts: pre (Llama), post (OLMo: no
+        input norm, each sublayer's output normed before the add), sandwich (Gemma: both)."""
+        cfg, pd = self.cfg, self.param_dtype
+        attn, mlp = Attention(cfg, pd, name="self_attn"), MLP(cfg, pd, name="mlp")
+        m = cfg.residual_multiplier  # Granite scales each sublayer's output
+
+        def scaled(y_btd):
+            return y_btd if m == 1.0 else y_btd * m
+
+        if cfg.layout == "post":
+            a_btd, cache = attn(x_btd, rope_bth, allowed_bts, cache, index)
+            x_btd = x_btd + scaled(_norm(cfg, pd, "post_attention_layernorm")(a_btd))
+            return x_btd + scaled(_norm(cfg, pd, "post_feedforward_layernorm")(mlp(x_btd))), cache
+        a_btd, cache = attn(_norm(cfg, pd, "input_layernorm")(x_btd), rope_bth, allowed_bts, cache, index)
+        if cfg.layout == "sandwich":
+            x_btd = x_btd + scaled(_norm(cfg, pd, "post_attention_layernorm")(a_btd))
+            f_btd = mlp(_norm(cfg, pd, "pre_feedforward_layernorm")(x_btd))
+            return x_btd + scaled(_norm(cfg, pd, "post_feedforward_layernorm")(f_btd)), cache
+        x_btd = x_btd + scaled(a_btd)
+        return x_btd + scaled(mlp(_norm(cfg, pd, "post_attention_layernorm")(x_btd))), cache
 
 
 class Layers(nn.Module):
@@ -254,11 +258,12 @@ class Layers(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, allowed_by_type, caches=None, index=None):
+    def __call__(self, x_btd, rope_by_type, allowed_by_type, caches=None, index=None):
         new_caches = []
         for i, layer_type in enumerate(self.cfg.layer_types):
+            rope_bth = rope_by_type[layer_type] if self.cfg.rope_layers[i] else None
             x_btd, cache = DecoderLayer(self.cfg, self.param_dtype, name=str(i))(
-                x_btd, cos_bth, sin_bth, allowed_by_type[layer_type], None if caches is None else caches[i], index)
+                x_btd, rope_bth, allowed_by_type[layer_type], None if caches is None else caches[i], index)
             new_caches.append(cache)
         return x_btd, (None if caches is None else new_caches)
 
@@ -270,14 +275,16 @@ class Decoder(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens_bt, cos_bth, sin_bth, allowed_by_type, caches=None, index=None):
+    def __call__(self, tokens_bt, rope_by_type, allowed_by_type, caches=None, index=None):
         cfg = self.cfg
         embed_vd = Table(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
         x_btd = jnp.take(embed_vd, tokens_bt, axis=0)
-        x_btd, caches = Layers(cfg, self.param_dtype, name="layers")(x_btd, cos_bth, sin_bth, allowed_by_type,
-                                                                     caches, index)
-        x_btd = RMSNorm(cfg.rms_norm_eps, cfg.norm_weight_in_f32, self.param_dtype, name="norm")(x_btd)
-        return x_btd, embed_vd, caches
+        if cfg.embed_scale != 1.0:  # Gemma: √hidden rounded to the weight dtype; Granite: embedding_multiplier
+            scale = jnp.asarray(cfg.embed_scale, x_btd.dtype) if cfg.embed_scale_rounded else cfg.embed_scale
+            x_btd = (x_btd * scale).astype(embed_vd.dtype)
+        x_btd, caches = Layers(cfg, self.param_dtype, name="layers")(x_btd, rope_by_type, allowed_by_type, caches,
+                                                                     index)
+        return _norm(cfg, self.param_dtype, "norm")(x_btd), embed_vd, caches
 
 
 class CausalLM(nn.Module):
@@ -288,10 +295,10 @@ class CausalLM(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens_bt, cos_bth, sin_bth, allowed_by_type, caches=None, index=None, last_only=False):
+    def __call__(self, tokens_bt, rope_by_type, allowed_by_type, caches=None, index=None, last_only=False):
         cfg = self.cfg
         x_btd, embed_vd, new_caches = Decoder(cfg, self.param_dtype, name="model")(
-            tokens_bt, cos_bth, sin_bth, allowed_by_type, caches, index)
+            tokens_bt, rope_by_type, allowed_by_type, caches, index)
         head_vd = embed_vd if cfg.tie_word_embeddings else Table(
             cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="lm_head")()
         if last_only:
@@ -299,7 +306,16 @@ class CausalLM(nn.Module):
         # float32 accumulation out of the last matmul: bf16-rounded logits would cost log-prob precision.
         logits_btv = jnp.einsum("btd,vd->btv", x_btd, head_vd, precision=precision(x_btd.dtype),
                                 preferred_element_type=jnp.float32)
+        if cfg.logits_divisor != 1.0:  # Granite
+            logits_btv = logits_btv / cfg.logits_divisor
+        if cfg.final_softcap is not None:  # Gemma
+            logits_btv = jnp.tanh(logits_btv / cfg.final_softcap) * cfg.final_softcap
         return logits_btv if caches is None else (logits_btv, new_caches)
+
+
+def rope_tables(positions_bt: jax.Array, cfg: ModelConfig, dtype: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """(cos, sin) [B, T, rotary_dim] per layer type of `cfg` (one table unless sliding layers have their own rope)."""
+    return {t: R.cos_sin(positions_bt, cfg.rope_of(t), cfg.rotary_dim, dtype) for t in sorted(set(cfg.layer_types))}
 
 
 def _inputs(cfg, tokens_bt, dtype, attention_mask_bt, segment_ids_bt, positions_bt):
@@ -307,12 +323,11 @@ def _inputs(cfg, tokens_bt, dtype, attention_mask_bt, segment_ids_bt, positions_
     if positions_bt is None:
         # RoPE is relative, so with masking/segments arange gives the same logits as per-sequence positions.
         positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-    cos_bth, sin_bth = rope_cos_sin(positions_bt, cfg, dtype)
     allowed_by_type = {
         layer_type: attention_mask_bts(b, t, cfg.sliding_window if layer_type == "sliding_attention" else None,
                                        attention_mask_bt, segment_ids_bt)
         for layer_type in set(cfg.layer_types)}
-    return tokens_bt, cos_bth, sin_bth, allowed_by_type
+    return tokens_bt, rope_tables(positions_bt, cfg, dtype), allowed_by_type
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -350,14 +365,13 @@ def forward_cached(params: dict, tokens_bt: jax.Array, cache: list, index: jax.A
     """
     b, t = tokens_bt.shape
     dtype = params["model"]["embed_tokens"]["weight"].dtype
-    cos_bth, sin_bth = rope_cos_sin(positions_bt, cfg, dtype)
     s = cache[0]["k"].shape[2]
     allowed_by_type = {
         layer_type: cache_mask_bts(index, t, s, cfg.sliding_window if layer_type == "sliding_attention" else None,
                                    attention_mask_bs)
         for layer_type in set(cfg.layer_types)}
-    return CausalLM(cfg).apply({"params": params}, tokens_bt, cos_bth, sin_bth, allowed_by_type, cache, index,
-                               last_only)
+    return CausalLM(cfg).apply({"params": params}, tokens_bt, rope_tables(positions_bt, cfg, dtype), allowed_by_type,
+                               cache, index, last_only)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
@@ -375,7 +389,7 @@ def _init(rng, std, cfg, dtype):
         if rand:
             leaves.append(flat[start:stop].reshape(leaf.shape).astype(dtype))
         else:  # norm weights one, biases zero
-            leaves.append(jnp.full(leaf.shape, path[-1].key == "weight", dtype))
+            leaves.append(jnp.full(leaf.shape, path[-1].key == "weight" and cfg.norm != "1+w", dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -395,5 +409,6 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> dict:
     """A random param tree in HF names and layouts: linears and embeddings normal(0, std) (a config's
-    initializer_range is `CheckpointMeta.initializer_range`), biases zero, norm weights one."""
+    initializer_range is `CheckpointMeta.initializer_range`), biases zero, norm weights one (zero for Gemma's
+    zero-centred 1 + w norms)."""
     return _init(rng, jnp.float32(std), cfg, jnp.dtype(dtype))

@@ -10,7 +10,8 @@ import torch
 import transformers
 
 from ftjax.errors import FtjaxError
-from ftjax.model import forward, init_params, rope_inv_freq
+from ftjax.model import forward, init_params
+from ftjax.rope import inv_freq as rope_inv_freq
 from ftjax.params import load_params
 
 ATOL = 1e-4
@@ -84,7 +85,7 @@ def test_parity(case, tmp_path):
 
 def test_llama3_rope_frequencies_and_long_input(tmp_path):
     model, cfg, params = make_hf("llama3_rope", tmp_path)
-    inv_freq = rope_inv_freq(cfg)
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     # Meta's published Llama 3.1 `apply_scaling`, written out independently in float64
     r = LLAMA3_ROPE
     base = 1.0 / r["rope_theta"] ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)

@@ -18,25 +18,31 @@ from ftjax.model import forward
 from ftjax.params import load_params
 
 DATA = Path(__file__).parent / "data" / "real_configs"
-CONFIGS = sorted(p.name for p in DATA.glob("*.json") if not p.name.startswith("QUANTIZED__"))
+REFUSED = ("QUANTIZED__", "MOE__", "MULTIMODAL__")  # file-name prefixes of configs ftjax's forward refuses by name
+CONFIGS = sorted(p.name for p in DATA.glob("*.json") if not p.name.startswith(REFUSED))
 QUANTIZED = sorted(p.name for p in DATA.glob("QUANTIZED__*.json"))
+OTHER_REFUSED = sorted(p.name for p in DATA.glob("*.json") if p.name.startswith(REFUSED[1:]))
+PER_LAYER = ("layer_types", "no_rope_layers")
 TOKENS_BT = np.random.default_rng(0).integers(3, 200, (2, 24))
 
 
 def shrink(config: dict) -> dict:
-    """The same config with tiny sizes (hidden 64, 2 layers, 4 query heads, vocab 256) and every other key as it
-    was: attention kind (MHA / GQA / MQA), an explicit head_dim that differs from hidden/heads, per-layer types."""
+    """The same config with tiny sizes (hidden 64, 2 layers, or 4 where layers differ by type, 4 query heads, vocab
+    256) and every other key as it was: attention kind (MHA / GQA / MQA), an explicit head_dim that differs from
+    hidden/heads, per-layer types and NoPE layers (their first layers)."""
     c = json.loads(json.dumps(config))
     heads = c["num_attention_heads"]
     kv = c.get("num_key_value_heads") or heads
-    c.update(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    layers = 4 if c.get("model_type") in ("olmo3", "smollm3", "gemma2", "gemma3_text") else 2
+    c.update(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
              vocab_size=max(256, (c.get("pad_token_id") or 0) + 1))
     if c.get("num_key_value_heads") is not None:
         c["num_key_value_heads"] = 4 if kv == heads else 1 if kv == 1 else 2
     if c.get("head_dim") is not None:
         c["head_dim"] = 16 if c["head_dim"] * heads == config["hidden_size"] else 24
-    if c.get("layer_types") is not None:
-        c["layer_types"] = c["layer_types"][:2]
+    for key in PER_LAYER:
+        if c.get(key) is not None:
+            c[key] = c[key][:layers]
     return c
 
 
@@ -78,9 +84,10 @@ def test_real_config_logits_match_transformers(name, tmp_path, capsys):
 
 def test_enough_real_configs_of_every_family():
     families = [json.loads((DATA / n).read_text()).get("model_type") for n in CONFIGS]
-    assert len(CONFIGS) >= 20 and {"llama", "mistral", "qwen2", "olmo2"} <= set(families)
+    assert len(CONFIGS) >= 20
+    assert {"llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "smollm3", "gemma3_text", "phi3"} <= set(families)
     listed = (DATA / "SOURCES.md").read_text()
-    assert all(name in listed for name in CONFIGS + QUANTIZED), "every file's provenance is in SOURCES.md"
+    assert all(name in listed for name in CONFIGS + QUANTIZED + OTHER_REFUSED), "every file's provenance is listed"
 
 
 @pytest.mark.parametrize("name", [n for n in QUANTIZED
@@ -88,6 +95,13 @@ def test_enough_real_configs_of_every_family():
 def test_quantized_configs_are_refused(name):
     with pytest.raises(FtjaxError, match="quantized checkpoint"):
         read_config(json.loads((DATA / name).read_text()), source=name)
+
+
+@pytest.mark.parametrize("name", OTHER_REFUSED)
+def test_mixture_of_experts_and_multimodal_configs_are_refused_by_name(name):
+    config = json.loads((DATA / name).read_text())
+    with pytest.raises(FtjaxError, match="mixture of experts" if name.startswith("MOE__") else "multimodal"):
+        read_config(config, source=name)
 
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
