@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftjax.demo.verdicts import INERT, NEAR, PAPER, PREDICTORS, RECYCLED, Verdict, label as _label
+from ftjax.demo.verdicts import (INERT, NEAR, PAPER, PREDICTORS, RECYCLED, SEED_RULE, Verdict, label as _label,
+                                 seeds_agreeing)
 
 
 def _n(x: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -31,7 +32,13 @@ def _checks(v: Verdict) -> str:
 
 
 def _end(v: Verdict) -> str:
-    return f" Checks — {_checks(v)}. Verdict: **{v.verdict}**."
+    """The checks, each seed's own verdict (several seeds) and the verdict."""
+    if len(v.per_seed) <= 1:
+        return f" Checks — {_checks(v)}. Verdict: **{v.verdict}**."
+    seeds = "; ".join(f"seed {s}: {w}" for s, w in v.per_seed.items())
+    return (f" Checks on the seed means — {_checks(v)}. Per seed (the same checks on that seed alone) — {seeds}: "
+            f"agrees in {seeds_agreeing(v)} of {len(v.per_seed)} seeds; over seeds the claim {SEED_RULE}. "
+            f"Verdict: **{v.verdict}**.")
 
 
 def claim_a(v: Verdict, seeds: int) -> str:
