@@ -444,7 +444,7 @@ def test_claim_text_lists_per_seed_verdicts():
     results = [fake_result(seed=0), fake_result(seed=1), fake_result(**DISAGREE, seed=2)]
     v = verdicts.over_seeds(verdicts.verdict_e, results)
     text = claims.claim_e(v, 3)
-    assert "seed 0: agrees; seed 1: agrees; seed 2: does not agree: agrees in 2 of 3 seeds" in text
+    assert "seed 0: agrees; seed 1: agrees; seed 2: does not agree; agrees in 2, does not agree in 1 of 3 seeds" in text
     assert verdicts.SEED_RULE in text and text.endswith("Verdict: **partly agrees**.")
 
 
@@ -483,3 +483,56 @@ def test_report_over_several_seeds(demo, tmp_path):
     assert [r["seed"] for r in json.loads((out / "results.json").read_text())["results"]] == [0, 1]
     assert got["verdicts"]["a"]["per_seed"].keys() == {"0", "1"}
     assert (out / "grid.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------- README
+def _readme_demo_rows(text: str) -> dict[str, str]:
+    """The demo section's table rows `| name | value |` (README.md, between "## The demo" and the next "## ")."""
+    section = text.split("## The demo\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        separator = cells and set(cells[0]) == {"-"}
+        if len(cells) == 2 and not separator:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def _check_quoted(rows: dict[str, str], numbers: dict) -> None:
+    """Every number the table quotes equals docs/demo_results.json's; every quoted quantity is there."""
+    import re
+
+    for name, cell in numbers["task_em"].items():
+        got = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", rows[name])]
+        assert got == [cell["mean"], cell["min"], cell["max"]], name
+    for k, v in numbers["verdicts"].items():
+        assert rows[f"({k})"] == f"{v['verdict']} ({v['tally']})", k
+        assert v["agree"] == sum(w == "agrees" for w in v["per_seed"].values()) and v["of"] == len(v["per_seed"])
+    header = [k for k in rows if k.startswith("task exact match %")]
+    assert header == [f"task exact match %, mean (min–max) over {len(numbers['seeds'])} seeds"]
+
+
+def test_readme_quotes_the_committed_demo_numbers():
+    """The README's demo numbers are those of docs/demo_results.json, which scripts/demo_figures.py wrote from the
+    run that made docs/demo_grid.png."""
+    numbers = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    assert len(numbers["seeds"]) >= 3
+    rows = _readme_demo_rows((ROOT / "README.md").read_text())
+    _check_quoted(rows, numbers)
+    assert (ROOT / "docs" / "demo_grid.png").stat().st_size > 0
+
+
+def test_demo_figures_script(demo, tmp_path):
+    """scripts/demo_figures.py RUN_DIR writes the grid and the numbers, and prints a table that quotes them; a
+    directory without results.json is a one-line error."""
+    done = subprocess.run([sys.executable, "scripts/demo_figures.py", str(demo), "--docs", str(tmp_path / "docs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads((tmp_path / "docs" / "demo_results.json").read_text())
+    r = json.loads((demo / "results.json").read_text())["results"][0]
+    assert numbers["task_em"]["M5 + Δ4"]["mean"] == round(r["grid"]["M5+DM4"]["task"], 1)
+    assert (tmp_path / "docs" / "demo_grid.png").stat().st_size > 0
+    _check_quoted(_readme_demo_rows("## The demo\n" + done.stdout), numbers)
+    bad = subprocess.run([sys.executable, "scripts/demo_figures.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "results.json not found" in bad.stderr and len(bad.stderr.splitlines()) == 1

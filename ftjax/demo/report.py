@@ -348,6 +348,34 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
     return summary
 
 
+README_CELLS = (("base M5", "base", "M5"), ("FT(M5)", "ft", "M5"), ("M5 + Δ4", "grid", "M5+DM4"),
+                ("base M4", "base", "M4"), ("FT(M4)", "ft", "M4"), ("M4 + Δ5", "grid", "M4+DM5"))
+
+
+def readme_numbers(summary: dict) -> dict[str, Any]:
+    """The demo numbers the README quotes (docs/demo_results.json): task EM % of README_CELLS as mean / min / max
+    over seeds (0.1) and each claim's verdict with how many seeds agree."""
+    res = summary["results"]
+    cells = {}
+    for name, table, key in README_CELLS:
+        m, lo, hi = mean_range([r[table][key]["task"] for r in res])
+        cells[name] = {"mean": round(m, 1), "min": round(lo, 1), "max": round(hi, 1)}
+    found = verdicts.all_verdicts(res)
+    return {"seeds": [r["seed"] for r in res], "task_em": cells,
+            "verdicts": {k: {"verdict": v.verdict, "agree": verdicts.seeds_agreeing(v), "of": len(v.per_seed),
+                             "tally": verdicts.tally(v), "per_seed": v.per_seed} for k, v in found.items()}}
+
+
+def readme_table(numbers: dict) -> str:
+    """The README's markdown table of `readme_numbers` (what `scripts/demo_figures.py` prints)."""
+    n = len(numbers["seeds"])
+    lines = [f"| task exact match %, mean (min–max) over {n} seeds | |", "|---|---|"]
+    lines += [f"| {k} | {c['mean']:.1f} ({c['min']:.1f}–{c['max']:.1f}) |" for k, c in numbers["task_em"].items()]
+    lines += ["", "| claim | verdict over seeds (per-seed verdicts) |", "|---|---|"]
+    lines += [f"| ({k}) | {v['verdict']} ({v['tally']}) |" for k, v in numbers["verdicts"].items()]
+    return "\n".join(lines)
+
+
 def rewrite(out: str | Path) -> dict[str, Any]:
     """Re-render report.md and the plots from an existing out/results.json (no training)."""
     out = Path(out)

@@ -351,5 +351,6 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progres
 
     return {"seed": seed, "versions": steps, "names": names, "base": base, "ft": tuned, "grid": grid,
             "identity_max_abs": identity, "sweep": sweep, "scans": scans, "distance": dist, "cos": cos,
-            "delta_norm": delta_norm, "sensitivity": sensitivity, "tft": tft, "recycle": recycle, "curves": curves, "timing": timing,
+            "delta_norm": delta_norm, "sensitivity": sensitivity, "tft": tft, "recycle": recycle, "curves": curves,
+            "timing": timing,
             "params": int(sum(x.size for x in jax.tree.leaves(models["M0"])))}

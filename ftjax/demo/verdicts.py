@@ -355,8 +355,8 @@ CLAIMS: dict[str, Callable[[Sequence[dict]], Verdict]] = {
     "a": verdict_a, "b": verdict_b, "c": verdict_c, "d": verdict_d, "e": verdict_e, "f": verdict_f}
 
 
-SEED_RULE = ("agrees only when the claim agrees in every seed, does not agree when it agrees in no seed, partly "
-             "agrees otherwise (seeds where it cannot be judged are left out)")
+SEED_RULE = ("agrees only when every seed agrees, does not agree only when no seed agrees even partly, partly agrees "
+             "otherwise; seeds where the claim cannot be judged are left out")
 
 
 def seed_rule(per_seed: Sequence[str]) -> str:
@@ -381,6 +381,13 @@ def over_seeds(fn: Callable[[Sequence[dict]], Verdict], results: Sequence[dict])
 def seeds_agreeing(v: Verdict) -> int:
     """How many seeds the claim agrees in."""
     return sum(w == AGREES for w in v.per_seed.values())
+
+
+def tally(v: Verdict) -> str:
+    """How many seeds gave each verdict, e.g. "agrees in 1, partly agrees in 2 of 3 seeds" (verdicts never given
+    are left out)."""
+    counts = [(w, sum(x == w for x in v.per_seed.values())) for w in VERDICTS]
+    return ", ".join(f"{w} in {k}" for w, k in counts if k) + f" of {len(v.per_seed)} seeds"
 
 
 def all_verdicts(results: Sequence[dict]) -> dict[str, Verdict]:
