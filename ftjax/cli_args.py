@@ -252,15 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default: a miniature of the paper's study on tiny versions "
                                     "ftjax trains itself (report.md, results.json, plots, HF checkpoints)")
     p.add_argument("--out", type=Path, default=Path("ftjax_demo"), help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="world, init and data seed (quick mode)")
+    p.add_argument("--seed", type=int, default=0, help="first world, init and data seed (quick: S, S+1, S+2)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="one seed, minutes on 2 CPU cores (the default)")
+                      help="3 seeds, about 5 minutes on 2 CPU cores (the default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="3 seeds (or --seeds), longer training, every transfer-then-finetune pair; mean ± sd")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="a structure-only configuration for tests (seconds; too small for any phenomenon)")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="seeds to run (default: --seed; --full: 3)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="seeds to run (default: 3 from --seed; --tiny: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log")
     p.set_defaults(mode="quick")

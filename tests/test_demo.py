@@ -407,3 +407,132 @@ def test_predictors_figure_has_a_legend_and_says_when_no_barrier():
     assert not any("no barrier" in t.get_text() for t in axes[0].texts)
     fig = figures.predictors(fake_result())
     assert not fig.axes[2].texts
+
+
+# ---------------------------------------------------------------------------------------------------------- seeds
+@pytest.mark.parametrize("claim", list("abcdef"))
+def test_verdicts_over_seeds_all_some_none(claim):
+    """Each claim is decided in every seed alone: agrees in all -> agrees, in some -> partly, in none -> does not."""
+    from ftjax.demo import verdicts
+
+    good = [fake_result(**AGREE, seed=s) for s in range(3)]
+    bad = [fake_result(**DISAGREE, seed=s) for s in range(3)]
+    fn = verdicts.CLAIMS[claim]
+    for results, want, agreeing in ((good, verdicts.AGREES, 3), (bad, verdicts.DISAGREES, 0),
+                                    (good[:2] + bad[2:], verdicts.PARTLY, 2)):
+        v = verdicts.over_seeds(fn, results)
+        assert v.verdict == want and verdicts.seeds_agreeing(v) == agreeing, (claim, want)
+        assert list(v.per_seed) == ["0", "1", "2"]
+        assert v.numbers == fn(results).numbers  # the printed numbers stay the seed means
+    assert verdicts.all_verdicts(good)[claim].verdict == verdicts.AGREES
+
+
+def test_seed_rule():
+    from ftjax.demo.verdicts import AGREES, DISAGREES, PARTLY, UNJUDGED, seed_rule
+
+    assert seed_rule([AGREES, AGREES, UNJUDGED]) == AGREES
+    assert seed_rule([DISAGREES, DISAGREES]) == DISAGREES
+    assert seed_rule([AGREES, DISAGREES, DISAGREES]) == PARTLY
+    assert seed_rule([PARTLY, PARTLY]) == PARTLY  # holding partly in each seed is not holding in every seed
+    assert seed_rule([UNJUDGED, UNJUDGED]) == UNJUDGED
+    assert seed_rule([PARTLY]) == PARTLY  # one seed: its own verdict
+
+
+def test_claim_text_lists_per_seed_verdicts():
+    from ftjax.demo import claims, verdicts
+
+    results = [fake_result(seed=0), fake_result(seed=1), fake_result(**DISAGREE, seed=2)]
+    v = verdicts.over_seeds(verdicts.verdict_e, results)
+    text = claims.claim_e(v, 3)
+    assert "seed 0: agrees; seed 1: agrees; seed 2: does not agree; agrees in 2, does not agree in 1 of 3 seeds" in text
+    assert verdicts.SEED_RULE in text and text.endswith("Verdict: **partly agrees**.")
+
+
+def test_sensitivity_is_measured(demo):
+    """M5 + Δ4 as the grid scores it is the sensitivity baseline; the report states the measured changes."""
+    summary = json.loads((demo / "results.json").read_text())
+    report = (demo / "report.md").read_text()
+    for r in summary["results"]:
+        s = r["sensitivity"]
+        assert s["float32"] == pytest.approx(r["grid"]["M5+DM4"]["task"])
+        assert all(0 <= v <= 100 for v in s.values())
+        assert f"seed {r['seed']}: {s['float32']:.1f}" in report
+    assert "## Method notes: what the outcome is sensitive to" in report
+    assert "Evaluation dtype" in report and "Fine-tuning schedule" in report
+
+
+def test_report_over_several_seeds(demo, tmp_path):
+    """The report of several seeds (the tiny run's seed repeated with shifted scores): table cells are
+    "mean (min–max)", each claim lists its per-seed verdicts, results.json keeps each seed's numbers."""
+    from ftjax.demo import report
+
+    summary = json.loads((demo / "results.json").read_text())
+    first = summary["results"][0]
+    second = json.loads(json.dumps(first))
+    second["seed"] = first["seed"] + 1
+    second["base"]["M5"]["task"] = first["base"]["M5"]["task"] + 10.0
+    out = tmp_path / "two"
+    out.mkdir()
+    got = report.write(out, summary["config"], [first, second], seconds=1.0)
+    text = (out / "report.md").read_text()
+    b = first["base"]["M5"]["task"]
+    assert f"{b + 5:.1f} ({b:.1f}–{b + 10:.1f})" in text and "mean (min–max) over 2 seeds" in text
+    assert "±" not in text
+    claim_lines = [line for line in text.splitlines() if line.startswith("- **(")]
+    assert len(claim_lines) == 6 and all(f"seed {second['seed']}: " in line for line in claim_lines)
+    assert [r["seed"] for r in json.loads((out / "results.json").read_text())["results"]] == [0, 1]
+    assert got["verdicts"]["a"]["per_seed"].keys() == {"0", "1"}
+    assert (out / "grid.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------- README
+def _readme_demo_rows(text: str) -> dict[str, str]:
+    """The demo section's table rows `| name | value |` (README.md, between "## The demo" and the next "## ")."""
+    section = text.split("## The demo\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        separator = cells and set(cells[0]) == {"-"}
+        if len(cells) == 2 and not separator:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def _check_quoted(rows: dict[str, str], numbers: dict) -> None:
+    """Every number the table quotes equals docs/demo_results.json's; every quoted quantity is there."""
+    import re
+
+    for name, cell in numbers["task_em"].items():
+        got = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", rows[name])]
+        assert got == [cell["mean"], cell["min"], cell["max"]], name
+    for k, v in numbers["verdicts"].items():
+        assert rows[f"({k})"] == f"{v['verdict']} ({v['tally']})", k
+        assert v["agree"] == sum(w == "agrees" for w in v["per_seed"].values()) and v["of"] == len(v["per_seed"])
+    header = [k for k in rows if k.startswith("task exact match %")]
+    assert header == [f"task exact match %, mean (min–max) over {len(numbers['seeds'])} seeds"]
+
+
+def test_readme_quotes_the_committed_demo_numbers():
+    """The README's demo numbers are those of docs/demo_results.json, which scripts/demo_figures.py wrote from the
+    run that made docs/demo_grid.png."""
+    numbers = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    assert len(numbers["seeds"]) >= 3
+    rows = _readme_demo_rows((ROOT / "README.md").read_text())
+    _check_quoted(rows, numbers)
+    assert (ROOT / "docs" / "demo_grid.png").stat().st_size > 0
+
+
+def test_demo_figures_script(demo, tmp_path):
+    """scripts/demo_figures.py RUN_DIR writes the grid and the numbers, and prints a table that quotes them; a
+    directory without results.json is a one-line error."""
+    done = subprocess.run([sys.executable, "scripts/demo_figures.py", str(demo), "--docs", str(tmp_path / "docs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads((tmp_path / "docs" / "demo_results.json").read_text())
+    r = json.loads((demo / "results.json").read_text())["results"][0]
+    assert numbers["task_em"]["M5 + Δ4"]["mean"] == round(r["grid"]["M5+DM4"]["task"], 1)
+    assert (tmp_path / "docs" / "demo_grid.png").stat().st_size > 0
+    _check_quoted(_readme_demo_rows("## The demo\n" + done.stdout), numbers)
+    bad = subprocess.run([sys.executable, "scripts/demo_figures.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "results.json not found" in bad.stderr and len(bad.stderr.splitlines()) == 1

@@ -30,8 +30,9 @@ def _record(out: Path, entries: Sequence[str]) -> None:
 
 def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: str = "quick",
              seeds: Sequence[int] | None = None, quiet: bool = False, config: Any = None) -> dict[str, Any]:
-    """Run the study and write the report. mode: "quick" (one seed, minutes on 2 CPU cores), "full" (>= 3 seeds,
-    longer training, every transfer-then-finetune pair) or "tiny" (CI: structure only). `config` (a
+    """Run the study and write the report. mode: "quick" (the default: 3 seeds from `seed`, about 5 minutes on 2
+    CPU cores), "full" (>= 3 seeds, longer training, every transfer-then-finetune pair) or "tiny" (CI: structure
+    only, one seed). `seeds` chooses the seeds in any mode. `config` (a
     `study.StudyConfig`) overrides the mode. Progress bars (stderr, only on a terminal) and the log (stdout) are
     off with quiet. Returns the aggregated summary (also in out/results.json)."""
     from ftjax.demo import report, study

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftjax.demo.verdicts import INERT, NEAR, PAPER, PREDICTORS, RECYCLED, Verdict, label as _label
+from ftjax.demo.verdicts import (INERT, NEAR, PAPER, PREDICTORS, RECYCLED, SEED_RULE, Verdict, label as _label,
+                                 tally)
 
 
 def _n(x: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -31,7 +32,12 @@ def _checks(v: Verdict) -> str:
 
 
 def _end(v: Verdict) -> str:
-    return f" Checks — {_checks(v)}. Verdict: **{v.verdict}**."
+    """The checks, each seed's own verdict (several seeds) and the verdict."""
+    if len(v.per_seed) <= 1:
+        return f" Checks — {_checks(v)}. Verdict: **{v.verdict}**."
+    seeds = "; ".join(f"seed {s}: {w}" for s, w in v.per_seed.items())
+    return (f" Checks on the seed means — {_checks(v)}. Per seed (the same checks on that seed alone) — {seeds}; "
+            f"{tally(v)}. Over seeds the claim {SEED_RULE}. Verdict: **{v.verdict}**.")
 
 
 def claim_a(v: Verdict, seeds: int) -> str:
@@ -44,7 +50,7 @@ def claim_a(v: Verdict, seeds: int) -> str:
             f"{_pct(n['paper_rec_M5+DM4'])} (M5 + Δ4 = {PAPER['grid']['M5+DM4']} against FT(M5) = "
             f"{PAPER['ft']['M5']}) and {_pct(n['paper_rec_M4+DM5'])} (M4 + Δ5). Recovery = (transfer − base) / "
             "(FT − base), undefined without a gain."
-            + (" One seed: `--full` shows the spread over seeds." if seeds == 1 else "") + _end(v))
+            + (" One seed: the default (3 seeds) shows the spread." if seeds == 1 else "") + _end(v))
 
 
 def claim_b(v: Verdict, seeds: int) -> str:

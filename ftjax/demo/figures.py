@@ -28,27 +28,7 @@ def plots(out: Path, summary: dict) -> list[str]:
     seeds = len(summary["results"])
     written = []
 
-    fig = Figure(figsize=(6.4, 5.0))
-    ax = fig.subplots()
-    grid = np.full((len(names) + 2, len(names)), np.nan)
-    for a, j in enumerate(names):
-        for b, i in enumerate(names):
-            if i != j:
-                grid[a + 1, b] = np.mean([x["grid"][f"{i}+D{j}"]["task"] for x in summary["results"]])
-    for b, i in enumerate(names):
-        grid[0, b] = np.mean([x["base"][i]["task"] for x in summary["results"]])
-        grid[-1, b] = np.mean([x["ft"][i]["task"] for x in summary["results"]])
-    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
-    for (y, x), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_yticks(range(len(names) + 2), ["base", *[f"+Δ{n}" for n in names], "FT"])
-    ax.set_xlabel("target version")
-    ax.set_title("task exact match % of Mi + Δj (the paper's Table 3)" + (f", mean of {seeds} seeds" if seeds > 1
-                                                                            else ""))
-    fig.colorbar(im, ax=ax, label="task exact match %")
-    written.append(_save(fig, out / "grid.png"))
+    written.append(_save(grid(summary["results"]), out / "grid.png"))
 
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
@@ -93,6 +73,36 @@ def plots(out: Path, summary: dict) -> list[str]:
 
     written.append(_save(predictors(r), out / "predictors.png"))
     return written
+
+
+def grid(results: list[dict]) -> Figure:
+    """The transfer grid (the paper's Table 3): task EM % of Mi + Δj, base and FT rows; each cell annotated with the
+    seed mean and, with several seeds, its range (min–max) below it. The colour is the mean."""
+    names = results[0]["names"]
+    seeds = len(results)
+    cells = np.full((len(names) + 2, len(names), seeds), np.nan)
+    for b, i in enumerate(names):
+        cells[0, b] = [x["base"][i]["task"] for x in results]
+        cells[-1, b] = [x["ft"][i]["task"] for x in results]
+        for a, j in enumerate(names):
+            if i != j:
+                cells[a + 1, b] = [x["grid"][f"{i}+D{j}"]["task"] for x in results]
+    mean = cells.mean(axis=2)
+    fig = Figure(figsize=(7.2, 5.6) if seeds > 1 else (6.4, 5.0))
+    ax = fig.subplots()
+    im = ax.imshow(mean, cmap="viridis", vmin=0, vmax=100)
+    for (y, x), v in np.ndenumerate(mean):
+        if np.isfinite(v):
+            text = f"{v:.0f}" if seeds == 1 else f"{v:.0f}\n{cells[y, x].min():.0f}–{cells[y, x].max():.0f}"
+            ax.text(x, y, text, ha="center", va="center", fontsize=7 if seeds == 1 else 6,
+                    color="w" if v < 60 else "k")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names) + 2), ["base", *[f"+Δ{n}" for n in names], "FT"])
+    ax.set_xlabel("target version")
+    ax.set_title("task exact match % of Mi + Δj (the paper's Table 3)" +
+                 (f"\nmean and range (min–max) over {seeds} seeds" if seeds > 1 else ""))
+    fig.colorbar(im, ax=ax, label="task exact match % (mean)")
+    return fig
 
 
 def predictors(r: dict) -> Figure:

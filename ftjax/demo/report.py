@@ -1,7 +1,7 @@
 """The demo's outputs: results.json, report.md (tables and the claims (a)–(f) against the paper) and the PNGs.
 
 Every number in the report is computed from the per-seed results of `study.run_seed`; with several seeds, table
-cells are "mean ± standard deviation" over seeds. The claims' verdicts come from `verdicts` (computed from the
+cells are "mean (min–max)" over seeds. The claims' verdicts come from `verdicts` (computed from the
 numbers the claims print) and their text from `claims`.
 """
 
@@ -41,20 +41,53 @@ def design_notes(sc: dict) -> str:
     ])
 
 
+def _span(values: Sequence[float], digits: int = 1) -> str:
+    """"mean (min–max)" of values; the value alone for one."""
+    return _fmt(list(values), digits)
+
+
+def sensitivity_notes(results: Sequence[dict]) -> str:
+    """What M5 + Δ4 (claim (a)'s headline cell) is sensitive to, from this run's numbers: its spread over seeds,
+    and the change when scored in bfloat16 or when Δ4 comes from a constant-lr fine-tuning (per seed, EM points)."""
+    s = [r["sensitivity"] for r in results if "sensitivity" in r]
+    if not s:
+        return "- No sensitivity measurements in these results."
+    m5d4 = [x["float32"] for x in s]
+    per_seed = ", ".join(f"seed {r['seed']}: {r['sensitivity']['float32']:.1f}" for r in results if "sensitivity" in r)
+    base = [r["base"]["M5"]["task"] for r in results]
+    ft = [r["ft"]["M5"]["task"] for r in results]
+    lines = [
+        f"- Seeds: M5 + Δ4 = {_span(m5d4)} % task EM ({per_seed}; spread {max(m5d4) - min(m5d4):.1f} points), "
+        f"against base M5 = {_span(base)} % and FT(M5) = {_span(ft)} %. A claim that rests on this cell can flip "
+        "with the seed; the per-seed verdicts above say whether it does.",
+        f"- Evaluation dtype: scoring M5 + Δ4 with bfloat16 weights instead of float32 changes its EM by "
+        f"{_span([x['eval_bfloat16'] - x['float32'] for x in s])} points (per seed: "
+        + ", ".join(f"{x['eval_bfloat16'] - x['float32']:+.1f}" for x in s) + ").",
+        f"- Fine-tuning schedule: taking Δ4 from a fine-tuning of M4 with a constant learning rate (same steps, lr "
+        f"and warm-up) instead of the linear decay changes M5 + Δ4 by "
+        f"{_span([x['ft_schedule_constant'] - x['float32'] for x in s])} points (per seed: "
+        + ", ".join(f"{x['ft_schedule_constant'] - x['float32']:+.1f}" for x in s) + ").",
+        "- The world's data and the pretraining budget also differ between releases; their effect is not measured "
+        "in this run (the seed spread above bounds how much a single-seed comparison can tell).",
+    ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
+def mean_range(values: Sequence[float | None]) -> tuple[float, float, float]:
+    """(mean, min, max) of the finite values; NaNs when there are none."""
     v = np.array([x for x in values if x is not None and math.isfinite(x)], np.float64)
     if not len(v):
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        return math.nan, math.nan, math.nan
+    return float(v.mean()), float(v.min()), float(v.max())
 
 
 def _fmt(values: Sequence[float | None], digits: int = 1) -> str:
-    """A cell: the value (one seed) or "mean ± sd"; "–" when undefined."""
-    m, sd = _mean_sd(values)
+    """A cell: the value (one seed) or "mean (min–max)" over seeds; "–" when undefined."""
+    m, lo, hi = mean_range(values)
     if math.isnan(m):
         return "–"
-    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
 def _col(results, fn):
@@ -85,7 +118,7 @@ def main_table(summary: dict) -> str:
     names = results[0]["names"]
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     lines = ["task exact match % (columns: target Mi; rows: what was added)" +
-             (f", mean ± sd over {len(results)} seeds" if len(results) > 1 else ""), "", head]
+             (f", mean (min–max) over {len(results)} seeds" if len(results) > 1 else ""), "", head]
     lines.append("| base | " + " | ".join(_fmt(_col(results, lambda r, n=n: r["base"][n]["task"])) for n in names)
                  + " |")
     for j in names:
@@ -114,16 +147,24 @@ def _lm_table(results) -> str:
 
 
 def _alpha_table(results) -> str:
-    lines = ["| path | EM % at α = 1 | best EM % | best α | FT(target) | base |", "|---|---|---|---|---|---|"]
+    """EM at α = 1, FT(target) and base as mean (min–max) over seeds; the best α and its EM on the seed-mean sweep
+    (what claim (c) judges), with each seed's own best α."""
+    lines = ["| path | EM % at α = 1 | best EM % (seed-mean sweep) | best α | best α per seed | FT(target) | base |",
+             "|---|---|---|---|---|---|---|"]
     for i, j in ALPHA_PATHS:
         k = f"{i}+D{j}"
         alphas, scores = verdicts.sweep_scores(results, k)
         best, at = verdicts.best_alpha(alphas, scores)
-        cells = [scores[alphas.index(1.0)], best, at, verdicts.em(results, "ft", i), verdicts.em(results, "base", i)]
-        lines.append(f"| {label(k).replace('Δ', 'α·Δ')} | "
-                     + " | ".join("–" if x is None else f"{x:g}" if c == 2 else f"{x:.1f}" for c, x in enumerate(cells))
-                     + " |")
+        each = " / ".join(_g(verdicts.best_alpha(*verdicts.sweep_scores([r], k))[1]) for r in results)
+        at_1 = _fmt([r["sweep"][k]["task"][r["sweep"][k]["alpha"].index(1.0)] for r in results])
+        lines.append(f"| {label(k).replace('Δ', 'α·Δ')} | {at_1} | {'–' if best is None else f'{best:.1f}'} | "
+                     f"{_g(at)} | {each} | {_fmt([r['ft'][i]['task'] for r in results])} | "
+                     f"{_fmt([r['base'][i]['task'] for r in results])} |")
     return "\n".join(lines)
+
+
+def _g(x: float | None) -> str:
+    return "–" if x is None else f"{x:g}"
 
 
 def _tft_table(results) -> str:
@@ -228,7 +269,10 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         + "rounded as printed (EM % to 0.1, shares of a gain to whole %, nats to 0.001, ρ to 0.01) — and its "
           "checks; the comparisons are made on those printed numbers. Verdict: **agrees** when every check holds, "
           "**does not agree** when none does, **partly agrees** otherwise; a check whose numbers are undefined is "
-          "left out, and with none left the claim **cannot be judged**.",
+          "left out, and with none left the claim **cannot be judged**."
+        + (f" With {seeds} seeds the checks are also made in each seed alone, each claim lists its per-seed "
+           f"verdicts, and its verdict {verdicts.SEED_RULE}; the per-seed numbers are in results.json "
+           "(\"results\", one entry per seed)." if seeds > 1 else ""),
         "",
         *[f"- {c}" for c in claims.claim_lines(found, seeds)],
         "",
@@ -297,12 +341,47 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "",
         f"Plots: {', '.join(pngs)}.",
         "",
+        "## Method notes: what the outcome is sensitive to",
+        "",
+        "Measured in this run: M5 + Δ4 (claim (a)'s headline cell) over seeds, and re-measured under two cheap "
+        "changes to the method (EM points, mean (min–max) over seeds).",
+        "",
+        sensitivity_notes(res),
+        "",
         "## Why the world looks like this",
         "",
         design_notes(sc),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+README_CELLS = (("base M5", "base", "M5"), ("FT(M5)", "ft", "M5"), ("M5 + Δ4", "grid", "M5+DM4"),
+                ("base M4", "base", "M4"), ("FT(M4)", "ft", "M4"), ("M4 + Δ5", "grid", "M4+DM5"))
+
+
+def readme_numbers(summary: dict) -> dict[str, Any]:
+    """The demo numbers the README quotes (docs/demo_results.json): task EM % of README_CELLS as mean / min / max
+    over seeds (0.1) and each claim's verdict with how many seeds agree."""
+    res = summary["results"]
+    cells = {}
+    for name, table, key in README_CELLS:
+        m, lo, hi = mean_range([r[table][key]["task"] for r in res])
+        cells[name] = {"mean": round(m, 1), "min": round(lo, 1), "max": round(hi, 1)}
+    found = verdicts.all_verdicts(res)
+    return {"seeds": [r["seed"] for r in res], "task_em": cells,
+            "verdicts": {k: {"verdict": v.verdict, "agree": verdicts.seeds_agreeing(v), "of": len(v.per_seed),
+                             "tally": verdicts.tally(v), "per_seed": v.per_seed} for k, v in found.items()}}
+
+
+def readme_table(numbers: dict) -> str:
+    """The README's markdown table of `readme_numbers` (what `scripts/demo_figures.py` prints)."""
+    n = len(numbers["seeds"])
+    lines = [f"| task exact match %, mean (min–max) over {n} seeds | |", "|---|---|"]
+    lines += [f"| {k} | {c['mean']:.1f} ({c['min']:.1f}–{c['max']:.1f}) |" for k, c in numbers["task_em"].items()]
+    lines += ["", "| claim | verdict over seeds (per-seed verdicts) |", "|---|---|"]
+    lines += [f"| ({k}) | {v['verdict']} ({v['tally']}) |" for k, v in numbers["verdicts"].items()]
+    return "\n".join(lines)
 
 
 def rewrite(out: str | Path) -> dict[str, Any]:

@@ -67,10 +67,13 @@ class StudyConfig:
 
     @staticmethod
     def quick(seed: int = 0) -> "StudyConfig":
-        return StudyConfig(seeds=(seed,))
+        """The default: 3 seeds with shorter pretraining (300 + 200 steps) so that all three fit in about 5
+        minutes on 2 CPU cores."""
+        return StudyConfig(stage1_steps=300, stage2_steps=200, seeds=(seed, seed + 1, seed + 2))
 
     @staticmethod
     def full(seeds: tuple[int, ...] = (0, 1, 2)) -> "StudyConfig":
+        """Longer pretraining (400 + 300 steps), every transfer-then-finetune pair, more LM documents."""
         return StudyConfig(tft="all", lm_docs=128, seeds=tuple(seeds))
 
     @staticmethod
@@ -201,6 +204,19 @@ def steps_to(curve: list[list[float]], target: float) -> int | None:
     return next((int(st) for st, em, _ in curve if em >= target - 1e-9), None)
 
 
+def sensitivity_of_m5_d4(models: dict, ft: dict, s: Setup, tc: TrainConfig, every: int) -> dict[str, float]:
+    """Task EM % of M5 + Δ4 as the study measures it ("float32": float32 weights, the study's linearly decaying
+    fine-tuning schedule) and under two cheap changes: scored with bfloat16 weights ("eval_bfloat16"), and with Δ4
+    from a constant-learning-rate fine-tuning of M4 ("ft_schedule_constant", same steps, lr and warm-up)."""
+    m5_d4 = _transfer(models["M5"], ft["M4"], models["M4"])
+    ft4_constant, _ = finetune(models["M4"], s, dataclasses.replace(tc, schedule="constant"), every)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m5_d4)
+    return {"float32": 100 * engine.score(m5_d4, s.cfg, s.sets["task"])["em"],
+            "eval_bfloat16": 100 * engine.score(bf16, s.cfg, s.sets["task"])["em"],
+            "ft_schedule_constant": 100 * engine.score(_transfer(models["M5"], ft4_constant, models["M4"]), s.cfg,
+                                                       s.sets["task"])["em"]}
+
+
 # ---------------------------------------------------------------------------------------------------------- one seed
 def _barrier(r: dict[str, Any]) -> dict[str, Any]:
     """The linear-path barrier of an lmc scan (Entezari et al. 2022), its λ (None: no barrier) and lmc's note."""
@@ -260,6 +276,7 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progres
             tick(1)
     identity = {n: float(max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
         jax.tree.leaves(_transfer(models[n], ft[n], models[n])), jax.tree.leaves(ft[n])))) for n in names}
+    sensitivity = sensitivity_of_m5_d4(models, ft, s, tc, sc.ft_every)
     kept = [("M5", "M4"), ("M4", "M5"), ("M5", "M1")]
     for i, j in kept:
         if i in models and j in models:
@@ -334,5 +351,6 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progres
 
     return {"seed": seed, "versions": steps, "names": names, "base": base, "ft": tuned, "grid": grid,
             "identity_max_abs": identity, "sweep": sweep, "scans": scans, "distance": dist, "cos": cos,
-            "delta_norm": delta_norm, "tft": tft, "recycle": recycle, "curves": curves, "timing": timing,
+            "delta_norm": delta_norm, "sensitivity": sensitivity, "tft": tft, "recycle": recycle, "curves": curves,
+            "timing": timing,
             "params": int(sum(x.size for x in jax.tree.leaves(models["M0"])))}

@@ -7,6 +7,10 @@ Spearman ρ to 0.01). Every comparison is made on the rounded values, so a reade
 report alone. A verdict combines named checks (`combine`): all true -> "agrees", none -> "does not agree", some ->
 "partly agrees"; a check whose numbers are undefined (e.g. no fine-tuning gain to recover) is left out, and with
 no check left the verdict is "cannot be judged".
+
+Over several seeds (`over_seeds`, what `all_verdicts` returns) each claim is decided in every seed alone and the
+per-seed verdicts are combined by `seed_rule` (SEED_RULE): "agrees" only when it agrees in every judged seed, "does
+not agree" when it agrees in none, "partly agrees" otherwise; the printed numbers stay the seed means.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Verdict:
     verdict: str
     numbers: dict[str, Any]
     checks: dict[str, bool | None]
+    per_seed: dict[str, str] = dataclasses.field(default_factory=dict)  # seed -> that seed's own verdict
 
 
 def combine(checks: dict[str, bool | None]) -> str:
@@ -350,6 +355,41 @@ CLAIMS: dict[str, Callable[[Sequence[dict]], Verdict]] = {
     "a": verdict_a, "b": verdict_b, "c": verdict_c, "d": verdict_d, "e": verdict_e, "f": verdict_f}
 
 
+SEED_RULE = ("agrees only when every seed agrees, does not agree only when no seed agrees even partly, partly agrees "
+             "otherwise; seeds where the claim cannot be judged are left out")
+
+
+def seed_rule(per_seed: Sequence[str]) -> str:
+    """Combine per-seed verdicts (SEED_RULE): AGREES if every judged seed agrees, DISAGREES if every judged seed does
+    not agree, PARTLY otherwise (some seeds agree, or a seed partly agrees); UNJUDGED when no seed is judged."""
+    judged = [v for v in per_seed if v != UNJUDGED]
+    if not judged:
+        return UNJUDGED
+    if all(v == AGREES for v in judged):
+        return AGREES
+    return DISAGREES if all(v == DISAGREES for v in judged) else PARTLY
+
+
+def over_seeds(fn: Callable[[Sequence[dict]], Verdict], results: Sequence[dict]) -> Verdict:
+    """A claim over all seeds: the numbers and checks of `fn` on the seed means, each seed's own verdict
+    (`fn([result])`, keyed by its seed as a string) and the verdict `seed_rule` gives from those."""
+    mean = fn(results)
+    per_seed = {str(r["seed"]): fn([r]).verdict for r in results}
+    return dataclasses.replace(mean, verdict=seed_rule(list(per_seed.values())), per_seed=per_seed)
+
+
+def seeds_agreeing(v: Verdict) -> int:
+    """How many seeds the claim agrees in."""
+    return sum(w == AGREES for w in v.per_seed.values())
+
+
+def tally(v: Verdict) -> str:
+    """How many seeds gave each verdict, e.g. "agrees in 1, partly agrees in 2 of 3 seeds" (verdicts never given
+    are left out)."""
+    counts = [(w, sum(x == w for x in v.per_seed.values())) for w in VERDICTS]
+    return ", ".join(f"{w} in {k}" for w, k in counts if k) + f" of {len(v.per_seed)} seeds"
+
+
 def all_verdicts(results: Sequence[dict]) -> dict[str, Verdict]:
-    """Every claim's verdict, keyed "a".."f"."""
-    return {k: fn(results) for k, fn in CLAIMS.items()}
+    """Every claim's verdict over all seeds (`over_seeds`), keyed "a".."f"."""
+    return {k: over_seeds(fn, results) for k, fn in CLAIMS.items()}
