@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ftjax.buckets import pow2_bucket
 from ftjax.errors import FtjaxError
 
 LM, COMPLETION, CHOICE, CHAT = "lm", "completion", "choice", "chat"
@@ -297,11 +298,8 @@ def check_vocab(examples: Sequence[Example], vocab_size: int, *, source: str = "
 
 
 def bucket_length(n: int, max_len: int | None = None, minimum: int = 16) -> int:
-    """Smallest power of two >= n (at least `minimum`), capped at max_len: few shapes, so few compilations."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return size if max_len is None else min(size, max_len)
+    """Sequence length of a batch: `buckets.pow2_bucket` (at least `minimum`), capped at max_len."""
+    return pow2_bucket(n, minimum, max_len)
 
 
 def truncate(examples: Sequence[Example], max_len: int, *, warn: bool = True) -> list[Example]:

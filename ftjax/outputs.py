@@ -13,7 +13,7 @@ import datetime
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from ftjax.results import absolute_paths
 from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, RECORD_KEY, HFCheckpointWriter, copy_aux_files, write_json
 from ftjax.io.safetensors import TensorInfo
 from ftjax.streaming import Job, WriteBehind, stream
+
+if TYPE_CHECKING:  # the report type only; transfer_plan does not import the engine
+    from ftjax.transfer_plan import TransferReport
 
 CHUNK_ELEMS = 1 << 20  # elements per kernel call: a 2 MB bf16 input buffer, cache-sized (RESULTS.md has the A/B)
 
@@ -78,7 +81,7 @@ def provenance(kind: str, inputs: dict[str, str], config: dict, **fields: Any) -
             "config": config_keys, **fields}
 
 
-def write_checkpoint(output: Output, jobs: Sequence[Job], report: Any, finish: Finish, *, t0: float,
+def write_checkpoint(output: Output, jobs: Sequence[Job], report: TransferReport, finish: Finish, *, t0: float,
                      extras: Extras | None = None) -> None:
     """Stream `jobs` into an atomic temp dir as a HF checkpoint (each row block cast to its job's output dtype), then
     the small files of `finish`; `report` (a TransferReport-like object) gets the byte counts, NaN/Inf tensors and

@@ -24,15 +24,19 @@ import math
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ftjax import dtypes
+from ftjax.buckets import pow2_bucket
 from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import TensorInfo
+
+if TYPE_CHECKING:  # the report type only; transfer_plan does not import the engine
+    from ftjax.transfer_plan import TransferReport
 
 MIN_BUCKET = 1 << 12
 POOL = 4  # buffer sets: being read, waiting, in the kernel, being written
@@ -231,7 +235,7 @@ def _aligned(nbytes: int) -> np.ndarray:
 def _bucket(n: int, cap: int, cap_compiled: bool) -> int:
     """Kernel length for n elements: a power of two (few compiles for small models), or the full buffer when that
     shape is compiled already (a model's last, partial batch then costs no compile, only padding)."""
-    return cap if cap_compiled else min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+    return cap if cap_compiled else pow2_bucket(n, MIN_BUCKET, cap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +317,7 @@ def _index_words(segments: tuple[_Segment, ...]) -> tuple[np.uint32, np.uint32]:
     return np.uint32(first >> 32), np.uint32(first & 0xFFFFFFFF)
 
 
-def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]], None], report: Any,
+def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]], None], report: TransferReport,
            progress: bool, *, chunk_elems: int, desc: str = "ftjax") -> None:
     """Run every job through read -> kernel -> `on_block(job, outs)` (outs: a tuple of consecutive row blocks, the
     first is the output tensor's), in job order. `chunk_elems`: elements per kernel call (rows are never split; a

@@ -193,3 +193,30 @@ def test_eval_scan_stats_and_finetune_run_on_every_family(name, models, tmp_path
         "--out", str(tmp_path / "run"), "--quiet")
     assert read_config(json.loads((tmp_path / "run" / "final" / "config.json").read_text())).config.model_type == (
         FAMILIES[name]["model_type"])
+
+
+def test_one_tying_rule_for_transfer_and_load_params(tmp_path):
+    """A config without tie_word_embeddings means the family's transformers default, in the layout (transfer) and
+    the config reader (load_params) alike: SmolLM3 ties by default, so a checkpoint without lm_head.weight loads as
+    tied; Qwen3 does not, so one without lm_head.weight is refused by both (transformers would start that head at
+    random), where before transfer took it as tied and load_params refused it."""
+    from ftjax.io.checkpoint import HFCheckpoint
+    from ftjax.layout import Layout
+    from ftjax.transfer import transfer
+
+    for name, tied in (("smollm3", True), ("qwen3_bias_tied", False)):
+        config = {**SIZES, **FAMILIES[name]}
+        config.pop("tie_word_embeddings", None)
+        path = tmp_path / name
+        build({**config, "tie_word_embeddings": True}, path)  # weights saved without lm_head.weight
+        (path / "config.json").write_text(json.dumps(config))  # the config as published: no tie key
+        assert "lm_head.weight" not in HFCheckpoint(path).names()
+        if tied:
+            cfg, params = load_params(path)
+            assert cfg.tie_word_embeddings and Layout.of_checkpoint(HFCheckpoint(path)).tied
+            transfer(path, path, path, tmp_path / "out", progress=False)
+        else:
+            for call in (lambda: load_params(path), lambda: transfer(path, path, path, tmp_path / "o2", progress=False)):
+                with pytest.raises(FtjaxError, match="does not tie the embeddings.*no lm_head.weight"):
+                    call()
+            assert not (tmp_path / "o2").exists()

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.buckets import pow2_bucket
 from ftjax.merge import kernels as K
 
 # --- kernels (the engine calls fn(*inputs, *args, [index words,] *static); static = (spec,)) ---------------------
@@ -30,7 +31,7 @@ def row_sums(x: jax.Array, width: int) -> jax.Array:
     vectors at once), each in a fixed pairwise order of elementwise adds (rows zero-padded to a power of two): the
     same bits for any chunking or device."""
     r = x.reshape(x.shape[:-1] + (-1, width))
-    p = 1 << max(width - 1, 0).bit_length()
+    p = pow2_bucket(width)
     if p != width:
         r = jnp.pad(r, [(0, 0)] * (r.ndim - 1) + [(0, p - width)])
     while r.shape[-1] > 1:
