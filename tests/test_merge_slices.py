@@ -218,14 +218,19 @@ BAD = [
      r"slices\[1\]: base_model .* is not one of its sources"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: A}]\n", "needs a model and a layer_range"),
     ("merge_method: passthrough\nslices: []\n", "slices must be a non-empty list"),
+    ("merge_method: task_arithmetic\nbase_model: A\nslices:\n  - sources: [{model: A, layer_range: [0, 2]}, "
+     "{model: B, layer_range: [0, 2], delta_base: A, parameters: {weight: 1}}]\n", "delta_base is not supported in slices"),
+    ("merge_method: slerp\nbase_model: A\nparameters: {t: 0.5}\nslices:\n  - base_model: B\n    sources: [{model: A, "
+     "layer_range: [0, 2]}, {model: B, layer_range: [0, 2]}]\n", "a base_model per slice is not supported"),
 ]
 
 
 @pytest.mark.parametrize("text,message", BAD)
 def test_bad_slices_are_one_line_errors_and_write_nothing(deep, tmp_path, capsys, text, message):
     cfg = tmp_path / "bad.yml"
-    cfg.write_text(text.replace("model: A", f"model: {deep['a']}").replace("model: B", f"model: {deep['b']}")
-                   .replace("base_model: A", f"base_model: {deep['a']}"))
+    for key, name in (("A", "a"), ("B", "b")):
+        text = re.sub(rf"(model|base_model|delta_base): {key}\b", rf"\1: {deep[name]}", text)
+    cfg.write_text(text)
     assert main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("ftjax: error:"), err

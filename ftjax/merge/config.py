@@ -259,13 +259,8 @@ def _slices(data: dict, source: str, m: Method, base: str | None) -> tuple[Slice
 
 
 def _distinct(slices: Sequence[Slice]) -> list[ModelEntry]:
-    """The models a slices config reads, once each, in order of first use (their settings live in the slices; one
-    slice keeps its sources' settings, as the models form)."""
-    seen: dict[str, ModelEntry] = {}
-    for sl in slices:
-        for e, _, _ in sl.sources:
-            seen.setdefault(e.model, e if len(slices) == 1 else ModelEntry(e.model))
-    return list(seen.values())
+    """The models a slices config reads, once each, in order of first use (their settings live in the slices)."""
+    return [ModelEntry(m) for m in dict.fromkeys(e.model for sl in slices for e, _, _ in sl.sources)]
 
 
 def load(path_or_text: str | Path) -> tuple[MergeConfig, dict]:
