@@ -149,8 +149,9 @@ def _slice_inputs(config: MergeConfig, inputs: Inputs, sl: Slice, where: str, vo
             base, layouts["base"], first["base"], glob["base"] = "base", inputs.layouts[key], start, key
     tok = "base" if base else "m0"
     if config.tokenizer_source not in (None, "base"):  # a model's vocabulary: rows beyond the common ones are its
-        tok = next((k for k, e in entries.items() if e.model == config.tokenizer_source), None)
-        if tok is None and vocab:
+        found = [k for k, e in entries.items() if e.model == config.tokenizer_source]
+        tok = found[0] if found else tok
+        if not found and vocab:
             raise FtjaxError(f"{where}: tokenizer_source {config.tokenizer_source} is not one of its sources (the "
                              "embeddings come from the first slice's sources, the head from the last's); add it there")
     view = dataclasses.replace(config, models=tuple(entries.values()), slice_parameters=sl.parameters)
@@ -175,13 +176,14 @@ def _plan_slices(config: MergeConfig, inputs: Inputs, seed: int) -> list[Task]:
     last = len(config.slices) - 1
     views = [_slice_inputs(config, inputs, sl, f"slices[{i}]", i in (0, last)) for i, sl in enumerate(config.slices)]
 
-    def add(view: tuple, names: Sequence[str], t: float, out_layer: int | None, idx: int) -> None:
+    def add(view: tuple, names: Sequence[str], t: float, idx: int | None) -> None:
+        """Plan `names` with a slice's inputs; idx: the slice's layer they are (None: tensors outside the layers)."""
         cfg, ins, first, glob = view
         out_key = ins.base or "m0"
 
         def src(key: str, name: str) -> str:
             name = target.source_of(name, ins.layouts[key])
-            return name if out_layer is None else _relayer(name, first[key] + idx)
+            return name if idx is None else _relayer(name, first[key] + idx)
 
         for name in names:
             try:
@@ -192,7 +194,7 @@ def _plan_slices(config: MergeConfig, inputs: Inputs, seed: int) -> list[Task]:
             task.rest = None if task.rest is None else (glob[task.rest[0]], task.rest[1])
             tasks.append(task)
 
-    add(views[0], pre, 0.0, None, 0)
+    add(views[0], pre, 0.0, None)
     layer = 0
     for view, sl in zip(views, config.slices):
         out_key = view[1].base or "m0"
@@ -200,9 +202,9 @@ def _plan_slices(config: MergeConfig, inputs: Inputs, seed: int) -> list[Task]:
         for idx in range(sl.num_layers):
             names = [_relayer(n, layer) for n in layout.names if (m := _LAYER_PREFIX.match(n))
                      and int(m.group(1)) == start + idx]
-            add(view, names, idx / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0, layer, idx)
+            add(view, names, idx / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0, idx)
             layer += 1
-    add(views[-1], post, 0.0, None, 0)
+    add(views[-1], post, 0.0, None)
     _fail(problems)
     return tasks
 
