@@ -380,8 +380,8 @@ BAD = [
     ("merge_method: ties\nbase_model: B\nmodels:\n  - model: M\n    parameters: {weight: 1}\ndtype: float8\n",
      "dtype 'float8'"),
     ("merge_method: slerp\nbase_model: B\nmodels: [{model: M}, {model: B2}]\nparameters: {t: 0.5}\n", "exactly 1"),
-    ("slices:\n  - sources:\n    - {model: M, layer_range: [0, 1]}\nmerge_method: passthrough\n",
-     "layer_range \\[0, 1\\] of .* is not the whole model \\(\\[0, 2\\]\\)"),
+    ("slices:\n  - sources:\n    - {model: M, layer_range: [0, 3]}\nmerge_method: passthrough\n",
+     "layer_range \\[0, 3\\] of .* is past its 2 layers"),
 ]
 
 

@@ -75,7 +75,7 @@ def test_delta_base_slices_and_dict_refs():
     ("merge_method: slerp\nbase_model: a\nmodels: [{model: b}]\nparameters: {t: 0.5}\nslices: []\n",
      "exactly one of 'models' and 'slices'"),
     ("slices:\n  - sources: [{model: a}]\n  - sources: [{model: b}]\nmerge_method: passthrough\n",
-     "only one whole-range slice"),
+     "needs a model and a layer_range"),
     ("merge_method: linear\nmodels:\n  - model: a\n    delta_base: b\n    parameters: {weight: 1}\n",
      "delta_base .* is for task-arithmetic"),
     ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]\n", "needs a base_model"),

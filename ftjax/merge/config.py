@@ -1,13 +1,17 @@
 """mergekit's YAML config, read strictly: what a config says and, per output tensor, the value of every parameter.
 
-Schema (mergekit's): `merge_method`, `base_model`, `models: [{model, parameters}]` or whole-range `slices`,
+Schema (mergekit's): `merge_method`, `base_model`, `models: [{model, parameters}]` or `slices: [{sources: [{model,
+layer_range: [a, b], parameters}], parameters}]` (layers a..b-1 of each source; the sources of one slice have ranges of
+one length and are merged layer by layer; the slices are stacked, their layers renumbered from 0),
 top-level `parameters`, `dtype`, `out_dtype`, `tokenizer_source` / `tokenizer: {source}`, `chat_template`. ftjax adds
 `delta_base` to a model entry: that model's delta is `model - delta_base` (mergekit has one base for every delta).
 
 Parameter values as mergekit evaluates them: a scalar; a list of numbers, a gradient interpolated over the layers
 (layer i of L gets t = i / (L - 1), a one-layer model t = 1, tensors outside the layers t = 0); a list of other
 values, a step function of t; a list of `{filter, value}` (the first whose filter is a substring of the tensor
-name, or "*", or no filter, wins; its value may be a gradient). A model's own setting wins over the top-level one.
+name, or "*", or no filter, wins; its value may be a gradient). A model's own setting wins over its slice's, which
+wins over the top-level one. In a slice, the gradient runs over the slice's own layers (its layer i of n gets
+t = i / (n - 1), one layer t = 1), as mergekit's planner does.
 
 Where mergekit silently accepts a mistake, ftjax refuses it in one line: unknown keys (with the nearest name), a
 global parameter set on one model (mergekit ignores it), a YAML syntax error (with its line), a missing `weight`.
@@ -44,6 +48,19 @@ class ModelEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Slice:
+    """One output slice: layers [start, end) of each source (equal lengths), merged layer by layer, and the slice's
+    own parameter settings (between its sources' and the top-level ones)."""
+
+    sources: tuple[tuple[ModelEntry, int, int], ...]
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0][2] - self.sources[0][1]
+
+
+@dataclasses.dataclass(frozen=True)
 class MergeConfig:
     method: Method
     base_model: str | None
@@ -54,7 +71,8 @@ class MergeConfig:
     tokenizer_source: str | None = None  # "base", a model reference, or None (the base's / first model's files)
     chat_template: str | None = None
     text: str = ""  # the config as written (kept in the output's provenance)
-    layer_ranges: tuple = ()  # (model, (start, end)) of each slice source, checked against the checkpoints
+    slices: tuple[Slice, ...] = ()  # the slices form (empty: the models form)
+    slice_parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # of the slice being planned
 
     @property
     def output_dtype(self) -> str | None:
@@ -131,22 +149,27 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
     m = method(data["merge_method"], f"{source}: merge_method")
     if ("models" in data) == ("slices" in data):
         raise FtjaxError(f"{source}: give exactly one of 'models' and 'slices'")
-    entries = _models(data, source, m)
     base = _ref(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
+    slices = _slices(data, source, m, base) if "slices" in data else ()
+    entries = _models(data, source, m) if not slices else _distinct(slices)
     if m.base == "required" and base is None:
         raise FtjaxError(f"{source}: {m.name} needs a base_model")
-    if m.base == "input" and base is not None and base not in [e.model for e in entries]:
+    if m.base == "input" and base is not None and base not in [e.model for e in entries] and not slices:
         if "weight" in m.per_model:
             raise FtjaxError(f"{source}: {m.name} weighs the base_model like the other inputs: list {base} under "
                              "models with its own weight (mergekit would fail on its missing weight)")
         entries.append(ModelEntry(base))  # mergekit appends it as one more input
     if m.base == "none" and base is not None:
         raise FtjaxError(f"{source}: {m.name} takes no base_model")
-    inputs = [e for e in entries if e.model != base or m.base == "input"]
-    if len(inputs) < m.min_models or (m.max_models is not None and len(inputs) > m.max_models):
-        n = m.min_models if m.max_models is None else (m.min_models, m.max_models)
-        want = f"at least {n}" if m.max_models is None else (f"exactly {n[0]}" if n[0] == n[1] else f"{n[0]}-{n[1]}")
-        raise FtjaxError(f"{source}: {m.name} merges {want} model(s) besides the base, got {len(inputs)}")
+    groups = [(source, entries)] if not slices else [(f"{source}: slices[{i}]", [e for e, _, _ in sl.sources])
+                                                     for i, sl in enumerate(slices)]
+    for where, group in groups:
+        inputs = [e for e in group if e.model != base or m.base == "input"]
+        if len(inputs) < m.min_models or (m.max_models is not None and len(inputs) > m.max_models):
+            n = m.min_models if m.max_models is None else (m.min_models, m.max_models)
+            want = f"at least {n}" if m.max_models is None else (f"exactly {n[0]}" if n[0] == n[1] else
+                                                                f"{n[0]}-{n[1]}")
+            raise FtjaxError(f"{where}: {m.name} merges {want} model(s) besides the base, got {len(inputs)}")
     for e in entries:
         if e.delta_base is not None and m.family != "gta":
             raise FtjaxError(f"{source}: delta_base ({e.model}) is for task-arithmetic methods, not {m.name}")
@@ -175,50 +198,69 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
         raise FtjaxError(f"{source}: chat_template {template!r}: give 'auto' (the inputs' most common one) or a Jinja "
                          "template (mergekit's named built-in templates are not bundled)")
     return MergeConfig(m, base, tuple(entries), globals_, data.get("dtype"), data.get("out_dtype"), tok, template,
-                       layer_ranges=tuple(layer_ranges(data)))
+                       slices=slices)
 
 
 def _models(data: dict, source: str, m: Method) -> list[ModelEntry]:
-    if "models" in data:
-        if not isinstance(data["models"], list) or not data["models"]:
-            raise FtjaxError(f"{source}: models must be a non-empty list")
-        raw = data["models"]
-        keys, label = _MODEL, "models"
-    else:  # whole-range slices only: one slice whose sources span every layer is the models form
-        if not isinstance(data["slices"], list) or len(data["slices"]) != 1 or not isinstance(data["slices"][0], dict):
-            raise FtjaxError(f"{source}: only one whole-range slice is supported (a slice per layer range, "
-                             "frankenmerges, is not); write the config with models:")
-        _unknown(list(data["slices"][0]), ("sources", "parameters", "base_model"), f"{source}: slices[0]")
-        if data["slices"][0].get("parameters"):
-            raise FtjaxError(f"{source}: slices[0]: move its parameters to the top level")
-        raw = data["slices"][0].get("sources") or []
-        keys, label = _SLICE_SOURCE, "slices[0].sources"
-    entries = []
-    for i, e in enumerate(raw):
-        where = f"{source}: {label}[{i}]"
-        if isinstance(e, str):
-            e = {"model": e}
-        if not isinstance(e, dict) or "model" not in e:
-            raise FtjaxError(f"{where}: each entry needs a 'model'")
-        _unknown(list(e), keys, where)
-        delta = _ref(e["delta_base"], f"{where}: delta_base") if e.get("delta_base") is not None else None
-        entries.append(ModelEntry(_ref(e["model"], where), delta,
-                                  _params(e.get("parameters"), where, list(m.per_model), "model", m)))
-    return entries
+    if not isinstance(data["models"], list) or not data["models"]:
+        raise FtjaxError(f"{source}: models must be a non-empty list")
+    return [_entry(e, f"{source}: models[{i}]", _MODEL, m) for i, e in enumerate(data["models"])]
 
 
-def layer_ranges(data: Any) -> list[tuple[str, tuple[int, int]]]:
-    """(model, layer_range) of each slice source that gives one (none for the models form)."""
-    if not isinstance(data, dict) or not isinstance(data.get("slices"), list):
-        return []
+def _entry(e: Any, where: str, keys: Sequence[str], m: Method) -> ModelEntry:
+    if isinstance(e, str):
+        e = {"model": e}
+    if not isinstance(e, dict) or "model" not in e:
+        raise FtjaxError(f"{where}: each entry needs a 'model'")
+    _unknown(list(e), keys, where)
+    delta = _ref(e["delta_base"], f"{where}: delta_base") if e.get("delta_base") is not None else None
+    return ModelEntry(_ref(e["model"], where), delta, _params(e.get("parameters"), where, list(m.per_model), "model", m))
+
+
+def _slices(data: dict, source: str, m: Method, base: str | None) -> tuple[Slice, ...]:
+    """The slices as mergekit reads them; ranges checked here as far as the config alone allows (a range past a
+    model's layers is found when the checkpoints are read)."""
+    raw = data["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise FtjaxError(f"{source}: slices must be a non-empty list of {{sources: [...]}}")
     out = []
-    for src in data["slices"][0].get("sources") or []:
-        if isinstance(src, dict) and "layer_range" in src:
+    for i, sl in enumerate(raw):
+        where = f"{source}: slices[{i}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise FtjaxError(f"{where}: a slice is a mapping with a non-empty 'sources' list")
+        _unknown(list(sl), ("sources", "parameters", "base_model"), where)
+        if sl.get("base_model") is not None and _ref(sl["base_model"], f"{where}: base_model") != base:
+            raise FtjaxError(f"{where}: a base_model per slice is not supported; set base_model at the top level")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "layer_range" not in src:
+                raise FtjaxError(f"{at}: each source needs a model and a layer_range: [start, end]")
+            entry = _entry(src, at, _SLICE_SOURCE, m)
+            if entry.delta_base is not None:
+                raise FtjaxError(f"{at}: delta_base is not supported in slices; write the config with models:")
             r = src["layer_range"]
-            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)):
-                raise FtjaxError(f"layer_range of {src.get('model')} must be [start, end], got {r!r}")
-            out.append((str(src.get("model")), (r[0], r[1])))
-    return out
+            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in r)):
+                raise FtjaxError(f"{at}: layer_range of {entry.model} must be [start, end] (integers), got {r!r}")
+            if r[0] < 0 or r[1] <= r[0]:
+                raise FtjaxError(f"{at}: layer_range {r} of {entry.model} is empty or negative; give [start, end] "
+                                 "with 0 <= start < end")
+            sources.append((entry, r[0], r[1]))
+        lengths = {b - a for _, a, b in sources}
+        if len(lengths) > 1:
+            raise FtjaxError(f"{where}: the layer_ranges of one slice must have one length, got "
+                             + ", ".join(f"[{a}, {b}] ({b - a}) of {e.model}" for e, a, b in sources))
+        if base is not None and m.base in ("required", "optional") and base not in [e.model for e, _, _ in sources]:
+            raise FtjaxError(f"{where}: base_model {base} is not one of its sources; list it with its layer_range")
+        params = _params(sl.get("parameters"), f"{where}: parameters", [*m.globals, *m.per_model], "top", m)
+        out.append(Slice(tuple(sources), params))
+    return tuple(out)
+
+
+def _distinct(slices: Sequence[Slice]) -> list[ModelEntry]:
+    """The models a slices config reads, once each, in order of first use (their settings live in the slices)."""
+    return [ModelEntry(m) for m in dict.fromkeys(e.model for sl in slices for e, _, _ in sl.sources)]
 
 
 def load(path_or_text: str | Path) -> tuple[MergeConfig, dict]:
@@ -281,7 +323,8 @@ def value(config: MergeConfig, key: str, name: str, t: float, model: ModelEntry 
     """The value of parameter `key` for tensor `name` (and `model`, for per-model parameters): the model's own setting,
     else the top-level one, else the method's default; FtjaxError when a required one is missing."""
     m = config.method
-    for settings in ([model.parameters] if model is not None else []) + [config.parameters]:
+    for settings in ([model.parameters] if model is not None else []) + [config.slice_parameters,
+                                                                         config.parameters]:
         if key in settings:
             v = evaluate(settings[key], name, t)
             if v is not None:

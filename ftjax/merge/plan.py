@@ -9,13 +9,18 @@ Output tensors: those of the base (or, without one, the first model), in its ord
 kernel merges the rows every input has; rows beyond them come from the tokenizer source (the base by default), as
 `ftjax transfer --vocab pad` takes new tokens from source-ft. A shape mismatch elsewhere is an error naming the
 tensor and the models (mergekit skips such tensors with a warning). Integer tensors are the base's.
+
+A slices config is planned as mergekit plans it (`_plan_slices`): each slice is a merge of its own sources, layer by
+layer, its layers renumbered after the previous slices'; the embeddings come from the first slice's sources, the
+final norm and head from the last slice's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,10 +31,11 @@ from ftjax.io.safetensors import TensorInfo
 from ftjax.layout import Layout, is_vocab
 from ftjax.merge import kernels as K
 from ftjax.merge import passes
-from ftjax.merge.config import MergeConfig, ModelEntry, layer_t, value
+from ftjax.merge.config import MergeConfig, ModelEntry, Slice, layer_t, value
 from ftjax.streaming import Kernel, row_elems, rows_of
 
 Ref = tuple[str, str]
+Source = Callable[[str, str], str]  # (input key, output tensor name) -> the input's tensor name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,23 +82,130 @@ def mask_key(seed: int, model: int, name: str) -> np.ndarray:
 
 def plan_tensors(config: MergeConfig, inputs: Inputs, *, seed: int) -> list[Task]:
     """One Task per output tensor (every mismatch of the inputs in one FtjaxError)."""
+    if config.slices:
+        return _plan_slices(config, inputs, seed)
     out_key = inputs.base or next(iter(inputs.entries))
     out_layout = inputs.layouts[out_key]
     num_layers = _num_layers(out_layout)
-    for model, (start, end) in config.layer_ranges:
-        if (start, end) != (0, num_layers):
-            raise FtjaxError(f"slices: layer_range [{start}, {end}] of {model} is not the whole model ([0, {num_layers}]"
-                             "); slices over part of the layers (frankenmerges) are not supported")
     problems: list[str] = []
     tasks = []
     for name in out_layout.names:
         try:
-            tasks.append(_task(config, inputs, out_key, name, num_layers, seed, problems))
+            tasks.append(_task(config, inputs, out_key, name, layer_t(name, num_layers), seed, problems))
         except _Skip:
             continue
+    _fail(problems)
+    return tasks
+
+
+def _fail(problems: list[str]) -> None:
     if problems:
         more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise FtjaxError(f"inputs do not match: {len(problems)} problem(s): {'; '.join(problems[:10])}{more}")
+
+
+# --- slices -------------------------------------------------------------------------------------------------------
+
+_LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _relayer(name: str, layer: int) -> str:
+    return _LAYER_PREFIX.sub(f"model.layers.{layer}.", name, count=1)
+
+
+def _key_of(inputs: Inputs, model: str) -> str:
+    return next(k for k, e in inputs.entries.items() if e.model == model)
+
+
+def slice_target(config: MergeConfig, inputs: Inputs) -> str:
+    """The key of the model whose config and non-layer tensor names the output of a slices merge takes: the base
+    model when it is a source of the first slice, else that slice's first source (mergekit's out_model_config)."""
+    first = [e.model for e, _, _ in config.slices[0].sources]
+    return _key_of(inputs, config.base_model if config.base_model in first else first[0])
+
+
+def slice_layers(config: MergeConfig, inputs: Inputs) -> list[tuple[str, int]]:
+    """(key, layer) of the model each output layer takes its config entries (layer_types, ...) from, in order."""
+    out = []
+    for sl in config.slices:
+        models = [e.model for e, _, _ in sl.sources]
+        j = models.index(config.base_model) if config.base_model in models else 0
+        entry, start, _ = sl.sources[j]
+        out += [(_key_of(inputs, entry.model), start + i) for i in range(sl.num_layers)]
+    return out
+
+
+def _slice_inputs(config: MergeConfig, inputs: Inputs, sl: Slice, where: str, vocab: bool
+                  ) -> tuple[MergeConfig, Inputs, dict[str, int], dict[str, str]]:
+    """The slice as a merge of its own: its config (its sources as the models, its parameters), its inputs keyed
+    "base" / "m{j}" as plan_tensors keys them, each key's first layer and the key of the merge's inputs it stands for.
+    vocab: it plans the embeddings or head."""
+    entries, layouts, first, glob = {}, {}, {}, {}
+    base = None
+    for j, (e, start, _) in enumerate(sl.sources):
+        key = _key_of(inputs, e.model)
+        entries[f"m{j}"], layouts[f"m{j}"], first[f"m{j}"], glob[f"m{j}"] = e, inputs.layouts[key], start, key
+        if e.model == config.base_model and base is None:
+            base, layouts["base"], first["base"], glob["base"] = "base", inputs.layouts[key], start, key
+    tok = "base" if base else "m0"
+    if config.tokenizer_source not in (None, "base"):  # a model's vocabulary: rows beyond the common ones are its
+        found = [k for k, e in entries.items() if e.model == config.tokenizer_source]
+        tok = found[0] if found else tok
+        if not found and vocab:
+            raise FtjaxError(f"{where}: tokenizer_source {config.tokenizer_source} is not one of its sources (the "
+                             "embeddings come from the first slice's sources, the head from the last's); add it there")
+    view = dataclasses.replace(config, models=tuple(entries.values()), slice_parameters=sl.parameters)
+    return view, Inputs(layouts, entries, base, {k: "base" for k in entries}, tok), first, glob
+
+
+def _plan_slices(config: MergeConfig, inputs: Inputs, seed: int) -> list[Task]:
+    """mergekit's plan of a slices config: the embeddings merged from the first slice's sources, each slice's layers
+    (renumbered consecutively, t over the slice's own layers), then the final norm and head from the last slice's
+    sources; non-layer tensors at t = 0."""
+    for i, sl in enumerate(config.slices):
+        for e, start, end in sl.sources:
+            n = _num_layers(inputs.layouts[_key_of(inputs, e.model)])
+            if end > n:
+                raise FtjaxError(f"slices[{i}]: layer_range [{start}, {end}] of {e.model} is past its {n} layers; "
+                                 f"give an end <= {n}")
+    target = inputs.layouts[slice_target(config, inputs)]
+    outside = [n for n in target.names if not _LAYER_PREFIX.match(n)]
+    pre, post = [n for n in outside if ".embed" in n], [n for n in outside if ".embed" not in n]
+    problems: list[str] = []
+    tasks: list[Task] = []
+    last = len(config.slices) - 1
+    views = [_slice_inputs(config, inputs, sl, f"slices[{i}]", i in (0, last)) for i, sl in enumerate(config.slices)]
+
+    def add(view: tuple, names: Sequence[str], t: float, idx: int | None) -> None:
+        """Plan `names` with a slice's inputs; idx: the slice's layer they are (None: tensors outside the layers)."""
+        cfg, ins, first, glob = view
+        out_key = ins.base or "m0"
+
+        def src(key: str, name: str) -> str:
+            name = target.source_of(name, ins.layouts[key])
+            return name if idx is None else _relayer(name, first[key] + idx)
+
+        for name in names:
+            try:
+                task = _task(cfg, ins, out_key, name, t, seed, problems, src)
+            except _Skip:
+                continue
+            task.refs = tuple((glob[k], n) for k, n in task.refs)
+            task.rest = None if task.rest is None else (glob[task.rest[0]], task.rest[1])
+            tasks.append(task)
+
+    add(views[0], pre, 0.0, None)
+    layer = 0
+    for view, sl in zip(views, config.slices):
+        out_key = view[1].base or "m0"
+        layout, start = view[1].layouts[out_key], view[2][out_key]
+        for idx in range(sl.num_layers):
+            names = [_relayer(n, layer) for n in layout.names if (m := _LAYER_PREFIX.match(n))
+                     and int(m.group(1)) == start + idx]
+            add(view, names, idx / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0, idx)
+            layer += 1
+    add(views[-1], post, 0.0, None)
+    _fail(problems)
     return tasks
 
 
@@ -101,18 +214,15 @@ class _Skip(Exception):
 
 
 def _num_layers(layout: Layout) -> int:
-    import re
-
     idx = [int(m.group(1)) for n in layout.names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
     return max(idx) + 1 if idx else 0
 
 
-def _refs(inputs: Inputs, out_key: str, name: str, keys: Sequence[str], problems: list[str]) -> list[Ref]:
-    out_layout = inputs.layouts[out_key]
+def _refs(inputs: Inputs, name: str, keys: Sequence[str], problems: list[str], source: Source) -> list[Ref]:
     refs = []
     for key in keys:
         layout = inputs.layouts[key]
-        src = out_layout.source_of(name, layout)
+        src = source(key, name)
         if src not in layout.shapes:
             problems.append(f"{name}: missing from {_label(inputs, key)}")
             raise _Skip
@@ -127,13 +237,20 @@ def _label(inputs: Inputs, key: str) -> str:
     return entry.model if entry is not None else f"delta base {key}"
 
 
-def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, num_layers: int, seed: int,
-          problems: list[str]) -> Task:
+def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float, seed: int, problems: list[str],
+          source: Source | None = None) -> Task:
+    """The Task writing output tensor `name` at gradient coordinate t; source(key, name): the tensor of input `key`
+    it reads (default: the same name, an untied head reading a tied model's embedding)."""
     m = config.method
     out_layout = inputs.layouts[out_key]
-    stored, shape = out_layout.dtypes[name], out_layout.shapes[name]
+    source = source or (lambda key, n: out_layout.source_of(n, inputs.layouts[key]))
+    own = source(out_key, name)
+    if own not in out_layout.shapes:
+        problems.append(f"{own}: missing from {_label(inputs, out_key)}")
+        raise _Skip
+    stored, shape = out_layout.dtypes[own], out_layout.shapes[own]
     if not dtypes.is_float(stored):  # integer / bool buffers: the base's, verbatim
-        return Task(name, TensorInfo(name, stored, shape), "copy", ((out_key, name),), 0)
+        return Task(name, TensorInfo(name, stored, shape), "copy", ((out_key, own),), 0)
     # a model entry that is the base itself (mergekit configs often list it) is the base, not one more input
     model_keys = [k for k, e in inputs.entries.items() if m.base == "input" or e.model != config.base_model]
     if m.family == "gta":
@@ -147,9 +264,9 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, num_laye
         keys = (["base"] if inputs.base else []) + model_keys
     else:  # passthrough
         keys = model_keys
-    refs = _refs(inputs, out_key, name, keys, problems)
+    refs = _refs(inputs, name, keys, problems, source)
     shapes = {key: inputs.layouts[key].shapes[src] for key, src in refs}
-    rows, rest = _rows(inputs, out_key, name, shapes, problems)
+    rows, rest = _rows(inputs, out_key, name, shapes, problems, source)
     tok_shape = shapes.get(inputs.tokenizer, shape)
     out = TensorInfo(name, out_dtype(config, stored), (max(rows_of(tok_shape), rows),) + tuple(shape[1:])
                      if shape else ())
@@ -157,7 +274,6 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, num_laye
         dt = inputs.layouts[key].dtypes[src]
         if not dtypes.is_computable(dt):
             problems.append(f"{name}: {dt} in {_label(inputs, key)}; ftjax merges bfloat16, float16 and float32 tensors")
-    t = layer_t(name, num_layers)
     entries = [inputs.entries[k] for k in model_keys]
     task = Task(name, out, "", tuple(refs), rows, rest)
     if m.family in ("gta", "linear"):
@@ -173,7 +289,7 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, num_laye
     return task
 
 
-def _rows(inputs: Inputs, out_key: str, name: str, shapes: dict[str, tuple], problems: list[str]
+def _rows(inputs: Inputs, out_key: str, name: str, shapes: dict[str, tuple], problems: list[str], source: Source
           ) -> tuple[int, Ref | None]:
     """(rows every input has, where the rows beyond come from) for a vocabulary tensor; a mismatch is a problem."""
     first = shapes[out_key] if out_key in shapes else next(iter(shapes.values()))
@@ -186,7 +302,7 @@ def _rows(inputs: Inputs, out_key: str, name: str, shapes: dict[str, tuple], pro
     rows = min(s[0] for s in shapes.values())
     tok = inputs.tokenizer
     tok_layout = inputs.layouts[tok]
-    src = inputs.layouts[out_key].source_of(name, tok_layout)
+    src = source(tok, name)
     if tok_layout.shapes.get(src, (0,))[0] > rows:
         return rows, (tok, src)
     return rows, None

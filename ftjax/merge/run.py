@@ -27,6 +27,8 @@ from ftjax.merge.plan import (
     Inputs,
     Task,
     plan_tensors,
+    slice_layers,
+    slice_target,
     stage_add,
     stage_finish,
     stage_kernel,
@@ -139,15 +141,17 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
     handles, delta_keys = _open(config)
     report = TransferReport("merge", str(out), {k: str(h.path) for k, h in handles.items()}, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[h.path for h in handles.values()])
-    problems = P.compare_configs({k: h.config for k, h in handles.items()}, report.warnings)
+    problems = P.compare_configs({k: _shape_config(h.config, config) for k, h in handles.items()}, report.warnings)
     P.fail(problems, "inputs do not match")
     layouts = {k: Layout.of_checkpoint(h) for k, h in handles.items()}
     inputs = _inputs(config, layouts, delta_keys)
     tasks = plan_tensors(config, inputs, seed=seed)
     report.tensors, report.transferred = len(tasks), sum(t.kind != "copy" for t in tasks)
     report.copied_non_float = [t.name for t in tasks if t.kind == "copy" and config.method.name != "passthrough"]
-    out_key = inputs.base or "m0"
+    out_key = slice_target(config, inputs) if config.slices else inputs.base or "m0"
     cfg = P.out_config(handles[out_key].config, layouts[out_key], [t.out for t in tasks])
+    if config.slices:
+        cfg = _sliced_config(cfg, [(handles[k].config, i) for k, i in slice_layers(config, inputs)])
     if dry_run:
         return report
     source = lambda ref: Source(handles[ref[0]], ref[1])
@@ -164,6 +168,27 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
     write_checkpoint(Output(out, tuple(h.path for h in handles.values()), overwrite, max_shard_bytes, progress),
                      jobs, report, finish, t0=t0)
     return report
+
+
+PER_LAYER = ("layer_types", "no_rope_layers")  # config.json lists with one entry per layer
+
+
+def _shape_config(cfg: dict, config: MergeConfig) -> dict:
+    """What must agree between the inputs: a slices merge may stack models of different depths."""
+    return {k: v for k, v in cfg.items() if k not in ("num_hidden_layers", *PER_LAYER)} if config.slices else cfg
+
+
+def _sliced_config(cfg: dict, layers: Sequence[tuple[dict, int]]) -> dict:
+    """The output config of a slices merge: `num_hidden_layers` the stacked layers' count, and each per-layer list
+    (layer_types, ...) the entries of the layers it took ((the source model's config, its layer) per output layer)."""
+    cfg = {**cfg, "num_hidden_layers": len(layers)}
+    for key in PER_LAYER:
+        if isinstance(cfg.get(key), list):
+            if not all(isinstance(c.get(key), list) and i < len(c[key]) for c, i in layers):
+                raise FtjaxError(f"config.json: {key} is a per-layer list in the output model but not in every "
+                                 "sliced model; slice models that all list it")
+            cfg[key] = [c[key][i] for c, i in layers]
+    return cfg
 
 
 def _set_chat_template(out: Path, *, config: MergeConfig, handles: Mapping[str, HFCheckpoint]) -> None:
