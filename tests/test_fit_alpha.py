@@ -1,0 +1,151 @@
+"""Learned transfer coefficients (issue 18): groups, gradient, bounds, reproducibility, the written checkpoint."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import fit_alpha as F
+from ftjax.data import examples_from_rows
+from ftjax.errors import FtjaxError
+from ftjax.model import forward
+from ftjax.params import flatten, load_params
+from hf_models import lm_rows, make_hf_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Untied target / source-base / source-ft (three random tiny Llamas) and a tied trio, on disk."""
+    root = tmp_path_factory.mktemp("fit_alpha")
+    out = {}
+    for tie in (False, True):
+        for role, seed in (("base", 0), ("ft", 1), ("target", 2)):
+            out[role, tie] = make_hf_model(root / f"{role}-{tie}", seed=seed, tie_word_embeddings=tie)
+    return out
+
+
+def _load(models, tie=False):
+    cfg, t = load_params(models["target", tie])
+    _, b = load_params(models["base", tie])
+    _, f = load_params(models["ft", tie])
+    return cfg, t, b, f
+
+
+def _examples(n=12, seed=0):
+    return examples_from_rows(lm_rows(n, seed))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("grouping", F.GROUPINGS)
+def test_groups_cover_every_tensor_exactly_once(models, tie, grouping):
+    cfg, t, b, f = _load(models, tie)
+    names = list(flatten(t))
+    groups = F.assign_groups(names, grouping, cfg.layout)
+    covered = [n for ns in groups.values() for n in ns]
+    assert sorted(covered) == sorted(names) and len(covered) == len(set(covered))
+    if grouping == "layer":
+        expected = {"embed", "norm", "layers.0", "layers.1"} | (set() if tie else {"lm_head"})
+        assert set(groups) == expected
+    if grouping == "layer-module":
+        assert "model.layers.0.input_layernorm.weight" in groups["layers.0.attention"]
+        assert "model.layers.0.post_attention_layernorm.weight" in groups["layers.0.mlp"]
+
+
+def test_post_layout_norms_go_with_their_sublayer():
+    assert F.group_of("model.layers.3.post_attention_layernorm.weight", "layer-module", "post") == "layers.3.attention"
+    assert F.group_of("model.layers.3.post_feedforward_layernorm.weight", "layer-module", "post") == "layers.3.mlp"
+    assert F.group_of("model.layers.3.self_attn.q_norm.weight", "layer-module", "pre") == "layers.3.attention"
+    with pytest.raises(FtjaxError, match="--groups"):
+        F.group_of("model.layers.0.foo", "nope")
+
+
+def test_vocab_padding_rows_are_appended_as_in_transfer(tmp_path, models):
+    cfg, t, b, _ = _load(models)
+    _, f = load_params(make_hf_model(tmp_path / "ft136", seed=1, vocab_size=136))
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    assert problem.cfg.vocab_size == 136
+    merged = flatten(problem.merged(jnp.ones(problem.shape, jnp.float32)))
+    assert merged["model.embed_tokens.weight"].shape == (136, 32)
+    np.testing.assert_array_equal(merged["lm_head.weight"][128:], flatten(f)["lm_head.weight"][128:])
+    assert sorted(n for ns in problem.groups.values() for n in ns) == sorted(flatten(t))
+
+
+def test_gradient_matches_central_finite_differences(models):
+    """float32 loss; eps = 1e-2: the central difference's truncation error is O(eps^2) and its rounding error
+    about 1e-7 * loss / eps ~ 1e-4, so gradients agree to 2e-3 absolute + 2 % relative."""
+    cfg, t, b, f = _load(models)
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    rows = F._calibration_rows(_examples(), 64)
+    batch = tuple(jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+    loss = jax.jit(functools.partial(F.loss_fn(problem), target=problem.target, deltas=problem.deltas,
+                                     extras=problem.extras, batch=batch))
+    alpha = jnp.asarray(np.random.default_rng(0).uniform(0.2, 0.8, problem.shape), jnp.float32)
+    g = np.asarray(jax.grad(loss)(alpha))
+    eps, fd = 1e-2, np.zeros(problem.shape)
+    for i in np.ndindex(*problem.shape):
+        e = jnp.zeros(problem.shape, jnp.float32).at[i].set(eps)
+        fd[i] = (float(loss(alpha + e)) - float(loss(alpha - e))) / (2 * eps)
+    assert np.abs(g).max() > 1e-2  # not a vacuous comparison
+    np.testing.assert_allclose(g, fd, rtol=2e-2, atol=2e-3)
+
+
+def test_bounds_are_respected(models):
+    cfg, t, b, f = _load(models)
+    out = F.fit_alpha(t, (b, f), _examples(), cfg=cfg, steps=6, lr=0.5, init=1.0, bounds="0.9:1.1")
+    a = np.asarray(out["alpha"], np.float32)  # alpha is float32: the bounds are the float32 nearest 0.9 and 1.1
+    assert a.shape == (1, 5) and np.all(a >= np.float32(0.9)) and np.all(a <= np.float32(1.1))
+    assert np.any((a == np.float32(0.9)) | (a == np.float32(1.1)))  # the projection was needed
+    with pytest.raises(FtjaxError, match="outside --bounds"):
+        F.fit_alpha(t, (b, f), _examples(), cfg=cfg, steps=1, init=3.0, bounds=(-0.5, 2.0))
+
+
+def test_one_seed_gives_one_table(models):
+    cfg, t, b, f = _load(models)
+    run = functools.partial(F.fit_alpha, t, (b, f), _examples(), cfg=cfg, steps=4, lr=0.1, batch_size=4)
+    one, two, other = run(seed=3), run(seed=3), run(seed=4)
+    assert one["table"] == two["table"] and one["curve"] == two["curve"]
+    assert one["curve"] != other["curve"]  # the seed picks the batches
+
+
+def _greedy_rows(params, cfg, n=16, length=16, seed=0):
+    """Rows the model itself continues greedily from 2 random tokens: data whose best alpha is known."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n, length), np.int32)
+    tokens[:, :2] = rng.integers(3, cfg.vocab_size, (n, 2))
+    for i in range(2, length):
+        tokens[:, i] = np.asarray(jnp.argmax(forward(params, jnp.asarray(tokens), cfg)[:, i - 1], -1))
+    return [{"input_ids": r.tolist()} for r in tokens]
+
+
+def test_fit_moves_toward_the_known_alpha(models):
+    """Target = source-base, data from source-ft: theta(1) = source-ft fits the data best; from init 0 the
+    calibration loss falls and alpha rises toward 1, and held-out data generated the same way agrees."""
+    cfg, _, b, f = _load(models)
+    calib, dev = (examples_from_rows(_greedy_rows(f, cfg, seed=s)) for s in (0, 1))
+    out = F.fit_alpha(b, (b, f), calib, cfg=cfg, steps=30, lr=0.1, init=0.0, bounds="-0.5:2", eval_data=dev)
+    s = out["scores"]
+    assert s["calibration"]["fit"] < s["calibration"]["init"] - 0.5
+    assert s["eval"]["fit"] < s["eval"]["init"] - 0.5
+    assert out["curve"][-1] < out["curve"][0]
+    assert np.mean(out["alpha"]) > 0.5
+
+
+def test_several_diffs_get_one_alpha_per_group_each(models):
+    cfg, t, b, f = _load(models)
+    d = jax.tree.map(lambda x, y: x - y, f, b)
+    out = F.fit_alpha(t, [d, jax.tree.map(lambda x: 0.5 * x, d)], _examples(), cfg=cfg, steps=2, groups="tensor")
+    assert np.asarray(out["alpha"]).shape == (2, len(flatten(t)))
+
+
+def test_package_exposes_the_callable_module(models):
+    import ftjax
+
+    cfg, t, b, f = _load(models)
+    assert ftjax.fit_alpha is F and "fit_alpha" in ftjax.__all__
+    out = ftjax.fit_alpha(t, (b, f), _examples(4), cfg=cfg, steps=0)
+    assert out["table"] == [{g: 1.0 for g in out["groups"]}] and out["curve"] == []
+    assert out["scores"]["calibration"]["init"] == out["scores"]["calibration"]["fit"]
