@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 import types
@@ -261,6 +262,39 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
             "settings": {"groups": groups, "steps": steps, "lr": lr, "init": init, "seed": seed,
                          "bounds": [x if math.isfinite(x) else None for x in (lo, hi)], "batch_size": batch_size,
                          "max_len": max_len, "objective": "loss", "diffs": len(problem.deltas)}}
+
+
+def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_base: str | os.PathLike,
+               data: str | os.PathLike, out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None,
+               overwrite: bool = False, progress: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
+    """`ftjax fit-alpha`: load the three checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with
+    the target's tokenizer), `fit_alpha`, then write OUT/model/ with `ftjax.transfer.transfer` and the learned alpha
+    as exact per-tensor `alpha_for` rules, and OUT/alpha.json (the result of `fit_alpha`, the rules and the
+    inputs). Every output check happens before the fit; the model is written atomically, alpha.json last."""
+    from ftjax import transfer
+    from ftjax.io.checkpoint import check_files_dir, check_output, resolve_model_path
+    from ftjax.params import load_params
+    from ftjax.results import write_json
+    from ftjax.rows import load_examples
+
+    paths = {"target": resolve_model_path(target), "source_ft": resolve_model_path(source_ft),
+             "source_base": resolve_model_path(source_base)}
+    out = check_files_dir(out, ("alpha.json", "model"))
+    check_output(out / "model", overwrite=overwrite, inputs=list(paths.values()))
+    cfg, t = load_params(paths["target"])
+    f, b = (load_params(paths[k])[1] for k in ("source_ft", "source_base"))
+    examples = load_examples(data, paths["target"], cfg)
+    dev = None if eval_data is None else load_examples(eval_data, paths["target"], cfg)
+    result = fit_alpha(t, (b, f), examples, cfg=cfg, eval_data=dev, **fit_kwargs)
+    del t, f, b
+    rules = alpha_rules(result["table"][0], result["tensors"])
+    transfer.transfer(paths["source_base"], paths["source_ft"], paths["target"], out / "model", alpha_for=rules,
+                      vocab=fit_kwargs.get("vocab", "pad"), overwrite=overwrite, progress=progress)
+    result.update(alpha_for=[[r, a] for r, a in rules], model=str(out / "model"),
+                  inputs={**{k: str(v) for k, v in paths.items()}, "data": str(data),
+                          "eval": None if eval_data is None else str(eval_data)})
+    write_json(out / "alpha.json", result)
+    return result
 
 
 class _CallableModule(types.ModuleType):

@@ -149,3 +149,63 @@ def test_package_exposes_the_callable_module(models):
     out = ftjax.fit_alpha(t, (b, f), _examples(4), cfg=cfg, steps=0)
     assert out["table"] == [{g: 1.0 for g in out["groups"]}] and out["curve"] == []
     assert out["scores"]["calibration"]["init"] == out["scores"]["calibration"]["fit"]
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _cli(models, out, *extra, data):
+    from ftjax.cli import main
+
+    return main(["fit-alpha", "--target", str(models["target", False]), "--source-ft", str(models["ft", False]),
+                 "--source-base", str(models["base", False]), "--data", str(data), "--out", str(out), "--quiet",
+                 *extra])
+
+
+def test_zero_steps_writes_bitwise_the_transfer_at_alpha_one(tmp_path, models):
+    from ftjax import transfer
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(8))
+    assert _cli(models, tmp_path / "fit", "--steps", "0", "--init", "1.0", data=data) == 0
+    transfer.transfer(models["base", False], models["ft", False], models["target", False], tmp_path / "ref",
+                      alpha=1.0, progress=False)
+    got, ref = _tensors(tmp_path / "fit" / "model"), _tensors(tmp_path / "ref")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and got[k].tobytes() == ref[k].tobytes(), k
+
+
+def test_written_model_is_reproducible_from_the_table_by_transfer(tmp_path, models):
+    import json
+
+    from ftjax.cli import main
+    from hf_models import write_jsonl
+
+    data, dev = (write_jsonl(tmp_path / f"{n}.jsonl", lm_rows(8, s)) for n, s in (("calib", 0), ("dev", 1)))
+    assert _cli(models, tmp_path / "fit", "--steps", "3", "--lr", "0.1", "--bounds", "-0.5:2.0", "--eval", str(dev),
+                data=data) == 0
+    record = json.loads((tmp_path / "fit" / "alpha.json").read_text())
+    assert set(record["scores"]) == {"calibration", "eval"} and len(record["curve"]) == 3
+    assert any(a != 1.0 for a in record["table"][0].values())
+    rules = [f"{r}={a!r}" for r, a in record["alpha_for"]]
+    args = ["transfer", "--target-base", str(models["target", False]), "--source-ft", str(models["ft", False]),
+            "--source-base", str(models["base", False]), "--out", str(tmp_path / "ref"), "--quiet"]
+    assert main(args + [x for r in rules for x in ("--alpha-for", r)]) == 0
+    got, ref = _tensors(tmp_path / "fit" / "model"), _tensors(tmp_path / "ref")
+    assert all(got[k].tobytes() == ref[k].tobytes() for k in ref) and got.keys() == ref.keys()
+
+
+def test_cli_refuses_before_fitting(tmp_path, models, capsys):
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(4))
+    assert _cli(models, tmp_path / "a", "--init", "3", "--bounds", "-0.5:2.0", data=data) == 2
+    assert "outside --bounds" in capsys.readouterr().err and not (tmp_path / "a" / "model").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "other.txt").write_text("x")
+    assert _cli(models, tmp_path / "b", data=data) == 2
+    assert "other.txt" in capsys.readouterr().err
