@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", choices=["layer", "layer-module", "tensor"], default="layer",
                    help="one alpha per decoder layer (+ embed, norm, lm_head), per layer x {attention, mlp}, or per "
                         "tensor")
+    p.add_argument("--objective", choices=["loss", "entropy"], default="loss",
+                   help="next-token loss of the rows, or AdaMerging's prediction entropy (labels unused)")
     p.add_argument("--steps", type=int, default=100, help="adam steps on alpha (0: write alpha = --init)")
     p.add_argument("--lr", type=_finite, default=0.05, help="adam learning rate of alpha")
     p.add_argument("--init", type=_finite, default=1.0, help="starting alpha of every group")

@@ -4,7 +4,8 @@
 
 The frozen target T and diffs Delta are arguments of the jitted step that are never differentiated or updated; the
 only trained state is alpha (float32 [n_diffs, n_groups]) and its adam moments. Objective `loss`: the mean weighted
-next-token NLL (nats) of the calibration rows (`ftjax.rows`, `ftjax.train.loss_sums`).
+next-token NLL (nats) of the calibration rows (`ftjax.rows`, `ftjax.train.loss_sums`); `entropy`: AdaMerging's
+mean prediction entropy (nats) over every real token of unlabeled rows. Scores are next-token losses either way.
 
 Groups (`GROUPINGS`):
 - `layer` (default): one group per decoder layer index (`layers.<i>`), plus `embed` (input embedding), `norm` (final
@@ -186,13 +187,36 @@ def prepare(target: Any, diffs: Sequence[Any] | tuple[Any, Any], cfg: ModelConfi
     return Problem({n: _f32(x) for n, x in t.items()}, tuple(deltas), extras, index, grouped, cfg)
 
 
-def loss_fn(problem: Problem) -> Callable[..., jax.Array]:
-    """(alpha_dg, target, deltas, extras, batch) -> mean weighted next-token NLL (nats, f32 scalar) of the batch
-    (tokens, segments, positions, weights; each [B, T]) under theta(alpha). Differentiate in argument 0 only."""
+OBJECTIVES = ("loss", "entropy")
+
+
+def entropy_sums(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, segments_bt: jax.Array,
+                 positions_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token prediction entropies in nats, number of real tokens) over a batch of rows: AdaMerging's
+    unsupervised objective, at every real token (segment > 0) whatever its weight; labels are never read."""
+    from ftjax.model import forward
+
+    logits_btv = forward(params, tokens_bt, cfg, attention_mask_bt=segments_bt > 0, segment_ids_bt=segments_bt,
+                         positions_bt=positions_bt).astype(jnp.float32)
+    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    h_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
+    real_bt = segments_bt > 0
+    # where(), not a product: padding rows may hold NaN logits.
+    return jnp.sum(jnp.where(real_bt, h_bt, 0.0)), jnp.sum(real_bt).astype(jnp.float32)
+
+
+def loss_fn(problem: Problem, objective: str = "loss") -> Callable[..., jax.Array]:
+    """(alpha_dg, target, deltas, extras, batch) -> the objective (nats, f32 scalar) of the batch (tokens, segments,
+    positions, weights; each [B, T]) under theta(alpha): `loss` the mean weighted next-token NLL, `entropy` the mean
+    prediction entropy over real tokens. Differentiate in argument 0 only."""
     from ftjax.train import loss_sums
 
+    if objective not in OBJECTIVES:
+        raise FtjaxError(f"unknown --objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    sums = loss_sums if objective == "loss" else entropy_sums
+
     def loss(alpha_dg, target, deltas, extras, batch):
-        total, count = loss_sums(problem.merged(alpha_dg, target, deltas, extras), problem.cfg, *batch)
+        total, count = sums(problem.merged(alpha_dg, target, deltas, extras), problem.cfg, *batch)
         return total / jnp.maximum(count, 1.0)
 
     return loss
@@ -205,15 +229,17 @@ def _calibration_rows(examples: Sequence[Example], max_len: int):
 def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequence[Example], *, cfg: ModelConfig,
               groups: str = "layer", steps: int = 100, lr: float = 0.05, init: float = 1.0,
               bounds: tuple[float, float] | str | None = None, seed: int = 0, batch_size: int | None = None,
-              max_len: int = 1024, eval_data: Sequence[Example] | None = None, vocab: str = "pad") -> dict[str, Any]:
+              max_len: int = 1024, eval_data: Sequence[Example] | None = None, vocab: str = "pad",
+              objective: str = "loss") -> dict[str, Any]:
     """Fit alpha (one per group per diff) by adam on the calibration examples `data` (ftjax.data Examples, any row
-    form; `ftjax.rows.load_examples` reads a JSONL file).
+    form; `ftjax.rows.load_examples` reads a JSONL file). objective: `loss` (next-token NLL of the weighted tokens)
+    or `entropy` (AdaMerging: mean prediction entropy of every real token, labels unused).
 
     diffs: a (source_base, source_ft) pair of nested trees, or a list of diff trees (nested, the target's shapes).
     bounds: (LO, HI) or "LO:HI"; alpha is clipped into them after each step. batch_size: rows per step (None: all
     calibration rows every step; else a seeded permutation per epoch, as `finetune`). Returns a dict: groups
     (names), tensors ({group: tensor names}), alpha ([n_diffs][n_groups] floats), table ([{group: alpha}] per diff),
-    curve (loss of each step's batch before its update, nats), scores ({"calibration": {"init", "fit"}, and
+    curve (the objective of each step's batch before its update, nats), scores ({"calibration": {"init", "fit"}, and
     "eval" with eval_data}: evaluate_loss metrics), and the settings."""
     from ftjax.evaluate import evaluate_loss
 
@@ -231,7 +257,7 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     if bs < 1:
         raise FtjaxError(f"--batch-size must be >= 1, got {bs}")
     opt = optax.adam(lr)
-    grad = jax.value_and_grad(loss_fn(problem))
+    grad = jax.value_and_grad(loss_fn(problem, objective))
 
     @jax.jit
     def step(alpha_dg, opt_state, target, deltas, extras, batch):
@@ -261,7 +287,7 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
             "table": [dict(zip(names, map(float, a))) for a in alpha_np], "curve": curve, "scores": result_scores,
             "settings": {"groups": groups, "steps": steps, "lr": lr, "init": init, "seed": seed,
                          "bounds": [x if math.isfinite(x) else None for x in (lo, hi)], "batch_size": batch_size,
-                         "max_len": max_len, "objective": "loss", "diffs": len(problem.deltas)}}
+                         "max_len": max_len, "objective": objective, "diffs": len(problem.deltas)}}
 
 
 def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_base: str | os.PathLike,

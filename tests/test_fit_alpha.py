@@ -74,14 +74,15 @@ def test_vocab_padding_rows_are_appended_as_in_transfer(tmp_path, models):
     assert sorted(n for ns in problem.groups.values() for n in ns) == sorted(flatten(t))
 
 
-def test_gradient_matches_central_finite_differences(models):
+@pytest.mark.parametrize("objective", F.OBJECTIVES)
+def test_gradient_matches_central_finite_differences(models, objective):
     """float32 loss; eps = 1e-2: the central difference's truncation error is O(eps^2) and its rounding error
     about 1e-7 * loss / eps ~ 1e-4, so gradients agree to 2e-3 absolute + 2 % relative."""
     cfg, t, b, f = _load(models)
     problem = F.prepare(t, [(b, f)], cfg, pairs=True)
     rows = F._calibration_rows(_examples(), 64)
     batch = tuple(jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
-    loss = jax.jit(functools.partial(F.loss_fn(problem), target=problem.target, deltas=problem.deltas,
+    loss = jax.jit(functools.partial(F.loss_fn(problem, objective), target=problem.target, deltas=problem.deltas,
                                      extras=problem.extras, batch=batch))
     alpha = jnp.asarray(np.random.default_rng(0).uniform(0.2, 0.8, problem.shape), jnp.float32)
     g = np.asarray(jax.grad(loss)(alpha))
@@ -209,3 +210,19 @@ def test_cli_refuses_before_fitting(tmp_path, models, capsys):
     (tmp_path / "b" / "other.txt").write_text("x")
     assert _cli(models, tmp_path / "b", data=data) == 2
     assert "other.txt" in capsys.readouterr().err
+
+
+def test_entropy_objective_lowers_the_prediction_entropy(models):
+    cfg, t, b, f = _load(models)
+    examples = _examples()
+    out = F.fit_alpha(t, (b, f), examples, cfg=cfg, steps=15, lr=0.1, objective="entropy", bounds="-0.5:2.0")
+    assert out["settings"]["objective"] == "entropy" and out["curve"][-1] < out["curve"][0] - 1e-3
+    rows = F._calibration_rows(examples, 1024)
+    batch = tuple(jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    entropy = F.loss_fn(problem, "entropy")
+    at = {k: float(entropy(jnp.asarray(a, jnp.float32), problem.target, problem.deltas, problem.extras, batch))
+          for k, a in (("init", np.ones(problem.shape)), ("fit", out["alpha"]))}
+    assert at["fit"] < at["init"]
+    with pytest.raises(FtjaxError, match="--objective"):
+        F.fit_alpha(t, (b, f), examples, cfg=cfg, steps=1, objective="nope")
