@@ -295,9 +295,10 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
                overwrite: bool = False, progress: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
     """`ftjax fit-alpha`: load the three checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with
     the target's tokenizer), `fit_alpha`, then write OUT/model/ with `ftjax.transfer.transfer` and the learned alpha
-    as exact per-tensor `alpha_for` rules, and OUT/alpha.json (the result of `fit_alpha`, the rules and the
-    inputs). Every output check happens before the fit; the model is written atomically, alpha.json last."""
-    from ftjax import transfer
+    as exact per-tensor `alpha_for` rules, OUT/alpha.png and .pdf (`plots.plot_alpha`), and OUT/alpha.json (the
+    result of `fit_alpha`, the rules and the inputs). Every output check happens before the fit; the model is
+    written atomically, alpha.json last."""
+    from ftjax import plots, transfer
     from ftjax.io.checkpoint import check_files_dir, check_output, resolve_model_path
     from ftjax.params import load_params
     from ftjax.results import write_json
@@ -305,7 +306,7 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
 
     paths = {"target": resolve_model_path(target), "source_ft": resolve_model_path(source_ft),
              "source_base": resolve_model_path(source_base)}
-    out = check_files_dir(out, ("alpha.json", "model"))
+    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model"))
     check_output(out / "model", overwrite=overwrite, inputs=list(paths.values()))
     cfg, t = load_params(paths["target"])
     f, b = (load_params(paths[k])[1] for k in ("source_ft", "source_base"))
@@ -319,6 +320,7 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
     result.update(alpha_for=[[r, a] for r, a in rules], model=str(out / "model"),
                   inputs={**{k: str(v) for k, v in paths.items()}, "data": str(data),
                           "eval": None if eval_data is None else str(eval_data)})
+    plots.plot_alpha(result, out / "alpha")
     write_json(out / "alpha.json", result)
     return result
 

@@ -191,6 +191,7 @@ def test_written_model_is_reproducible_from_the_table_by_transfer(tmp_path, mode
                 data=data) == 0
     record = json.loads((tmp_path / "fit" / "alpha.json").read_text())
     assert set(record["scores"]) == {"calibration", "eval"} and len(record["curve"]) == 3
+    assert (tmp_path / "fit" / "alpha.png").stat().st_size > 0 and (tmp_path / "fit" / "alpha.pdf").exists()
     assert any(a != 1.0 for a in record["table"][0].values())
     rules = [f"{r}={a!r}" for r, a in record["alpha_for"]]
     args = ["transfer", "--target-base", str(models["target", False]), "--source-ft", str(models["ft", False]),
@@ -226,3 +227,14 @@ def test_entropy_objective_lowers_the_prediction_entropy(models):
     assert at["fit"] < at["init"]
     with pytest.raises(FtjaxError, match="--objective"):
         F.fit_alpha(t, (b, f), examples, cfg=cfg, steps=1, objective="nope")
+
+
+@pytest.mark.parametrize("groups", F.GROUPINGS)
+def test_alpha_plot_for_every_grouping_and_several_diffs(tmp_path, models, groups):
+    from ftjax import plots
+
+    cfg, t, b, f = _load(models)
+    d = jax.tree.map(lambda x, y: x - y, f, b)
+    out = F.fit_alpha(t, [d, d], _examples(4), cfg=cfg, steps=2, groups=groups)
+    paths = plots.plot_alpha(out, tmp_path / "alpha")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
