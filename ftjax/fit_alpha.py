@@ -235,7 +235,7 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     form; `ftjax.rows.load_examples` reads a JSONL file). objective: `loss` (next-token NLL of the weighted tokens)
     or `entropy` (AdaMerging: mean prediction entropy of every real token, labels unused).
 
-    diffs: a (source_base, source_ft) pair of nested trees, or a list of diff trees (nested, the target's shapes).
+    diffs: a (source_base, source_ft) tuple of nested trees, or a list of diff trees (nested, the target's shapes).
     bounds: (LO, HI) or "LO:HI"; alpha is clipped into them after each step. batch_size: rows per step (None: all
     calibration rows every step; else a seeded permutation per epoch, as `finetune`). Returns a dict: groups
     (names), tensors ({group: tensor names}), alpha ([n_diffs][n_groups] floats), table ([{group: alpha}] per diff),
@@ -243,7 +243,10 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     "eval" with eval_data}: evaluate_loss metrics), and the settings."""
     from ftjax.evaluate import evaluate_loss
 
-    pairs = isinstance(diffs, tuple) and len(diffs) == 2 and not isinstance(diffs[0], tuple)
+    pairs = isinstance(diffs, tuple)
+    if pairs and len(diffs) != 2:
+        raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; pass "
+                         "diff trees as a list")
     problem = prepare(target, [diffs] if pairs else list(diffs), cfg, groups=groups, pairs=pairs, vocab=vocab)
     lo, hi = parse_bounds(bounds) if isinstance(bounds, str) or bounds is None else tuple(map(float, bounds))
     init = finite("--init", float(init))

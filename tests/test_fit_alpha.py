@@ -140,6 +140,8 @@ def test_several_diffs_get_one_alpha_per_group_each(models):
     d = jax.tree.map(lambda x, y: x - y, f, b)
     out = F.fit_alpha(t, [d, jax.tree.map(lambda x: 0.5 * x, d)], _examples(), cfg=cfg, steps=2, groups="tensor")
     assert np.asarray(out["alpha"]).shape == (2, len(flatten(t)))
+    with pytest.raises(FtjaxError, match="as a list"):
+        F.fit_alpha(t, (d, d, d), _examples(), cfg=cfg, steps=1)
 
 
 def test_package_exposes_the_callable_module(models):
