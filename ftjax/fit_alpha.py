@@ -107,6 +107,17 @@ def parse_bounds(text: str | None) -> tuple[float, float]:
     return lo, hi
 
 
+def check_settings(init: float, bounds: tuple[float, float] | str | None, steps: int) -> tuple[float, tuple]:
+    """(init, (LO, HI)) checked: finite init inside the bounds, steps >= 0; else a one-line FtjaxError."""
+    lo, hi = parse_bounds(bounds) if isinstance(bounds, str) or bounds is None else tuple(map(float, bounds))
+    init = finite("--init", float(init))
+    if not lo <= init <= hi:
+        raise FtjaxError(f"--init {init} lies outside --bounds {lo}:{hi}")
+    if steps < 0:
+        raise FtjaxError(f"--steps must be >= 0, got {steps}")
+    return init, (lo, hi)
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """A prepared fit: flat frozen trees (device arrays) and the static structure that maps them to theta(alpha).
@@ -248,12 +259,7 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
         raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; pass "
                          "diff trees as a list")
     problem = prepare(target, [diffs] if pairs else list(diffs), cfg, groups=groups, pairs=pairs, vocab=vocab)
-    lo, hi = parse_bounds(bounds) if isinstance(bounds, str) or bounds is None else tuple(map(float, bounds))
-    init = finite("--init", float(init))
-    if not lo <= init <= hi:
-        raise FtjaxError(f"--init {init} lies outside --bounds {lo}:{hi}")
-    if steps < 0:
-        raise FtjaxError(f"--steps must be >= 0, got {steps}")
+    init, (lo, hi) = check_settings(init, bounds, steps)
     rows = _calibration_rows(data, max_len)
     n_rows = rows.tokens_nt.shape[0]
     bs = n_rows if batch_size is None else batch_size
@@ -307,6 +313,7 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
     from ftjax.results import write_json
     from ftjax.rows import load_examples
 
+    check_settings(fit_kwargs.get("init", 1.0), fit_kwargs.get("bounds"), fit_kwargs.get("steps", 100))
     paths = {"target": resolve_model_path(target), "source_ft": resolve_model_path(source_ft),
              "source_base": resolve_model_path(source_base)}
     out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model"))

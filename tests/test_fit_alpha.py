@@ -213,6 +213,9 @@ def test_cli_refuses_before_fitting(tmp_path, models, capsys):
     (tmp_path / "b" / "other.txt").write_text("x")
     assert _cli(models, tmp_path / "b", data=data) == 2
     assert "other.txt" in capsys.readouterr().err
+    assert _cli(models, tmp_path / "c", "--bounds", "2:1", data=tmp_path / "missing.jsonl") == 2  # before any read
+    err = capsys.readouterr().err
+    assert "--bounds 2:1" in err and err.count("\n") == 1
 
 
 def test_entropy_objective_lowers_the_prediction_entropy(models):
