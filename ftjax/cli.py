@@ -56,6 +56,24 @@ def _cmd_transfer(args) -> None:
     _print_report(report, args)
 
 
+def _cmd_fit_alpha(args) -> None:
+    from ftjax import fit_alpha
+
+    result = fit_alpha.fit_to_dir(
+        args.target, args.source_ft, args.source_base, args.data, args.out, eval_data=args.eval,
+        overwrite=args.overwrite, progress=not (args.quiet or args.json), groups=args.groups, steps=args.steps,
+        lr=args.lr, init=args.init, bounds=args.bounds, seed=args.seed, batch_size=args.batch_size,
+        max_len=args.max_len, objective=args.objective)
+    if args.json:
+        print(dumps(result))
+    elif not args.quiet:
+        s = result["scores"]
+        held = f", held-out {s['eval']['init']:.4f} -> {s['eval']['fit']:.4f}" if "eval" in s else ""
+        print(f"fit {len(result['groups'])} alpha(s) in {args.steps} steps: calibration loss "
+              f"{s['calibration']['init']:.4f} -> {s['calibration']['fit']:.4f}{held}; wrote {args.out}/alpha.json "
+              f"and {args.out}/model")
+
+
 def _cmd_merge(args) -> None:
     from ftjax import merge
 
@@ -392,7 +410,7 @@ def _cmd_plot_curves(args) -> None:
 COMMANDS = {
     "finetune": _cmd_finetune, "recycle": _cmd_recycle, "plot-curves": _cmd_plot_curves,
     "transfer": _cmd_transfer, "merge": _cmd_merge, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
-    "extract-lora": _cmd_extract_lora,
+    "extract-lora": _cmd_extract_lora, "fit-alpha": _cmd_fit_alpha,
     "inspect": _cmd_inspect, "eval": _cmd_eval, "scan": _cmd_scan, "plane": _cmd_plane,
     "stats": _cmd_stats, "demo": _cmd_demo, "generate": _cmd_generate,
 }

@@ -158,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     _add_transfer_flags(p)
 
+    p = sub.add_parser("fit-alpha", help="learn one alpha per layer (or module, or tensor) by gradient on calibration "
+                                         "rows; writes alpha.json and the merged model (issue 18)")
+    p.add_argument("--target", required=True, metavar="DIR|REPO", help="T: the model the diff is added to")
+    p.add_argument("--source-ft", required=True, metavar="DIR|REPO", help="F: the fine-tuned model")
+    p.add_argument("--source-base", required=True, metavar="DIR|REPO", help="B: the model F was fine-tuned from")
+    p.add_argument("--data", required=True, type=Path, help="calibration JSONL (any row form of `ftjax eval`)")
+    p.add_argument("--eval", type=Path, metavar="DEV.jsonl", help="held-out JSONL scored at alpha = init and the fit")
+    p.add_argument("--out", required=True, type=Path, help="directory for alpha.json and model/")
+    p.add_argument("--groups", choices=["layer", "layer-module", "tensor"], default="layer",
+                   help="one alpha per decoder layer (+ embed, norm, lm_head), per layer x {attention, mlp}, or per "
+                        "tensor")
+    p.add_argument("--objective", choices=["loss", "entropy"], default="loss",
+                   help="next-token loss of the rows, or AdaMerging's prediction entropy (labels unused)")
+    p.add_argument("--steps", type=int, default=100, help="adam steps on alpha (0: write alpha = --init)")
+    p.add_argument("--lr", type=_finite, default=0.05, help="adam learning rate of alpha")
+    p.add_argument("--init", type=_finite, default=1.0, help="starting alpha of every group")
+    p.add_argument("--bounds", default=None, metavar="LO:HI",
+                   help="clip alpha into [LO, HI] after every step, e.g. -0.5:2.0 (default: unbounded)")
+    p.add_argument("--seed", type=int, default=0, help="batch order (with --batch-size)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: every calibration row)")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples keep their start")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--json", action="store_true", help="print alpha.json's content as one JSON object")
+
     p = sub.add_parser("extract-lora", help="write ft - base as a PEFT LoRA adapter (truncated SVD per linear "
                                             "weight); report of rank, error and energy kept per module")
     p.add_argument("--base", metavar="DIR|REPO", help="the base model (the adapter's base_model_name_or_path)")

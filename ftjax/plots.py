@@ -271,3 +271,52 @@ def plot_rank_error(curves: dict[str, tuple[Any, int]], stem: str | Path, title:
     _legend(ax, framealpha=0.5, fontsize=7)
     ax.set_title(title or "truncated SVD of each module's diff (dot: the rank written)", fontsize=9)
     return _save(fig, stem)
+
+
+def plot_alpha(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:
+    """Learned transfer coefficients (`ftjax.fit_alpha.fit_alpha`'s result): left, α against decoder layer, one line
+    per diff and module type (attention / mlp, or the tensor kind with per-tensor groups), the other groups
+    (embed, norm, lm_head) as labelled points beside the layers; right, the objective's curve against step."""
+    import re
+
+    layer = re.compile(r"^(?:model\.)?layers\.(\d+)(?:\.(.+?))?(?:\.weight|\.bias)?$")
+    fig = Figure(figsize=(10.0, 4.0))
+    ax, ax_c = fig.subplots(1, 2, width_ratios=(3, 2))
+    parsed = [layer.match(g) for g in result["groups"]]
+    n_layers = 1 + max((int(m.group(1)) for m in parsed if m), default=-1)
+    multi = len(result["alpha"]) > 1
+    for d, alphas in enumerate(result["alpha"]):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        others = []
+        for g, m, a in zip(result["groups"], parsed, alphas):
+            if m:
+                lines.setdefault(m.group(2) or "layer", []).append((int(m.group(1)), a))
+            else:
+                others.append((g, a))
+        for i, (module, pts) in enumerate(lines.items()):
+            x, y = zip(*sorted(pts))
+            label = f"diff {d}: {module}" if multi else module
+            ax.plot(x, y, "o-", ms=3, lw=1.2, color=f"C{(d * len(lines) + i) % 10}", label=label)
+        after = [g for g in others if "embed" not in g[0]]
+        after.sort(key=lambda ga: "lm_head" in ga[0])  # final norm, then the output embedding
+        for g, a in others:
+            x = -1 if "embed" in g else n_layers + after.index((g, a))
+            ax.plot([x], [a], "s", color="0.3", ms=5)
+            ax.annotate(g.removeprefix("model.").removesuffix(".weight"), (x, a), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.axhline(result["settings"]["init"], color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("α")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    many = len(ax.get_legend_handles_labels()[0]) > 4
+    _legend(ax, framealpha=0.5, fontsize=7 if many else 8, ncol=2 if many else 1)
+    ax.set_title(title or f"learned α per group ({result['settings']['groups']})")
+    if result["curve"]:
+        ax_c.plot(np.arange(1, len(result["curve"]) + 1), result["curve"], "-", lw=1.2)
+    ax_c.set_xlabel("step")
+    ax_c.set_ylabel(LOSS_LABEL if result["settings"]["objective"] == "loss" else "entropy (nats / token)")
+    ax_c.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_c.grid(alpha=0.3)
+    ax_c.set_title("calibration objective")
+    return _save(fig, stem)

@@ -1,0 +1,345 @@
+"""Learned transfer coefficients: fit one alpha per group of tensors by gradient descent (issue 18, AdaMerging-style).
+
+    theta(alpha) = T + sum_d sum_g alpha[d, g] * Delta_d[g]        Delta_d = F_d - B_d (float32)
+
+The frozen target T and diffs Delta are arguments of the jitted step that are never differentiated or updated; the
+only trained state is alpha (float32 [n_diffs, n_groups]) and its adam moments. Objective `loss`: the mean weighted
+next-token NLL (nats) of the calibration rows (`ftjax.rows`, `ftjax.train.loss_sums`); `entropy`: AdaMerging's
+mean prediction entropy (nats) over every real token of unlabeled rows. Scores are next-token losses either way.
+
+Groups (`GROUPINGS`):
+- `layer` (default): one group per decoder layer index (`layers.<i>`), plus `embed` (input embedding), `norm` (final
+  norm) and `lm_head` (an untied output embedding; a tied model has none, its embedding is `embed`).
+- `layer-module`: `layers.<i>.attention` and `layers.<i>.mlp`, plus the same three. A layer's norms go with the
+  sublayer whose input or output they normalise: Llama-style (`pre`) input_layernorm -> attention,
+  post_attention_layernorm (the MLP's input norm) -> mlp; `post` / `sandwich` layouts (OLMo 2, Gemma)
+  post_attention_layernorm -> attention, pre_/post_feedforward_layernorm -> mlp.
+- `tensor`: one group per tensor (its name).
+
+`ftjax.fit_alpha` is this module, callable as its function `fit_alpha` (so `ftjax.fit_alpha(target, diffs, data,
+cfg=...)` works in a notebook and `ftjax.fit_alpha.GROUPINGS` too, whichever was imported first).
+
+The CLI (`ftjax fit-alpha`) writes the merged checkpoint through `ftjax.transfer.transfer` with the learned alpha
+as per-tensor `alpha_for` rules (`alpha_rules`), so it is reproducible from alpha.json by `ftjax transfer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import types
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftjax import transfer_plan as P
+from ftjax.config import ModelConfig
+from ftjax.data import Example
+from ftjax.dtypes import is_float
+from ftjax.errors import FtjaxError, finite
+from ftjax.layout import EMBED, LM_HEAD, Layout
+from ftjax.params import flatten, nest
+from ftjax.rows import make_rows, step_batch, training_examples
+
+GROUPINGS = ("layer", "layer-module", "tensor")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_ATTENTION = ("self_attn.", "input_layernorm.")
+_MLP = ("mlp.", "pre_feedforward_layernorm.", "post_feedforward_layernorm.")
+
+
+def group_of(name: str, grouping: str = "layer", layout: str = "pre") -> str:
+    """The group of tensor `name` (HF naming) under `grouping`; `layout` (ModelConfig.layout: pre | post | sandwich)
+    places post_attention_layernorm (see the module docstring)."""
+    if grouping not in GROUPINGS:
+        raise FtjaxError(f"unknown --groups {grouping!r}; use one of {', '.join(GROUPINGS)}")
+    if grouping == "tensor":
+        return name
+    if name == EMBED:
+        return "embed"
+    if name == LM_HEAD:
+        return "lm_head"
+    m = _LAYER.match(name)
+    if m is None:
+        if name.startswith("model.norm."):
+            return "norm"
+        raise FtjaxError(f"tensor {name} is neither a decoder layer's, the embedding, the final norm nor lm_head; "
+                         "use --groups tensor")
+    layer, rest = m.groups()
+    if grouping == "layer":
+        return f"layers.{layer}"
+    if rest.startswith(_ATTENTION) or (rest.startswith("post_attention_layernorm.") and layout != "pre"):
+        return f"layers.{layer}.attention"
+    if rest.startswith(_MLP) or rest.startswith("post_attention_layernorm."):
+        return f"layers.{layer}.mlp"
+    raise FtjaxError(f"tensor {name}: not part of a layer's attention or mlp; use --groups layer or tensor")
+
+
+def assign_groups(names: Sequence[str], grouping: str = "layer", layout: str = "pre") -> dict[str, list[str]]:
+    """{group: its tensor names}, groups in first-appearance order; every name in exactly one group."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(group_of(n, grouping, layout), []).append(n)
+    return out
+
+
+def alpha_rules(table: Mapping[str, float], groups: Mapping[str, Sequence[str]]) -> list[tuple[str, float]]:
+    """`transfer` alpha_for rules (exact regex of each tensor name, alpha) that reproduce a fitted table
+    {group: alpha} of one diff."""
+    return [(f"^{re.escape(n)}$", float(table[g])) for g, names in groups.items() for n in names]
+
+
+def parse_bounds(text: str | None) -> tuple[float, float]:
+    """`LO:HI` (e.g. -0.5:2.0) as floats, LO <= HI; None: unbounded."""
+    if text is None:
+        return -math.inf, math.inf
+    try:
+        lo, hi = (finite(f"--bounds {text}: LO and HI", float(x)) for x in text.split(":"))
+    except ValueError:
+        raise FtjaxError(f"--bounds {text!r}: expected LO:HI, e.g. -0.5:2.0") from None
+    if lo > hi:
+        raise FtjaxError(f"--bounds {text}: LO must be <= HI")
+    return lo, hi
+
+
+def check_settings(init: float, bounds: tuple[float, float] | str | None, steps: int) -> tuple[float, tuple]:
+    """(init, (LO, HI)) checked: finite init inside the bounds, steps >= 0; else a one-line FtjaxError."""
+    lo, hi = parse_bounds(bounds) if isinstance(bounds, str) or bounds is None else tuple(map(float, bounds))
+    init = finite("--init", float(init))
+    if not lo <= init <= hi:
+        raise FtjaxError(f"--init {init} lies outside --bounds {lo}:{hi}")
+    if steps < 0:
+        raise FtjaxError(f"--steps must be >= 0, got {steps}")
+    return init, (lo, hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A prepared fit: flat frozen trees (device arrays) and the static structure that maps them to theta(alpha).
+
+    target: {name: array} of the target (float leaves float32); deltas: one {name: float32 Delta} per diff, over
+    the kernel tensors' first `rows` rows; extras: {name: rows appended after the merged rows} (vocab padding, as
+    `transfer` --vocab pad); index: {name: group index}; cfg: the merged model's config."""
+
+    target: dict[str, jax.Array]
+    deltas: tuple[dict[str, jax.Array], ...]
+    extras: dict[str, jax.Array]
+    index: dict[str, int]
+    groups: dict[str, list[str]]
+    cfg: ModelConfig
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.deltas), len(self.groups)
+
+    def merged(self, alpha_dg: jax.Array, target=None, deltas=None, extras=None) -> dict:
+        """theta(alpha) as the nested float32 param tree (the frozen trees may be passed in, e.g. as jit args)."""
+        target, deltas = target or self.target, deltas or self.deltas
+        extras = self.extras if extras is None else extras
+        flat = {}
+        for name, x in target.items():
+            y = x
+            for d, delta in enumerate(deltas):
+                if name in delta:
+                    y = y + alpha_dg[d, self.index[name]] * delta[name]
+            flat[name] = jnp.concatenate([y, extras[name]]) if name in extras else y
+        return nest(flat)
+
+
+def _f32(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.float32) if is_float(x.dtype) else x
+
+
+def prepare(target: Any, diffs: Sequence[Any] | tuple[Any, Any], cfg: ModelConfig, *, groups: str = "layer",
+            pairs: bool = False, vocab: str = "pad") -> Problem:
+    """Build the `Problem` of nested HF-named trees: `diffs` is a list of diff trees ({name: Delta} nested, the
+    target's shapes; missing tensors: no change), or with pairs=True a list of (source_base, source_ft) trees whose
+    diffs are taken as `transfer` does (tying, vocab padding with `vocab`)."""
+    t = flatten(target)
+    lt = Layout.of_tree(t)
+    grouped = assign_groups(lt.names, groups, cfg.layout)
+    index = {n: i for i, (_, names) in enumerate(grouped.items()) for n in names}
+    deltas, extras, out_rows = [], {}, None
+    for item in diffs:
+        if pairs:
+            b, f = (flatten(x) for x in item)
+            report = P.TransferReport("fit_alpha", None, {})
+            plans = P.plan(lt, Layout.of_tree(f), Layout.of_tree(b), alpha=1.0, alpha_for=(), skip=(), vocab=vocab,
+                           dtype="auto", report=report)
+            delta = {}
+            for p in plans:
+                if p.action != "kernel":
+                    continue
+                v = t[p.name].shape[0] if t[p.name].shape else None
+                src = _f32(f[p.source])
+                delta[p.name] = src[:v] - _f32(b[p.base]) if v is not None else src - _f32(b[p.base])
+                if tuple(p.out.shape) != tuple(t[p.name].shape):
+                    if p.name in extras:
+                        raise FtjaxError(f"{p.name}: several source-ft models pad the vocabulary; fit one at a time")
+                    extras[p.name] = src[v:]
+                    out_rows = p.out.shape[0]
+        else:
+            delta = {n: _f32(x) for n, x in flatten(item).items()}
+            wrong = [f"{n} {tuple(x.shape)} (target {tuple(t[n].shape)})" if n in t else f"{n} (not in the target)"
+                     for n, x in delta.items() if n not in t or x.shape != t[n].shape]
+            if wrong:
+                raise FtjaxError(f"diff tensors do not fit the target: {', '.join(wrong[:3])}")
+        deltas.append(delta)
+    if not deltas:
+        raise FtjaxError("fit_alpha needs at least one diff")
+    if out_rows is not None:
+        cfg = dataclasses.replace(cfg, vocab_size=out_rows)
+    return Problem({n: _f32(x) for n, x in t.items()}, tuple(deltas), extras, index, grouped, cfg)
+
+
+OBJECTIVES = ("loss", "entropy")
+
+
+def entropy_sums(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, segments_bt: jax.Array,
+                 positions_bt: jax.Array, weights_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token prediction entropies in nats, number of real tokens) over a batch of rows: AdaMerging's
+    unsupervised objective, at every real token (segment > 0) whatever its weight; labels are never read."""
+    from ftjax.model import forward
+
+    logits_btv = forward(params, tokens_bt, cfg, attention_mask_bt=segments_bt > 0, segment_ids_bt=segments_bt,
+                         positions_bt=positions_bt).astype(jnp.float32)
+    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    h_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
+    real_bt = segments_bt > 0
+    # where(), not a product: padding rows may hold NaN logits.
+    return jnp.sum(jnp.where(real_bt, h_bt, 0.0)), jnp.sum(real_bt).astype(jnp.float32)
+
+
+def loss_fn(problem: Problem, objective: str = "loss") -> Callable[..., jax.Array]:
+    """(alpha_dg, target, deltas, extras, batch) -> the objective (nats, f32 scalar) of the batch (tokens, segments,
+    positions, weights; each [B, T]) under theta(alpha): `loss` the mean weighted next-token NLL, `entropy` the mean
+    prediction entropy over real tokens. Differentiate in argument 0 only."""
+    from ftjax.train import loss_sums
+
+    if objective not in OBJECTIVES:
+        raise FtjaxError(f"unknown --objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    sums = loss_sums if objective == "loss" else entropy_sums
+
+    def loss(alpha_dg, target, deltas, extras, batch):
+        total, count = sums(problem.merged(alpha_dg, target, deltas, extras), problem.cfg, *batch)
+        return total / jnp.maximum(count, 1.0)
+
+    return loss
+
+
+def _calibration_rows(examples: Sequence[Example], max_len: int):
+    return make_rows(training_examples(examples, max_len, source="calibration data"), max_len)
+
+
+def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequence[Example], *, cfg: ModelConfig,
+              groups: str = "layer", steps: int = 100, lr: float = 0.05, init: float = 1.0,
+              bounds: tuple[float, float] | str | None = None, seed: int = 0, batch_size: int | None = None,
+              max_len: int = 1024, eval_data: Sequence[Example] | None = None, vocab: str = "pad",
+              objective: str = "loss") -> dict[str, Any]:
+    """Fit alpha (one per group per diff) by adam on the calibration examples `data` (ftjax.data Examples, any row
+    form; `ftjax.rows.load_examples` reads a JSONL file). objective: `loss` (next-token NLL of the weighted tokens)
+    or `entropy` (AdaMerging: mean prediction entropy of every real token, labels unused).
+
+    diffs: a (source_base, source_ft) tuple of nested trees, or a list of diff trees (nested, the target's shapes).
+    bounds: (LO, HI) or "LO:HI"; alpha is clipped into them after each step. batch_size: rows per step (None: all
+    calibration rows every step; else a seeded permutation per epoch, as `finetune`). Returns a dict: groups
+    (names), tensors ({group: tensor names}), alpha ([n_diffs][n_groups] floats), table ([{group: alpha}] per diff),
+    curve (the objective of each step's batch before its update, nats), scores ({"calibration": {"init", "fit"}, and
+    "eval" with eval_data}: evaluate_loss metrics), and the settings."""
+    from ftjax.evaluate import evaluate_loss
+
+    pairs = isinstance(diffs, tuple)
+    if pairs and len(diffs) != 2:
+        raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; pass "
+                         "diff trees as a list")
+    problem = prepare(target, [diffs] if pairs else list(diffs), cfg, groups=groups, pairs=pairs, vocab=vocab)
+    init, (lo, hi) = check_settings(init, bounds, steps)
+    rows = _calibration_rows(data, max_len)
+    n_rows = rows.tokens_nt.shape[0]
+    bs = n_rows if batch_size is None else batch_size
+    if bs < 1:
+        raise FtjaxError(f"--batch-size must be >= 1, got {bs}")
+    opt = optax.adam(lr)
+    grad = jax.value_and_grad(loss_fn(problem, objective))
+
+    @jax.jit
+    def step(alpha_dg, opt_state, target, deltas, extras, batch):
+        loss, g = grad(alpha_dg, target, deltas, extras, batch)
+        updates, opt_state = opt.update(g, opt_state, alpha_dg)
+        return jnp.clip(optax.apply_updates(alpha_dg, updates), lo, hi), opt_state, loss
+
+    alpha = jnp.full(problem.shape, init, jnp.float32)
+    opt_state = opt.init(alpha)
+    curve = []
+    for i in range(steps):
+        batch = tuple(jnp.asarray(a[0]) for a in step_batch(rows, i, bs, 1, seed)) if batch_size else tuple(
+            jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+        alpha, opt_state, loss = step(alpha, opt_state, problem.target, problem.deltas, problem.extras, batch)
+        curve.append(float(loss))
+    alpha_np = np.asarray(alpha, np.float64)
+    names = list(problem.groups)
+
+    def scores(examples):
+        return {k: evaluate_loss(problem.merged(a), problem.cfg, examples, max_len=max_len)["loss"]
+                for k, a in (("init", jnp.full(problem.shape, init, jnp.float32)), ("fit", alpha))}
+
+    result_scores = {"calibration": scores(data)}
+    if eval_data is not None:
+        result_scores["eval"] = scores(eval_data)
+    return {"groups": names, "tensors": problem.groups, "alpha": alpha_np.tolist(),
+            "table": [dict(zip(names, map(float, a))) for a in alpha_np], "curve": curve, "scores": result_scores,
+            "settings": {"groups": groups, "steps": steps, "lr": lr, "init": init, "seed": seed,
+                         "bounds": [x if math.isfinite(x) else None for x in (lo, hi)], "batch_size": batch_size,
+                         "max_len": max_len, "objective": objective, "diffs": len(problem.deltas)}}
+
+
+def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_base: str | os.PathLike,
+               data: str | os.PathLike, out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None,
+               overwrite: bool = False, progress: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
+    """`ftjax fit-alpha`: load the three checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with
+    the target's tokenizer), `fit_alpha`, then write OUT/model/ with `ftjax.transfer.transfer` and the learned alpha
+    as exact per-tensor `alpha_for` rules, OUT/alpha.png and .pdf (`plots.plot_alpha`), and OUT/alpha.json (the
+    result of `fit_alpha`, the rules and the inputs). Every output check happens before the fit; the model is
+    written atomically, alpha.json last."""
+    from ftjax import plots, transfer
+    from ftjax.io.checkpoint import check_files_dir, check_output, resolve_model_path
+    from ftjax.params import load_params
+    from ftjax.results import write_json
+    from ftjax.rows import load_examples
+
+    check_settings(fit_kwargs.get("init", 1.0), fit_kwargs.get("bounds"), fit_kwargs.get("steps", 100))
+    paths = {"target": resolve_model_path(target), "source_ft": resolve_model_path(source_ft),
+             "source_base": resolve_model_path(source_base)}
+    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model"))
+    check_output(out / "model", overwrite=overwrite, inputs=list(paths.values()))
+    cfg, t = load_params(paths["target"])
+    f, b = (load_params(paths[k])[1] for k in ("source_ft", "source_base"))
+    examples = load_examples(data, paths["target"], cfg)
+    dev = None if eval_data is None else load_examples(eval_data, paths["target"], cfg)
+    result = fit_alpha(t, (b, f), examples, cfg=cfg, eval_data=dev, **fit_kwargs)
+    del t, f, b
+    rules = alpha_rules(result["table"][0], result["tensors"])
+    transfer.transfer(paths["source_base"], paths["source_ft"], paths["target"], out / "model", alpha_for=rules,
+                      vocab=fit_kwargs.get("vocab", "pad"), overwrite=overwrite, progress=progress)
+    result.update(alpha_for=[[r, a] for r, a in rules], model=str(out / "model"),
+                  inputs={**{k: str(v) for k, v in paths.items()}, "data": str(data),
+                          "eval": None if eval_data is None else str(eval_data)})
+    plots.plot_alpha(result, out / "alpha")
+    write_json(out / "alpha.json", result)
+    return result
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `fit_alpha` (the package exposes the module under the function's name)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return fit_alpha(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

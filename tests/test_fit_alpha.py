@@ -1,0 +1,245 @@
+"""Learned transfer coefficients (issue 18): groups, gradient, bounds, reproducibility, the written checkpoint."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import fit_alpha as F
+from ftjax.data import examples_from_rows
+from ftjax.errors import FtjaxError
+from ftjax.model import forward
+from ftjax.params import flatten, load_params
+from hf_models import lm_rows, make_hf_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Untied target / source-base / source-ft (three random tiny Llamas) and a tied trio, on disk."""
+    root = tmp_path_factory.mktemp("fit_alpha")
+    out = {}
+    for tie in (False, True):
+        for role, seed in (("base", 0), ("ft", 1), ("target", 2)):
+            out[role, tie] = make_hf_model(root / f"{role}-{tie}", seed=seed, tie_word_embeddings=tie)
+    return out
+
+
+def _load(models, tie=False):
+    cfg, t = load_params(models["target", tie])
+    _, b = load_params(models["base", tie])
+    _, f = load_params(models["ft", tie])
+    return cfg, t, b, f
+
+
+def _examples(n=12, seed=0):
+    return examples_from_rows(lm_rows(n, seed))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("grouping", F.GROUPINGS)
+def test_groups_cover_every_tensor_exactly_once(models, tie, grouping):
+    cfg, t, b, f = _load(models, tie)
+    names = list(flatten(t))
+    groups = F.assign_groups(names, grouping, cfg.layout)
+    covered = [n for ns in groups.values() for n in ns]
+    assert sorted(covered) == sorted(names) and len(covered) == len(set(covered))
+    if grouping == "layer":
+        expected = {"embed", "norm", "layers.0", "layers.1"} | (set() if tie else {"lm_head"})
+        assert set(groups) == expected
+    if grouping == "layer-module":
+        assert "model.layers.0.input_layernorm.weight" in groups["layers.0.attention"]
+        assert "model.layers.0.post_attention_layernorm.weight" in groups["layers.0.mlp"]
+
+
+def test_post_layout_norms_go_with_their_sublayer():
+    assert F.group_of("model.layers.3.post_attention_layernorm.weight", "layer-module", "post") == "layers.3.attention"
+    assert F.group_of("model.layers.3.post_feedforward_layernorm.weight", "layer-module", "post") == "layers.3.mlp"
+    assert F.group_of("model.layers.3.self_attn.q_norm.weight", "layer-module", "pre") == "layers.3.attention"
+    with pytest.raises(FtjaxError, match="--groups"):
+        F.group_of("model.layers.0.foo", "nope")
+
+
+def test_vocab_padding_rows_are_appended_as_in_transfer(tmp_path, models):
+    cfg, t, b, _ = _load(models)
+    _, f = load_params(make_hf_model(tmp_path / "ft136", seed=1, vocab_size=136))
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    assert problem.cfg.vocab_size == 136
+    merged = flatten(problem.merged(jnp.ones(problem.shape, jnp.float32)))
+    assert merged["model.embed_tokens.weight"].shape == (136, 32)
+    np.testing.assert_array_equal(merged["lm_head.weight"][128:], flatten(f)["lm_head.weight"][128:])
+    assert sorted(n for ns in problem.groups.values() for n in ns) == sorted(flatten(t))
+
+
+@pytest.mark.parametrize("objective", F.OBJECTIVES)
+def test_gradient_matches_central_finite_differences(models, objective):
+    """float32 loss; eps = 1e-2: the central difference's truncation error is O(eps^2) and its rounding error
+    about 1e-7 * loss / eps ~ 1e-4, so gradients agree to 2e-3 absolute + 2 % relative."""
+    cfg, t, b, f = _load(models)
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    rows = F._calibration_rows(_examples(), 64)
+    batch = tuple(jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+    loss = jax.jit(functools.partial(F.loss_fn(problem, objective), target=problem.target, deltas=problem.deltas,
+                                     extras=problem.extras, batch=batch))
+    alpha = jnp.asarray(np.random.default_rng(0).uniform(0.2, 0.8, problem.shape), jnp.float32)
+    g = np.asarray(jax.grad(loss)(alpha))
+    eps, fd = 1e-2, np.zeros(problem.shape)
+    for i in np.ndindex(*problem.shape):
+        e = jnp.zeros(problem.shape, jnp.float32).at[i].set(eps)
+        fd[i] = (float(loss(alpha + e)) - float(loss(alpha - e))) / (2 * eps)
+    assert np.abs(g).max() > 1e-2  # not a vacuous comparison
+    np.testing.assert_allclose(g, fd, rtol=2e-2, atol=2e-3)
+
+
+def test_bounds_are_respected(models):
+    cfg, t, b, f = _load(models)
+    out = F.fit_alpha(t, (b, f), _examples(), cfg=cfg, steps=6, lr=0.5, init=1.0, bounds="0.9:1.1")
+    a = np.asarray(out["alpha"], np.float32)  # alpha is float32: the bounds are the float32 nearest 0.9 and 1.1
+    assert a.shape == (1, 5) and np.all(a >= np.float32(0.9)) and np.all(a <= np.float32(1.1))
+    assert np.any((a == np.float32(0.9)) | (a == np.float32(1.1)))  # the projection was needed
+    with pytest.raises(FtjaxError, match="outside --bounds"):
+        F.fit_alpha(t, (b, f), _examples(), cfg=cfg, steps=1, init=3.0, bounds=(-0.5, 2.0))
+
+
+def test_one_seed_gives_one_table(models):
+    cfg, t, b, f = _load(models)
+    run = functools.partial(F.fit_alpha, t, (b, f), _examples(), cfg=cfg, steps=4, lr=0.1, batch_size=4)
+    one, two, other = run(seed=3), run(seed=3), run(seed=4)
+    assert one["table"] == two["table"] and one["curve"] == two["curve"]
+    assert one["curve"] != other["curve"]  # the seed picks the batches
+
+
+def _greedy_rows(params, cfg, n=16, length=16, seed=0):
+    """Rows the model itself continues greedily from 2 random tokens: data whose best alpha is known."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n, length), np.int32)
+    tokens[:, :2] = rng.integers(3, cfg.vocab_size, (n, 2))
+    for i in range(2, length):
+        tokens[:, i] = np.asarray(jnp.argmax(forward(params, jnp.asarray(tokens), cfg)[:, i - 1], -1))
+    return [{"input_ids": r.tolist()} for r in tokens]
+
+
+def test_fit_moves_toward_the_known_alpha(models):
+    """Target = source-base, data from source-ft: theta(1) = source-ft fits the data best; from init 0 the
+    calibration loss falls and alpha rises toward 1, and held-out data generated the same way agrees."""
+    cfg, _, b, f = _load(models)
+    calib, dev = (examples_from_rows(_greedy_rows(f, cfg, seed=s)) for s in (0, 1))
+    out = F.fit_alpha(b, (b, f), calib, cfg=cfg, steps=30, lr=0.1, init=0.0, bounds="-0.5:2", eval_data=dev)
+    s = out["scores"]
+    assert s["calibration"]["fit"] < s["calibration"]["init"] - 0.5
+    assert s["eval"]["fit"] < s["eval"]["init"] - 0.5
+    assert out["curve"][-1] < out["curve"][0]
+    assert np.mean(out["alpha"]) > 0.5
+
+
+def test_several_diffs_get_one_alpha_per_group_each(models):
+    cfg, t, b, f = _load(models)
+    d = jax.tree.map(lambda x, y: x - y, f, b)
+    out = F.fit_alpha(t, [d, jax.tree.map(lambda x: 0.5 * x, d)], _examples(), cfg=cfg, steps=2, groups="tensor")
+    assert np.asarray(out["alpha"]).shape == (2, len(flatten(t)))
+    with pytest.raises(FtjaxError, match="as a list"):
+        F.fit_alpha(t, (d, d, d), _examples(), cfg=cfg, steps=1)
+
+
+def test_package_exposes_the_callable_module(models):
+    import ftjax
+
+    cfg, t, b, f = _load(models)
+    assert ftjax.fit_alpha is F and "fit_alpha" in ftjax.__all__
+    out = ftjax.fit_alpha(t, (b, f), _examples(4), cfg=cfg, steps=0)
+    assert out["table"] == [{g: 1.0 for g in out["groups"]}] and out["curve"] == []
+    assert out["scores"]["calibration"]["init"] == out["scores"]["calibration"]["fit"]
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _cli(models, out, *extra, data):
+    from ftjax.cli import main
+
+    return main(["fit-alpha", "--target", str(models["target", False]), "--source-ft", str(models["ft", False]),
+                 "--source-base", str(models["base", False]), "--data", str(data), "--out", str(out), "--quiet",
+                 *extra])
+
+
+def test_zero_steps_writes_bitwise_the_transfer_at_alpha_one(tmp_path, models):
+    from ftjax import transfer
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(8))
+    assert _cli(models, tmp_path / "fit", "--steps", "0", "--init", "1.0", data=data) == 0
+    transfer.transfer(models["base", False], models["ft", False], models["target", False], tmp_path / "ref",
+                      alpha=1.0, progress=False)
+    got, ref = _tensors(tmp_path / "fit" / "model"), _tensors(tmp_path / "ref")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and got[k].tobytes() == ref[k].tobytes(), k
+
+
+def test_written_model_is_reproducible_from_the_table_by_transfer(tmp_path, models):
+    import json
+
+    from ftjax.cli import main
+    from hf_models import write_jsonl
+
+    data, dev = (write_jsonl(tmp_path / f"{n}.jsonl", lm_rows(8, s)) for n, s in (("calib", 0), ("dev", 1)))
+    assert _cli(models, tmp_path / "fit", "--steps", "3", "--lr", "0.1", "--bounds", "-0.5:2.0", "--eval", str(dev),
+                data=data) == 0
+    record = json.loads((tmp_path / "fit" / "alpha.json").read_text())
+    assert set(record["scores"]) == {"calibration", "eval"} and len(record["curve"]) == 3
+    assert (tmp_path / "fit" / "alpha.png").stat().st_size > 0 and (tmp_path / "fit" / "alpha.pdf").exists()
+    assert any(a != 1.0 for a in record["table"][0].values())
+    rules = [f"{r}={a!r}" for r, a in record["alpha_for"]]
+    args = ["transfer", "--target-base", str(models["target", False]), "--source-ft", str(models["ft", False]),
+            "--source-base", str(models["base", False]), "--out", str(tmp_path / "ref"), "--quiet"]
+    assert main(args + [x for r in rules for x in ("--alpha-for", r)]) == 0
+    got, ref = _tensors(tmp_path / "fit" / "model"), _tensors(tmp_path / "ref")
+    assert all(got[k].tobytes() == ref[k].tobytes() for k in ref) and got.keys() == ref.keys()
+
+
+def test_cli_refuses_before_fitting(tmp_path, models, capsys):
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(4))
+    assert _cli(models, tmp_path / "a", "--init", "3", "--bounds", "-0.5:2.0", data=data) == 2
+    assert "outside --bounds" in capsys.readouterr().err and not (tmp_path / "a" / "model").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "other.txt").write_text("x")
+    assert _cli(models, tmp_path / "b", data=data) == 2
+    assert "other.txt" in capsys.readouterr().err
+    assert _cli(models, tmp_path / "c", "--bounds", "2:1", data=tmp_path / "missing.jsonl") == 2  # before any read
+    err = capsys.readouterr().err
+    assert "--bounds 2:1" in err and err.count("\n") == 1
+
+
+def test_entropy_objective_lowers_the_prediction_entropy(models):
+    cfg, t, b, f = _load(models)
+    examples = _examples()
+    out = F.fit_alpha(t, (b, f), examples, cfg=cfg, steps=15, lr=0.1, objective="entropy", bounds="-0.5:2.0")
+    assert out["settings"]["objective"] == "entropy" and out["curve"][-1] < out["curve"][0] - 1e-3
+    rows = F._calibration_rows(examples, 1024)
+    batch = tuple(jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    entropy = F.loss_fn(problem, "entropy")
+    at = {k: float(entropy(jnp.asarray(a, jnp.float32), problem.target, problem.deltas, problem.extras, batch))
+          for k, a in (("init", np.ones(problem.shape)), ("fit", out["alpha"]))}
+    assert at["fit"] < at["init"]
+    with pytest.raises(FtjaxError, match="--objective"):
+        F.fit_alpha(t, (b, f), examples, cfg=cfg, steps=1, objective="nope")
+
+
+@pytest.mark.parametrize("groups", F.GROUPINGS)
+def test_alpha_plot_for_every_grouping_and_several_diffs(tmp_path, models, groups):
+    from ftjax import plots
+
+    cfg, t, b, f = _load(models)
+    d = jax.tree.map(lambda x, y: x - y, f, b)
+    out = F.fit_alpha(t, [d, d], _examples(4), cfg=cfg, steps=2, groups=groups)
+    paths = plots.plot_alpha(out, tmp_path / "alpha")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
