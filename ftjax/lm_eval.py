@@ -209,7 +209,7 @@ class FtjaxLM(TemplateLM):
     # --------------------------------------------------------------------------------------------- tokenization
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
-        """Token ids; special tokens (BOS) added unless asked not to or the text already starts with the prefix token."""
+        """Token ids; special tokens (BOS) added unless asked not to or the text starts with the prefix token."""
         if add_special_tokens is None:
             add_special_tokens = not string.startswith(self.tok.token_text(self.prefix_token_id))
         ids = self.tok.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
@@ -346,3 +346,47 @@ class _DirTokenizer:
             raise FtjaxError(f"{model_dir}: no eos_token in tokenizer_config.json and no eos_token_id in "
                              "generation_config.json / config.json; add one")
         return cls(tokenizer, eos, named("bos_token"), eos_ids or (eos,), load_chat_template(model_dir), special)
+
+
+# ------------------------------------------------------------------------------------------------ running tasks
+def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
+                   limit: float | None = None, num_fewshot: int | None = None, seed: int = 0) -> dict:
+    """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
+
+    limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
+    harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
+    Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FtjaxError(f"--include-path {include_path} is not a directory of task YAML files")
+    if not tasks:
+        raise FtjaxError("--tasks names no task; give e.g. --tasks hellaswag,arc_easy")
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        where = f" or under {include_path}" if include_path is not None else "; pass --include-path DIR for your own"
+        raise FtjaxError(f"unknown task {', '.join(unknown)}: not a harness task{where} (the names are the YAMLs' "
+                         "`task:` fields)")
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                   num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def results_table(results: dict) -> str:
+    """The harness's markdown results table (lm_eval.utils.make_table), plus the groups table if there are groups."""
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+
+
+def results_json(results: dict) -> str:
+    """The result dict as indented JSON, non-JSON values as the harness writes them (handle_non_serializable)."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False) + "\n"

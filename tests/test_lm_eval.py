@@ -49,7 +49,8 @@ def _greedy_word(hf, context):
 
 def _pairs(hf):
     context = "the answer is"
-    return [(context, " one"), (context, " " + _greedy_word(hf, context).strip()), ("", "two three"), ("one plus one equals", " two"),
+    return [(context, " one"), (context, " " + _greedy_word(hf, context).strip()), ("", "two three"),
+            ("one plus one equals", " two"),
             ("one plus one equals ", "two four"), (LONG_TEXT, " five six"), ("it was", " the question")]
 
 
@@ -94,7 +95,7 @@ def test_batch_size_and_buckets_do_not_change_results(hf, ours, model_dir, count
     pairs = _pairs(hf)
     traces = count_calls(backend, "forward")
     got = one.loglikelihood(_instances("loglikelihood", pairs))
-    assert traces["n"] <= 2  # lengths 3..16 fall in the buckets 16 (and nothing else): compiled once, not per request
+    assert traces["n"] <= 2  # all 7 requests (3..16 tokens) share the 16 bucket: one compile, not one per request
     expected = ours.loglikelihood(_instances("loglikelihood", pairs))
     for (ll, g), (ref, ref_g) in zip(got, expected):
         assert ll == pytest.approx(ref, abs=1e-5) and g == ref_g
@@ -108,7 +109,8 @@ def test_from_params_with_a_tokenizer_object(ours):
     lm = FtjaxLM.from_params(ours.params, ours.cfg, ours.tok.tokenizer, eos_token_id=2, bos_token_id=1,
                              max_length=MAX_LENGTH)
     pairs = [("", "two three"), ("the answer is", " one")]
-    assert lm.loglikelihood(_instances("loglikelihood", pairs)) == ours.loglikelihood(_instances("loglikelihood", pairs))
+    requests = _instances("loglikelihood", pairs)
+    assert lm.loglikelihood(requests) == ours.loglikelihood(requests)
 
 
 def test_unsupported_generation_settings_are_refused(ours):
@@ -189,3 +191,40 @@ def test_simple_evaluate_matches_hf(hf, ours, task_dir):
             assert got[task][key] == pytest.approx(value, rel=1e-5), (task, key)
     assert "acc_norm,none" in got["tiny_mc"] and "word_perplexity,none" in got["tiny_ppl"]
     assert "exact_match,first" in got["tiny_gen"]
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+def test_cli_lm_eval_prints_the_table_and_writes_the_results(hf, model_dir, task_dir, tmp_path, capsys):
+    from ftjax.cli import main
+
+    out = tmp_path / "res" / "lm_eval.json"
+    assert main(["lm-eval", "--model", str(model_dir), "--tasks", "tiny_mc,tiny_gen", "--include-path",
+                 str(task_dir), "--limit", "3", "--max-length", str(MAX_LENGTH), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny_mc" in printed and "acc_norm" in printed and "exact_match" in printed and str(out) in printed
+    written = json.loads(out.read_text())["results"]
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    expected = lm_eval.simple_evaluate(model=hf, tasks=["tiny_mc", "tiny_gen"], limit=3, log_samples=False,
+                                       task_manager=TaskManager(include_path=str(task_dir)))["results"]
+    for task in ("tiny_mc", "tiny_gen"):
+        for key, value in expected[task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert written[task][key] == pytest.approx(value, rel=1e-5), (task, key)
+
+
+@pytest.mark.parametrize("extra, message", [(["--tasks", "no_such_task"], "unknown task no_such_task"),
+                                            (["--tasks", "tiny_mc", "--include-path", "/nonexistent"],
+                                             "--include-path /nonexistent"),
+                                            (["--tasks", "tiny_mc", "--limit", "-1"], "--limit")])
+def test_cli_lm_eval_errors_are_one_line(model_dir, task_dir, tmp_path, capsys, extra, message):
+    from ftjax.cli import main
+
+    out = tmp_path / "lm_eval.json"
+    if "--include-path" not in extra:
+        extra = extra + ["--include-path", str(task_dir)]
+    assert main(["lm-eval", "--model", str(model_dir), *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
