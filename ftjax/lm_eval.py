@@ -35,6 +35,7 @@ from ftjax.errors import FtjaxError
 from ftjax.model import forward
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+_CONTINUE_TAG = "<ftjax-continue-final-message>"  # marks where the final message ends in the rendered text
 DEFAULT_MAX_LENGTH = 2048  # the hf backend's fallback when the config names no context length
 
 
@@ -198,13 +199,32 @@ class FtjaxLM(TemplateLM):
         return self.tok.chat_template if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered with the model's chat template (ftjax.chat.render_chat)."""
-        from ftjax.chat import render_chat
-
+        """The conversation rendered with the model's chat template, as the hf backend renders it: with the
+        generation prompt, or else ending inside the final message (transformers' continue_final_message); a
+        template that refuses the conversation is retried without system messages."""
         if self.tok.chat_template is None:
             raise FtjaxError(f"{self._name} has no chat template; drop apply_chat_template / --apply-chat-template")
-        return render_chat(self.tok.chat_template, chat_history, add_generation_prompt=add_generation_prompt,
+        try:
+            return self._render_chat(chat_history, add_generation_prompt)
+        except FtjaxError:
+            if not any(m.get("role") == "system" for m in chat_history):
+                raise
+            return self._render_chat([m for m in chat_history if m.get("role") != "system"], add_generation_prompt)
+
+    def _render_chat(self, chat_history: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        from ftjax.chat import render_chat
+
+        messages = [dict(m) for m in chat_history]
+        if not add_generation_prompt and messages:
+            messages[-1]["content"] = messages[-1]["content"] + _CONTINUE_TAG
+        text = render_chat(self.tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            special=self.tok.special)
+        if add_generation_prompt:
+            return text
+        loc = text.rfind(_CONTINUE_TAG.strip())
+        if loc < 0:
+            raise FtjaxError(f"{self._name}: the chat template drops the final message, so it cannot be continued")
+        return text[:loc] if text[loc:loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:loc].rstrip()
 
     # --------------------------------------------------------------------------------------------- tokenization
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,

@@ -235,3 +235,36 @@ def test_cli_lm_eval_errors_are_one_line(model_dir, task_dir, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }} says {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant says {% endif %}")  # word-level: a space before the answer
+
+
+def test_chat_template_tasks_match_hf(tmp_path, task_dir):
+    """apply_chat_template=True: the prompts the harness renders through each backend score the same."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from ftjax.lm_eval import FtjaxLM
+
+    path = make_hf_model(tmp_path / "chat", seed=1)
+    make_tokenizer(path, chat_template=CHAT)
+    hf = HFLM(pretrained=str(path), backend="causal", dtype="float32", device="cpu", batch_size=4, max_length=64)
+    ours = FtjaxLM(pretrained=str(path), batch_size=4, max_length=64)
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one plus one"},
+               {"role": "assistant", "content": "two "}]
+    for prompt in (True, False):
+        assert ours.apply_chat_template(history, prompt) == hf.apply_chat_template(history, prompt)
+
+    def run(lm):
+        return lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_gen"], apply_chat_template=True,
+                                       log_samples=False, task_manager=TaskManager(include_path=str(task_dir)),
+                                       system_instruction="be brief")["results"]
+
+    got, expected = run(ours), run(hf)
+    for task in ("tiny_mc", "tiny_gen"):
+        for key, value in expected[task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert got[task][key] == pytest.approx(value, rel=1e-5), (task, key)
