@@ -268,3 +268,27 @@ def test_chat_template_tasks_match_hf(tmp_path, task_dir):
         for key, value in expected[task].items():
             if isinstance(value, float) and "stderr" not in key:
                 assert got[task][key] == pytest.approx(value, rel=1e-5), (task, key)
+
+
+@pytest.mark.parametrize("family", ["mistral", "olmo2"])  # qwen2: HFLM itself fails on the test tokenizer
+def test_other_families_match_hf(tmp_path, family):
+    """Log-likelihoods, rolling windows and generations of the other tiny families equal the hf backend's."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ftjax.lm_eval import FtjaxLM
+
+    path = make_hf_model(tmp_path / family, family)
+    make_tokenizer(path)
+    hf = HFLM(pretrained=str(path), backend="causal", dtype="float32", device="cpu", batch_size=4,
+              max_length=MAX_LENGTH)
+    ours = FtjaxLM(pretrained=str(path), batch_size=4, max_length=MAX_LENGTH)
+    pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
+    got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    texts = [(LONG_TEXT,), ("the answer is one",)]
+    got, expected = (lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts)) for lm in (ours, hf))
+    assert got == pytest.approx(expected, abs=1e-4)
+    requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6}), ("it was", {"max_gen_toks": 4})]
+    got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
+    assert got == expected
