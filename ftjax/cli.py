@@ -182,6 +182,32 @@ def _cmd_generate(args) -> None:
             print(text if len(prompts) == 1 else f"--- {i + 1} ---\n{text}")
 
 
+def _cmd_lm_eval(args) -> None:
+    from ftjax.io.checkpoint import resolve_model_path
+
+    try:
+        from ftjax import lm_eval as harness
+    except ImportError as e:
+        raise FtjaxError(f"lm-eval needs lm-evaluation-harness ({e.name} is missing); "
+                         "install it with: pip install 'ftjax[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    if limit is not None and limit <= 0:
+        raise FtjaxError(f"--limit must be positive, got {args.limit}")
+    model_dir = resolve_model_path(args.model)
+    lm = harness.FtjaxLM(pretrained=model_dir, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    results = harness.evaluate_tasks(lm, tasks, include_path=args.include_path, limit=limit,
+                                     num_fewshot=args.num_fewshot, seed=args.seed)
+    text = harness.results_json(results)
+    if _is_main():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, args.out)
+    print(harness.results_table(results))
+    print(f"wrote {args.out}")
+
+
 def _eval_by_generation(args, model_dir: Path) -> bool:
     """Score {"prompt", "answer"} rows by generating; False (nothing done) when the rows are for loss scoring."""
     from ftjax import generate as gen
@@ -412,7 +438,7 @@ COMMANDS = {
     "transfer": _cmd_transfer, "merge": _cmd_merge, "diff": _cmd_diff, "apply": _cmd_apply, "convert": _cmd_convert,
     "extract-lora": _cmd_extract_lora, "fit-alpha": _cmd_fit_alpha,
     "inspect": _cmd_inspect, "eval": _cmd_eval, "scan": _cmd_scan, "plane": _cmd_plane,
-    "stats": _cmd_stats, "demo": _cmd_demo, "generate": _cmd_generate,
+    "stats": _cmd_stats, "demo": _cmd_demo, "generate": _cmd_generate, "lm-eval": _cmd_lm_eval,
 }
 
 

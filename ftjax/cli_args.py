@@ -244,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="SPEC", help="shard parameters over devices, e.g. fsdp=8")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
+    p = sub.add_parser("lm-eval", help="score a model on lm-evaluation-harness tasks (needs the eval extra); "
+                                         "prints the harness's results table, writes its results JSON")
+    p.add_argument("--model", required=True, metavar="DIR|REPO")
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="harness task names, comma-separated")
+    p.add_argument("--include-path", type=Path, metavar="DIR", help="directory of your own task YAML files")
+    p.add_argument("--limit", type=_finite, metavar="N", help="at most N documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                   help="compute dtype (auto = the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="the harness's random seeds (few-shot sampling)")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.json", help="the harness's results JSON")
+
     p = sub.add_parser("scan", help="loss along (1-λ)·A + λ·B (or T + λ·(F − S) with --along-diff); scan.json + plots")
     p.add_argument("--a", metavar="DIR|REPO", help="model at λ = 0")
     p.add_argument("--b", metavar="DIR|REPO", help="model at λ = 1")

@@ -1,0 +1,412 @@
+"""ftjax as an lm-evaluation-harness backend: `FtjaxLM`, registered as the harness model "ftjax" on import.
+
+The three request types follow the harness's own `hf` backend (lm_eval/models/huggingface.py) token for token:
+- `loglikelihood`: the harness's `TemplateLM` splits (context, continuation) (the word-boundary space goes to the
+  continuation; an empty context becomes the BOS/EOT prefix token); each pair is scored as `(ctx + cont)[-(L+1):]`
+  with L = max_length, returning (sum of the continuation's log-probabilities in nats, is_greedy).
+- `loglikelihood_rolling`: disjoint max-length windows from `lm_eval.utils.get_rolling_token_windows`, summed.
+- `generate_until`: greedy (or temperature/top-p sampling) through `ftjax.generate.generate_ids`, the prompt
+  left-truncated to max_length - max_gen_toks, the decoded text cut at the first stop string.
+
+Requests are sorted by length and right-padded to power-of-two bucket lengths (`ftjax.data.bucket_length`) in batches
+of a fixed size, so the forward compiles once per bucket, not once per request. This is the only module that imports
+lm_eval (the `eval` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from ftjax.config import ModelConfig
+from ftjax.data import bucket_length
+from ftjax.errors import FtjaxError
+from ftjax.model import forward
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_CONTINUE_TAG = "<ftjax-continue-final-message>"  # marks where the final message ends in the rendered text
+DEFAULT_MAX_LENGTH = 2048  # the hf backend's fallback when the config names no context length
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _token_scores(params: dict, tokens_bt: jax.Array, targets_bt: jax.Array, cfg: ModelConfig):
+    """(log p(target) float32 [B, T], argmax == target bool [B, T]) of next-token targets [B, T]."""
+    logits_btv = forward(params, tokens_bt, cfg)
+    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    picked_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return picked_bt, jnp.argmax(logits_btv, axis=-1) == targets_bt
+
+
+def score_continuations(params: dict, cfg: ModelConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                        max_length: int, batch_size: int = 8,
+                        progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context) in nats, is_greedy) per (context ids, continuation ids), as the hf backend.
+
+    Each pair is scored as input `(ctx + cont)[-(max_length + 1):][:-1]`; the continuation's tokens are the last
+    len(cont) targets. Pairs are sorted longest first, batched `batch_size` rows at a time (the last batch padded with
+    copies) and right-padded to `bucket_length(longest, max_length)`: few shapes, few compilations. Right padding never
+    changes a real token's logits (causal attention). progress(requests, tokens) is called after each batch.
+    Results keep input order.
+    """
+    for i, (ctx, cont) in enumerate(pairs):
+        if len(ctx) < 1 or len(cont) < 1:
+            raise FtjaxError(f"request {i + 1}: context and continuation must each have at least one token")
+        if len(cont) > max_length:
+            raise FtjaxError(f"request {i + 1}: continuation of {len(cont)} tokens is longer than max_length "
+                             f"{max_length}; raise max_length")
+    whole = [(list(ctx) + list(cont))[-(max_length + 1):] for ctx, cont in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(whole[i]))
+    batch = max(1, min(batch_size, len(pairs)))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        rows = chunk + [chunk[0]] * (batch - len(chunk))
+        t = bucket_length(max(len(whole[i]) - 1 for i in rows), max_length)
+        tokens_bt = np.zeros((batch, t), np.int32)
+        targets_bt = np.zeros((batch, t), np.int32)
+        for r, i in enumerate(rows):
+            n = len(whole[i]) - 1
+            tokens_bt[r, :n], targets_bt[r, :n] = whole[i][:-1], whole[i][1:]
+        logp_bt, greedy_bt = jax.device_get(_token_scores(params, tokens_bt, targets_bt, cfg=cfg))
+        for r, i in enumerate(chunk):
+            n, m = len(whole[i]) - 1, len(pairs[i][1])
+            out[i] = (float(logp_bt[r, n - m:n].sum()), bool(greedy_bt[r, n - m:n].all()))
+        if progress is not None:
+            progress(len(chunk), sum(len(whole[i]) - 1 for i in chunk))
+    return out
+
+
+def _progress_bar(total: int, desc: str, disable: bool):
+    """A tqdm bar over requests showing tokens/s, and the callback that advances it."""
+    bar = tqdm(total=total, desc=desc, disable=disable)
+    state = {"tokens": 0, "t0": time.perf_counter()}
+
+    def update(requests: int, tokens: int) -> None:
+        state["tokens"] += tokens
+        bar.update(requests)
+        bar.set_postfix_str(f"{state['tokens'] / max(time.perf_counter() - state['t0'], 1e-9):.0f} tokens/s")
+
+    return bar, update
+
+
+def _int_arg(value: Any, name: str) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise FtjaxError(f"{name} must be a positive integer, got {value!r}") from None
+    if out < 1:
+        raise FtjaxError(f"{name} must be a positive integer, got {value!r}")
+    return out
+
+
+@register_model("ftjax")
+class FtjaxLM(TemplateLM):
+    """An lm-evaluation-harness model over ftjax's forward pass and KV-cache generator.
+
+    FtjaxLM(pretrained=DIR_OR_HUB_ID, dtype="float32", batch_size=8, max_length=None, max_gen_toks=256, mesh=None):
+    a checkpoint's weights (ftjax.params.load_params; dtype "auto" keeps the stored one), tokenizer.json, special
+    tokens and generation EOS ids. max_length (tokens): the context scored or generated from; default the config's
+    max_position_embeddings, as the hf backend. Other keyword arguments the harness passes (device, max_batch_size)
+    are ignored. For parameters already in memory see `from_params`.
+    """
+
+    def __init__(self, pretrained: str | Path | None = None, dtype: str = "float32", batch_size: int | str = 8,
+                 max_length: int | str | None = None, max_gen_toks: int | str = 256, mesh: Any = None,
+                 **ignored: Any) -> None:
+        super().__init__()
+        if pretrained is None:
+            raise FtjaxError("FtjaxLM needs pretrained=DIR (a model directory or cached Hub id); "
+                             "or use FtjaxLM.from_params(params, cfg, tokenizer)")
+        if dtype not in DTYPES:
+            raise FtjaxError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        from ftjax.io.checkpoint import resolve_model_path
+        from ftjax.params import load_params
+
+        model_dir = resolve_model_path(pretrained)
+        tokenizer = _DirTokenizer.load(model_dir)  # tokenizer problems fail before the weights load
+        cfg, params = load_params(model_dir, dtype=None if dtype == "auto" else dtype, mesh=mesh)
+        self._setup(params, cfg, tokenizer, batch_size, max_length, max_gen_toks, name=str(pretrained))
+
+    @classmethod
+    def from_params(cls, params: dict, cfg: ModelConfig, tokenizer: Any, *, eos_token_id: int | None = None,
+                    bos_token_id: int | None = None, eos_ids: Sequence[int] | None = None,
+                    chat_template: str | None = None, batch_size: int = 8, max_length: int | None = None,
+                    max_gen_toks: int = 256, name: str = "ftjax") -> FtjaxLM:
+        """A harness model over parameters already in memory (e.g. from transfer_params or merge_params).
+
+        tokenizer: a model directory (its tokenizer.json, special tokens, generation EOS ids and chat template are
+        used) or a `tokenizers.Tokenizer`, which then needs eos_token_id (the harness's end-of-text id); bos_token_id
+        (the empty-context prefix; default the EOS id), eos_ids (generation stops; default [eos_token_id]).
+        """
+        if isinstance(tokenizer, (str, Path)):
+            tok = _DirTokenizer.load(Path(tokenizer))
+        else:
+            if eos_token_id is None:
+                raise FtjaxError("FtjaxLM.from_params with a tokenizers.Tokenizer needs eos_token_id=...; "
+                                 "or pass the model directory as the tokenizer")
+            tok = _DirTokenizer(tokenizer, eos_token_id, bos_token_id,
+                                tuple(eos_ids) if eos_ids is not None else (eos_token_id,), chat_template, {})
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        self._setup(params, cfg, tok, batch_size, max_length, max_gen_toks, name=name)
+        return self
+
+    def _setup(self, params, cfg, tok: _DirTokenizer, batch_size, max_length, max_gen_toks, *, name: str) -> None:
+        self.params, self.cfg, self.tok, self._name = params, cfg, tok, name
+        if batch_size == "auto":
+            raise FtjaxError("batch_size 'auto' is not supported by the ftjax backend; give a number, e.g. 8")
+        self._batch_size = _int_arg(batch_size, "batch_size")
+        self._max_length = _int_arg(max_length or cfg.max_position_embeddings or DEFAULT_MAX_LENGTH, "max_length")
+        self._max_gen_toks = _int_arg(max_gen_toks, "max_gen_toks")
+
+    # ----------------------------------------------------------------------------------------- harness properties
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._name.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tok.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered with the model's chat template, as the hf backend renders it: with the
+        generation prompt, or else ending inside the final message (transformers' continue_final_message); a
+        template that refuses the conversation is retried without system messages."""
+        if self.tok.chat_template is None:
+            raise FtjaxError(f"{self._name} has no chat template; drop apply_chat_template / --apply-chat-template")
+        try:
+            return self._render_chat(chat_history, add_generation_prompt)
+        except FtjaxError:
+            if not any(m.get("role") == "system" for m in chat_history):
+                raise
+            return self._render_chat([m for m in chat_history if m.get("role") != "system"], add_generation_prompt)
+
+    def _render_chat(self, chat_history: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        from ftjax.chat import render_chat
+
+        messages = [dict(m) for m in chat_history]
+        if not add_generation_prompt and messages:
+            messages[-1]["content"] = messages[-1]["content"] + _CONTINUE_TAG
+        text = render_chat(self.tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special=self.tok.special)
+        if add_generation_prompt:
+            return text
+        loc = text.rfind(_CONTINUE_TAG.strip())
+        if loc < 0:
+            raise FtjaxError(f"{self._name}: the chat template drops the final message, so it cannot be continued")
+        return text[:loc] if text[loc:loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:loc].rstrip()
+
+    # --------------------------------------------------------------------------------------------- tokenization
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs: Any) -> list[int]:
+        """Token ids; special tokens (BOS) added unless asked not to or the text starts with the prefix token."""
+        if add_special_tokens is None:
+            add_special_tokens = not string.startswith(self.tok.token_text(self.prefix_token_id))
+        ids = self.tok.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            tokens = [t for t in tokens if t not in self.tok.special_ids]
+        return self.tok.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------------------------------------- requests
+    def _score(self, pairs, desc: str, disable: bool) -> list[tuple[float, bool]]:
+        bar, update = _progress_bar(len(pairs), desc, disable or self.rank != 0)
+        try:
+            return score_continuations(self.params, self.cfg, pairs, max_length=self.max_length,
+                                       batch_size=self.batch_size, progress=update)
+        finally:
+            bar.close()
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) or None, context ids, continuation ids) from TemplateLM."""
+        out = self._score([(ctx, cont) for _, ctx, cont in requests], "Running loglikelihood requests", disable_tqdm)
+        for (key, _, _), answer in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Full-text log-likelihood (nats) of each request's string over disjoint max_length windows."""
+        windows, owner = [], []
+        for k, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((ctx, cont))
+                owner.append(k)
+        scores = self._score(windows, "Running loglikelihood_rolling windows", disable_tqdm) if windows else []
+        totals = [0.0] * len(requests)
+        for k, (logp, _) in zip(owner, scores):
+            totals[k] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Generated continuations, cut at the first stop string (`until`, plus the EOS text), as the hf backend."""
+        from ftjax.generate import generate_ids
+
+        groups: dict[int, list[int]] = {}
+        kwargs_of: list[dict] = []
+        for i, req in enumerate(requests):
+            kw = req.args[1]
+            j = next((j for j, seen in enumerate(kwargs_of) if seen == kw), None)
+            if j is None:
+                j = len(kwargs_of)
+                kwargs_of.append(kw)
+            groups.setdefault(j, []).append(i)
+        out: list[str] = [""] * len(requests)
+        bar, update = _progress_bar(len(requests), "Running generate_until requests", disable_tqdm or self.rank != 0)
+        eos_text = self.tok.token_text(self.eot_token_id)
+        try:
+            for j, members in groups.items():
+                until, max_gen_toks, temperature, top_p = self._generation_settings(kwargs_of[j], eos_text)
+                max_ctx = self.max_length - max_gen_toks
+                if max_ctx < 1:
+                    raise FtjaxError(f"max_gen_toks {max_gen_toks} leaves no room for the prompt in max_length "
+                                     f"{self.max_length}; raise max_length or lower max_gen_toks")
+                prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx) for i in members]
+                completions = generate_ids(self.params, self.cfg, prompts, max_new_tokens=max_gen_toks,
+                                           eos_ids=self.tok.eos_ids, temperature=temperature, top_p=top_p,
+                                           batch_size=self.batch_size)
+                for i, completion in zip(members, completions):
+                    text = postprocess_generated_text(self.tok_decode(completion.tokens), until, None)
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                update(len(members), sum(len(c.tokens) for c in completions))
+        finally:
+            bar.close()
+        return out
+
+    def _generation_settings(self, gen_kwargs: dict, eos_text: str) -> tuple[list[str], int, float, float]:
+        """(stop strings, max_gen_toks, temperature (0 = greedy), top_p) of a request's gen_kwargs; anything else
+        is refused by name."""
+        if not isinstance(gen_kwargs, dict):
+            raise FtjaxError(f"generate_until: gen_kwargs must be a dict, got {type(gen_kwargs).__name__}")
+        kw = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kw.pop("until", None), eos=eos_text)
+        max_gen_toks = _int_arg(kw.pop("max_gen_toks"), "max_gen_toks")
+        do_sample = bool(kw.pop("do_sample", False))
+        temperature = float(kw.pop("temperature", 0.0) or 0.0)
+        temperature = temperature if do_sample else 0.0
+        top_p = float(kw.pop("top_p", 1.0))
+        if kw:
+            raise FtjaxError(f"generate_until: the ftjax backend does not support {', '.join(sorted(kw))} "
+                             "(it supports until, max_gen_toks, do_sample, temperature, top_p)")
+        return until, max_gen_toks, temperature, top_p
+
+
+class _DirTokenizer:
+    """A `tokenizers.Tokenizer` with what the harness needs: EOS/BOS ids, generation stop ids, special-token ids
+    (skipped when decoding, as transformers does) and the chat template."""
+
+    def __init__(self, tokenizer: Any, eos_id: int, bos_id: int | None, eos_ids: tuple[int, ...],
+                 chat_template: str | None, special: dict[str, str]) -> None:
+        self.tokenizer, self.eos_id, self.bos_id, self.eos_ids = tokenizer, eos_id, bos_id, eos_ids
+        self.chat_template, self.special = chat_template, special
+        ids = {tokenizer.token_to_id(text) for text in special.values()}
+        self.special_ids = frozenset(i for i in ids | set(eos_ids) | {eos_id} if i is not None)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @classmethod
+    def load(cls, model_dir: Path) -> _DirTokenizer:
+        """tokenizer.json, the named special tokens of tokenizer_config.json and generation_config.json's EOS ids."""
+        from ftjax.chat import load_chat_template, special_tokens
+        from ftjax.config import read_config
+        from ftjax.data import load_tokenizer
+        from ftjax.generate import eos_token_ids
+        from ftjax.io.checkpoint import HFCheckpoint
+
+        tokenizer = load_tokenizer(model_dir)
+        special = special_tokens(model_dir)
+        meta = read_config(HFCheckpoint(model_dir).config, source=str(model_dir / "config.json")).meta
+        eos_ids = eos_token_ids(model_dir, meta)
+
+        def named(key: str) -> int | None:
+            text = special.get(key)
+            return None if text is None else tokenizer.token_to_id(text)
+
+        eos = named("eos_token")
+        eos = eos if eos is not None else (eos_ids[0] if eos_ids else None)
+        if eos is None:
+            raise FtjaxError(f"{model_dir}: no eos_token in tokenizer_config.json and no eos_token_id in "
+                             "generation_config.json / config.json; add one")
+        return cls(tokenizer, eos, named("bos_token"), eos_ids or (eos,), load_chat_template(model_dir), special)
+
+
+# ------------------------------------------------------------------------------------------------ running tasks
+def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
+                   limit: float | None = None, num_fewshot: int | None = None, seed: int = 0) -> dict:
+    """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
+
+    limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
+    harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
+    Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FtjaxError(f"--include-path {include_path} is not a directory of task YAML files")
+    if not tasks:
+        raise FtjaxError("--tasks names no task; give e.g. --tasks hellaswag,arc_easy")
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        where = f" or under {include_path}" if include_path is not None else "; pass --include-path DIR for your own"
+        raise FtjaxError(f"unknown task {', '.join(unknown)}: not a harness task{where} (the names are the YAMLs' "
+                         "`task:` fields)")
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                   num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def results_table(results: dict) -> str:
+    """The harness's markdown results table (lm_eval.utils.make_table), plus the groups table if there are groups."""
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+
+
+def results_json(results: dict) -> str:
+    """The result dict as indented JSON, non-JSON values as the harness writes them (handle_non_serializable)."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False) + "\n"
