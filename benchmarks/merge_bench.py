@@ -1,14 +1,16 @@
 """Benchmark: `ftjax merge` vs mergekit vs the I/O floor on 1.1B-param bf16 Llama checkpoints (warm page cache).
 
     python benchmarks/merge_bench.py [--small] [--dir /tmp/ftjax_bench] [--mergekit-yaml PATH] [--repeats 1]
+                                     [--methods ties,dare_ties,task_arithmetic,slerp,model_stock]
 
 The models of benchmarks/transfer_bench.py (made there if missing): base = its base_s, the two merged models its
 ft_s (base + N(0, 1e-3)) and base_t (an independent random model). Methods, each from one config given to both
 tools (bf16, mergekit's default flags): ties (density 0.5), dare_ties (density 0.5), task_arithmetic, slerp
-(t 0.5). Every run is a subprocess; rows interleave so background load hits all alike. Peak anonymous RSS sampled
-as in transfer_bench. I/O floor: read the three inputs once, write one output, fsync. Passes: ties reads its
-inputs three times (two radix-select passes, the write), slerp twice (a Gram pass, the write);
-task_arithmetic once (dare_ties twice: its L1 rescale needs the norms of the kept and the whole deltas first).
+(t 0.5), model_stock (`--methods` picks a subset). Every run is a subprocess; rows interleave so background load
+hits all alike. Peak anonymous RSS sampled as in transfer_bench. I/O floor: read the three inputs once, write one
+output, fsync. Passes: ties reads its inputs three times (two radix-select passes, the write), slerp twice (a
+Gram pass, the write); task_arithmetic once (dare_ties twice: its L1 rescale needs the norms of the kept and the
+whole deltas first), model_stock twice (a Gram pass for the cosines, the write).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ METHODS = {
     "dare_ties": ({"weight": 0.5, "density": 0.5}, {}, 2),
     "task_arithmetic": ({"weight": 0.5}, {}, 1),
     "slerp": (None, {"t": 0.5}, 2),
+    "model_stock": (None, {}, 2),
 }
 
 
@@ -40,6 +43,9 @@ def config(method: str, base: str, models: list[str]) -> dict:
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": base, "models": [{"model": models[0]}], "parameters": top,
                 "dtype": "bfloat16"}
+    if per is None:  # no per-model parameters (model_stock)
+        return {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+                "models": [{"model": m} for m in models]}
     return {"merge_method": method, "base_model": base, "dtype": "bfloat16",
             "models": [{"model": m, "parameters": per} for m in models]}
 
@@ -50,7 +56,12 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/ftjax_bench")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--mergekit-yaml", default=shutil.which("mergekit-yaml"))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     root = Path(args.dir) / ("small" if args.small else "full")
     root.mkdir(parents=True, exist_ok=True)
     b, f, t = (str(p) for p in make_models(root, SMALL if args.small else FULL))
@@ -65,7 +76,7 @@ def main() -> None:
     floor_cmd = [sys.executable, "-c", "WRITE_BEHIND = False\n" + IO_FLOOR,
                  *map(str, shards[b] + shards[f] + shards[t]), str(root / "floor.bin")]
     runs: dict[str, list[str]] = {"I/O floor": floor_cmd}
-    for method in METHODS:
+    for method in methods:
         y = root / f"{method}.yml"
         y.write_text(json.dumps(config(method, b, [f, t])))  # JSON is YAML
         runs[f"ftjax {method}"] = [sys.executable, "-m", "ftjax.cli", "merge", str(y), "--out", str(out), "--quiet"]
@@ -88,7 +99,8 @@ def main() -> None:
     print("| method | ftjax s | mergekit s (+ sync) | mergekit / ftjax (with its sync) | ftjax / I/O floor "
           "| passes | ftjax peak anon RSS MB | mergekit peak anon RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for method, (_, _, passes) in METHODS.items():
+    for method in methods:
+        passes = METHODS[method][2]
         fj, mk = f"ftjax {method}", f"mergekit {method}"
         mk_s = f"{med[mk]:.1f} (+{medw[mk] - med[mk]:.1f})" if mk in med else "-"
         ratio = f"{medw[mk] / med[fj]:.1f}x" if mk in med else "-"
