@@ -12,7 +12,7 @@ The public API, imported lazily (so `ftjax --help` does not start JAX):
     Evaluation    evaluate_loss, generate_ids, evaluate_generation, render_chat
     Connectivity  scan, scan_along_diff, plane, barriers, diff_stats
     Training      TrainConfig, finetune, recycle
-    Learned alpha fit_alpha (the module `ftjax.fit_alpha`, callable as its function `fit_alpha.fit_alpha`)
+    Learned alpha ftjax.fit_alpha.fit_alpha (per-group α by gradient; the module keeps its name, as transfer and merge)
     Errors        FtjaxError
 """
 
@@ -68,7 +68,7 @@ _SUBMODULES = {"transfer", "treeops", "params", "model", "config", "evaluate", "
                "train", "recycle", "generate", "chat", "convert", "io", "demo", "streaming", "merge", "lora",
                "lora_extract", "fit_alpha"}
 
-__all__ = ["FtjaxError", "__version__", *_API, "fit_alpha"]
+__all__ = ["FtjaxError", "__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:

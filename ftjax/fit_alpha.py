@@ -29,8 +29,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
-import types
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -334,12 +332,3 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
     write_json(out / "alpha.json", result)
     return result
 
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as `fit_alpha` (the package exposes the module under the function's name)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return fit_alpha(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
