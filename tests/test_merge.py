@@ -313,6 +313,25 @@ def test_dare_masks_do_not_depend_on_chunks_shards_or_tensor_order(models, tmp_p
     assert json.loads((tmp_path / "s" / "ftjax_merge.json").read_text())["seed"] == 1
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_sign_vote_of_decimal_weights_cancelling_exactly_elects_plus(method):
+    """mergekit's election: Σ wᵢ·δᵢ >= 0 elects +. With weights 0.6 and 0.4, deltas with 3·δ₀ = −2·δ₁ cancel exactly
+    (bf16 checkpoints hold such pairs in every tensor); float64's 0.6 and 0.4 leave a residue of the wrong sign when
+    δ₀ > 0, which elected − (mergekit elects +). Density 1: no trimming, so this is the sign election alone."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    d0 = np.array([[29 / 1024, -29 / 1024, 0.01, -0.02]])
+    b = np.zeros((1, 4), BF16)
+    xs = [d0.astype(BF16), (-1.5 * d0 + np.array([[0, 0, 0.03, -0.01]])).astype(BF16)]
+    assert np.all(3 * xs[0].astype(np.float64)[0, :2] == -2 * xs[1].astype(np.float64)[0, :2])  # exact ties
+    w = [0.6, 0.4]
+    got = _get(merge_params(method, {name: b}, [{"params": {name: x}, "weight": wi, "density": 1.0}
+                                                for x, wi in zip(xs, w)]), name)
+    want = R.ties(b, xs, w, [1.0, 1.0], normalize=method == "ties")
+    np.testing.assert_array_equal(bits(got), bits(round_f64(want, BF16)))
+    kept = 29 / 1024 if method == "ties" else 0.6 * 29 / 1024  # the tie keeps δ₀ (+), not δ₁ (−)
+    assert float(got[0, 0]) == float(np.float64(kept).astype(BF16))
+
+
 def test_dare_keeps_a_density_share_rescaled_by_exactly_one_over_density():
     """dare_linear, one model, weight 1, the papers' rescale: kept elements are B + δ/p rounded once, dropped ones B;
     the kept share is within binomial noise of p."""
