@@ -143,7 +143,7 @@ def test_float32_output_is_one_rounding_of_the_float64_formula(models, tmp_path)
 # --- the slerp family: stated error bounds ------------------------------------------------------------------------
 
 
-def test_slerp_karcher_model_stock_error_bound(models, tmp_path):
+def test_slerp_karcher_model_stock_nuslerp_multislerp_error_bound(models, tmp_path):
     """The bound ftjax states for the Gram-based methods: coefficients from float32 dot products (pairwise, then an
     exact sum) solved in float64, the combination exact, one rounding: |out - ref| <= half an ulp of the output
     dtype + 2^-20 * sum_i |x_i| elementwise (ref: the float64 formula). In bf16 nearly every element is the float64
@@ -159,6 +159,17 @@ def test_slerp_karcher_model_stock_error_bound(models, tmp_path):
         "model_stock": ({"merge_method": "model_stock", "base_model": str(base),
                          "models": [{"model": str(m)} for m in ms]}, lambda n: R.model_stock(b[n], [x[n] for x in xs]),
                         lambda n: [b[n], *(x[n] for x in xs)]),
+        "nuslerp": ({"merge_method": "nuslerp", "models": [{"model": str(m), "parameters": {"weight": w}}
+                                                           for m, w in zip(ms, [0.6, 0.4])]},
+                    lambda n: R.nuslerp([xs[0][n], xs[1][n]], [0.6, 0.4]), lambda n: [xs[0][n], xs[1][n]]),
+        "nuslerp_row_wise": ({"merge_method": "nuslerp", "base_model": str(base),
+                              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(ms, [0.6, 0.4])],
+                              "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+                             lambda n: R.nuslerp([xs[0][n], xs[1][n]], [0.6, 0.4], b[n], flatten=False, row_wise=True),
+                             lambda n: [b[n], xs[0][n], xs[1][n]]),
+        "multislerp": ({"merge_method": "multislerp", "models": [{"model": str(m), "parameters": {"weight": w}}
+                                                                 for m, w in zip(ms, [0.5, 0.3, 0.2])]},
+                       lambda n: R.multislerp([x[n] for x in xs], [0.5, 0.3, 0.2]), lambda n: [x[n] for x in xs]),
     }
     for method, (cfg, ref, terms) in cases.items():
         for dtype in ("bfloat16", "float32"):
