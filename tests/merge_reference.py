@@ -37,12 +37,15 @@ def topk_mask(d, density):
     return (np.abs(d.astype(np.float32)) >= thr)
 
 
+TIE = 2.0**-40  # a vote this close to zero (relative to Σ|vᵢ|) is the decimal weights' exact tie: elected +1
+
+
 def ties(base, xs, w, density, normalize=True, lam=1.0, weighted_election=True):
     b = f64(base)
     taus = [(f64(x) - b) * topk_mask(f64(x) - b, dens) for x, dens in zip(xs, density)]
     wt = [wi * t for wi, t in zip(w, taus)]
     votes = wt if weighted_election else taus
-    elected = np.where(sum(votes) >= 0, 1.0, -1.0)
+    elected = np.where(sum(votes) >= -TIE * sum(np.abs(v) for v in votes), 1.0, -1.0)
     agree = [(np.sign(v) == elected) & (t != 0) for v, t in zip(votes, taus)]
     mixed = sum(np.where(a, x, 0.0) for a, x in zip(agree, wt))
     if normalize:
@@ -116,3 +119,49 @@ def ambiguous(want_f64, scale, dtype, rel: float = 2.0**-40) -> np.ndarray:
     down = np.nextafter(lo.astype(dtype), np.asarray(-np.inf, dtype)).astype(np.float64)
     near = np.minimum(np.abs(want_f64 - (lo + up) / 2), np.abs(want_f64 - (lo + down) / 2))
     return near <= rel * np.asarray(scale, np.float64)
+
+
+def nuslerp(xs, w, base=None, flatten=True, row_wise=False):
+    """mergekit's nuslerp of two inputs (or of their deltas from `base`) at t = w₁/(w₀ + w₁): over the whole tensor,
+    per row, or per column (row_wise); unit vectors with norms clamped at 1e-7; lerp where 1 − cos² <= 1e-16."""
+    t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    b = None if base is None else f64(base)
+    v0, v1 = [f64(x) - (0.0 if b is None else b) for x in xs]
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif v0.ndim < 2:
+        v0, v1 = v0[None], v1[None]
+    elif row_wise:
+        v0, v1 = v0.T, v1.T
+    unit = lambda v: v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-7)
+    cos = np.clip(np.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1, 1)
+    lin = (1 - cos**2) <= 1e-16
+    th = np.arccos(np.where(lin, 0.0, cos))
+    s = np.where(lin, 1.0, np.sin(th))
+    out = np.where(lin, (1 - t) * v0 + t * v1, (np.sin((1 - t) * th) * v0 + np.sin(t * th) * v1) / s)
+    out = (out.T if row_wise and not flatten and len(shape) >= 2 else out).reshape(shape)
+    return out if b is None else b + out
+
+
+def multislerp(xs, w, base=None, eps=1e-8):
+    """mergekit's multislerp (weights normalised), its tangent-space step included."""
+    b = None if base is None else f64(base)
+    vs = np.stack([(f64(x) - (0.0 if b is None else b)).reshape(-1) for x in xs])
+    w = np.asarray(w, np.float64) / np.sum(w)
+    norms = np.linalg.norm(vs, axis=-1, keepdims=True)
+    units = vs / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / np.linalg.norm(mean)
+    tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    tn = np.linalg.norm(tangent) + eps
+    out = (mean * math.cos(tn) + tangent * (math.sin(tn) / tn)) * float(norms[:, 0] @ w)
+    out = out.reshape(np.shape(xs[0]))
+    return out if b is None else b + out
+
+
+def nearswap(base, x, t):
+    """mergekit's nearswap: w·M + (1 − w)·B, w = clamp(t / max(|M − B|, 1e-6), 0, 1) per element."""
+    b, m = f64(base), f64(x)
+    w = np.clip(t / np.maximum(np.abs(m - b), 1e-6), 0, 1)
+    return w * m + (1 - w) * b

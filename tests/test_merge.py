@@ -143,7 +143,7 @@ def test_float32_output_is_one_rounding_of_the_float64_formula(models, tmp_path)
 # --- the slerp family: stated error bounds ------------------------------------------------------------------------
 
 
-def test_slerp_karcher_model_stock_error_bound(models, tmp_path):
+def test_slerp_karcher_model_stock_nuslerp_multislerp_error_bound(models, tmp_path):
     """The bound ftjax states for the Gram-based methods: coefficients from float32 dot products (pairwise, then an
     exact sum) solved in float64, the combination exact, one rounding: |out - ref| <= half an ulp of the output
     dtype + 2^-20 * sum_i |x_i| elementwise (ref: the float64 formula). In bf16 nearly every element is the float64
@@ -159,6 +159,17 @@ def test_slerp_karcher_model_stock_error_bound(models, tmp_path):
         "model_stock": ({"merge_method": "model_stock", "base_model": str(base),
                          "models": [{"model": str(m)} for m in ms]}, lambda n: R.model_stock(b[n], [x[n] for x in xs]),
                         lambda n: [b[n], *(x[n] for x in xs)]),
+        "nuslerp": ({"merge_method": "nuslerp", "models": [{"model": str(m), "parameters": {"weight": w}}
+                                                           for m, w in zip(ms, [0.6, 0.4])]},
+                    lambda n: R.nuslerp([xs[0][n], xs[1][n]], [0.6, 0.4]), lambda n: [xs[0][n], xs[1][n]]),
+        "nuslerp_row_wise": ({"merge_method": "nuslerp", "base_model": str(base),
+                              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(ms, [0.6, 0.4])],
+                              "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+                             lambda n: R.nuslerp([xs[0][n], xs[1][n]], [0.6, 0.4], b[n], flatten=False, row_wise=True),
+                             lambda n: [b[n], xs[0][n], xs[1][n]]),
+        "multislerp": ({"merge_method": "multislerp", "models": [{"model": str(m), "parameters": {"weight": w}}
+                                                                 for m, w in zip(ms, [0.5, 0.3, 0.2])]},
+                       lambda n: R.multislerp([x[n] for x in xs], [0.5, 0.3, 0.2]), lambda n: [x[n] for x in xs]),
     }
     for method, (cfg, ref, terms) in cases.items():
         for dtype in ("bfloat16", "float32"):
@@ -311,6 +322,25 @@ def test_dare_masks_do_not_depend_on_chunks_shards_or_tensor_order(models, tmp_p
     s = _tensors(tmp_path / "s")
     assert any(not np.array_equal(bits(a[n]), bits(s[n])) for n in a)
     assert json.loads((tmp_path / "s" / "ftjax_merge.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_sign_vote_of_decimal_weights_cancelling_exactly_elects_plus(method):
+    """mergekit's election: Σ wᵢ·δᵢ >= 0 elects +. With weights 0.6 and 0.4, deltas with 3·δ₀ = −2·δ₁ cancel exactly
+    (bf16 checkpoints hold such pairs in every tensor); float64's 0.6 and 0.4 leave a residue of the wrong sign when
+    δ₀ > 0, which elected − (mergekit elects +). Density 1: no trimming, so this is the sign election alone."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    d0 = np.array([[29 / 1024, -29 / 1024, 0.01, -0.02]])
+    b = np.zeros((1, 4), BF16)
+    xs = [d0.astype(BF16), (-1.5 * d0 + np.array([[0, 0, 0.03, -0.01]])).astype(BF16)]
+    assert np.all(3 * xs[0].astype(np.float64)[0, :2] == -2 * xs[1].astype(np.float64)[0, :2])  # exact ties
+    w = [0.6, 0.4]
+    got = _get(merge_params(method, {name: b}, [{"params": {name: x}, "weight": wi, "density": 1.0}
+                                                for x, wi in zip(xs, w)]), name)
+    want = R.ties(b, xs, w, [1.0, 1.0], normalize=method == "ties")
+    np.testing.assert_array_equal(bits(got), bits(round_f64(want, BF16)))
+    kept = 29 / 1024 if method == "ties" else 0.6 * 29 / 1024  # the tie keeps δ₀ (+), not δ₁ (−)
+    assert float(got[0, 0]) == float(np.float64(kept).astype(BF16))
 
 
 def test_dare_keeps_a_density_share_rescaled_by_exactly_one_over_density():

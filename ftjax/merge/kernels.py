@@ -148,6 +148,13 @@ def della_probability(mag: jax.Array, density: jax.Array, epsilon: jax.Array, wi
     return jnp.concatenate([p, jnp.full((n - rows * width,), density, jnp.float32)]) if rows * width < n else p
 
 
+# A sign vote Σ wᵢ·δᵢ within TIE·Σ|wᵢ·δᵢ| of zero is a tie, elected +1 (mergekit's `>= 0`): the config's decimal
+# weights (0.6, 0.4) cancel exactly on deltas like 3·δ₀ = −2·δ₁, which bf16 checkpoints hold often, but their float64
+# approximations leave a residue of ~2^-54 whose sign is an artifact (mergekit's float32 products round to equal
+# numbers and elect +1). 2^-40 lies above the pair arithmetic's error (~2^-44) and far below any real vote.
+TIE = 2.0**-40
+
+
 def gta_kernel(*xs, spec: GtaSpec):
     """The write kernel. xs = (B?, M_1..M_n, D_1..D_k, w_hi, w_lo, dens, thr_lo, thr_hi, r_hi, r_lo, keys, lam, div,
     idx_hi, idx_lo): per-model float32 [n] arrays, keys uint32 [n, 3], lam float32 [2] (hi, lo); div: the
@@ -171,10 +178,10 @@ def gta_kernel(*xs, spec: GtaSpec):
     zero = jnp.zeros_like(weighted[0][0])
     if spec.consensus:
         votes = weighted if spec.sign_election == "weighted" else tau
-        total = (zero, zero)
+        total, size = (zero, zero), zero
         for v in votes:
-            total = dd_add(total, v)
-        elected = jnp.where(total[0] >= 0, 1.0, -1.0)
+            total, size = dd_add(total, v), size + jnp.abs(v[0])
+        elected = jnp.where(total[0] >= -TIE * size, 1.0, -1.0)
         mixed, den, agrees = (zero, zero), (zero, zero), []
         for i, (wv, t) in enumerate(zip(weighted, tau)):
             agree = (jnp.sign(wv[0] if spec.sign_election == "weighted" else t[0]) == elected) & (t[0] != 0)
