@@ -26,6 +26,7 @@ as per-tensor `alpha_for` rules (`alpha_rules`), so it is reproducible from alph
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -137,16 +138,8 @@ class Problem:
 
     def merged(self, alpha_dg: jax.Array, target=None, deltas=None, extras=None) -> dict:
         """theta(alpha) as the nested float32 param tree (the frozen trees may be passed in, e.g. as jit args)."""
-        target, deltas = target or self.target, deltas or self.deltas
-        extras = self.extras if extras is None else extras
-        flat = {}
-        for name, x in target.items():
-            y = x
-            for d, delta in enumerate(deltas):
-                if name in delta:
-                    y = y + alpha_dg[d, self.index[name]] * delta[name]
-            flat[name] = jnp.concatenate([y, extras[name]]) if name in extras else y
-        return nest(flat)
+        return _merged(alpha_dg, target or self.target, deltas or self.deltas,
+                       self.extras if extras is None else extras, self.index)
 
 
 def _f32(x: Any) -> jax.Array:
@@ -214,21 +207,61 @@ def entropy_sums(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, segments_b
     return jnp.sum(jnp.where(real_bt, h_bt, 0.0)), jnp.sum(real_bt).astype(jnp.float32)
 
 
+def _merged(alpha_dg: jax.Array, target: dict, deltas: Sequence[dict], extras: dict, index: Mapping[str, int]) -> dict:
+    """theta(alpha) = target + sum_d alpha[d, group] * delta_d per tensor (extras appended), nested."""
+    flat = {}
+    for name, x in target.items():
+        y = x
+        for d, delta in enumerate(deltas):
+            if name in delta:
+                y = y + alpha_dg[d, index[name]] * delta[name]
+        flat[name] = jnp.concatenate([y, extras[name]]) if name in extras else y
+    return nest(flat)
+
+
 def loss_fn(problem: Problem, objective: str = "loss") -> Callable[..., jax.Array]:
     """(alpha_dg, target, deltas, extras, batch) -> the objective (nats, f32 scalar) of the batch (tokens, segments,
     positions, weights; each [B, T]) under theta(alpha): `loss` the mean weighted next-token NLL, `entropy` the mean
     prediction entropy over real tokens. Differentiate in argument 0 only."""
-    from ftjax.train import loss_sums
-
     if objective not in OBJECTIVES:
         raise FtjaxError(f"unknown --objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    return _loss(_static(problem), objective)
+
+
+def _static(problem: Problem) -> tuple:
+    """What the compiled objective depends on beyond its array arguments: the group of each tensor and the config."""
+    return tuple((n, int(g)) for n, g in problem.index.items()), problem.cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _loss(static: tuple, objective: str) -> Callable[..., jax.Array]:
+    """One objective function per (tensor groups, config, objective), so repeated fits reuse one compilation."""
+    from ftjax.train import loss_sums
+
+    index_items, cfg = static
+    index = dict(index_items)
     sums = loss_sums if objective == "loss" else entropy_sums
 
     def loss(alpha_dg, target, deltas, extras, batch):
-        total, count = sums(problem.merged(alpha_dg, target, deltas, extras), problem.cfg, *batch)
+        total, count = sums(_merged(alpha_dg, target, deltas, extras, index), cfg, *batch)
         return total / jnp.maximum(count, 1.0)
 
     return loss
+
+
+@functools.lru_cache(maxsize=32)
+def _step(static: tuple, objective: str, lr: float, lo: float, hi: float) -> Callable:
+    """The jitted adam step on alpha (alpha clipped into [lo, hi]), one per settings: built once, compiled once."""
+    opt = optax.adam(lr)
+    grad = jax.value_and_grad(_loss(static, objective))
+
+    @jax.jit
+    def step(alpha_dg, opt_state, target, deltas, extras, batch):
+        loss, g = grad(alpha_dg, target, deltas, extras, batch)
+        updates, opt_state = opt.update(g, opt_state, alpha_dg)
+        return jnp.clip(optax.apply_updates(alpha_dg, updates), lo, hi), opt_state, loss
+
+    return step, opt
 
 
 def _calibration_rows(examples: Sequence[Example], max_len: int):
@@ -263,14 +296,8 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     bs = n_rows if batch_size is None else batch_size
     if bs < 1:
         raise FtjaxError(f"--batch-size must be >= 1, got {bs}")
-    opt = optax.adam(lr)
-    grad = jax.value_and_grad(loss_fn(problem, objective))
-
-    @jax.jit
-    def step(alpha_dg, opt_state, target, deltas, extras, batch):
-        loss, g = grad(alpha_dg, target, deltas, extras, batch)
-        updates, opt_state = opt.update(g, opt_state, alpha_dg)
-        return jnp.clip(optax.apply_updates(alpha_dg, updates), lo, hi), opt_state, loss
+    loss_fn(problem, objective)  # checks the objective's name
+    step, opt = _step(_static(problem), objective, float(lr), float(lo), float(hi))
 
     alpha = jnp.full(problem.shape, init, jnp.float32)
     opt_state = opt.init(alpha)
