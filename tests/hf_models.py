@@ -93,3 +93,20 @@ def lm_rows(n: int = 24, seed: int = 0) -> list[dict]:
 
     rng = np.random.default_rng(seed)
     return [{"input_ids": rng.integers(3, 128, rng.integers(6, 30)).tolist()} for _ in range(n)]
+
+
+def write_yaml(tmp: Path, data: dict, name: str = "merge.yml") -> Path:
+    """`data` as a YAML file `tmp/name` (a mergekit config)."""
+    import yaml
+
+    p = tmp / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """Every tensor of the checkpoint at `path`, by name (stored dtype)."""
+    from ftjax.io.checkpoint import HFCheckpoint
+
+    ck = HFCheckpoint(path)
+    return {n: ck.get(n) for n in ck.names()}

@@ -64,6 +64,21 @@ def peft_model(base, adapter):
     return peft.PeftModel.from_pretrained(model, adapter)
 
 
+def assert_forward_equals_ft(pm, ft, ids) -> None:
+    """PEFT's forward with the adapter gives the fine-tuned model's logits (1e-4 relative)."""
+    ft_model = transformers.AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32)
+    with torch.no_grad():
+        got, want = pm(input_ids=torch.tensor([ids])).logits, ft_model(input_ids=torch.tensor([ids])).logits
+    assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
+
+
+def assert_merge_equals_ft(pm, f) -> None:
+    """PEFT's merge_and_unload() gives the fine-tuned tensors `f` ({name: array}, 1e-5 relative)."""
+    merged = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    for name, w in f.items():
+        assert np.max(np.abs(merged[name] - w)) <= 1e-5 * max(np.max(np.abs(w)), 1.0), name
+
+
 def test_rank_r_delta_reproduced_and_peft_merge_equals_ft(base, ft, tmp_path):
     rep = extract_lora(base, ft, tmp_path / "ad", rank=RANK, progress=False)
     assert len(rep.modules) == 2 * len(TARGETS) and all(m["rank"] == RANK for m in rep.modules)
@@ -81,14 +96,8 @@ def test_rank_r_delta_reproduced_and_peft_merge_equals_ft(base, ft, tmp_path):
         assert np.max(np.abs(loaded.delta(m) - want)) <= 1e-5 * np.max(np.abs(want)), name
     # PEFT: load, merge -> the fine-tuned weights; forward with the adapter -> the ft model's logits
     pm = peft_model(base, tmp_path / "ad")
-    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 17]])
-    ft_model = transformers.AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32)
-    with torch.no_grad():
-        got, want = pm(input_ids=ids).logits, ft_model(input_ids=ids).logits
-    assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
-    merged = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
-    for name, w in f.items():
-        assert np.max(np.abs(merged[name] - w)) <= 1e-5 * max(np.max(np.abs(w)), 1.0), name
+    assert_forward_equals_ft(pm, ft, [1, 5, 9, 33, 70, 2, 101, 17])
+    assert_merge_equals_ft(pm, f)
 
 
 def test_randomized_svd_path(base, ft, tmp_path, monkeypatch):
@@ -115,10 +124,7 @@ def test_energy_gives_per_module_ranks(base, tmp_path):
     pm = peft_model(base, tmp_path / "ad")
     assert pm.base_model.model.model.layers[1].self_attn.v_proj.r["default"] == 5
     assert pm.base_model.model.model.layers[1].self_attn.q_proj.r["default"] == 2
-    merged = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
-    f = tensors(ft)
-    for name, w in f.items():
-        assert np.max(np.abs(merged[name] - w)) <= 1e-5 * max(np.max(np.abs(w)), 1.0), name
+    assert_merge_equals_ft(pm, tensors(ft))
 
 
 def test_target_modules_and_diff_input(base, ft, tmp_path):
@@ -206,11 +212,7 @@ def test_tied_embedding_saved_for_lm_head_too(tmp_path):
     assert rep.whole == ["model.embed_tokens", "lm_head"]
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["ensure_weight_tying"] is True
-    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
-    ft_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32)
-    with torch.no_grad():
-        got, want = peft_model(base, tmp_path / "ad")(input_ids=ids).logits, ft_model(input_ids=ids).logits
-    assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
+    assert_forward_equals_ft(peft_model(base, tmp_path / "ad"), tmp_path / "ft", [1, 5, 9, 33, 70, 2])
 
 
 def test_changed_biases_saved_with_bias_all(tmp_path):
@@ -223,11 +225,5 @@ def test_changed_biases_saved_with_bias_all(tmp_path):
     assert rep.biases == list(extra) and not any(n.endswith(".bias") for n in rep.left_out)
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["bias"] == "all"
     pm = peft_model(base, tmp_path / "ad")
-    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
-    ft_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32)
-    with torch.no_grad():
-        got, want = pm(input_ids=ids).logits, ft_model(input_ids=ids).logits
-    assert torch.max(torch.abs(got - want)) <= 1e-4 * torch.max(torch.abs(want))
-    merged = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
-    for name, w in f.items():
-        assert np.max(np.abs(merged[name] - w)) <= 1e-5 * max(np.max(np.abs(w)), 1.0), name
+    assert_forward_equals_ft(pm, tmp_path / "ft", [1, 5, 9, 33, 70, 2])
+    assert_merge_equals_ft(pm, f)

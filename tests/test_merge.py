@@ -11,8 +11,7 @@ import merge_reference as R
 import ml_dtypes
 import numpy as np
 import pytest
-import yaml
-from hf_models import make_hf_model
+from hf_models import checkpoint_tensors, make_hf_model, write_yaml
 from reference import bits, exact_round, round_f64
 
 from ftjax.cli import main
@@ -43,15 +42,6 @@ def models(tmp_path_factory):
     return base, ms, d
 
 
-def _yaml(tmp: Path, data: dict, name: str = "merge.yml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
-
-
-def _tensors(path: Path) -> dict[str, np.ndarray]:
-    ck = HFCheckpoint(path)
-    return {n: ck.get(n) for n in ck.names()}
 
 
 # --- exactness: sums of products bit for bit ---------------------------------------------------------------------
@@ -66,8 +56,8 @@ def test_sum_of_products_equals_float64_reference_bit_for_bit(models, tmp_path, 
     entries = [{"model": str(m), "parameters": {"weight": w, **({"density": d} if method == "ties" else {})}}
                for m, w, d in zip(ms, DYADIC, dens)]
     cfg = {"merge_method": method, "models": entries, **({} if method == "linear" else {"base_model": str(base)})}
-    merge(_yaml(tmp_path, cfg), tmp_path / "out", progress=False)
-    out, b, xs = _tensors(tmp_path / "out"), _tensors(base), [_tensors(m) for m in ms]
+    merge(write_yaml(tmp_path, cfg), tmp_path / "out", progress=False)
+    out, b, xs = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(base), [checkpoint_tensors(m) for m in ms]
     assert sorted(out) == sorted(b)
     for n in b:
         ins = [x[n] for x in xs]
@@ -131,9 +121,9 @@ def test_general_weights_differ_from_float64_only_where_float64_cannot_decide(me
 def test_float32_output_is_one_rounding_of_the_float64_formula(models, tmp_path):
     base, ms, _ = models
     entries = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(ms, DYADIC)]
-    merge(_yaml(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base), "models": entries,
+    merge(write_yaml(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base), "models": entries,
                            "parameters": {"lambda": 0.5}, "dtype": "float32"}), tmp_path / "o", progress=False)
-    out, b, xs = _tensors(tmp_path / "o"), _tensors(base), [_tensors(m) for m in ms]
+    out, b, xs = checkpoint_tensors(tmp_path / "o"), checkpoint_tensors(base), [checkpoint_tensors(m) for m in ms]
     for n in b:
         want = R.task_arithmetic(b[n], [x[n] for x in xs], DYADIC, lam=0.5).astype(np.float32)
         assert out[n].dtype == np.float32
@@ -149,7 +139,7 @@ def test_slerp_karcher_model_stock_nuslerp_multislerp_error_bound(models, tmp_pa
     dtype + 2^-20 * sum_i |x_i| elementwise (ref: the float64 formula). In bf16 nearly every element is the float64
     reference rounded once."""
     base, ms, _ = models
-    b, xs = _tensors(base), [_tensors(m) for m in ms]
+    b, xs = checkpoint_tensors(base), [checkpoint_tensors(m) for m in ms]
     f = lambda x: np.asarray(x, np.float64)
     cases = {
         "slerp": ({"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(ms[0])}],
@@ -174,8 +164,8 @@ def test_slerp_karcher_model_stock_nuslerp_multislerp_error_bound(models, tmp_pa
     for method, (cfg, ref, terms) in cases.items():
         for dtype in ("bfloat16", "float32"):
             out = tmp_path / f"{method}-{dtype}"
-            merge(_yaml(tmp_path, {**cfg, "dtype": dtype}), out, progress=False)
-            got = _tensors(out)
+            merge(write_yaml(tmp_path, {**cfg, "dtype": dtype}), out, progress=False)
+            got = checkpoint_tensors(out)
             same = total = 0
             for n in b:
                 want = ref(n)
@@ -225,14 +215,14 @@ def _method_config(method: str, base: Path, ms: list[Path]) -> dict:
 def test_streaming_equals_in_memory_for_every_method(models, tmp_path, method):
     base, ms, _ = models
     cfg = _method_config(method, base, ms)
-    rc = main(["merge", str(_yaml(tmp_path, cfg)), "--out", str(tmp_path / "out"), "--quiet"])
+    rc = main(["merge", str(write_yaml(tmp_path, cfg)), "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 0
-    out = _tensors(tmp_path / "out")
+    out = checkpoint_tensors(tmp_path / "out")
     trees = {str(p): load_params(p, dtype=None)[1] for p in [base, *ms]}
     models_in = [{"params": trees[e["model"]], **e.get("parameters", {})} for e in cfg["models"]]
     mem = flatten(merge_params(method, trees[str(base)] if "base_model" in cfg else None, models_in,
                                **cfg.get("parameters", {})))
-    b = _tensors(base)
+    b = checkpoint_tensors(base)
     for n in b:
         np.testing.assert_array_equal(bits(out[n]), bits(np.asarray(mem[n])), err_msg=f"{method} {n}")
     if method not in ("passthrough",):  # a real merge: not a copy of an input
@@ -263,8 +253,8 @@ def test_transfer_is_task_arithmetic_with_delta_base_bit_for_bit(models, tmp_pat
                  "--alpha", "0.3", "--out", str(tmp_path / "t"), "--quiet"]) == 0
     cfg = {"merge_method": "task_arithmetic", "base_model": str(target),
            "models": [{"model": str(ms[0]), "delta_base": str(base), "parameters": {"weight": 0.3}}]}
-    assert main(["merge", str(_yaml(tmp_path, cfg)), "--out", str(tmp_path / "m"), "--quiet"]) == 0
-    a, m = _tensors(tmp_path / "t"), _tensors(tmp_path / "m")
+    assert main(["merge", str(write_yaml(tmp_path, cfg)), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    a, m = checkpoint_tensors(tmp_path / "t"), checkpoint_tensors(tmp_path / "m")
     assert sorted(a) == sorted(m)
     for n in a:
         np.testing.assert_array_equal(bits(a[n]), bits(m[n]), err_msg=n)
@@ -277,8 +267,8 @@ def test_two_diffs_from_two_source_versions_in_one_config(models, tmp_path):
     cfg = {"merge_method": "task_arithmetic", "base_model": str(target),
            "models": [{"model": str(ms[0]), "delta_base": str(base), "parameters": {"weight": 1.0}},
                       {"model": str(ms[2]), "delta_base": str(ms[1]), "parameters": {"weight": 0.5}}]}
-    merge(_yaml(tmp_path, cfg), tmp_path / "o", progress=False)
-    out, t, b, x = _tensors(tmp_path / "o"), _tensors(target), _tensors(base), [_tensors(m) for m in ms]
+    merge(write_yaml(tmp_path, cfg), tmp_path / "o", progress=False)
+    out, t, b, x = checkpoint_tensors(tmp_path / "o"), checkpoint_tensors(target), checkpoint_tensors(base), [checkpoint_tensors(m) for m in ms]
     for n in t:
         want = R.task_arithmetic(t[n], [x[0][n], x[2][n]], [1.0, 0.5], delta_bases=[b[n], x[1][n]])
         np.testing.assert_array_equal(bits(out[n]), bits(round_f64(want, BF16)), err_msg=n)
@@ -297,29 +287,29 @@ def test_dare_masks_do_not_depend_on_chunks_shards_or_tensor_order(models, tmp_p
     import ftjax.outputs
 
     base, ms, d = models
-    merge(_yaml(tmp_path, _dare(base, ms)), tmp_path / "a", progress=False)
-    a = _tensors(tmp_path / "a")
+    merge(write_yaml(tmp_path, _dare(base, ms)), tmp_path / "a", progress=False)
+    a = checkpoint_tensors(tmp_path / "a")
     # smaller kernel chunks, a smaller output shard size
     monkeypatch.setattr(ftjax.outputs, "CHUNK_ELEMS", 4096)
-    merge(_yaml(tmp_path, _dare(base, ms)), tmp_path / "b", progress=False, max_shard_bytes=100_000)
+    merge(write_yaml(tmp_path, _dare(base, ms)), tmp_path / "b", progress=False, max_shard_bytes=100_000)
     monkeypatch.undo()
     # inputs rewritten in reverse tensor order, over several shards
     rev = [_derive(p, tmp_path / f"rev{i}", 0, std=0, order=lambda names: names[::-1], max_shard_bytes=60_000)
            for i, p in enumerate([base, *ms[:2]])]
     assert HFCheckpoint(rev[1]).names() != HFCheckpoint(ms[0]).names()
-    merge(_yaml(tmp_path, _dare(rev[0], rev[1:])), tmp_path / "c", progress=False)
+    merge(write_yaml(tmp_path, _dare(rev[0], rev[1:])), tmp_path / "c", progress=False)
     # one tensor fewer in the inputs (in memory): the others keep their masks
     trees = [load_params(p, dtype=None)[1] for p in [base, *ms[:2]]]
     drop = "model.layers.0.self_attn.q_proj.weight"
     cut = [{k: v for k, v in flatten(t).items() if k != drop} for t in trees]
     mem = flatten(merge_params("dare_ties", cut[0], [{"params": c, "weight": 0.5, "density": 0.4} for c in cut[1:]]))
-    for other in (_tensors(tmp_path / "b"), _tensors(tmp_path / "c"), {k: np.asarray(v) for k, v in mem.items()}):
+    for other in (checkpoint_tensors(tmp_path / "b"), checkpoint_tensors(tmp_path / "c"), {k: np.asarray(v) for k, v in mem.items()}):
         for n in a:
             if n in other:
                 np.testing.assert_array_equal(bits(a[n]), bits(other[n]), err_msg=n)
     # another seed: other masks
-    merge(_yaml(tmp_path, _dare(base, ms)), tmp_path / "s", progress=False, seed=1)
-    s = _tensors(tmp_path / "s")
+    merge(write_yaml(tmp_path, _dare(base, ms)), tmp_path / "s", progress=False, seed=1)
+    s = checkpoint_tensors(tmp_path / "s")
     assert any(not np.array_equal(bits(a[n]), bits(s[n])) for n in a)
     assert json.loads((tmp_path / "s" / "ftjax_merge.json").read_text())["seed"] == 1
 
@@ -437,7 +427,7 @@ def test_mismatched_shapes_are_refused_naming_the_tensors(models, tmp_path, caps
     other = make_hf_model(tmp_path / "wide", dtype="bfloat16", seed=3, intermediate_size=96)
     cfg = {"merge_method": "ties", "base_model": str(base),
            "models": [{"model": str(other), "parameters": {"weight": 1.0, "density": 0.5}}]}
-    assert main(["merge", str(_yaml(tmp_path, cfg)), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["merge", str(write_yaml(tmp_path, cfg)), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "mlp.up_proj.weight: shapes differ" in err or "intermediate_size" in err
     assert not (tmp_path / "out").exists()
@@ -459,14 +449,14 @@ def test_output_loads_in_transformers_with_dry_run_and_json(models, tmp_path, ca
     import transformers
 
     base, ms, _ = models
-    cfg = _yaml(tmp_path, _method_config("ties", base, ms))
+    cfg = write_yaml(tmp_path, _method_config("ties", base, ms))
     assert main(["merge", str(cfg), "--out", str(tmp_path / "dry"), "--dry-run", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] and report["tensors"] > 0 and not (tmp_path / "dry").exists()
     assert main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     sd = model.state_dict()
-    out = _tensors(tmp_path / "out")
+    out = checkpoint_tensors(tmp_path / "out")
     w = sd["model.layers.1.mlp.down_proj.weight"].float().numpy()
     np.testing.assert_array_equal(w, out["model.layers.1.mlp.down_proj.weight"].astype(np.float32))
     assert main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2  # exists: --overwrite
@@ -476,7 +466,7 @@ def test_output_loads_in_transformers_with_dry_run_and_json(models, tmp_path, ca
 def test_chat_template_auto_and_literal(models, tmp_path):
     base, ms, _ = models
     cfg = {**_method_config("linear", base, ms), "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
-    merge(_yaml(tmp_path, cfg), tmp_path / "o", progress=False)
+    merge(write_yaml(tmp_path, cfg), tmp_path / "o", progress=False)
     tok = json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())
     assert tok["chat_template"] == cfg["chat_template"]
 
@@ -501,7 +491,7 @@ def test_70b_sized_embedding_merges_with_ties_in_bounded_memory(tmp_path):
                     fh.seek(head + r * cols * 2)
                     fh.write(block.astype(BF16).tobytes())
         paths.append(p)
-    cfg = _yaml(tmp_path, {"merge_method": "ties", "base_model": str(paths[0]), "models": [
+    cfg = write_yaml(tmp_path, {"merge_method": "ties", "base_model": str(paths[0]), "models": [
         {"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in paths[1:]]})
     # The child's own peak (VmHWM of its address space): ru_maxrss would carry over this process's peak, which a
     # vfork + exec hands to the child (Linux keeps the old mm's high-water mark across execve).
@@ -530,9 +520,9 @@ def test_a_base_listed_among_the_models_is_the_base(models, tmp_path):
               "merge_method": "slerp", "base_model": str(ms[0]), "parameters": {"t": t}}
     plain = {"merge_method": "slerp", "base_model": str(ms[0]), "models": [{"model": str(ms[1])}],
              "parameters": {"t": t}}
-    merge(_yaml(tmp_path, listed, "a.yml"), tmp_path / "a", progress=False)
-    merge(_yaml(tmp_path, plain, "b.yml"), tmp_path / "b", progress=False)
-    a, b, m0, m1 = (_tensors(p) for p in (tmp_path / "a", tmp_path / "b", ms[0], ms[1]))
+    merge(write_yaml(tmp_path, listed, "a.yml"), tmp_path / "a", progress=False)
+    merge(write_yaml(tmp_path, plain, "b.yml"), tmp_path / "b", progress=False)
+    a, b, m0, m1 = (checkpoint_tensors(p) for p in (tmp_path / "a", tmp_path / "b", ms[0], ms[1]))
     for n in a:
         np.testing.assert_array_equal(bits(a[n]), bits(b[n]), err_msg=n)
     n = "model.layers.0.self_attn.q_proj.weight"  # t = 0 at layer 0: the base

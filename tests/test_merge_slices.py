@@ -11,12 +11,10 @@ import merge_reference as R
 import ml_dtypes
 import numpy as np
 import pytest
-import yaml
-from hf_models import make_hf_model
+from hf_models import checkpoint_tensors, make_hf_model, write_yaml
 from reference import bits, round_f64
 
 from ftjax.cli import main
-from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.merge import merge
 
 BF16 = ml_dtypes.bfloat16
@@ -33,15 +31,6 @@ def deep(tmp_path_factory):
             "tb": make_hf_model(d / "tb", dtype="bfloat16", seed=4, num_hidden_layers=4, tie_word_embeddings=True)}
 
 
-def _yaml(tmp: Path, data: dict, name: str = "merge.yml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
-
-
-def _tensors(path: Path) -> dict[str, np.ndarray]:
-    ck = HFCheckpoint(path)
-    return {n: ck.get(n) for n in ck.names()}
 
 
 def _layer(tensors: dict, i: int) -> dict[str, np.ndarray]:
@@ -65,8 +54,8 @@ def _passthrough(ranges: list[tuple[Path, int, int]]) -> dict:
 def test_passthrough_frankenmerge_loads_with_renumbered_source_layers(deep, tmp_path):
     a, b = deep["a"], deep["b"]
     ranges = [(a, 0, 3), (b, 1, 3), (a, 3, 4)]
-    merge(_yaml(tmp_path, _passthrough(ranges)), tmp_path / "out", progress=False)
-    out, ta, tb = _tensors(tmp_path / "out"), _tensors(a), _tensors(b)
+    merge(write_yaml(tmp_path, _passthrough(ranges)), tmp_path / "out", progress=False)
+    out, ta, tb = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(a), checkpoint_tensors(b)
     want_layers = [(ta, 0), (ta, 1), (ta, 2), (tb, 1), (tb, 2), (ta, 3)]
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == len(want_layers) == 6
@@ -82,8 +71,8 @@ def test_passthrough_frankenmerge_loads_with_renumbered_source_layers(deep, tmp_
     # mergekit: embeddings from the first slice's source, final norm and head from the last slice's
     for n, src in [("model.embed_tokens.weight", ta), ("model.norm.weight", ta), ("lm_head.weight", ta)]:
         np.testing.assert_array_equal(bits(out[n]), bits(src[n]), err_msg=n)
-    merge(_yaml(tmp_path, _passthrough(ranges[:2]), "two.yml"), tmp_path / "two", progress=False)
-    two = _tensors(tmp_path / "two")
+    merge(write_yaml(tmp_path, _passthrough(ranges[:2]), "two.yml"), tmp_path / "two", progress=False)
+    two = checkpoint_tensors(tmp_path / "two")
     for n in ("model.norm.weight", "lm_head.weight"):
         np.testing.assert_array_equal(bits(two[n]), bits(tb[n]), err_msg=n)
     # transformers put the renumbered tensors where they belong: its layer 4 is b's layer 2
@@ -95,8 +84,8 @@ def test_passthrough_frankenmerge_loads_with_renumbered_source_layers(deep, tmp_
 
 def test_tied_frankenmerge_stays_tied_and_loads(deep, tmp_path):
     ta, tb = deep["ta"], deep["tb"]
-    merge(_yaml(tmp_path, _passthrough([(ta, 0, 2), (tb, 2, 4), (ta, 2, 3)])), tmp_path / "out", progress=False)
-    out, a = _tensors(tmp_path / "out"), _tensors(ta)
+    merge(write_yaml(tmp_path, _passthrough([(ta, 0, 2), (tb, 2, 4), (ta, 2, 3)])), tmp_path / "out", progress=False)
+    out, a = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(ta)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is True and cfg["num_hidden_layers"] == 5 and "lm_head.weight" not in out
     np.testing.assert_array_equal(bits(out["model.embed_tokens.weight"]), bits(a["model.embed_tokens.weight"]))
@@ -112,7 +101,7 @@ def test_per_layer_config_lists_follow_the_layers(tmp_path):
     b = make_hf_model(tmp_path / "b", "qwen2", seed=6, max_window_layers=3, **kw)
     types = {p: json.loads((p / "config.json").read_text())["layer_types"] for p in (a, b)}
     assert types[a] != types[b]
-    merge(_yaml(tmp_path, _passthrough([(a, 0, 2), (b, 2, 4), (a, 1, 2)])), tmp_path / "out", progress=False)
+    merge(write_yaml(tmp_path, _passthrough([(a, 0, 2), (b, 2, 4), (a, 1, 2)])), tmp_path / "out", progress=False)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 5
     assert cfg["layer_types"] == types[a][0:2] + types[b][2:4] + types[a][1:2]
@@ -141,8 +130,8 @@ def test_linear_slices_equal_the_per_layer_reference(deep, tmp_path):
     cfg = {"merge_method": "linear", "slices": [
         {"sources": [{"model": str(m), "layer_range": [s, e], "parameters": {"weight": w}} for m, s, e, w in srcs],
          "parameters": params} for srcs, params in spec]}
-    merge(_yaml(tmp_path, cfg), tmp_path / "out", progress=False)
-    out, tens = _tensors(tmp_path / "out"), {a: _tensors(a), b: _tensors(b)}
+    merge(write_yaml(tmp_path, cfg), tmp_path / "out", progress=False)
+    out, tens = checkpoint_tensors(tmp_path / "out"), {a: checkpoint_tensors(a), b: checkpoint_tensors(b)}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
     layer = 0
     for srcs, _ in spec:
@@ -173,8 +162,8 @@ def test_slerp_slices_with_a_t_gradient_equal_the_per_layer_reference(deep, tmp_
         {"sources": [{"model": str(a), "layer_range": [0, 3]}, {"model": str(b), "layer_range": [1, 4]}]},
         {"sources": [{"model": str(b), "layer_range": [0, 1]}, {"model": str(a), "layer_range": [3, 4]}],
          "parameters": {"t": [{"filter": "mlp", "value": 0.7}]}}]}
-    merge(_yaml(tmp_path, cfg), tmp_path / "out", progress=False)
-    out, ta, tb = _tensors(tmp_path / "out"), _tensors(a), _tensors(b)
+    merge(write_yaml(tmp_path, cfg), tmp_path / "out", progress=False)
+    out, ta, tb = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(a), checkpoint_tensors(b)
     f = lambda x: np.asarray(x, np.float64)
 
     def check(got, x, y, t, what):
