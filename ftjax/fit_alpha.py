@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftjax import transfer_plan as P
+from ftjax.engine import plan as P
 from ftjax.config import ModelConfig
 from ftjax.data import Example
 from ftjax.dtypes import is_float

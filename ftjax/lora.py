@@ -30,14 +30,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ftjax import transfer_plan as P
+from ftjax.engine import plan as P
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, _read_json, check_output, resolve_model_path
 from ftjax.io.safetensors import SafetensorsFile, TensorInfo
 from ftjax.layout import LM_HEAD, Layout
 from ftjax.merge.kernels import dd_add
-from ftjax.outputs import Finish, Output, provenance, write_checkpoint
-from ftjax.streaming import ZEROS, Job, Kernel, Source
+from ftjax.engine.outputs import Finish, Output, provenance, write_checkpoint
+from ftjax.engine.streaming import ZEROS, Job, Kernel, Source
 from ftjax.transfer import _OWN_FILES, PROVENANCE
 from ftjax.treeops import axpy_exact, diff_exact
 

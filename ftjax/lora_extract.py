@@ -37,7 +37,7 @@ from ftjax.io.checkpoint import DIFF_MARKER, RECORD_KEY, HFCheckpoint, _read_jso
 from ftjax.io.safetensors import SafetensorsWriter, TensorInfo
 from ftjax.layout import EMBED, LM_HEAD, Layout, is_vocab
 from ftjax.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
-from ftjax.outputs import CHUNK_ELEMS, provenance
+from ftjax.engine.outputs import CHUNK_ELEMS, provenance
 
 RECORD = "ftjax_extract_lora.json"
 EXACT_MAX = 1024  # exact SVD when the smaller side of Δ is at most this

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ftjax.layout import Layout
-from ftjax.streaming import row_chunks
+from ftjax.engine.streaming import row_chunks
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import HFCheckpoint
 from ftjax.results import absolute_paths

@@ -3,9 +3,9 @@
 Streaming engine over HF safetensors directories (`transfer`, `diff`, `apply`) and an in-memory version over
 loaded pytrees (`transfer_params`). Arithmetic: `treeops` (exact, one rounding; see its docstring).
 
-Pipeline: `ftjax.transfer_plan` decides what happens to each output tensor (every input mismatch in one error);
-this module turns that into `ftjax.streaming` jobs with one of three per-tensor operations (transfer, diff, apply)
-and `ftjax.outputs` writes them with config and provenance, in memory bounded by the engine's buffer pool.
+Pipeline: `ftjax.engine.plan` decides what happens to each output tensor (every input mismatch in one error);
+this module turns that into `ftjax.engine.streaming` jobs with one of three per-tensor operations (transfer, diff, apply)
+and `ftjax.engine.outputs` writes them with config and provenance, in memory bounded by the engine's buffer pool.
 
 Multi-process runs (jax.distributed): `transfer`, `diff` and `apply` are collectives; every process calls them with
 the same arguments and writes its share of the output shards (`distributed.write_output`).
@@ -37,14 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import dtypes, treeops
-from ftjax import transfer_plan as P
+from ftjax.engine import plan as P
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, DIFF_MARKER, HFCheckpoint, check_output
 from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 from ftjax.layout import EMBED, LM_HEAD, Layout  # noqa: F401 - EMBED, LM_HEAD: public names of this module
-from ftjax.outputs import CHUNK_ELEMS, Finish, Output, provenance, write_checkpoint
-from ftjax.streaming import ZEROS, Job, Kernel, Source, row_chunks, rows_of
-from ftjax.transfer_plan import TensorPlan, TransferReport
+from ftjax.engine.outputs import CHUNK_ELEMS, Finish, Output, provenance, write_checkpoint
+from ftjax.engine.streaming import ZEROS, Job, Kernel, Source, row_chunks, rows_of
+from ftjax.engine.plan import TensorPlan, TransferReport
 
 PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", DIFF_MARKER, "ftjax_diff_lo.safetensors"
 _OWN_FILES = (PROVENANCE, DIFF_META, DIFF_LO)

@@ -1,7 +1,7 @@
 """The one bucketing rule (ftjax.buckets) and its three users: batch lengths, streaming kernel lengths, padded
 reduction widths."""
 
-from ftjax import streaming
+from ftjax.engine import streaming
 from ftjax.buckets import pow2_bucket
 from ftjax.data import bucket_length
 from ftjax.merge.passes import row_sums

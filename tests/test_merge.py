@@ -284,13 +284,13 @@ def _dare(base, ms, **params):
 
 
 def test_dare_masks_do_not_depend_on_chunks_shards_or_tensor_order(models, tmp_path, monkeypatch):
-    import ftjax.outputs
+    import ftjax.engine.outputs
 
     base, ms, d = models
     merge(write_yaml(tmp_path, _dare(base, ms)), tmp_path / "a", progress=False)
     a = checkpoint_tensors(tmp_path / "a")
     # smaller kernel chunks, a smaller output shard size
-    monkeypatch.setattr(ftjax.outputs, "CHUNK_ELEMS", 4096)
+    monkeypatch.setattr(ftjax.engine.outputs, "CHUNK_ELEMS", 4096)
     merge(write_yaml(tmp_path, _dare(base, ms)), tmp_path / "b", progress=False, max_shard_bytes=100_000)
     monkeypatch.undo()
     # inputs rewritten in reverse tensor order, over several shards

@@ -305,7 +305,7 @@ def test_dry_run_and_sharded_output(models, tmp_path):
 def test_small_chunks_bitwise(models, tmp_path, monkeypatch):
     import collections
 
-    from ftjax import outputs, streaming
+    from ftjax.engine import outputs, streaming
 
     monkeypatch.setattr(outputs, "CHUNK_ELEMS", 1000)  # what write_checkpoint passes to the engine
     blocks = collections.Counter()

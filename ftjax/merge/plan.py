@@ -32,7 +32,7 @@ from ftjax.layout import Layout, is_vocab
 from ftjax.merge import kernels as K
 from ftjax.merge import passes
 from ftjax.merge.config import MergeConfig, ModelEntry, Slice, layer_t, value
-from ftjax.streaming import Kernel, row_elems, rows_of
+from ftjax.engine.streaming import Kernel, row_elems, rows_of
 
 Ref = tuple[str, str]
 Source = Callable[[str, str], str]  # (input key, output tensor name) -> the input's tensor name
@@ -69,7 +69,7 @@ STAGES = ("keys_hi", "keys_lo", "l1", "gram")
 
 
 def out_dtype(config: MergeConfig, stored: np.dtype) -> np.dtype:
-    from ftjax.transfer_plan import DTYPES
+    from ftjax.engine.plan import DTYPES
 
     return DTYPES[config.output_dtype] if config.output_dtype else np.dtype(stored)
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import outputs
-from ftjax import transfer_plan as P
+from ftjax.engine import outputs
+from ftjax.engine import plan as P
 from ftjax.errors import FtjaxError
 from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, HFCheckpoint, check_output
 from ftjax.io.safetensors import TensorInfo
@@ -35,9 +35,9 @@ from ftjax.merge.plan import (
     stage_start,
     write_kernel,
 )
-from ftjax.outputs import Finish, Output, provenance, write_checkpoint
-from ftjax.streaming import Job, Source, row_elems, stream
-from ftjax.transfer_plan import TransferReport
+from ftjax.engine.outputs import Finish, Output, provenance, write_checkpoint
+from ftjax.engine.streaming import Job, Source, row_elems, stream
+from ftjax.engine.plan import TransferReport
 
 RECORD = "ftjax_merge.json"
 DEFAULT_SEED = 0

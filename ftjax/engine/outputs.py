@@ -1,4 +1,4 @@
-"""Writing a streamed checkpoint: the jobs of `ftjax.streaming` into an atomic Hugging Face directory, with its
+"""Writing a streamed checkpoint: the jobs of `ftjax.engine.streaming` into an atomic Hugging Face directory, with its
 config, the tokenizer files of one input and an ftjax provenance record; one or several processes.
 
 With several processes (jax.distributed) every process plans the same shards and process i streams shards i, i+N,
@@ -24,10 +24,10 @@ from ftjax.errors import FtjaxError
 from ftjax.results import absolute_paths
 from ftjax.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, RECORD_KEY, HFCheckpointWriter, copy_aux_files, write_json
 from ftjax.io.safetensors import TensorInfo
-from ftjax.streaming import Job, WriteBehind, stream
+from ftjax.engine.streaming import Job, WriteBehind, stream
 
-if TYPE_CHECKING:  # the report type only; transfer_plan does not import the engine
-    from ftjax.transfer_plan import TransferReport
+if TYPE_CHECKING:  # the report type only; engine.plan does not import the engine
+    from ftjax.engine.plan import TransferReport
 
 CHUNK_ELEMS = 1 << 20  # elements per kernel call: a 2 MB bf16 input buffer, cache-sized (RESULTS.md has the A/B)
 

@@ -35,8 +35,8 @@ from ftjax.buckets import pow2_bucket
 from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import TensorInfo
 
-if TYPE_CHECKING:  # the report type only; transfer_plan does not import the engine
-    from ftjax.transfer_plan import TransferReport
+if TYPE_CHECKING:  # the report type only; engine.plan does not import the engine
+    from ftjax.engine.plan import TransferReport
 
 MIN_BUCKET = 1 << 12
 POOL = 4  # buffer sets: being read, waiting, in the kernel, being written
