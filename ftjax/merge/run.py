@@ -5,9 +5,13 @@ bits; the streaming one never holds a tensor (statistics come from extra passes,
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,63 @@ def _inputs(config: MergeConfig, layouts: dict[str, Layout], keys: dict[str, str
     return Inputs(layouts, entries, "base" if config.base_model else None, deltas, tok_key)
 
 
+# --- BASE+ADAPTER references ---------------------------------------------------------------------------------------
+
+
+def adapter_ref(ref: str) -> tuple[str, str] | None:
+    """(base, adapter) of mergekit's `BASE+ADAPTER` reference (a model with a LoRA adapter merged in); None for a
+    plain reference (an existing path that contains '+' is a plain one)."""
+    if "+" not in ref or Path(ref).exists():
+        return None
+    base, adapter = ref.split("+", 1)
+    if not base or not adapter:
+        raise FtjaxError(f"{ref}: a BASE+ADAPTER reference needs both a model and a LoRA adapter")
+    return base, adapter
+
+
+def _references(config: MergeConfig) -> list[str]:
+    entries = [*config.models, *(e for sl in config.slices for e, _, _ in sl.sources)]
+    refs = [config.base_model, *(e.model for e in entries), *(e.delta_base for e in entries), config.tokenizer_source]
+    return [r for r in dict.fromkeys(refs) if r]
+
+
+def _renamed(config: MergeConfig, new: Mapping[str, str]) -> MergeConfig:
+    """The config with every model reference in `new` replaced (base, models, delta bases, slice sources, tokenizer)."""
+    ref = lambda r: new.get(r, r) if r else r
+    entry = lambda e: dataclasses.replace(e, model=ref(e.model), delta_base=ref(e.delta_base))
+    slices = tuple(dataclasses.replace(sl, sources=tuple((entry(e), a, b) for e, a, b in sl.sources))
+                   for sl in config.slices)
+    return dataclasses.replace(config, base_model=ref(config.base_model), models=tuple(map(entry, config.models)),
+                               slices=slices, tokenizer_source=ref(config.tokenizer_source))
+
+
+@contextlib.contextmanager
+def adapters_merged(config: MergeConfig, out: str | Path, *, dry_run: bool = False,
+                    progress: bool = True) -> Iterator[tuple[MergeConfig, dict[str, str]]]:
+    """The config with each `BASE+ADAPTER` reference replaced by that model with its adapter merged in, as mergekit
+    means it: written by `ftjax apply` (exact: BASE + scaling·B@A in float32, rounded once to BASE's dtype) into a
+    temporary directory beside `out` that is deleted afterwards. A dry run plans on BASE itself (same tensors and
+    shapes) and writes nothing. Yields (that config, {merged model directory: its BASE+ADAPTER reference})."""
+    from ftjax.transfer import apply
+
+    pairs = {r: p for r in _references(config) if (p := adapter_ref(r))}
+    if not pairs or dry_run:
+        yield _renamed(config, {r: base for r, (base, _) in pairs.items()}), {}
+        return
+    parent = Path(out).absolute().parent
+    if not parent.is_dir():
+        raise FtjaxError(f"{out}: its parent directory does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=".ftjax-adapters-", dir=parent))
+    try:
+        merged = {}
+        for i, (ref, (base, adapter)) in enumerate(pairs.items()):
+            merged[ref] = str(tmp / f"model{i}")
+            apply(base, adapter, merged[ref], alpha=1.0, tokenizer_from="target", progress=progress)
+        yield _renamed(config, merged), {str(Path(d).resolve()): r for r, d in merged.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --- streaming ----------------------------------------------------------------------------------------------------
 
 
@@ -68,9 +129,6 @@ def _open(config: MergeConfig) -> tuple[dict[str, HFCheckpoint], dict[str, str]]
     opened: dict[str, HFCheckpoint] = {}
 
     def ck(ref: str) -> HFCheckpoint:
-        if "+" in ref and not Path(ref).exists():
-            raise FtjaxError(f"{ref}: BASE+ADAPTER (a LoRA adapter merged into its base) is not supported yet; merge "
-                             "the adapter first (PEFT's merge_and_unload) and give that directory")
         if ref not in opened:
             opened[ref] = HFCheckpoint(ref)
         return opened[ref]
@@ -138,8 +196,21 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
     Face checkpoint, atomic, with `ftjax_merge.json`). seed: of DARE / DELLA masks (recorded)."""
     t0 = time.perf_counter()
     config = load(config)[0] if not isinstance(config, MergeConfig) else config
+    refs = _references(config)
+    paths = [p for r in refs for p in (adapter_ref(r) or (r,)) if Path(p).exists()]
+    check_output(out, overwrite=overwrite, inputs=paths)  # before any adapter is merged
+    with adapters_merged(config, out, dry_run=dry_run, progress=progress) as (merged, written):
+        return _merge(merged, out, seed=seed, overwrite=overwrite, dry_run=dry_run, max_shard_bytes=max_shard_bytes,
+                      progress=progress, t0=t0, names=written)
+
+
+def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, dry_run: bool, max_shard_bytes: int,
+           progress: bool, t0: float, names: Mapping[str, str]) -> TransferReport:
+    """`merge` on a config whose BASE+ADAPTER references are merged; names: such a model's directory -> the reference
+    (what the report and provenance record)."""
     handles, delta_keys = _open(config)
-    report = TransferReport("merge", str(out), {k: str(h.path) for k, h in handles.items()}, dry_run=dry_run)
+    refs = {k: names.get(str(Path(h.path).resolve()), str(h.path)) for k, h in handles.items()}
+    report = TransferReport("merge", str(out), refs, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[h.path for h in handles.values()])
     problems = P.compare_configs({k: _shape_config(h.config, config) for k, h in handles.items()}, report.warnings)
     P.fail(problems, "inputs do not match")
