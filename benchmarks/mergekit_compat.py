@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,22 +152,44 @@ def compare(a: Path, b: Path) -> tuple[int, float, float, float]:
     return worst, diff / total, big / total, rel
 
 
-# float64 references (tests/merge_reference.py) for the configs whose parameters are scalars: elements of each
-# tool's output that differ from the reference rounded once to the output dtype
+def gradient(values: list[float], name: str, num_layers: int) -> float:
+    """mergekit's value of a gradient list for tensor `name` (mergekit/plan.py + config.py, read for this): layer i of
+    L has position i / (L − 1) (1 when L = 1) and the list is interpolated linearly at position · (len − 1);
+    tensors outside the layers (embeddings, final norm, lm_head) have position 0."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    pos = 0.0 if m is None else (int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0)
+    scaled = pos * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    return (1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1]
+
+
+def gradient_slerp_t(name: str) -> float:
+    """t of examples/gradient-slerp.yml for `name` in the 2-layer test models (first matching filter wins)."""
+    if "self_attn" in name:
+        return gradient([0, 0.5, 0.3, 0.7, 1], name, 2)
+    if "mlp" in name:
+        return gradient([1, 0.5, 0.7, 0.3, 0], name, 2)
+    return 0.5
+
+
+# float64 references (tests/merge_reference.py) of mergekit's semantics: elements of each tool's output that differ
+# from the reference rounded once to the output dtype. Each takes (the inputs' tensors by model, the tensor's name).
 REFERENCES = {
-    "linear (examples/linear.yml)": lambda t: mr.linear([t["M0"], t["M1"], t["M2"]], [1.0, 0.3, 0.5]),
-    "ties (examples/bio-merge.yml)": lambda t: mr.ties(t["B"], [t["M0"], t["M1"]], [0.5, 0.5], [0.5, 0.5],
+    "linear (examples/linear.yml)": lambda t, _n: mr.linear([t["M0"], t["M1"], t["M2"]], [1.0, 0.3, 0.5]),
+    "slerp (examples/gradient-slerp.yml)": lambda t, n: mr.slerp(t["M0"], t["M1"], gradient_slerp_t(n)),
+    "ties (examples/bio-merge.yml)": lambda t, _n: mr.ties(t["B"], [t["M0"], t["M1"]], [0.5, 0.5], [0.5, 0.5],
                                                        normalize=False),
-    "task_arithmetic": lambda t: mr.task_arithmetic(t["B"], [t["M0"], t["M1"]], [0.7, 0.3]),
-    "dare_ties (density 1: no drop)": lambda t: mr.ties(t["B"], [t["M0"], t["M1"]], [0.6, 0.4], [1.0, 1.0],
+    "task_arithmetic": lambda t, _n: mr.task_arithmetic(t["B"], [t["M0"], t["M1"]], [0.7, 0.3]),
+    "dare_ties (density 1: no drop)": lambda t, _n: mr.ties(t["B"], [t["M0"], t["M1"]], [0.6, 0.4], [1.0, 1.0],
                                                         normalize=False),
-    "nuslerp": lambda t: mr.nuslerp([t["M0"], t["M1"]], [0.6, 0.4]),
-    "nuslerp (base, row-wise)": lambda t: mr.nuslerp([t["M0"], t["M1"]], [0.6, 0.4], t["B"], flatten=False,
+    "nuslerp": lambda t, _n: mr.nuslerp([t["M0"], t["M1"]], [0.6, 0.4]),
+    "nuslerp (base, row-wise)": lambda t, _n: mr.nuslerp([t["M0"], t["M1"]], [0.6, 0.4], t["B"], flatten=False,
                                                      row_wise=True),
-    "multislerp": lambda t: mr.multislerp([t["M0"], t["M1"], t["M2"]], [0.5, 0.3, 0.2]),
-    "karcher": lambda t: mr.karcher([t["M0"], t["M1"], t["M2"]]).reshape(np.shape(t["M0"])),
-    "model_stock": lambda t: mr.model_stock(t["B"], [t["M0"], t["M1"], t["M2"]]).reshape(np.shape(t["B"])),
-    "nearswap": lambda t: mr.nearswap(t["B"], t["M0"], 0.01),
+    "multislerp": lambda t, _n: mr.multislerp([t["M0"], t["M1"], t["M2"]], [0.5, 0.3, 0.2]),
+    "karcher": lambda t, _n: mr.karcher([t["M0"], t["M1"], t["M2"]]).reshape(np.shape(t["M0"])),
+    "model_stock": lambda t, _n: mr.model_stock(t["B"], [t["M0"], t["M1"], t["M2"]]).reshape(np.shape(t["B"])),
+    "nearswap": lambda t, _n: mr.nearswap(t["B"], t["M0"], 0.01),
 }
 
 
@@ -179,7 +202,7 @@ def off_reference(label: str, paths: dict[str, Path], out: Path) -> tuple[int, f
     co, bad, rel = HFCheckpoint(out), 0, 0.0
     for n in co.names():
         y = np.ascontiguousarray(co.get(n))
-        ref = REFERENCES[label]({k: c.get(n) for k, c in cks.items()})
+        ref = REFERENCES[label]({k: c.get(n) for k, c in cks.items()}, n)
         want = mr.round_f64(ref, y.dtype)
         bad += int(np.sum(want.view(f"u{y.itemsize}") != y.view(f"u{y.itemsize}")))
         rel = max(rel, float(np.max(np.abs(y.astype(np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)))
@@ -190,12 +213,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mergekit-yaml", required=True, help="mergekit-yaml of a venv with mergekit installed")
     ap.add_argument("--dir", default="/tmp/ftjax_compat")
+    ap.add_argument("--only", default=None, help="run only the configs whose label contains this text")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     paths = make_models(root)
     rows = []
     for label, cfg0 in {**EXAMPLES, **OTHERS}.items():
+        if args.only and args.only not in label:
+            continue
         for dtype in (cfg0.get("dtype", "bfloat16"), "float32"):
             cfg = _replace(copy.deepcopy({**cfg0, "dtype": dtype}), paths)
             y = root / "config.yml"
