@@ -15,6 +15,7 @@ from hf_models import checkpoint_tensors, make_hf_model, write_yaml
 from reference import bits, round_f64
 
 from ftjax.cli import main
+from ftjax.errors import FtjaxError
 from ftjax.merge import merge
 
 BF16 = ml_dtypes.bfloat16
@@ -225,3 +226,35 @@ def test_bad_slices_are_one_line_errors_and_write_nothing(deep, tmp_path, capsys
     assert len(err.splitlines()) == 1 and err.startswith("ftjax: error:"), err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yml"]
+
+
+def test_merge_params_slices_equal_the_streamed_merge(deep, tmp_path):
+    """`merge_params(..., slices=...)` on loaded trees gives the streamed command's tensors bit for bit: a linear
+    merge over ranges with gradients, and a passthrough frankenmerge of two depths."""
+    from ftjax.merge import merge_params
+    from ftjax.params import flatten, load_params
+
+    a, b, ta = deep["a"], deep["b"], deep["ta"]
+    trees = [load_params(p)[1] for p in (a, ta, b)]
+    cases = {
+        "linear": ({"merge_method": "linear", "slices": [
+            {"sources": [{"model": str(a), "layer_range": [0, 3], "parameters": {"weight": [1.0, 0.5]}},
+                         {"model": str(ta), "layer_range": [1, 4], "parameters": {"weight": 0.5}}],
+             "parameters": {"normalize": False}}]},
+            [{"sources": [{"model": 0, "layer_range": [0, 3], "parameters": {"weight": [1.0, 0.5]}},
+                          {"model": 1, "layer_range": [1, 4], "parameters": {"weight": 0.5}}],
+              "parameters": {"normalize": False}}]),
+        "passthrough": ({**_passthrough([(a, 0, 2), (b, 1, 3)]), "dtype": None},
+                        [{"sources": [{"model": 0, "layer_range": [0, 2]}]},
+                         {"sources": [{"model": 2, "layer_range": [1, 3]}]}]),
+    }
+    for name, (cfg, slices) in cases.items():
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        merge(write_yaml(tmp_path, cfg, f"{name}.yml"), tmp_path / name, progress=False)
+        want = checkpoint_tensors(tmp_path / name)
+        got = flatten(merge_params(cfg["merge_method"], None, trees, slices=slices))
+        assert sorted(got) == sorted(want), name
+        for n, x in want.items():
+            np.testing.assert_array_equal(bits(np.asarray(got[n])), bits(x), err_msg=f"{name}: {n}")
+    with pytest.raises(FtjaxError, match=r"slices\[0\]\.sources\[0\]: model must be an index"):
+        merge_params("passthrough", None, trees, slices=[{"sources": [{"model": 7, "layer_range": [0, 1]}]}])

@@ -305,15 +305,22 @@ def _call(kernel, args, arrays: Sequence[jax.Array], rows: int) -> tuple:
 
 
 def merge_params(method: str, base: Any, models: Sequence[Any], *, seed: int = DEFAULT_SEED,
-                 out_dtype: str | None = None, tokenizer_source: str | None = None, **parameters: Any) -> Any:
+                 out_dtype: str | None = None, tokenizer_source: str | None = None,
+                 slices: Sequence[Mapping[str, Any]] | None = None, **parameters: Any) -> Any:
     """The merge of pytrees already in memory (HF-named, possibly sharded), with the same plan and bits as the
     streaming command.
 
     models: pytrees, or dicts {"params": pytree, "delta_base": pytree?, <per-model parameters>: value}; `base` may
     be None for methods without one. parameters: the config's top-level parameters (weight, density, t, normalize,
-    ...: scalars, gradients or filter lists as in a mergekit config)."""
+    ...: scalars, gradients or filter lists as in a mergekit config).
+    slices: mergekit's slices form, e.g. [{"sources": [{"model": 0, "layer_range": [0, 8]}, ...], "parameters":
+    {...}}, ...], where a source's "model" is an index into `models` (plain pytrees here) or "base"; the output's
+    layers are the slices' layers stacked and renumbered from 0, as `ftjax merge` writes them."""
     from ftjax.params import flatten, nest
 
+    if slices is not None:
+        return _merge_slices_params(method, base, models, slices, seed=seed, out_dtype=out_dtype,
+                                    tokenizer_source=tokenizer_source, parameters=parameters)
     trees: dict[str, dict] = {}
     entries, delta_refs = [], {}
     if base is not None:
@@ -328,16 +335,51 @@ def merge_params(method: str, base: Any, models: Sequence[Any], *, seed: int = D
             trees[delta_refs[delta]] = flatten(m["delta_base"])
         entries.append({"model": f"m{i}", **({"delta_base": delta} if delta else {}),
                         "parameters": {k: v for k, v in m.items() if k not in ("params", "delta_base")}})
-    data = {"merge_method": method, "models": entries, "parameters": parameters}
-    if base is not None:
-        data["base_model"] = "base"
-    if out_dtype is not None:
-        data["out_dtype"] = out_dtype
-    if tokenizer_source is not None:
-        data["tokenizer_source"] = tokenizer_source
-    config = parse(data, source="merge_params")
+    config = _params_config({"merge_method": method, "models": entries, "parameters": parameters}, base is not None,
+                            out_dtype, tokenizer_source)
     for i, e in enumerate(config.models):  # an input-weighted base (karcher) is appended as one more model
         trees.setdefault(f"m{i}", trees[e.model] if e.model == "base" else trees[f"m{i}"])
+    return nest(_run_in_memory(config, trees, delta_refs, seed))
+
+
+def _params_config(data: dict[str, Any], has_base: bool, out_dtype: str | None,
+                   tokenizer_source: str | None) -> MergeConfig:
+    """The MergeConfig of a merge_params call: `data` (method, parameters, models or slices) plus the options."""
+    options = {"base_model": "base" if has_base else None, "out_dtype": out_dtype, "tokenizer_source": tokenizer_source}
+    return parse({**data, **{k: v for k, v in options.items() if v is not None}}, source="merge_params")
+
+
+def _merge_slices_params(method: str, base: Any, models: Sequence[Any], slices: Sequence[Mapping[str, Any]], *,
+                         seed: int, out_dtype: str | None, tokenizer_source: str | None,
+                         parameters: Mapping[str, Any]) -> Any:
+    """merge_params of the slices form: the sources name models by index ("model{i}") or "base"."""
+    from ftjax.params import flatten, nest
+
+    pool = {f"model{i}": m for i, m in enumerate(models)}
+    if base is not None:
+        pool["base"] = base
+
+    def ref(model: Any, where: str) -> str:
+        key = "base" if model == "base" else f"model{model}" if isinstance(model, int) else None
+        if key not in pool:
+            raise FtjaxError(f"merge_params: {where}: model must be an index into models (0..{len(models) - 1}) or "
+                             f"'base' (with a base given), got {model!r}")
+        return key
+
+    if not isinstance(slices, Sequence) or not all(isinstance(sl, Mapping) for sl in slices):
+        raise FtjaxError("merge_params: slices must be a list of {sources: [...], parameters: {...}}")
+    config = _params_config({"merge_method": method, "parameters": dict(parameters), "slices": [
+        {**sl, "sources": [{**src, "model": ref(src.get("model"), f"slices[{i}].sources[{j}]")}
+                           for j, src in enumerate(sl.get("sources") or [])]} for i, sl in enumerate(slices)]},
+        base is not None, out_dtype, tokenizer_source)
+    trees = {f"m{i}": flatten(pool[e.model]) for i, e in enumerate(config.models)}
+    if base is not None:
+        trees["base"] = flatten(base)
+    return nest(_run_in_memory(config, trees, {}, seed))
+
+
+def _run_in_memory(config: MergeConfig, trees: dict[str, dict], delta_refs: dict[str, str], seed: int) -> dict:
+    """Plan and run `config` over flat trees keyed as the planner keys inputs (base, m{i}, d{j}); flat output."""
     layouts = {k: Layout.of_tree(t) for k, t in trees.items()}
     inputs = _inputs(config, layouts, delta_refs)
     tasks = plan_tensors(config, inputs, seed=seed)
@@ -361,7 +403,7 @@ def merge_params(method: str, base: Any, models: Sequence[Any], *, seed: int = D
             extra = jnp.asarray(trees[t.rest[0]][t.rest[1]])[t.rows: t.out.shape[0]].astype(t.out.dtype)
             y = jnp.concatenate([y, extra])
         out[t.name] = _placed(y, trees[t.refs[0][0]][t.refs[0][1]])
-    return nest(out)
+    return out
 
 
 def _placed(y: jax.Array, like: Any) -> jax.Array:
