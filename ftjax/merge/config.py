@@ -10,7 +10,9 @@ Parameter values as mergekit evaluates them: a scalar; a list of numbers, a grad
 (layer i of L gets t = i / (L - 1), a one-layer model t = 1, tensors outside the layers t = 0); a list of other
 values, a step function of t; a list of `{filter, value}` (the first whose filter is a substring of the tensor
 name, or "*", or no filter, wins; its value may be a gradient). A model's own setting wins over its slice's, which
-wins over the top-level one. In a slice, the gradient runs over the slice's own layers (its layer i of n gets
+wins over its module's (`modules: {default: {models | slices, parameters}}`, mergekit's per-module form; a
+decoder-only model has the one module "default"), which wins over the top-level one; a filter list that matches
+nothing falls through to the next. In a slice, the gradient runs over the slice's own layers (its layer i of n gets
 t = i / (n - 1), one layer t = 1), as mergekit's planner does.
 
 Where mergekit silently accepts a mistake, ftjax refuses it in one line: unknown keys (with the nearest name), a
@@ -29,8 +31,8 @@ from typing import Any
 from ftjax.errors import FtjaxError
 from ftjax.merge.methods import REQUIRED, Method, method
 
-_TOP = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-        "tokenizer", "chat_template", "name")
+_TOP = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+        "tokenizer_source", "tokenizer", "chat_template", "name")
 _MODEL = ("model", "parameters", "delta_base")
 _SLICE_SOURCE = ("model", "layer_range", "parameters", "delta_base")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -73,6 +75,7 @@ class MergeConfig:
     text: str = ""  # the config as written (kept in the output's provenance)
     slices: tuple[Slice, ...] = ()  # the slices form (empty: the models form)
     slice_parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # of the slice being planned
+    module_parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # `modules: {default: ...}`'s
 
     @property
     def output_dtype(self) -> str | None:
@@ -147,6 +150,7 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
     if "merge_method" not in data:
         raise FtjaxError(f"{source}: no merge_method")
     m = method(data["merge_method"], f"{source}: merge_method")
+    data, module_raw = _without_modules(data, source) if "modules" in data else (data, None)
     if ("models" in data) == ("slices" in data):
         raise FtjaxError(f"{source}: give exactly one of 'models' and 'slices'")
     base = _ref(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
@@ -174,6 +178,7 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
         if e.delta_base is not None and m.family != "gta":
             raise FtjaxError(f"{source}: delta_base ({e.model}) is for task-arithmetic methods, not {m.name}")
     globals_ = _params(data.get("parameters"), f"{source}: parameters", [*m.globals, *m.per_model], "top", m)
+    module_params = _params(module_raw, f"{source}: modules.default.parameters", [*m.globals, *m.per_model], "top", m)
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPES:
             raise FtjaxError(f"{source}: {key} {data[key]!r} is not one of {', '.join(DTYPES)}")
@@ -198,7 +203,30 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
         raise FtjaxError(f"{source}: chat_template {template!r}: give 'auto' (the inputs' most common one) or a Jinja "
                          "template (mergekit's named built-in templates are not bundled)")
     return MergeConfig(m, base, tuple(entries), globals_, data.get("dtype"), data.get("out_dtype"), tok, template,
-                       slices=slices)
+                       slices=slices, module_parameters=module_params)
+
+
+def _without_modules(data: dict, source: str) -> tuple[dict, Any]:
+    """mergekit's `modules: {default: {models | slices, parameters}}` as the plain form, and the module's raw
+    parameters (they rank between a slice's and the top-level ones). A decoder-only model has one module, which
+    mergekit names "default"; other modules (a multimodal model's towers) are refused."""
+    mods = data["modules"]
+    if "models" in data or "slices" in data:
+        raise FtjaxError(f"{source}: give exactly one of 'models', 'slices' and 'modules'")
+    if not isinstance(mods, dict) or not mods:
+        raise FtjaxError(f"{source}: modules must be a mapping {{default: {{models or slices, parameters}}}}")
+    other = next((k for k in mods if k != "default"), None)
+    if other is not None:
+        raise FtjaxError(f"{source}: modules: {other!r}: ftjax merges decoder-only language models, whose one module "
+                         "mergekit names 'default' (the modules of multimodal models are not supported)")
+    mod, where = mods["default"], f"{source}: modules.default"
+    if not isinstance(mod, dict):
+        raise FtjaxError(f"{where}: expected a mapping with models or slices, and parameters")
+    _unknown(list(mod), ("models", "slices", "parameters"), where)
+    if ("models" in mod) == ("slices" in mod):
+        raise FtjaxError(f"{where}: give exactly one of 'models' and 'slices'")
+    flat = {k: v for k, v in data.items() if k != "modules"}
+    return {**flat, **{k: mod[k] for k in ("models", "slices") if k in mod}}, mod.get("parameters")
 
 
 def _models(data: dict, source: str, m: Method) -> list[ModelEntry]:
@@ -321,10 +349,11 @@ def evaluate(setting: Any, name: str, t: float) -> Any:
 
 def value(config: MergeConfig, key: str, name: str, t: float, model: ModelEntry | None = None) -> Any:
     """The value of parameter `key` for tensor `name` (and `model`, for per-model parameters): the model's own setting,
-    else the top-level one, else the method's default; FtjaxError when a required one is missing."""
+    else its slice's, else the module's, else the top-level one, else the method's default; FtjaxError when a
+    required one is missing."""
     m = config.method
     for settings in ([model.parameters] if model is not None else []) + [config.slice_parameters,
-                                                                         config.parameters]:
+                                                                         config.module_parameters, config.parameters]:
         if key in settings:
             v = evaluate(settings[key], name, t)
             if v is not None:
