@@ -1,8 +1,9 @@
 """Compatibility with mergekit itself: the same configs, the same tiny models, both tools, per-method differences.
 
-    python benchmarks/mergekit_compat.py --mergekit-yaml /path/to/venv/bin/mergekit-yaml [--dir /tmp/ftjax_compat]
+    python benchmarks/mergekit_compat.py --mergekit-venv /path/to/venv [--dir /tmp/ftjax_compat] [--only LABEL]
 
-Installs nothing: give the `mergekit-yaml` of a virtual environment where mergekit is installed. Builds tiny random
+Installs nothing: give a virtual environment where mergekit is installed (or its `--mergekit-yaml`).
+tests/test_mergekit_compat.py runs the same configs against the same float64 references without mergekit. Builds tiny random
 bf16 Llama checkpoints with transformers (a base and three fine-tunes = base + noise; 2 layers, so gradients have
 two points), runs every method both tools have with mergekit's own example configs (examples/linear.yml, ties.yml,
 bio-merge.yml, gradient-slerp.yml; model names replaced by these paths) and, for the methods without an example, the
@@ -211,10 +212,16 @@ def off_reference(label: str, paths: dict[str, Path], out: Path) -> tuple[int, f
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mergekit-yaml", required=True, help="mergekit-yaml of a venv with mergekit installed")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mergekit-venv", help="a virtual environment with mergekit installed (its bin/mergekit-yaml)")
+    where.add_argument("--mergekit-yaml", help="the mergekit-yaml command of such an environment")
     ap.add_argument("--dir", default="/tmp/ftjax_compat")
     ap.add_argument("--only", default=None, help="run only the configs whose label contains this text")
     args = ap.parse_args()
+    if args.mergekit_venv:
+        args.mergekit_yaml = str(Path(args.mergekit_venv) / "bin" / "mergekit-yaml")
+    if not Path(args.mergekit_yaml).is_file():
+        raise SystemExit(f"{args.mergekit_yaml} does not exist; give a venv where `pip install mergekit` ran")
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     paths = make_models(root)
