@@ -268,6 +268,23 @@ def _calibration_rows(examples: Sequence[Example], max_len: int):
     return make_rows(training_examples(examples, max_len, source="calibration data"), max_len)
 
 
+def _diff_items(diffs: Sequence[Any] | tuple[Any, Any]) -> tuple[list, bool]:
+    """(the diffs as a list, whether they are (source_base, source_ft) pairs) from `fit_alpha`'s `diffs`: one pair
+    (a tuple), a list of pairs (tuples) or a list of diff trees."""
+    if isinstance(diffs, tuple):
+        if len(diffs) != 2:
+            raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; "
+                             "pass diff trees as a list")
+        return [diffs], True
+    items = list(diffs)
+    kinds = {isinstance(x, tuple) for x in items}
+    if len(kinds) > 1:
+        raise FtjaxError("fit_alpha: diffs mix (source_base, source_ft) tuples and diff trees; pass one kind")
+    if any(isinstance(x, tuple) and len(x) != 2 for x in items):
+        raise FtjaxError("fit_alpha: each tuple of diffs is one (source_base, source_ft) pair")
+    return items, kinds == {True}
+
+
 def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequence[Example], *, cfg: ModelConfig,
               groups: str = "layer", steps: int = 100, lr: float = 0.05, init: float = 1.0,
               bounds: tuple[float, float] | str | None = None, seed: int = 0, batch_size: int | None = None,
@@ -277,7 +294,8 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     form; `ftjax.rows.load_examples` reads a JSONL file). objective: `loss` (next-token NLL of the weighted tokens)
     or `entropy` (AdaMerging: mean prediction entropy of every real token, labels unused).
 
-    diffs: a (source_base, source_ft) tuple of nested trees, or a list of diff trees (nested, the target's shapes).
+    diffs: a (source_base, source_ft) tuple of nested trees, a list of such tuples (several diffs, each taken as
+    `transfer` does), or a list of diff trees (nested, the target's shapes).
     bounds: (LO, HI) or "LO:HI"; alpha is clipped into them after each step. batch_size: rows per step (None: all
     calibration rows every step; else a seeded permutation per epoch, as `finetune`). Returns a dict: groups
     (names), tensors ({group: tensor names}), alpha ([n_diffs][n_groups] floats), table ([{group: alpha}] per diff),
@@ -285,11 +303,8 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     "eval" with eval_data}: evaluate_loss metrics), and the settings."""
     from ftjax.evaluate import evaluate_loss
 
-    pairs = isinstance(diffs, tuple)
-    if pairs and len(diffs) != 2:
-        raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; pass "
-                         "diff trees as a list")
-    problem = prepare(target, [diffs] if pairs else list(diffs), cfg, groups=groups, pairs=pairs, vocab=vocab)
+    items, pairs = _diff_items(diffs)
+    problem = prepare(target, items, cfg, groups=groups, pairs=pairs, vocab=vocab)
     init, (lo, hi) = check_settings(init, bounds, steps)
     rows = _calibration_rows(data, max_len)
     n_rows = rows.tokens_nt.shape[0]
@@ -324,14 +339,39 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
                          "max_len": max_len, "objective": objective, "diffs": len(problem.deltas)}}
 
 
-def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_base: str | os.PathLike,
-               data: str | os.PathLike, out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None,
-               overwrite: bool = False, progress: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
-    """`ftjax fit-alpha`: load the three checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with
-    the target's tokenizer), `fit_alpha`, then write OUT/model/ with `ftjax.transfer.transfer` and the learned alpha
-    as exact per-tensor `alpha_for` rules, OUT/alpha.png and .pdf (`plots.plot_alpha`), and OUT/alpha.json (the
-    result of `fit_alpha`, the rules and the inputs). Every output check happens before the fit; the model is
-    written atomically, alpha.json last."""
+def merge_config(tables: Sequence[Mapping[str, float]], groups: Mapping[str, Sequence[str]], target: str,
+                 pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The `ftjax merge` config (mergekit's task_arithmetic, ftjax's per-model `delta_base`) that writes
+    T + sum_d alpha[d, group] * (F_d - B_d): per diff d (`pairs[d]` = (source_ft, source_base), `tables[d]` =
+    {group: alpha}) one `weight` filter per tensor name. Filters are substrings and the first match wins, so they are
+    listed longest first: a tensor's own name is the first filter it contains."""
+    models = []
+    for table, (ft, base) in zip(tables, pairs, strict=True):
+        rules = sorted(((n, float(table[g])) for g, names in groups.items() for n in names), key=lambda r: -len(r[0]))
+        models.append({"model": str(ft), "delta_base": str(base),
+                       "parameters": {"weight": [{"filter": n, "value": a} for n, a in rules]}})
+    return {"merge_method": "task_arithmetic", "base_model": str(target),
+            "parameters": {"lambda": 1.0, "normalize": False}, "models": models}
+
+
+def _as_list(x: Any) -> list:
+    return [x] if isinstance(x, (str, os.PathLike)) else list(x)
+
+
+def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike | Sequence[str | os.PathLike],
+               source_base: str | os.PathLike | Sequence[str | os.PathLike], data: str | os.PathLike,
+               out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None, overwrite: bool = False,
+               progress: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
+    """`ftjax fit-alpha`: load the checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with the
+    target's tokenizer), `fit_alpha`, then write OUT/model/, OUT/alpha.png and .pdf (`plots.plot_alpha`) and
+    OUT/alpha.json (the result of `fit_alpha`, the rules and the inputs). source_ft / source_base: one path each, or
+    equal-length lists (diff d = source_ft[d] - source_base[d], one alpha per group per diff). One diff: the model is
+    written by `ftjax.transfer.transfer` with the learned alpha as exact per-tensor `alpha_for` rules (kept in
+    alpha.json); several: by `ftjax.merge.merge` from OUT/merge.yaml (`merge_config`), so `ftjax merge
+    OUT/merge.yaml` writes it again. Every output check happens before the fit; the model is written atomically,
+    alpha.json last."""
+    import yaml
+
     from ftjax import plots, transfer
     from ftjax.io.checkpoint import check_files_dir, check_output, resolve_model_path
     from ftjax.params import load_params
@@ -339,23 +379,46 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
     from ftjax.rows import load_examples
 
     check_settings(fit_kwargs.get("init", 1.0), fit_kwargs.get("bounds"), fit_kwargs.get("steps", 100))
-    paths = {"target": resolve_model_path(target), "source_ft": resolve_model_path(source_ft),
-             "source_base": resolve_model_path(source_base)}
-    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model"))
-    check_output(out / "model", overwrite=overwrite, inputs=list(paths.values()))
+    fts, bases = _as_list(source_ft), _as_list(source_base)
+    if len(fts) != len(bases) or not fts:
+        raise FtjaxError(f"give one --source-base per --source-ft (paired in order), got {len(fts)} --source-ft and "
+                         f"{len(bases)} --source-base")
+    paths = {"target": resolve_model_path(target), "source_ft": [resolve_model_path(p) for p in fts],
+             "source_base": [resolve_model_path(p) for p in bases]}
+    several = len(fts) > 1
+    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model") + (("merge.yaml",) if several else ()))
+    check_output(out / "model", overwrite=overwrite,
+                 inputs=[paths["target"], *paths["source_ft"], *paths["source_base"]])
     cfg, t = load_params(paths["target"])
-    f, b = (load_params(paths[k])[1] for k in ("source_ft", "source_base"))
+    pairs = []
+    for ft, base in zip(paths["source_ft"], paths["source_base"]):
+        cfg_f, f = load_params(ft)
+        if several and cfg_f.vocab_size != cfg.vocab_size:
+            raise FtjaxError(f"{ft}: vocabulary of {cfg_f.vocab_size} tokens, the target's has {cfg.vocab_size}; with "
+                             "several diffs every source-ft must have the target's vocabulary (fit one diff at a time)")
+        pairs.append((load_params(base)[1], f))
     examples = load_examples(data, paths["target"], cfg)
     dev = None if eval_data is None else load_examples(eval_data, paths["target"], cfg)
-    result = fit_alpha(t, (b, f), examples, cfg=cfg, eval_data=dev, **fit_kwargs)
-    del t, f, b
-    rules = alpha_rules(result["table"][0], result["tensors"])
-    transfer.transfer(paths["source_base"], paths["source_ft"], paths["target"], out / "model", alpha_for=rules,
-                      vocab=fit_kwargs.get("vocab", "pad"), overwrite=overwrite, progress=progress)
-    result.update(alpha_for=[[r, a] for r, a in rules], model=str(out / "model"),
-                  inputs={**{k: str(v) for k, v in paths.items()}, "data": str(data),
-                          "eval": None if eval_data is None else str(eval_data)})
+    result = fit_alpha(t, pairs, examples, cfg=cfg, eval_data=dev, **fit_kwargs)
+    del t, pairs
+    inputs = {"target": str(paths["target"]), "source_ft": [str(p) for p in paths["source_ft"]],
+              "source_base": [str(p) for p in paths["source_base"]], "data": str(data),
+              "eval": None if eval_data is None else str(eval_data)}
+    if several:
+        from ftjax import merge
+
+        text = yaml.safe_dump(merge_config(result["table"], result["tensors"], inputs["target"],
+                                           list(zip(inputs["source_ft"], inputs["source_base"]))), sort_keys=False)
+        merge.merge(text, out / "model", overwrite=overwrite, progress=progress)
+        (out / "merge.yaml").write_text(text)
+        result.update(merge_config=str(out / "merge.yaml"))
+    else:
+        rules = alpha_rules(result["table"][0], result["tensors"])
+        transfer.transfer(paths["source_base"][0], paths["source_ft"][0], paths["target"], out / "model",
+                          alpha_for=rules, vocab=fit_kwargs.get("vocab", "pad"), overwrite=overwrite,
+                          progress=progress)
+        result.update(alpha_for=[[r, a] for r, a in rules])
+    result.update(model=str(out / "model"), inputs=inputs)
     plots.plot_alpha(result, out / "alpha")
     write_json(out / "alpha.json", result)
     return result
-
