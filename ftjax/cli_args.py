@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="batch order (with --batch-size)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: every calibration row)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples keep their start")
+    p.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="save the fit's state to OUT/checkpoints every K steps; the same command after an "
+                        "interruption resumes from it, bit-identically (0: no checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print alpha.json's content as one JSON object")

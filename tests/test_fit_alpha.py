@@ -285,3 +285,44 @@ def test_cli_refuses_unpaired_diffs(tmp_path, models, capsys):
     err = capsys.readouterr().err
     assert "one --source-base per --source-ft" in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_interrupted_fit_resumes_bit_identically(tmp_path, models, monkeypatch, capsys):
+    """--save-every 2: a fit killed in step 5 of 6 and run again resumes from step 4 (alpha, adam state, curve) and
+    writes the alpha.json values and model of an uninterrupted fit; a resume with other settings is refused."""
+    import json
+
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(8))
+    flags = ["--steps", "6", "--lr", "0.1", "--batch-size", "3", "--seed", "2", "--save-every", "2"]
+    assert _cli(models, tmp_path / "whole", *flags, data=data) == 0
+    assert not (tmp_path / "whole" / "checkpoints").exists()
+
+    class Killed(Exception):
+        pass
+
+    real = F.step_batch
+
+    def dies_in_step_5(rows, i, *args):
+        if i == 4:
+            raise Killed
+        return real(rows, i, *args)
+
+    monkeypatch.setattr(F, "step_batch", dies_in_step_5)
+    with pytest.raises(Killed):
+        F.fit_to_dir(models["target", False], models["ft", False], models["base", False], data, tmp_path / "cut",
+                     save_every=2, steps=6, lr=0.1, batch_size=3, seed=2, progress=False)
+    monkeypatch.setattr(F, "step_batch", real)
+    saved = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == ["2", "4"] and (saved / "4" / "ftjax_complete.json").is_file()
+    assert not (tmp_path / "cut" / "model").exists() and not (tmp_path / "cut" / "alpha.json").exists()
+    assert _cli(models, tmp_path / "cut", *flags[:-1], "3", "--lr", "0.2", data=data) == 2  # --save-every 3, lr 0.2
+    assert "other settings" in capsys.readouterr().err
+    assert _cli(models, tmp_path / "cut", *flags, data=data) == 0
+    whole, cut = (json.loads((tmp_path / d / "alpha.json").read_text()) for d in ("whole", "cut"))
+    assert cut["resumed_from"] == 4 and whole["resumed_from"] is None
+    for key in ("alpha", "table", "curve", "scores"):
+        assert cut[key] == whole[key], key
+    got, ref = _tensors(tmp_path / "cut" / "model"), _tensors(tmp_path / "whole" / "model")
+    assert got.keys() == ref.keys() and all(got[k].tobytes() == ref[k].tobytes() for k in ref)
