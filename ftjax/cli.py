@@ -69,9 +69,9 @@ def _cmd_fit_alpha(args) -> None:
     elif not args.quiet:
         s = result["scores"]
         held = f", held-out {s['eval']['init']:.4f} -> {s['eval']['fit']:.4f}" if "eval" in s else ""
-        print(f"fit {len(result['groups'])} alpha(s) x {len(args.source_ft)} diff(s) in {args.steps} steps: calibration loss "
-              f"{s['calibration']['init']:.4f} -> {s['calibration']['fit']:.4f}{held}; wrote {args.out}/alpha.json "
-              f"and {args.out}/model")
+        print(f"fit {len(result['groups'])} alpha(s) x {len(args.source_ft)} diff(s) in {args.steps} steps: "
+              f"calibration loss {s['calibration']['init']:.4f} -> {s['calibration']['fit']:.4f}{held}; wrote "
+              f"{args.out}/alpha.json and {args.out}/model")
 
 
 def _cmd_merge(args) -> None:

@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfer_flags(p)
 
     p = sub.add_parser("fit-alpha", help="learn one alpha per layer (or module, or tensor) by gradient on calibration "
-                                         "rows; writes alpha.json and the merged model (several diffs: also merge.yaml) "
-                                         "(issue 18)")
+                                         "rows; writes alpha.json and the merged model (several diffs: also "
+                                         "merge.yaml) (issue 18)")
     p.add_argument("--target", required=True, metavar="DIR|REPO", help="T: the model the diff is added to")
     p.add_argument("--source-ft", required=True, action="append", metavar="DIR|REPO",
                    help="F: the fine-tuned model; repeat for several diffs (one alpha per group per diff), each "
