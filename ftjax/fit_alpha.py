@@ -20,7 +20,9 @@ Groups (`GROUPINGS`):
 cfg=...)` works in a notebook and `ftjax.fit_alpha.GROUPINGS` too, whichever was imported first).
 
 The CLI (`ftjax fit-alpha`) writes the merged checkpoint through `ftjax.transfer.transfer` with the learned alpha
-as per-tensor `alpha_for` rules (`alpha_rules`), so it is reproducible from alpha.json by `ftjax transfer`.
+as per-tensor `alpha_for` rules (`alpha_rules`), so it is reproducible from alpha.json by `ftjax transfer`; with
+several diffs through `ftjax.merge.merge` from OUT/merge.yaml (`merge_config`). With a checkpoint directory the fit
+saves its state every K steps and resumes from it bit-identically (`_save_state`, `_restore_state`).
 """
 
 from __future__ import annotations
