@@ -63,15 +63,15 @@ def _cmd_fit_alpha(args) -> None:
         args.target, args.source_ft, args.source_base, args.data, args.out, eval_data=args.eval,
         overwrite=args.overwrite, progress=not (args.quiet or args.json), groups=args.groups, steps=args.steps,
         lr=args.lr, init=args.init, bounds=args.bounds, seed=args.seed, batch_size=args.batch_size,
-        max_len=args.max_len, objective=args.objective)
+        max_len=args.max_len, objective=args.objective, save_every=args.save_every)
     if args.json:
         print(dumps(result))
     elif not args.quiet:
         s = result["scores"]
         held = f", held-out {s['eval']['init']:.4f} -> {s['eval']['fit']:.4f}" if "eval" in s else ""
-        print(f"fit {len(result['groups'])} alpha(s) in {args.steps} steps: calibration loss "
-              f"{s['calibration']['init']:.4f} -> {s['calibration']['fit']:.4f}{held}; wrote {args.out}/alpha.json "
-              f"and {args.out}/model")
+        print(f"fit {len(result['groups'])} alpha(s) x {len(args.source_ft)} diff(s) in {args.steps} steps: "
+              f"calibration loss {s['calibration']['init']:.4f} -> {s['calibration']['fit']:.4f}{held}; wrote "
+              f"{args.out}/alpha.json and {args.out}/model")
 
 
 def _cmd_merge(args) -> None:

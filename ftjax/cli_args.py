@@ -159,10 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfer_flags(p)
 
     p = sub.add_parser("fit-alpha", help="learn one alpha per layer (or module, or tensor) by gradient on calibration "
-                                         "rows; writes alpha.json and the merged model (issue 18)")
+                                         "rows; writes alpha.json and the merged model (several diffs: also "
+                                         "merge.yaml) (issue 18)")
     p.add_argument("--target", required=True, metavar="DIR|REPO", help="T: the model the diff is added to")
-    p.add_argument("--source-ft", required=True, metavar="DIR|REPO", help="F: the fine-tuned model")
-    p.add_argument("--source-base", required=True, metavar="DIR|REPO", help="B: the model F was fine-tuned from")
+    p.add_argument("--source-ft", required=True, action="append", metavar="DIR|REPO",
+                   help="F: the fine-tuned model; repeat for several diffs (one alpha per group per diff), each "
+                        "paired in order with a --source-base")
+    p.add_argument("--source-base", required=True, action="append", metavar="DIR|REPO",
+                   help="B: the model F was fine-tuned from (one per --source-ft, in the same order)")
     p.add_argument("--data", required=True, type=Path, help="calibration JSONL (any row form of `ftjax eval`)")
     p.add_argument("--eval", type=Path, metavar="DEV.jsonl", help="held-out JSONL scored at alpha = init and the fit")
     p.add_argument("--out", required=True, type=Path, help="directory for alpha.json and model/")
@@ -179,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="batch order (with --batch-size)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: every calibration row)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples keep their start")
+    p.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="save the fit's state to OUT/checkpoints every K steps; the same command after an "
+                        "interruption resumes from it, bit-identically (0: no checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print alpha.json's content as one JSON object")

@@ -20,7 +20,9 @@ Groups (`GROUPINGS`):
 cfg=...)` works in a notebook and `ftjax.fit_alpha.GROUPINGS` too, whichever was imported first).
 
 The CLI (`ftjax fit-alpha`) writes the merged checkpoint through `ftjax.transfer.transfer` with the learned alpha
-as per-tensor `alpha_for` rules (`alpha_rules`), so it is reproducible from alpha.json by `ftjax transfer`.
+as per-tensor `alpha_for` rules (`alpha_rules`), so it is reproducible from alpha.json by `ftjax transfer`; with
+several diffs through `ftjax.merge.merge` from OUT/merge.yaml (`merge_config`). With a checkpoint directory the fit
+saves its state every K steps and resumes from it bit-identically (`_save_state`, `_restore_state`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import functools
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -268,28 +271,50 @@ def _calibration_rows(examples: Sequence[Example], max_len: int):
     return make_rows(training_examples(examples, max_len, source="calibration data"), max_len)
 
 
+def _diff_items(diffs: Sequence[Any] | tuple[Any, Any]) -> tuple[list, bool]:
+    """(the diffs as a list, whether they are (source_base, source_ft) pairs) from `fit_alpha`'s `diffs`: one pair
+    (a tuple), a list of pairs (tuples) or a list of diff trees."""
+    if isinstance(diffs, tuple):
+        if len(diffs) != 2:
+            raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; "
+                             "pass diff trees as a list")
+        return [diffs], True
+    items = list(diffs)
+    kinds = {isinstance(x, tuple) for x in items}
+    if len(kinds) > 1:
+        raise FtjaxError("fit_alpha: diffs mix (source_base, source_ft) tuples and diff trees; pass one kind")
+    if any(isinstance(x, tuple) and len(x) != 2 for x in items):
+        raise FtjaxError("fit_alpha: each tuple of diffs is one (source_base, source_ft) pair")
+    return items, kinds == {True}
+
+
 def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequence[Example], *, cfg: ModelConfig,
               groups: str = "layer", steps: int = 100, lr: float = 0.05, init: float = 1.0,
               bounds: tuple[float, float] | str | None = None, seed: int = 0, batch_size: int | None = None,
               max_len: int = 1024, eval_data: Sequence[Example] | None = None, vocab: str = "pad",
-              objective: str = "loss") -> dict[str, Any]:
+              objective: str = "loss", checkpoint_dir: str | os.PathLike | None = None, save_every: int = 0,
+              run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fit alpha (one per group per diff) by adam on the calibration examples `data` (ftjax.data Examples, any row
     form; `ftjax.rows.load_examples` reads a JSONL file). objective: `loss` (next-token NLL of the weighted tokens)
     or `entropy` (AdaMerging: mean prediction entropy of every real token, labels unused).
 
-    diffs: a (source_base, source_ft) tuple of nested trees, or a list of diff trees (nested, the target's shapes).
+    diffs: a (source_base, source_ft) tuple of nested trees, a list of such tuples (several diffs, each taken as
+    `transfer` does), or a list of diff trees (nested, the target's shapes).
     bounds: (LO, HI) or "LO:HI"; alpha is clipped into them after each step. batch_size: rows per step (None: all
     calibration rows every step; else a seeded permutation per epoch, as `finetune`). Returns a dict: groups
     (names), tensors ({group: tensor names}), alpha ([n_diffs][n_groups] floats), table ([{group: alpha}] per diff),
     curve (the objective of each step's batch before its update, nats), scores ({"calibration": {"init", "fit"}, and
-    "eval" with eval_data}: evaluate_loss metrics), and the settings."""
+    "eval" with eval_data}: evaluate_loss metrics), the settings, and resumed_from (the step a resumed fit started
+    from, else None).
+
+    checkpoint_dir, save_every: the fit's state (alpha, the adam moments and count, the curve so far) is saved every
+    `save_every` steps into checkpoint_dir/<step>/ (`ftjax_complete.json` written last, the newest two kept); a fit
+    with the same settings, calibration rows and `run_info` (e.g. the input paths) resumes from the newest one that
+    verifies and ends with the same bits as an uninterrupted fit."""
     from ftjax.evaluate import evaluate_loss
 
-    pairs = isinstance(diffs, tuple)
-    if pairs and len(diffs) != 2:
-        raise FtjaxError(f"fit_alpha: a tuple of diffs means (source_base, source_ft), got {len(diffs)} trees; pass "
-                         "diff trees as a list")
-    problem = prepare(target, [diffs] if pairs else list(diffs), cfg, groups=groups, pairs=pairs, vocab=vocab)
+    items, pairs = _diff_items(diffs)
+    problem = prepare(target, items, cfg, groups=groups, pairs=pairs, vocab=vocab)
     init, (lo, hi) = check_settings(init, bounds, steps)
     rows = _calibration_rows(data, max_len)
     n_rows = rows.tokens_nt.shape[0]
@@ -299,14 +324,26 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     loss_fn(problem, objective)  # checks the objective's name
     step, opt = _step(_static(problem), objective, float(lr), float(lo), float(hi))
 
+    settings = {"groups": groups, "steps": steps, "lr": lr, "init": init, "seed": seed,
+                "bounds": [x if math.isfinite(x) else None for x in (lo, hi)], "batch_size": batch_size,
+                "max_len": max_len, "objective": objective, "diffs": len(problem.deltas)}
+    if save_every < 0 or (save_every and checkpoint_dir is None):
+        raise FtjaxError(f"--save-every must be >= 0 and needs a checkpoint directory, got {save_every}")
     alpha = jnp.full(problem.shape, init, jnp.float32)
     opt_state = opt.init(alpha)
-    curve = []
-    for i in range(steps):
+    curve, start, fingerprint = [], 0, None
+    if checkpoint_dir is not None:
+        fingerprint = _fingerprint(settings, list(problem.groups), rows, run_info)
+        restored = _restore_state(Path(checkpoint_dir), fingerprint, opt_state)
+        if restored is not None:
+            start, alpha, opt_state, curve = restored
+    for i in range(start, steps):
         batch = tuple(jnp.asarray(a[0]) for a in step_batch(rows, i, bs, 1, seed)) if batch_size else tuple(
             jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
         alpha, opt_state, loss = step(alpha, opt_state, problem.target, problem.deltas, problem.extras, batch)
         curve.append(float(loss))
+        if save_every and (i + 1) % save_every == 0:
+            _save_state(Path(checkpoint_dir), i + 1, fingerprint, alpha, opt_state, curve)
     alpha_np = np.asarray(alpha, np.float64)
     names = list(problem.groups)
 
@@ -319,19 +356,115 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
         result_scores["eval"] = scores(eval_data)
     return {"groups": names, "tensors": problem.groups, "alpha": alpha_np.tolist(),
             "table": [dict(zip(names, map(float, a))) for a in alpha_np], "curve": curve, "scores": result_scores,
-            "settings": {"groups": groups, "steps": steps, "lr": lr, "init": init, "seed": seed,
-                         "bounds": [x if math.isfinite(x) else None for x in (lo, hi)], "batch_size": batch_size,
-                         "max_len": max_len, "objective": objective, "diffs": len(problem.deltas)}}
+            "settings": settings, "resumed_from": start or None}
 
 
-def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_base: str | os.PathLike,
-               data: str | os.PathLike, out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None,
-               overwrite: bool = False, progress: bool = True, **fit_kwargs: Any) -> dict[str, Any]:
-    """`ftjax fit-alpha`: load the three checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with
-    the target's tokenizer), `fit_alpha`, then write OUT/model/ with `ftjax.transfer.transfer` and the learned alpha
-    as exact per-tensor `alpha_for` rules, OUT/alpha.png and .pdf (`plots.plot_alpha`), and OUT/alpha.json (the
-    result of `fit_alpha`, the rules and the inputs). Every output check happens before the fit; the model is
+# --- resumable fits: the state every K steps -----------------------------------------------------------------------
+_STATE, _META, _KEEP = "state.npz", "meta.json", 2
+
+
+def _fingerprint(settings: Mapping[str, Any], groups: Sequence[str], rows: Any,
+                 run_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a saved state must have been fitted with to be resumed: the settings, the groups, a SHA-256 of the
+    calibration rows (tokens, segments, positions, weights) and the caller's run_info, as JSON values."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return json.loads(json.dumps({"settings": dict(settings), "groups": list(groups), "rows_sha256": h.hexdigest(),
+                                  "run": dict(run_info or {})}, default=str))
+
+
+def _save_state(root: Path, step: int, fingerprint: dict, alpha: jax.Array, opt_state: Any,
+                curve: Sequence[float]) -> None:
+    """root/<step>/: state.npz (alpha float32 [D, G], the optimizer state's leaves opt_00000..., the curve as
+    float64), meta.json (step, fingerprint), then `ftjax_complete.json`; older steps beyond the newest two go."""
+    import json
+    import shutil
+
+    from ftjax.io.orbax import mark_step_complete
+
+    step_dir = root / str(step)
+    try:
+        if step_dir.exists():
+            shutil.rmtree(step_dir)
+        step_dir.mkdir(parents=True)
+        leaves = {f"opt_{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+        with open(step_dir / _STATE, "wb") as f:
+            np.savez(f, alpha=np.asarray(alpha), curve=np.asarray(curve, np.float64), **leaves)
+        (step_dir / _META).write_text(json.dumps({"format": "ftjax-fit-alpha-state", "step": step,
+                                                  "fit": fingerprint}))
+        mark_step_complete(step_dir)
+        for old in sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)[_KEEP:]:
+            shutil.rmtree(root / str(old))
+    except OSError as e:
+        raise FtjaxError(f"writing the fit state {step_dir} failed: {e.strerror or e}") from None
+
+
+def _restore_state(root: Path, fingerprint: dict, opt_state: Any) -> tuple[int, jax.Array, Any, list] | None:
+    """(step, alpha, optimizer state, curve) of the newest state under root that verifies (`verify_step`), None
+    when there is none; FtjaxError when it was saved by a fit with other settings, rows or inputs."""
+    import json
+
+    from ftjax.io.orbax import verify_step
+
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True) if root.is_dir() else []
+    for step in steps:
+        step_dir = root / str(step)
+        if verify_step(step_dir) is not None:
+            continue
+        meta = json.loads((step_dir / _META).read_text())
+        if meta.get("fit") != fingerprint:
+            old = meta.get("fit", {})
+            differ = [k for k in ("settings", "groups", "rows_sha256", "run") if old.get(k) != fingerprint[k]]
+            raise FtjaxError(f"{step_dir} holds the state of a fit with other {', '.join(differ) or 'settings'}; "
+                             f"rerun with the same options and data, or remove {root}")
+        with np.load(step_dir / _STATE) as z:
+            leaves = [jnp.asarray(z[f"opt_{i:05d}"]) for i in range(len(jax.tree.leaves(opt_state)))]
+            return (step, jnp.asarray(z["alpha"]), jax.tree.unflatten(jax.tree.structure(opt_state), leaves),
+                    [float(x) for x in z["curve"]])
+    return None
+
+
+def merge_config(tables: Sequence[Mapping[str, float]], groups: Mapping[str, Sequence[str]], target: str,
+                 pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The `ftjax merge` config (mergekit's task_arithmetic, ftjax's per-model `delta_base`) that writes
+    T + sum_d alpha[d, group] * (F_d - B_d): per diff d (`pairs[d]` = (source_ft, source_base), `tables[d]` =
+    {group: alpha}) one `weight` filter per tensor name. Filters are substrings and the first match wins, so they are
+    listed longest first: a tensor's own name is the first filter it contains."""
+    models = []
+    for table, (ft, base) in zip(tables, pairs, strict=True):
+        rules = sorted(((n, float(table[g])) for g, names in groups.items() for n in names), key=lambda r: -len(r[0]))
+        models.append({"model": str(ft), "delta_base": str(base),
+                       "parameters": {"weight": [{"filter": n, "value": a} for n, a in rules]}})
+    return {"merge_method": "task_arithmetic", "base_model": str(target),
+            "parameters": {"lambda": 1.0, "normalize": False}, "models": models}
+
+
+def _as_list(x: Any) -> list:
+    return [x] if isinstance(x, (str, os.PathLike)) else list(x)
+
+
+def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike | Sequence[str | os.PathLike],
+               source_base: str | os.PathLike | Sequence[str | os.PathLike], data: str | os.PathLike,
+               out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None, overwrite: bool = False,
+               progress: bool = True, save_every: int = 0, **fit_kwargs: Any) -> dict[str, Any]:
+    """`ftjax fit-alpha`: load the checkpoints and the JSONL rows (any `ftjax eval` row form, tokenized with the
+    target's tokenizer), `fit_alpha`, then write OUT/model/, OUT/alpha.png and .pdf (`plots.plot_alpha`) and
+    OUT/alpha.json (the result of `fit_alpha`, the rules and the inputs). source_ft / source_base: one path each, or
+    equal-length lists (diff d = source_ft[d] - source_base[d], one alpha per group per diff). One diff: the model is
+    written by `ftjax.transfer.transfer` with the learned alpha as exact per-tensor `alpha_for` rules (kept in
+    alpha.json); several: by `ftjax.merge.merge` from OUT/merge.yaml (`merge_config`), so `ftjax merge
+    OUT/merge.yaml` writes it again. save_every K > 0: the fit's state goes to OUT/checkpoints/<step>/ every K steps
+    and the same command after an interruption resumes from it, with the same bits as an uninterrupted fit; the
+    checkpoints are removed once alpha.json is written. Every output check happens before the fit; the model is
     written atomically, alpha.json last."""
+    import shutil
+
+    import yaml
+
     from ftjax import plots, transfer
     from ftjax.io.checkpoint import check_files_dir, check_output, resolve_model_path
     from ftjax.params import load_params
@@ -339,23 +472,49 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike, source_b
     from ftjax.rows import load_examples
 
     check_settings(fit_kwargs.get("init", 1.0), fit_kwargs.get("bounds"), fit_kwargs.get("steps", 100))
-    paths = {"target": resolve_model_path(target), "source_ft": resolve_model_path(source_ft),
-             "source_base": resolve_model_path(source_base)}
-    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model"))
-    check_output(out / "model", overwrite=overwrite, inputs=list(paths.values()))
+    fts, bases = _as_list(source_ft), _as_list(source_base)
+    if len(fts) != len(bases) or not fts:
+        raise FtjaxError(f"give one --source-base per --source-ft (paired in order), got {len(fts)} --source-ft and "
+                         f"{len(bases)} --source-base")
+    paths = {"target": resolve_model_path(target), "source_ft": [resolve_model_path(p) for p in fts],
+             "source_base": [resolve_model_path(p) for p in bases]}
+    several = len(fts) > 1
+    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model", "checkpoints")
+                          + (("merge.yaml",) if several else ()))
+    check_output(out / "model", overwrite=overwrite,
+                 inputs=[paths["target"], *paths["source_ft"], *paths["source_base"]])
     cfg, t = load_params(paths["target"])
-    f, b = (load_params(paths[k])[1] for k in ("source_ft", "source_base"))
+    pairs = []
+    for ft, base in zip(paths["source_ft"], paths["source_base"]):
+        cfg_f, f = load_params(ft)
+        if several and cfg_f.vocab_size != cfg.vocab_size:
+            raise FtjaxError(f"{ft}: vocabulary of {cfg_f.vocab_size} tokens, the target's has {cfg.vocab_size}; with "
+                             "several diffs every source-ft must have the target's vocabulary (fit one diff at a time)")
+        pairs.append((load_params(base)[1], f))
     examples = load_examples(data, paths["target"], cfg)
     dev = None if eval_data is None else load_examples(eval_data, paths["target"], cfg)
-    result = fit_alpha(t, (b, f), examples, cfg=cfg, eval_data=dev, **fit_kwargs)
-    del t, f, b
-    rules = alpha_rules(result["table"][0], result["tensors"])
-    transfer.transfer(paths["source_base"], paths["source_ft"], paths["target"], out / "model", alpha_for=rules,
-                      vocab=fit_kwargs.get("vocab", "pad"), overwrite=overwrite, progress=progress)
-    result.update(alpha_for=[[r, a] for r, a in rules], model=str(out / "model"),
-                  inputs={**{k: str(v) for k, v in paths.items()}, "data": str(data),
-                          "eval": None if eval_data is None else str(eval_data)})
+    inputs = {"target": str(paths["target"]), "source_ft": [str(p) for p in paths["source_ft"]],
+              "source_base": [str(p) for p in paths["source_base"]], "data": str(data),
+              "eval": None if eval_data is None else str(eval_data)}
+    result = fit_alpha(t, pairs, examples, cfg=cfg, eval_data=dev, save_every=save_every, run_info=inputs,
+                       checkpoint_dir=out / "checkpoints" if save_every else None, **fit_kwargs)
+    del t, pairs
+    if several:
+        from ftjax import merge
+
+        text = yaml.safe_dump(merge_config(result["table"], result["tensors"], inputs["target"],
+                                           list(zip(inputs["source_ft"], inputs["source_base"]))), sort_keys=False)
+        merge.merge(text, out / "model", overwrite=overwrite, progress=progress)
+        (out / "merge.yaml").write_text(text)
+        result.update(merge_config=str(out / "merge.yaml"))
+    else:
+        rules = alpha_rules(result["table"][0], result["tensors"])
+        transfer.transfer(paths["source_base"][0], paths["source_ft"][0], paths["target"], out / "model",
+                          alpha_for=rules, vocab=fit_kwargs.get("vocab", "pad"), overwrite=overwrite,
+                          progress=progress)
+        result.update(alpha_for=[[r, a] for r, a in rules])
+    result.update(model=str(out / "model"), inputs=inputs)
     plots.plot_alpha(result, out / "alpha")
     write_json(out / "alpha.json", result)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
-

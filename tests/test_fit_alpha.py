@@ -243,3 +243,86 @@ def test_alpha_plot_for_every_grouping_and_several_diffs(tmp_path, models, group
     out = F.fit_alpha(t, [d, d], _examples(4), cfg=cfg, steps=2, groups=groups)
     paths = plots.plot_alpha(out, tmp_path / "alpha")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_two_diffs_from_the_cli_equal_the_api_and_ftjax_merge_rewrites_the_model(tmp_path, models):
+    """Repeated --source-ft/--source-base pairs: one alpha per group per diff, the API's table; the model written
+    is T + sum_d alpha_d * (F_d - B_d) and `ftjax merge OUT/merge.yaml` writes it again bit for bit."""
+    import json
+
+    from ftjax.cli import main
+    from ftjax.rows import load_examples
+    from hf_models import write_jsonl
+
+    ft2 = make_hf_model(tmp_path / "ft2", seed=3)
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(8))
+    flags = ["--steps", "3", "--lr", "0.1", "--bounds", "-0.5:2.0", "--batch-size", "4", "--seed", "1"]
+    assert _cli(models, tmp_path / "fit", "--source-ft", str(ft2), "--source-base", str(models["target", False]),
+                *flags, data=data) == 0
+    record = json.loads((tmp_path / "fit" / "alpha.json").read_text())
+    cfg, t, b, f = _load(models)
+    _, f2 = load_params(ft2)
+    api = F.fit_alpha(t, [(b, f), (t, f2)], load_examples(data, models["target", False], cfg), cfg=cfg, steps=3,
+                      lr=0.1, bounds="-0.5:2.0", batch_size=4, seed=1)
+    assert record["table"] == api["table"] and record["curve"] == api["curve"] and len(record["table"]) == 2
+    assert all(a != 1.0 for a in record["table"][1].values())
+    got = _tensors(tmp_path / "fit" / "model")
+    problem = F.prepare(t, [(b, f), (t, f2)], cfg, pairs=True)
+    fitted = flatten(problem.merged(jnp.asarray(api["alpha"], jnp.float32)))
+    assert got.keys() == fitted.keys()
+    for k in got:  # float32 theta(alpha) of the fit, up to the writer's single rounding
+        np.testing.assert_allclose(got[k], fitted[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert main(["merge", str(tmp_path / "fit" / "merge.yaml"), "--out", str(tmp_path / "ref"), "--quiet"]) == 0
+    ref = _tensors(tmp_path / "ref")
+    assert got.keys() == ref.keys() and all(got[k].tobytes() == ref[k].tobytes() for k in ref)
+
+
+def test_cli_refuses_unpaired_diffs(tmp_path, models, capsys):
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(4))
+    assert _cli(models, tmp_path / "a", "--source-ft", str(models["ft", False]), data=data) == 2
+    err = capsys.readouterr().err
+    assert "one --source-base per --source-ft" in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+
+
+def test_interrupted_fit_resumes_bit_identically(tmp_path, models, monkeypatch, capsys):
+    """--save-every 2: a fit killed in step 5 of 6 and run again resumes from step 4 (alpha, adam state, curve) and
+    writes the alpha.json values and model of an uninterrupted fit; a resume with other settings is refused."""
+    import json
+
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(8))
+    flags = ["--steps", "6", "--lr", "0.1", "--batch-size", "3", "--seed", "2", "--save-every", "2"]
+    assert _cli(models, tmp_path / "whole", *flags, data=data) == 0
+    assert not (tmp_path / "whole" / "checkpoints").exists()
+
+    class Killed(Exception):
+        pass
+
+    real = F.step_batch
+
+    def dies_in_step_5(rows, i, *args):
+        if i == 4:
+            raise Killed
+        return real(rows, i, *args)
+
+    monkeypatch.setattr(F, "step_batch", dies_in_step_5)
+    with pytest.raises(Killed):
+        F.fit_to_dir(models["target", False], models["ft", False], models["base", False], data, tmp_path / "cut",
+                     save_every=2, steps=6, lr=0.1, batch_size=3, seed=2, progress=False)
+    monkeypatch.setattr(F, "step_batch", real)
+    saved = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == ["2", "4"] and (saved / "4" / "ftjax_complete.json").is_file()
+    assert not (tmp_path / "cut" / "model").exists() and not (tmp_path / "cut" / "alpha.json").exists()
+    assert _cli(models, tmp_path / "cut", *flags[:-1], "3", "--lr", "0.2", data=data) == 2  # --save-every 3, lr 0.2
+    assert "other settings" in capsys.readouterr().err
+    assert _cli(models, tmp_path / "cut", *flags, data=data) == 0
+    whole, cut = (json.loads((tmp_path / d / "alpha.json").read_text()) for d in ("whole", "cut"))
+    assert cut["resumed_from"] == 4 and whole["resumed_from"] is None
+    for key in ("alpha", "table", "curve", "scores"):
+        assert cut[key] == whole[key], key
+    got, ref = _tensors(tmp_path / "cut" / "model"), _tensors(tmp_path / "whole" / "model")
+    assert got.keys() == ref.keys() and all(got[k].tobytes() == ref[k].tobytes() for k in ref)
