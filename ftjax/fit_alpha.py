@@ -48,6 +48,7 @@ from ftjax.errors import FtjaxError, finite
 from ftjax.layout import EMBED, LM_HEAD, Layout
 from ftjax.params import flatten, nest
 from ftjax.rows import make_rows, step_batch, training_examples
+from ftjax.runlog import LOCK_FILE, locks_out
 
 GROUPINGS = ("layer", "layer-module", "tensor")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -447,6 +448,7 @@ def _as_list(x: Any) -> list:
     return [x] if isinstance(x, (str, os.PathLike)) else list(x)
 
 
+@locks_out("fit-alpha")
 def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike | Sequence[str | os.PathLike],
                source_base: str | os.PathLike | Sequence[str | os.PathLike], data: str | os.PathLike,
                out: str | os.PathLike, *, eval_data: str | os.PathLike | None = None, overwrite: bool = False,
@@ -479,7 +481,7 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike | Sequenc
     paths = {"target": resolve_model_path(target), "source_ft": [resolve_model_path(p) for p in fts],
              "source_base": [resolve_model_path(p) for p in bases]}
     several = len(fts) > 1
-    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model", "checkpoints")
+    out = check_files_dir(out, ("alpha.json", "alpha.png", "alpha.pdf", "model", "checkpoints", LOCK_FILE)
                           + (("merge.yaml",) if several else ()))
     check_output(out / "model", overwrite=overwrite,
                  inputs=[paths["target"], *paths["source_ft"], *paths["source_base"]])

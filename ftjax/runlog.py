@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -77,12 +78,14 @@ def run_record(init: Path, cfg: ModelConfig, train: dict, data: Path) -> dict:
 
 
 def locks_out(command: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator: the function (its output directory is `out=` or the third positional argument) runs holding
-    `run_dir_lock(out, command)`."""
+    """Decorator: the function (its output directory is its argument named `out`, given by keyword or position)
+    runs holding `run_dir_lock(out, command)`."""
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        signature = inspect.signature(fn)
+
         @functools.wraps(fn)
         def locked(*args: Any, **kwargs: Any) -> T:
-            with run_dir_lock(Path(kwargs["out"] if "out" in kwargs else args[2]), command):
+            with run_dir_lock(Path(signature.bind(*args, **kwargs).arguments["out"]), command):
                 return fn(*args, **kwargs)
         return locked
     return decorate

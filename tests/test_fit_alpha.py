@@ -326,3 +326,26 @@ def test_interrupted_fit_resumes_bit_identically(tmp_path, models, monkeypatch, 
         assert cut[key] == whole[key], key
     got, ref = _tensors(tmp_path / "cut" / "model"), _tensors(tmp_path / "whole" / "model")
     assert got.keys() == ref.keys() and all(got[k].tobytes() == ref[k].tobytes() for k in ref)
+
+
+def test_a_second_fit_on_the_same_out_is_refused_naming_the_first(tmp_path, models, capsys):
+    """fit-alpha holds the output directory's lock like finetune: while another process holds it, the command exits
+    2 with one line naming that process; the lock file never counts as a foreign file of the directory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "fit"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from ftjax.runlog import run_dir_lock\n"
+                               "with run_dir_lock(Path(sys.argv[1]), 'fit-alpha'):\n"
+                               "    print('locked', flush=True); time.sleep(120)", str(out)],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _cli(models, out, "--steps", "0", data=tmp_path / "unread.jsonl") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"process {holder.pid}" in err and "fit-alpha" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
