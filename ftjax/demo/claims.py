@@ -27,7 +27,8 @@ def _pct(x: int | None) -> str:
 
 def _v(v: Verdict, key: str, digits: int = 1, sign: bool = False, unit: str = "") -> str:
     """The number `key` ("key" or "key/sub") of a claim as printed: the seed mean and, over several seeds, its range
-    "mean (min–max)" (each end computed on one seed alone); "n/a" when the mean is undefined."""
+    "mean (min–max)", "mean (min to max)" with signs (each end computed on one seed alone); "n/a" when the mean is
+    undefined."""
     x: Any = v.numbers
     for part in key.split("/"):
         x = x[part]
@@ -36,7 +37,9 @@ def _v(v: Verdict, key: str, digits: int = 1, sign: bool = False, unit: str = ""
     text = _n(x, digits, sign) + unit
     r = v.ranges.get(key)
     if r is not None and len(v.per_seed) > 1:
-        text += f" ({_n(r[0], digits, sign)}–{_n(r[1], digits, sign)}{unit})"
+        lo, hi = _n(r[0], digits, sign), _n(r[1], digits, sign)
+        dash = " to " if sign or r[0] < 0 else "–"  # "-67–-20" would read as a subtraction
+        text += f" ({lo}{dash}{hi}{unit})"
     return text
 
 
