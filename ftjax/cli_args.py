@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", choices=("gentle", "rewarm"), default=None,
                    help="the stage boundary: rewarm = stage 2 re-warms to twice stage 1's peak lr on a 90 %% "
                         "arithmetic mix (OLMo 2's annealing mid-training); gentle = the first, milder boundary "
-                        "(default: rewarm)")
+                        "(default: gentle)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log")
     p.set_defaults(mode="quick")
