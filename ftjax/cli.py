@@ -374,7 +374,8 @@ def _cmd_stats(args) -> None:
 def _cmd_demo(args) -> None:
     from ftjax.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, overwrite=args.overwrite, mode=args.mode, seeds=args.seeds, quiet=args.quiet)
+    run_demo(args.out, seed=args.seed, overwrite=args.overwrite, mode=args.mode, seeds=args.seeds, quiet=args.quiet,
+             world=args.world)
 
 
 def _train_config(args):

@@ -33,6 +33,23 @@ def _alpha_rule(text: str) -> tuple[str, float]:
                                          f"got {text!r}") from None
 
 
+def _seeds(text: str) -> int | tuple[int, ...]:
+    """--seeds: a count N ("5": N seeds from --seed) or a comma-separated list ("0,1,2"; one seed: "7,")."""
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return n
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+        if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+            raise ValueError
+        return seeds
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count N >= 1 (\"5\") or distinct seeds >= 0 separated by "
+                                         f"commas (\"0,1,2\"; one seed: \"7,\"), got {text!r}") from None
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -303,10 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="3 seeds, about 5 minutes on 2 CPU cores (the default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="3 seeds (or --seeds), longer training, every transfer-then-finetune pair; mean ± sd")
+                      help="3 seeds (or --seeds), longer training, every transfer-then-finetune pair; mean (min–max)")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="a structure-only configuration for tests (seconds; too small for any phenomenon)")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="seeds to run (default: 3 from --seed; --tiny: 1)")
+    p.add_argument("--seeds", type=_seeds, metavar="N|S,S,...",
+                   help="how many seeds, counted from --seed (\"--seeds 5\": S..S+4), or which ones (\"--seeds 0,1,2\"; "
+                        "one seed: \"--seeds 7,\"); default: 3 from --seed (--tiny: 1)")
+    p.add_argument("--world", choices=("gentle", "rewarm"), default=None,
+                   help="the stage boundary: rewarm = stage 2 re-warms to twice stage 1's peak lr on a 90 %% "
+                        "arithmetic mix (OLMo 2's annealing mid-training); gentle = the first, milder boundary "
+                        "(default: gentle)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log")
     p.set_defaults(mode="quick")

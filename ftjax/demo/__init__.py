@@ -28,12 +28,27 @@ def _record(out: Path, entries: Sequence[str]) -> None:
     (out / RECORD).write_text(json.dumps({"written_by": "ftjax demo", RECORD_KEY: sorted({*entries, RECORD})}) + "\n")
 
 
+def resolve_seeds(seeds: int | Sequence[int] | None, seed: int) -> tuple[int, ...] | None:
+    """--seeds as seeds: a count N -> (seed, ..., seed + N − 1); a sequence -> itself; None stays None (the mode's
+    default)."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise FtjaxError(f"--seeds {seeds}: the count of seeds must be at least 1")
+        return tuple(range(seed, seed + seeds))
+    return tuple(int(s) for s in seeds)
+
+
 def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: str = "quick",
-             seeds: Sequence[int] | None = None, quiet: bool = False, config: Any = None) -> dict[str, Any]:
+             seeds: int | Sequence[int] | None = None, quiet: bool = False, config: Any = None,
+             world: str | None = None) -> dict[str, Any]:
     """Run the study and write the report. mode: "quick" (the default: 3 seeds from `seed`, about 5 minutes on 2
     CPU cores), "full" (>= 3 seeds, longer training, every transfer-then-finetune pair) or "tiny" (CI: structure
-    only, one seed). `seeds` chooses the seeds in any mode. `config` (a
-    `study.StudyConfig`) overrides the mode. Progress bars (stderr, only on a terminal) and the log (stdout) are
+    only, one seed). `seeds` chooses the seeds in any mode: a count from `seed` or the seeds themselves
+    (`resolve_seeds`). `config` (a
+    `study.StudyConfig`) overrides the mode. `world`: the stage boundary, a key of `study.STAGE2` (default: the
+    configuration's own). Progress bars (stderr, only on a terminal) and the log (stdout) are
     off with quiet. Returns the aggregated summary (also in out/results.json)."""
     from ftjax.demo import report, study
     from ftjax.demo.progress import Progress
@@ -45,6 +60,7 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
         check_replaceable(out)  # only an earlier demo's files (its record lists them) or an empty directory
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = resolve_seeds(seeds, seed)
     if config is None:
         if mode == "full":
             config = study.StudyConfig.full(tuple(seeds) if seeds else (seed, seed + 1, seed + 2))
@@ -58,6 +74,8 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
             import dataclasses
 
             config = dataclasses.replace(config, seeds=tuple(seeds))
+    if world is not None:
+        config = config.with_stage2(world)
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
     _record(out, [f"seed{s}" for s in config.seeds])  # before anything else: a crashed run can be replaced too
     t0 = time.perf_counter()

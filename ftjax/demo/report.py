@@ -32,8 +32,14 @@ def design_notes(sc: dict) -> str:
         f"- Stage 2 shifts documents to arithmetic ({100 * w['stage1_arith']:g} % → {100 * w['stage2_arith']:g} %, "
         "with extra templates), as OLMo 2's mid-training shifts toward math, so the two stages teach different "
         "things and the stage boundary can matter.",
-        f"- Stage 2 restarts AdamW and re-warms the learning rate to {sc['lr2']:g}, below stage 1's {sc['lr1']:g}, "
-        "so that the re-warm disturbs the skill less when M4 is taken.",
+        f"- Stage 2 (world \"{sc.get('stage2', 'gentle')}\") restarts AdamW, re-warms the learning rate to "
+        f"{sc['lr2']:g} ({'above' if sc['lr2'] > sc['lr1'] else 'below'} stage 1's peak {sc['lr1']:g}) and decays it "
+        "linearly to 0. "
+        + ("This is OLMo 2's second stage as the paper describes it (an annealing mid-training on a different, "
+           "STEM-heavy mix), chosen so that the model can leave stage 1's basin at the boundary; whether it does is "
+           "measured by the LM barriers, not assumed." if sc["lr2"] > sc["lr1"] else
+           "The low peak disturbs the skill less when M4 is taken, but the LM barriers stay near 0 everywhere: this "
+           "world cannot test whether the barrier predicts transfer (`--world rewarm` can)."),
         f"- Fine-tuning is gentle ({sc['ft_steps']} steps at lr {sc['ft_lr']:g} on {w['ft_pairs']} pairs), meant to "
         "keep each diff Δ small next to the distance between versions (compare ‖Δi‖ and ‖Mi − Mj‖ above).",
         "- The target must already hold the latent skill for a diff to carry the task (the probe row of the grid "

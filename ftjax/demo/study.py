@@ -27,6 +27,7 @@ import numpy as np
 from ftjax import lmc, treeops
 from ftjax.config import ModelConfig
 from ftjax.data import examples_from_rows
+from ftjax.errors import FtjaxError
 from ftjax.model import init_params
 from ftjax.params import save_params
 from ftjax.rows import make_rows, training_examples
@@ -36,6 +37,18 @@ from ftjax.demo import engine, world
 from ftjax.demo.progress import SILENT, Progress
 
 CORE = ("M1", "M2", "M3", "M4", "M5")
+
+# The stage boundary: name -> (stage-2 peak learning rate, stage-2 data mix as WorldConfig fields). Stage 1 is the
+# same in both (cosine from a 3e-3 peak); stage 2 always restarts AdamW, re-warms and decays linearly to 0.
+#   gentle  the first world: stage 2 re-warms to 1e-3 (a third of stage 1's peak) on a 70 % arithmetic mix. Its
+#           LM barriers are ~0 everywhere, so the boundary cannot be fallen off.
+#   rewarm  OLMo 2's stage 2 as the paper describes it (an annealing mid-training on a different, STEM-heavy mix):
+#           its own warm-up to twice stage 1's peak (6e-3), then linear decay to 0, on a 90 % arithmetic mix
+#           (5 % arithmetic Q/A, 5 % of the broad stage-1 mixture). Chosen from that setup, not tuned to results.
+STAGE2: dict[str, tuple[float, dict[str, float]]] = {
+    "gentle": (1e-3, {"stage2_arith": 0.7}),
+    "rewarm": (6e-3, {"stage2_arith": 0.9}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,7 @@ class StudyConfig:
     lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     lm_docs: int = 96  # held-out documents per stage for the LM loss
     seeds: tuple[int, ...] = (0,)
+    stage2: str = "gentle"  # the stage boundary, a key of STAGE2 (`with_stage2`)
 
     @staticmethod
     def quick(seed: int = 0) -> "StudyConfig":
@@ -82,6 +96,14 @@ class StudyConfig:
         return StudyConfig(world=w, width=32, layers=1, heads=2, ffn=64, batch=8, stage1_steps=30, stage2_steps=20,
                            chunk=5, ft_steps=10, ft_batch=8, ft_every=5, alphas=(0.0, 0.5, 1.0, 2.0),
                            lambdas=(0.0, 0.5, 1.0), lm_docs=16, seeds=(seed,))
+
+    def with_stage2(self, name: str) -> "StudyConfig":
+        """This configuration with the stage boundary `name` (a key of STAGE2): its stage-2 peak learning rate and
+        stage-2 data mix; every size (steps, widths, corpus sizes) stays."""
+        if name not in STAGE2:
+            raise FtjaxError(f"unknown demo world {name!r}; use one of {', '.join(STAGE2)}")
+        lr2, mix = STAGE2[name]
+        return dataclasses.replace(self, stage2=name, lr2=lr2, world=dataclasses.replace(self.world, **mix))
 
     def version_steps(self) -> dict[str, int]:
         s1, s2, k = self.stage1_steps, self.stage2_steps, self.chunk

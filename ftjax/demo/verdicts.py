@@ -44,6 +44,8 @@ class Verdict:
     numbers: dict[str, Any]
     checks: dict[str, bool | None]
     per_seed: dict[str, str] = dataclasses.field(default_factory=dict)  # seed -> that seed's own verdict
+    # "key" or "key/sub" -> [min, max] of that number computed on each seed alone (several seeds only)
+    ranges: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 def combine(checks: dict[str, bool | None]) -> str:
@@ -259,13 +261,36 @@ def predictor_rows(results: Sequence[dict]) -> list[dict[str, Any]]:
     return rows
 
 
+RHO_PREDICTS = -0.3  # Spearman ρ at or below which the LM barrier "predicts" recovery (a moderate negative rank
+# correlation; fixed before any run of the rewarm world)
+
+
+def barrier_recovery(results: Sequence[dict]) -> list[tuple[float | None, int | None]]:
+    """(LM barrier Mi–Mj in nats to 0.001, recovered fraction of Mi + Δj in whole %) for every ordered pair of M1..M5
+    in every seed (20 per seed; the recovery is undefined where FT(Mi) gained nothing in that seed)."""
+    return [(rounded(pair_value(r["scans"], i, j)["barrier"], 3),
+             recovery(em([r], "grid", f"{i}+D{j}"), em([r], "base", i), em([r], "ft", i)))
+            for r in results for i in CORE for j in CORE if i != j]
+
+
+def stages_separated(result: dict) -> bool:
+    """Whether one seed's LM barriers separate the stages: every same-stage barrier (to 0.001) below every
+    cross-stage one."""
+    bar = {(a, b): rounded(pair_value(result["scans"], a, b)["barrier"], 3)
+           for k, a in enumerate(CORE) for b in CORE[k + 1:]}
+    same = [v for (a, b), v in bar.items() if STAGE[a] == STAGE[b] and v is not None]
+    cross = [v for (a, b), v in bar.items() if STAGE[a] != STAGE[b] and v is not None]
+    return bool(same and cross) and max(same) < min(cross)
+
+
 def verdict_d(results: Sequence[dict]) -> Verdict:
     """(d) What predicts transfer gain, and the paper's explanation (transfer works when source and target lie in
     one linearly connected region). Spearman ρ of each predictor with the gain over the 20 ordered pairs (and the
     mean ρ within each target column). Checks: LM barriers separate the stages (every same-stage barrier below
-    every cross-stage one); a higher LM barrier goes with a lower gain (ρ < 0); the different-init control C is
-    further from linear connectivity than any within-run pair (barrier C–M5 above every M1..M5 barrier) and its diff
-    does not help (Mi + ΔC gains less than INERT points)."""
+    every cross-stage one, on the seed means); the barrier predicts how much transfer recovers (Spearman ρ between
+    the LM barrier Mi–Mj and the recovered fraction of Mi + Δj over the ordered pairs of every seed, at most
+    RHO_PREDICTS); the different-init control C is further from linear connectivity than any within-run pair
+    (barrier C–M5 above every M1..M5 barrier) and its diff does not help (Mi + ΔC gains less than INERT points)."""
     rows = predictor_rows(results)
     gain = [r["gain"] for r in rows]
     rho = {p: spearman([r[p] for r in rows], gain) for p in PREDICTORS}
@@ -278,10 +303,14 @@ def verdict_d(results: Sequence[dict]) -> Verdict:
                for k, a in enumerate(CORE) for b in CORE[k + 1:]}
     same = [v for k, v in barrier.items() if STAGE[k[:2]] == STAGE[k[3:]]]
     cross = [v for k, v in barrier.items() if STAGE[k[:2]] != STAGE[k[3:]]]
+    pooled = [(b, c) for b, c in barrier_recovery(results) if b is not None and c is not None]
+    rho_rec = spearman([b for b, _ in pooled], [c for _, c in pooled])
     n: dict[str, Any] = {"rho": rho, "rho_within": within,
                          "strongest": [p for p, v in defined.items() if v == top],
                          "max_same_stage_barrier": _extreme(max, same), "min_cross_stage_barrier": _extreme(min, cross),
-                         "max_core_barrier": _extreme(max, barrier.values())}
+                         "max_core_barrier": _extreme(max, barrier.values()),
+                         "rho_barrier_recovery": rho_rec, "barrier_recovery_pairs": len(pooled),
+                         "seeds_separated": sum(stages_separated(r) for r in results), "seeds": len(results)}
     control = None
     if "C" in results[0]["names"]:
         n["c_barrier_m5"] = mean_of(results, lambda r: pair_value(r["scans"], "C", "M5")["barrier"], 3)
@@ -292,8 +321,8 @@ def verdict_d(results: Sequence[dict]) -> Verdict:
     return _verdict("d", n, {
         "LM barriers separate the stages (max same-stage < min cross-stage)":
             _lt(n["max_same_stage_barrier"], n["min_cross_stage_barrier"]),
-        "a higher LM barrier goes with a lower gain (ρ < 0)": None if rho[PREDICTORS[0]] is None
-        else rho[PREDICTORS[0]] < 0,
+        f"the LM barrier predicts the recovered fraction (ρ over pairs and seeds ≤ {RHO_PREDICTS:g})":
+            None if rho_rec is None else rho_rec <= RHO_PREDICTS,
         "the different-init control is less connected than any within-run pair and its diff does not help": control})
 
 
@@ -370,12 +399,34 @@ def seed_rule(per_seed: Sequence[str]) -> str:
     return DISAGREES if all(v == DISAGREES for v in judged) else PARTLY
 
 
+def _leaves(numbers: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a claim's numbers, keyed "key" or "key/sub" (lists and booleans left out)."""
+    out: dict[str, float] = {}
+    for k, x in numbers.items():
+        if isinstance(x, dict):
+            out.update(_leaves(x, f"{prefix}{k}/"))
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+            out[f"{prefix}{k}"] = x
+    return out
+
+
+def seed_ranges(per_seed: Sequence[Verdict]) -> dict[str, list[float]]:
+    """"key" -> [min, max] over seeds of each number the claim prints, each computed on one seed alone (keys
+    undefined in every seed are left out)."""
+    leaves = [_leaves(v.numbers) for v in per_seed]
+    keys = dict.fromkeys(k for leaf in leaves for k in leaf)
+    return {k: [min(v), max(v)] for k in keys if (v := [leaf[k] for leaf in leaves if k in leaf])}
+
+
 def over_seeds(fn: Callable[[Sequence[dict]], Verdict], results: Sequence[dict]) -> Verdict:
     """A claim over all seeds: the numbers and checks of `fn` on the seed means, each seed's own verdict
-    (`fn([result])`, keyed by its seed as a string) and the verdict `seed_rule` gives from those."""
+    (`fn([result])`, keyed by its seed as a string), the verdict `seed_rule` gives from those and, with several
+    seeds, the range of every printed number over the seeds (`seed_ranges`)."""
     mean = fn(results)
-    per_seed = {str(r["seed"]): fn([r]).verdict for r in results}
-    return dataclasses.replace(mean, verdict=seed_rule(list(per_seed.values())), per_seed=per_seed)
+    alone = {str(r["seed"]): fn([r]) for r in results}
+    per_seed = {s: v.verdict for s, v in alone.items()}
+    ranges = seed_ranges(list(alone.values())) if len(results) > 1 else {}
+    return dataclasses.replace(mean, verdict=seed_rule(list(per_seed.values())), per_seed=per_seed, ranges=ranges)
 
 
 def seeds_agreeing(v: Verdict) -> int:
