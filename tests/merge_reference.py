@@ -165,3 +165,26 @@ def nearswap(base, x, t):
     b, m = f64(base), f64(x)
     w = np.clip(t / np.maximum(np.abs(m - b), 1e-6), 0, 1)
     return w * m + (1 - w) * b
+
+
+def sce(base, xs, select_topk=1.0):
+    """mergekit's sce: keep the k = int(count_nonzero(var)·select_topk) elements of largest population variance of
+    the deltas over models (ties at the threshold, at float32 precision, all kept; mergekit's topk keeps exactly k
+    and splits ties arbitrarily), elect signs from the
+    unweighted sum of the kept deltas, weight each model by mean(kept δᵢ²) / Σⱼ mean(kept δⱼ²) (1/N when that sum
+    is below 1e-6) and divide by max(Σ_agree wᵢ, 1e-6)."""
+    b = f64(base)
+    tv = np.stack([f64(x) - b for x in xs])
+    if select_topk < 1:
+        # Σ_{i<j} (δᵢ − δⱼ)² / N² (exact here for bf16 deltas, in any model order), selected at float32 precision
+        var = sum((tv[i] - tv[j]) ** 2 for i in range(len(xs)) for j in range(i + 1, len(xs))) / len(xs) ** 2
+        var = var.astype(np.float32)
+        k = int(np.count_nonzero(var) * select_topk)
+        keep = var >= np.sort(var.reshape(-1))[var.size - k] if k > 0 else np.zeros(var.shape, bool)
+        tv = tv * keep
+    elected = np.where(tv.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = np.sign(tv) == elected
+    ms = (tv ** 2).reshape(len(xs), -1).mean(axis=1)
+    w = ms / ms.sum() if abs(ms.sum()) >= 1e-6 else np.full(len(xs), 1.0 / len(xs))
+    ew = w.reshape((-1,) + (1,) * (tv.ndim - 1)) * agree
+    return b + (tv * ew).sum(axis=0) / np.maximum(ew.sum(axis=0), 1e-6)

@@ -85,7 +85,8 @@ class GtaSpec:
 
     deltas[i]: which input model i's delta is taken from (-1: the base B, j >= 0: the j-th extra delta base); for
     linear there is no base and the "deltas" are the models themselves. sparsify: None | "magnitude" | "outliers" |
-    "random" | "della"; width: the row length della ranks over."""
+    "random" | "della" | "variance" (sce: one mask for all models, the elements whose deltas vary most); width: the
+    row length della ranks over; den_floor: the disjoint mean divides by max(Σ_agree w, den_floor) (sce: 1e-6)."""
 
     n: int
     deltas: tuple[int, ...]
@@ -99,6 +100,7 @@ class GtaSpec:
     out_dtype: Any
     width: int = 0
     epsilon_given: bool = False
+    den_floor: float = 0.0
 
 
 def _deltas(spec: GtaSpec, base, models, bases):
@@ -117,6 +119,7 @@ def _deltas(spec: GtaSpec, base, models, bases):
 def keep_masks(spec: GtaSpec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo):
     """Per model: (mask, keep probability or None) of the sparsification."""
     out = []
+    var = variance(deltas) if spec.sparsify == "variance" else None
     for i, (hi, _) in enumerate(deltas):
         mag = jnp.abs(hi)
         if spec.sparsify == "magnitude":
@@ -127,6 +130,8 @@ def keep_masks(spec: GtaSpec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo
             u = uniform(keys[i], idx_hi, idx_lo, hi.shape[0])
             p = jnp.broadcast_to(dens[i], hi.shape)
             out.append((u < p, p))
+        elif spec.sparsify == "variance":
+            out.append((var >= thr_lo[i], None))
         elif spec.sparsify == "della":
             p = della_probability(mag, dens[i], thr_lo[i], spec.width)  # thr_lo carries epsilon here
             u = uniform(keys[i], idx_hi, idx_lo, hi.shape[0])
@@ -134,6 +139,20 @@ def keep_masks(spec: GtaSpec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo
         else:
             out.append((jnp.ones(hi.shape, bool), None))
     return out
+
+
+def variance(deltas) -> jax.Array:
+    """sce's selection score, float32 [n]: the population variance over the N models of fl32(δᵢ), per element, as
+    Σ_{i<j} (δᵢ − δⱼ)² / N² carried in float32 pairs and rounded once, so the same value for the same deltas in any
+    model order (a float32 mean would not be: the top-k would then split ties by model order)."""
+    n = len(deltas)
+    zero = jnp.zeros_like(deltas[0][0])
+    total = (zero, zero)
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = two_sum(deltas[i][0], -deltas[j][0])
+            total = dd_add(total, dd_mul(d[0], d[1], d[0], d[1]))
+    return dd_div(total, jnp.float32(n * n), jnp.float32(0.0))[0]
 
 
 def della_probability(mag: jax.Array, density: jax.Array, epsilon: jax.Array, width: int) -> jax.Array:
@@ -188,6 +207,9 @@ def gta_kernel(*xs, spec: GtaSpec):
             agrees.append(agree)
             mixed = dd_add(mixed, (jnp.where(agree, wv[0], 0.0), jnp.where(agree, wv[1], 0.0)))
             den = dd_add(den, (jnp.where(agree, w_hi[i], 0.0), jnp.where(agree, w_lo[i], 0.0)))
+        if spec.den_floor:  # sce's clamp(min=1e-6) of the agreeing weights (nothing agrees: mixed is 0 anyway)
+            low = (den[0] < spec.den_floor) & (den[0] != 0)
+            den = (jnp.where(low, jnp.float32(spec.den_floor), den[0]), jnp.where(low, 0.0, den[1]))
         if spec.normalize:  # ÷ Σ_agree w: the Newton step of dd_div with 1 / den from a host table over the 2^n
             # agreement patterns (`div`, float32 [2^n]; 1 where no model agrees, and mixed is 0): a divide in this
             # graph makes XLA:CPU re-derive the whole chain in several fusions, several times slower
@@ -207,26 +229,33 @@ def gta_kernel(*xs, spec: GtaSpec):
     return round_sum3(b if b is not None else zero, mixed[0], mixed[1], spec.out_dtype)
 
 
-def agreement_reciprocals(w: np.ndarray) -> np.ndarray:
+def agreement_reciprocals(w: np.ndarray, floor: float = 0.0) -> np.ndarray:
     """float32 [2^n]: 1 / Σ_{i in S} w_i for every subset S of the models (bit i of the index: model i agrees), 1
-    where that sum is 0 (mergekit's guard: nothing is divided)."""
+    where that sum is 0 (mergekit's guard: nothing is divided); sums in (0, floor) count as floor."""
     n = len(w)
     sums = np.array([sum(float(w[i]) for i in range(n) if s >> i & 1) for s in range(1 << n)])
+    if floor:
+        sums = np.where((sums != 0) & (sums < floor), floor, sums)
     return np.where(sums != 0, 1.0 / np.where(sums != 0, sums, 1.0), 1.0).astype(np.float32)
 
 
 def gta_stats(*xs, spec: GtaSpec, what: str):
     """Per-element values a statistics pass reduces on the host. what: "keys" (uint32 bits of |fl32(δ_i)|, one array
-    per model, for the exact magnitude thresholds) or "l1" (|δ_i| and |kept δ_i| as float32, per model)."""
+    per model, for the exact magnitude thresholds; sce: one array, of the variance), "l1" (|δ_i| and |kept δ_i| as
+    float32, per model) or "sq" (kept δ_i², per model: sce's weights)."""
     nb = int(spec.has_base)
     base = xs[0] if spec.has_base else None
     models = xs[nb: nb + spec.n]
     bases = xs[nb + spec.n: nb + spec.n + spec.n_bases]
     _, deltas = _deltas(spec, base, models, bases)
+    if what == "keys" and spec.sparsify == "variance":
+        return (jax.lax.bitcast_convert_type(variance(deltas), jnp.uint32),)
     if what == "keys":
         return tuple(jax.lax.bitcast_convert_type(jnp.abs(hi), jnp.uint32) for hi, _ in deltas)
     dens, thr_lo, thr_hi, keys, idx_hi, idx_lo = xs[nb + spec.n + spec.n_bases:]
     masks = keep_masks(spec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo)
+    if what == "sq":
+        return tuple(jnp.where(mask, hi * hi, 0.0) for (hi, _), (mask, _) in zip(deltas, masks))
     out = []
     for (hi, _), (mask, _) in zip(deltas, masks):
         out += [jnp.abs(hi), jnp.where(mask, jnp.abs(hi), 0.0)]

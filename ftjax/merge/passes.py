@@ -3,7 +3,8 @@ extra passes over the tensor (never by holding it), reduced on the host in an or
 
 - `KeysHi` / `KeysLo`: the exact k-th largest (or smallest) |δ| of a tensor, by a radix select over the float32
   bits in two passes (a 2^16-bin histogram of the high 16 bits, then of the low 16 bits inside the chosen bin):
-  TIES' top-k, breadcrumbs' two cuts. Counts are integers, so the thresholds are exact and chunk-invariant.
+  TIES' top-k, breadcrumbs' two cuts, sce's top-k of the variance over models. Counts are integers, so the thresholds are exact and chunk-invariant.
+- `Sq`: Σ kept δ² per model (sce's weights), summed as `L1` is.
 - `L1`: ‖δ‖₁ and ‖kept δ‖₁ per model (DARE / DELLA / TIES rescaling): float32 row sums in a fixed pairwise order
   (elementwise adds only, so the same on every device), then an exact `math.fsum` over rows on the host.
 - `Gram`: the dot products of every pair of inputs (or deltas) over the whole tensor, per row, or per column: the
@@ -56,8 +57,17 @@ def keys_lo_fn(*a):
 
 
 def l1_fn(*a):
+    return _masked_row_sums(a, "l1")
+
+
+def sq_fn(*a):
+    """Per model, row sums of the kept δᵢ² (sce's weights)."""
+    return _masked_row_sums(a, "sq")
+
+
+def _masked_row_sums(a: tuple, what: str) -> tuple:
     *xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec = a
-    vals = K.gta_stats(*xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec=spec, what="l1")
+    vals = K.gta_stats(*xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec=spec, what=what)
     sums = row_sums(jnp.stack(vals), spec.width or 1)  # one reduction over all (XLA:CPU would re-derive the masks
     return tuple(sums[i] for i in range(len(vals)))  # for each of separate ones)
 

@@ -65,7 +65,7 @@ class Task:
     state: dict = dataclasses.field(default_factory=dict)
 
 
-STAGES = ("keys_hi", "keys_lo", "l1", "gram")
+STAGES = ("keys_hi", "keys_lo", "l1", "sq", "gram")
 
 
 def out_dtype(config: MergeConfig, stored: np.dtype) -> np.dtype:
@@ -325,16 +325,25 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
          keys: list[str], t: float, seed: int, problems: list[str]) -> None:
     m, name = config.method, task.name
     g = lambda key: value(config, key, name, t)
-    w = np.array([_num(value(config, "weight", name, t, e), "weight", name, e) for e in entries])
-    dens = np.array([_num(value(config, "density", name, t, e), "density", name, e) if "density" in m.per_model
-                     else 1.0 for e in entries])
+    sce = m.sparsify == "variance"  # weights from the statistics pass ("sq"), one density for all models
+    if sce:
+        w, topk = np.ones(len(entries)), _num(g("select_topk"), "select_topk", name)
+        _bool(g("int8_mask"), "int8_mask")  # mergekit's mask storage; no effect on the result
+        if not 0.0 <= topk <= 1.0:
+            raise FtjaxError(f"select_topk is {topk} for {name}; it must be in [0, 1] (the share of elements kept)")
+        dens = np.full(len(entries), topk)
+    else:
+        w = np.array([_num(value(config, "weight", name, t, e), "weight", name, e) for e in entries])
+        dens = np.array([_num(value(config, "density", name, t, e), "density", name, e) if "density" in m.per_model
+                         else 1.0 for e in entries])
     for e, d in zip(entries, dens):
         if not 0.0 <= d <= 1.0:
             raise FtjaxError(f"density of {e.model} is {d} for {name}; it must be in [0, 1]")
-    normalize = _bool(g("normalize"), "normalize")
+    normalize = _bool(g("normalize"), "normalize") if "normalize" in m.globals else sce
     rescale = _bool(g("rescale"), "rescale") if "rescale" in m.globals else False
     lam = _num(g("lambda"), "lambda", name) if "lambda" in m.globals else 1.0
-    election = g("sign_election") if m.consensus else "weighted"
+    election = g("sign_election") if "sign_election" in m.globals and m.consensus else \
+        ("unweighted" if sce else "weighted")
     mode = g("rescale_mode") if "rescale_mode" in m.globals else "l1"
     if election not in ("weighted", "unweighted"):
         raise FtjaxError(f"sign_election must be 'weighted' (mergekit) or 'unweighted' (the TIES paper), got {election!r}")
@@ -363,7 +372,7 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
     spec = K.GtaSpec(n, tuple(-1 if inputs.deltas[k] == "base" else delta_keys.index(inputs.deltas[k])
                               for k in model_keys) if m.family == "gta" else (0,) * n,
                      len(delta_keys), m.family == "gta", m.sparsify if trimmed else None, m.consensus, election,
-                     rescale_mode, normalize, task.out.dtype, width)
+                     rescale_mode, normalize, task.out.dtype, width, den_floor=1e-6 if sce else 0.0)
     div = float(w.sum()) if normalize and not m.consensus else 1.0
     if normalize and not m.consensus and abs(div) < 1e-8:
         if m.family == "linear":
@@ -374,8 +383,10 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
     task.values.update(w=w, dens=dens, extra=extra, lam=lam, div=div, r=np.ones(n), thr_lo=np.full(n, -1.0),
                        thr_hi=np.full(n, np.inf), keys=np.stack([mask_key(seed, i, name) for i in model_index]),
                        sparsify=spec.sparsify)
-    if trimmed and m.sparsify in ("magnitude", "outliers"):
+    if trimmed and m.sparsify in ("magnitude", "outliers", "variance"):
         task.stages += ["keys_hi", "keys_lo"]
+    if sce:
+        task.stages.append("sq")
     if rescale_mode == "factor" and mode == "inverse_density":  # magnitude masks keep a fraction `density`
         task.values["r"] = np.where(dens > 0, 1.0 / np.maximum(dens, 1e-30), 1.0)
     elif rescale_mode == "factor":  # after the thresholds: the l1 factor counts what the masks keep
@@ -421,10 +432,11 @@ def stage_kernel(task: Task, stage: str) -> tuple[Kernel, tuple]:
         return Kernel(passes.keys_hi_fn, (spec,)), ()
     if stage == "keys_lo":
         return Kernel(passes.keys_lo_fn, (spec,)), (np.asarray(task.state["bins"], np.uint32),)
-    if stage == "l1":
+    if stage in ("l1", "sq"):
         width = spec.width or row_elems(task.out.shape) or 1
         s = dataclasses.replace(spec, width=width)
-        return Kernel(passes.l1_fn, (s,), positional=True, width=width), _mask_args(v)
+        fn = passes.l1_fn if stage == "l1" else passes.sq_fn
+        return Kernel(fn, (s,), positional=True, width=width), _mask_args(v)
     if stage == "gram":
         per_element = spec.per_col
         width = 1 if per_element else (spec.width if spec.per_row else (row_elems(task.out.shape) or 1))
@@ -448,6 +460,9 @@ def stage_start(task: Task, stage: str) -> None:
         n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
         sel = []
         for i, d in enumerate(v["dens"]):
+            if spec.sparsify == "variance":  # one selection over all models; its rank needs the count of zeros
+                sel.append(passes.RadixSelect([0]))
+                break
             if spec.sparsify == "magnitude":
                 k = max(1, int(d * n_el))
                 ranks = [n_el - k] if d < 1 else [0]
@@ -460,6 +475,8 @@ def stage_start(task: Task, stage: str) -> None:
         task.state["select"] = sel
     elif stage == "l1":
         task.state["l1"] = [[] for _ in range(2 * spec.n)]
+    elif stage == "sq":
+        task.state["sq"] = [[] for _ in range(spec.n)]
     elif stage == "gram":
         task.state["gram"] = [np.zeros(spec.width) if spec.per_col else [] for _ in passes.pairs(spec.n)]
 
@@ -485,6 +502,11 @@ def stage_add(task: Task, stage: str, outs: tuple[np.ndarray, ...]) -> None:
 def stage_finish(task: Task, stage: str) -> None:
     v, spec = task.values, task.spec
     if stage == "keys_hi":
+        if spec.sparsify == "variance":  # mergekit: k = int(count_nonzero(var) · select_topk), the k largest
+            sel = task.state["select"][0]
+            k = int((sel.n - int(sel.hist[0])) * float(v["dens"][0]))
+            task.state["k"] = k
+            sel.ranks = [sel.n - max(k, 1)]
         for sel in task.state["select"]:
             sel.choose_bins()
         per = max(len(sel.bins) for sel in task.state["select"])
@@ -493,7 +515,9 @@ def stage_finish(task: Task, stage: str) -> None:
     elif stage == "keys_lo":
         for i, (sel, d) in enumerate(zip(task.state.pop("select"), v["dens"])):
             vals = sel.values()
-            if spec.sparsify == "magnitude":
+            if spec.sparsify == "variance":  # the one threshold, for every model (none kept when k = 0)
+                v["thr_lo"][:] = vals[0] if task.state["k"] > 0 else np.inf
+            elif spec.sparsify == "magnitude":
                 v["thr_lo"][i] = vals[0] if d < 1 else -1.0
                 if d <= 0:
                     v["thr_lo"][i] = np.inf
@@ -508,6 +532,10 @@ def stage_finish(task: Task, stage: str) -> None:
         for i in range(spec.n):
             before, after = sums[2 * i], sums[2 * i + 1]
             v["r"][i] = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    elif stage == "sq":  # sce's weights: mean(kept δᵢ²), normalised (uniform when their sum is below 1e-6)
+        n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
+        ms = np.array([passes.fsum_rows(parts) for parts in task.state.pop("sq")]) / max(n_el, 1)
+        v["w"] = ms / ms.sum() if abs(ms.sum()) >= 1e-6 else np.full(spec.n, 1.0 / spec.n)
     elif stage == "gram":
         parts = task.state.pop("gram")
         if spec.per_row:
@@ -558,7 +586,7 @@ def write_kernel(task: Task) -> tuple[Kernel | None, tuple]:
         r_hi, r_lo = K.split(v["r"])
         dens, thr_lo, thr_hi, keys = _mask_args(v)
         lam = np.stack(K.split(v["lam"]))
-        div = K.agreement_reciprocals(v["w"]) if task.spec.consensus else np.stack(K.split(v["div"]))
+        div = K.agreement_reciprocals(v["w"], task.spec.den_floor) if task.spec.consensus else np.stack(K.split(v["div"]))
         return Kernel(_gta_write, (task.spec,), positional=True, width=task.spec.width), (
             w_hi, w_lo, dens, thr_lo, thr_hi, r_hi, r_lo, keys, lam, div)
     if task.kind == "comb":
