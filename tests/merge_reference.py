@@ -188,3 +188,28 @@ def sce(base, xs, select_topk=1.0):
     w = ms / ms.sum() if abs(ms.sum()) >= 1e-6 else np.full(len(xs), 1.0 / len(xs))
     ew = w.reshape((-1,) + (1,) * (tv.ndim - 1)) * agree
     return b + (tv * ew).sum(axis=0) / np.maximum(ew.sum(axis=0), 1e-6)
+
+
+def arcee_fusion_scores(base, x):
+    """mergekit's arcee_fusion score |M − B| · KL(p ‖ q) per element, p = softmax(M) + 1e-8, q = softmax(B) + 1e-8
+    over the last axis (a vector is one row), and its threshold median + 1.5·(q₃ − q₁) with the quantiles
+    sorted[int(q·(N − 1))] of the whole tensor (mergekit samples 1e6 elements of a larger tensor)."""
+    b, m = f64(base), f64(x)
+    if b.ndim < 2:
+        b, m = b.reshape(1, -1), m.reshape(1, -1)
+
+    def softmax(v):
+        e = np.exp(v - v.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p, q = softmax(m) + 1e-8, softmax(b) + 1e-8
+    s = (np.abs(m - b) * np.sum(p * np.log(p / q), axis=-1, keepdims=True)).reshape(np.shape(base))
+    srt = np.sort(s.reshape(-1))
+    med, q1, q3 = (srt[int(qq * (srt.size - 1))] for qq in (0.5, 0.25, 0.75))
+    return s, med + 1.5 * (q3 - q1)
+
+
+def arcee_fusion(base, x):
+    """M where the score reaches the threshold, else B."""
+    s, thr = arcee_fusion_scores(base, x)
+    return np.where(s >= thr, f64(x), f64(base))

@@ -114,3 +114,46 @@ def test_sce_per_model_weight_is_refused():
     with pytest.raises(FtjaxError) as e:
         _merge("sce", b, xs, per_model=[{"weight": 1.0}] * 3)
     assert "weight" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- arcee_fusion --------------------------------------------------------------------------------------------------
+
+
+def _fusion_bound(b, x, got):
+    """Error bound: each output element is M or B exactly; the choice agrees with float64 wherever the score lies
+    more than 1e-4 (relative) from the threshold (float32 softmax, log and row sums: ~1e-6 relative)."""
+    s, thr = R.arcee_fusion_scores(b, x)
+    want = R.arcee_fusion(b, x)
+    clear = np.abs(s - thr) > 1e-4 * abs(thr)
+    np.testing.assert_array_equal(bits(np.asarray(got)[clear]), bits(want[clear].astype(BF16)))
+    assert clear.mean() > 0.9  # bf16 deltas repeat: whole groups of equal scores can sit at the threshold
+    moved = bits(got) != bits(np.asarray(b))  # near it, the choice still follows the score
+    stayed = ~moved & (bits(np.asarray(x)) != bits(np.asarray(b)))
+    if moved.any() and stayed.any():
+        assert s[moved].min() >= s[stayed].max() * (1 - 1e-4)
+    return (s >= thr).mean()
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (300,)])
+def test_arcee_fusion_matches_float64_reference(shape):
+    b, xs = _trees(shape=shape, n=1, scales=(0.3,))
+    got = _merge("arcee_fusion", b, xs)
+    fused = _fusion_bound(b, xs[0], got)
+    assert 0.01 < fused < 0.5  # a real selection: some elements of M, most of B
+
+
+def test_arcee_fusion_runs_from_a_mergekit_config_with_the_same_bits_as_merge_params(ckpts, tmp_path, monkeypatch):
+    base, ms, _ = ckpts
+    out, b, xs = _cli_and_memory(tmp_path, monkeypatch, "arcee_fusion", base, ms[1:2])
+    for n in b:
+        _fusion_bound(b[n], xs[0][n], out[n])
+
+
+def test_arcee_fusion_takes_one_model_and_no_parameters():
+    b, xs = _trees(shape=(8, 16))
+    with pytest.raises(FtjaxError, match="arcee_fusion") as e:
+        _merge("arcee_fusion", b, xs[:2])
+    assert "\n" not in str(e.value)
+    with pytest.raises(FtjaxError, match="t") as e:
+        _merge("arcee_fusion", b, xs[:1], t=0.5)
+    assert "\n" not in str(e.value)

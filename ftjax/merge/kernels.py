@@ -319,6 +319,36 @@ def vectors(*xs, delta: bool, n: int):
     return tuple(to_f32(x) - b for x in xs[1: 1 + n])
 
 
+@dataclasses.dataclass(frozen=True)
+class FusionSpec:
+    """arcee_fusion of one tensor: rows of `width` elements (the last axis; a vector is one row)."""
+
+    width: int
+    out_dtype: Any
+
+
+def fusion_importance(base, model, *, width: int) -> jax.Array:
+    """float32 [n]: arcee_fusion's score |M − B| · KL(p ‖ q) of each element, p = softmax(M) + 1e-8 and q =
+    softmax(B) + 1e-8 over the element's row (n a multiple of `width`)."""
+    b, m = to_f32(base).reshape(-1, width), to_f32(model).reshape(-1, width)
+    p = jax.nn.softmax(m, axis=-1) + jnp.float32(1e-8)
+    q = jax.nn.softmax(b, axis=-1) + jnp.float32(1e-8)
+    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+    return (jnp.abs(m - b) * kl).reshape(-1)
+
+
+def ordered_key(x: jax.Array) -> jax.Array:
+    """uint32 keys ordered like the float32 values x (negative values below positive ones)."""
+    k = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(k >> 31 == 1, ~k, k | jnp.uint32(0x80000000))
+
+
+def fusion_kernel(base, model, thr, *, spec: FusionSpec):
+    """M where the score reaches the threshold thr (float32, from the quantile pass), else B (exact either way)."""
+    keep = fusion_importance(base, model, width=spec.width) >= thr
+    return jnp.where(keep, to_f32(model), to_f32(base)).astype(spec.out_dtype)
+
+
 def nearswap_kernel(base, other, t, *, out_dtype):
     """B + w·(M − B), w = clamp(t / max(|M − B|, 1e-6), 0, 1) per element (mergekit's w·M + (1 − w)·B)."""
     b = to_f32(base)

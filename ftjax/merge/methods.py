@@ -90,6 +90,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                    "(whole tensor, or per row with filter_wise)"),
     Method("nearswap", "nearswap", {"t": REQUIRED}, {}, "required", min_models=1, max_models=1,
            formula="B + w·(M − B) with w = clamp(t / |M − B|, 0, 1) per element"),
+    Method("arcee_fusion", "fusion", {}, {}, "required", min_models=1, max_models=1,
+           formula="B + δ·[s ≥ median(s) + 1.5·(q₃(s) − q₁(s))], s = |δ|·KL(softmax(M) ‖ softmax(B)) per row "
+                   "(softmaxes + 1e-8), quantiles over the whole tensor, exact (mergekit samples 1e6 elements of a "
+                   "larger tensor)"),
     Method("passthrough", "passthrough", {}, {"scale": None}, "none", min_models=1, max_models=1,
            formula="the one input model (× scale)"),
 ]}

@@ -55,7 +55,7 @@ class Task:
 
     name: str
     out: TensorInfo
-    kind: str  # "gta", "comb", "nearswap", "scale" or "copy"
+    kind: str  # "gta", "comb", "fusion", "nearswap", "scale" or "copy"
     refs: tuple[Ref, ...]
     rows: int
     rest: Ref | None = None
@@ -258,7 +258,7 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         keys = ["base", *model_keys, *delta_keys]
     elif m.family == "linear" or m.family == "karcher":
         keys = model_keys
-    elif m.family in ("slerp", "model_stock", "nearswap"):
+    elif m.family in ("slerp", "model_stock", "nearswap", "fusion"):
         keys = ["base", *model_keys]
     elif m.family in ("nuslerp", "multislerp"):
         keys = (["base"] if inputs.base else []) + model_keys
@@ -280,6 +280,10 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         _gta(task, config, entries, model_keys, inputs, keys, t, seed, problems)
     elif m.family == "nearswap":
         task.kind, task.values["t"] = "nearswap", float(value(config, "t", name, t))
+    elif m.family == "fusion":
+        width = (task.out.shape[-1] if len(task.out.shape) >= 2 else max(task.rows, 1)) if task.out.shape else 1
+        task.kind, task.spec = "fusion", K.FusionSpec(width, task.out.dtype)
+        task.stages += ["keys_hi", "keys_lo"]
     elif m.family == "passthrough":
         scale = value(config, "scale", name, t, entries[0])
         task.kind = "copy" if scale is None else "scale"
@@ -428,10 +432,11 @@ def _comb(task: Task, config: MergeConfig, entries: list[ModelEntry], inputs: In
 def stage_kernel(task: Task, stage: str) -> tuple[Kernel, tuple]:
     """(kernel, args) of a statistics pass over `task`."""
     v, spec = task.values, task.spec
+    width = spec.width if task.kind == "fusion" else 0  # its score needs whole rows
     if stage == "keys_hi":
-        return Kernel(passes.keys_hi_fn, (spec,)), ()
+        return Kernel(passes.keys_hi_fn, (spec,), width=width), ()
     if stage == "keys_lo":
-        return Kernel(passes.keys_lo_fn, (spec,)), (np.asarray(task.state["bins"], np.uint32),)
+        return Kernel(passes.keys_lo_fn, (spec,), width=width), (np.asarray(task.state["bins"], np.uint32),)
     if stage in ("l1", "sq"):
         width = spec.width or row_elems(task.out.shape) or 1
         s = dataclasses.replace(spec, width=width)
@@ -459,7 +464,9 @@ def stage_start(task: Task, stage: str) -> None:
     if stage == "keys_hi":
         n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
         sel = []
-        for i, d in enumerate(v["dens"]):
+        if task.kind == "fusion":  # mergekit's quantiles: sorted[int(q·(N − 1))], q = 0.5, 0.25, 0.75
+            sel.append(passes.RadixSelect([int(q * (n_el - 1)) for q in (0.5, 0.25, 0.75)], ordered=True))
+        for i, d in enumerate([] if task.kind == "fusion" else v["dens"]):
             if spec.sparsify == "variance":  # one selection over all models; its rank needs the count of zeros
                 sel.append(passes.RadixSelect([0]))
                 break
@@ -502,7 +509,7 @@ def stage_add(task: Task, stage: str, outs: tuple[np.ndarray, ...]) -> None:
 def stage_finish(task: Task, stage: str) -> None:
     v, spec = task.values, task.spec
     if stage == "keys_hi":
-        if spec.sparsify == "variance":  # mergekit: k = int(count_nonzero(var) · select_topk), the k largest
+        if task.kind == "gta" and spec.sparsify == "variance":  # mergekit: k = int(count_nonzero(var) · select_topk)
             sel = task.state["select"][0]
             k = int((sel.n - int(sel.hist[0])) * float(v["dens"][0]))
             task.state["k"] = k
@@ -512,6 +519,9 @@ def stage_finish(task: Task, stage: str) -> None:
         per = max(len(sel.bins) for sel in task.state["select"])
         task.state["bins_per_model"] = per
         task.state["bins"] = [sel.bins + [sel.bins[-1]] * (per - len(sel.bins)) for sel in task.state["select"]]
+    elif stage == "keys_lo" and task.kind == "fusion":  # median + 1.5·IQR in float32, as mergekit computes it
+        med, q1, q3 = np.float32(task.state.pop("select")[0].values())
+        v["thr"] = med + np.float32(1.5) * (q3 - q1)
     elif stage == "keys_lo":
         for i, (sel, d) in enumerate(zip(task.state.pop("select"), v["dens"])):
             vals = sel.values()
@@ -593,6 +603,8 @@ def write_kernel(task: Task) -> tuple[Kernel | None, tuple]:
         c_hi, c_lo = K.split(v["coefs"])
         return Kernel(_comb_write, (task.spec,), positional=True,
                       width=task.spec.width if task.spec.per_row or task.spec.per_col else 0), (c_hi, c_lo)
+    if task.kind == "fusion":
+        return Kernel(_fusion_write, (task.spec,), width=task.spec.width), (np.float32(v["thr"]),)
     if task.kind == "nearswap":
         return Kernel(_nearswap_write, (task.out.dtype,)), (np.float32(v["t"]),)
     s_hi, s_lo = K.split(v["scale"])
@@ -607,6 +619,10 @@ def _gta_write(*a):
 def _comb_write(*a):
     *xs, spec = a
     return K.comb_kernel(*xs, spec=spec)
+
+
+def _fusion_write(base, model, thr, spec):
+    return K.fusion_kernel(base, model, thr, spec=spec)
 
 
 def _nearswap_write(base, other, t, out_dtype):
