@@ -213,3 +213,22 @@ def arcee_fusion(base, x):
     """M where the score reaches the threshold, else B."""
     s, thr = arcee_fusion_scores(base, x)
     return np.where(s >= thr, f64(x), f64(base))
+
+
+def ram(base, xs, epsilon=1e-5, r=None, alpha=None):
+    """mergekit's ram (r None) and ramplus_tl: δᵢ changes an element where |δᵢ| > epsilon (δᵢ exact here; mergekit
+    subtracts and compares in the tensors' dtype); c models change it: B + λᵢδᵢ where c = 1, B + Σ δᵢ / c where
+    c > 1; λᵢ = 1 for ram, 1 + r·clamp(shared_i / max(unique_i, epsilon), 0, alpha) for ramplus_tl (counts over
+    the whole tensor)."""
+    b = f64(base)
+    tv = np.stack([f64(x) - b for x in xs])
+    ch = np.abs(tv) > epsilon
+    c = ch.sum(axis=0)
+    lam = np.ones(len(xs))
+    if r is not None:
+        shared = (ch & (c > 1)).reshape(len(xs), -1).sum(axis=1)
+        unique = (ch & (c == 1)).reshape(len(xs), -1).sum(axis=1)
+        lam = 1 + r * np.clip(shared / np.maximum(unique, epsilon), 0, alpha)
+    tvz = tv * ch
+    lam = lam.reshape((-1,) + (1,) * (tv.ndim - 1))
+    return b + (tvz * (c == 1) * lam + tvz * (c > 1) / np.maximum(c, 1)).sum(axis=0)

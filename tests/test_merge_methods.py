@@ -157,3 +157,58 @@ def test_arcee_fusion_takes_one_model_and_no_parameters():
     with pytest.raises(FtjaxError, match="t") as e:
         _merge("arcee_fusion", b, xs[:1], t=0.5)
     assert "\n" not in str(e.value)
+
+
+# --- ram, ramplus_tl -----------------------------------------------------------------------------------------------
+
+
+def _sparse_trees(seed=2, shape=(64, 96)):
+    """Three models, each changing a random ~40% of the base's elements (overlapping: c = 0..3 models per element)."""
+    b, xs = _trees(seed, shape, 3, (0.05, 0.05, 0.05))
+    rng = np.random.default_rng(seed + 1)
+    return b, [np.where(rng.random(shape) < 0.4, x, b).astype(BF16) for x in xs]
+
+
+@pytest.mark.parametrize("method, params", [("ram", {}), ("ramplus_tl", {}),
+                                            ("ramplus_tl", {"r": 0.5, "alpha": 1.0, "epsilon": 0.01})])
+def test_ram_matches_float64_reference(method, params):
+    """Error bound: bit for bit where one or two models (or none) change an element (a sum of exact products, one
+    rounding); within 1 bf16 ulp where three do (÷ 3 is not exact in float64 either)."""
+    b, xs = _sparse_trees()
+    got = _merge(method, b, xs, **params)
+    kw = {"r": params.get("r", 0.1), "alpha": params.get("alpha", 0.2)} if method == "ramplus_tl" else {}
+    want = R.ram(b, xs, params.get("epsilon", 1e-5), **kw)
+    f = lambda x: np.asarray(x, np.float64)
+    c = sum(np.abs(f(x) - f(b)) > params.get("epsilon", 1e-5) for x in xs)
+    assert {0, 1, 2, 3} <= set(np.unique(c))
+    exact = c < 3
+    if method == "ramplus_tl":  # λ = 1 + r·ρ is a decimal: exact only where c != 1
+        exact &= c != 1
+    np.testing.assert_array_equal(bits(got[exact]), bits(want[exact].astype(BF16)))
+    assert R.ulps(got, want, BF16).max() <= 1
+    if method == "ramplus_tl":  # the unique changes are scaled: not ram's result
+        assert not np.array_equal(bits(got), bits(_merge("ram", b, xs, **{k: v for k, v in params.items()
+                                                                          if k == "epsilon"})))
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_runs_from_a_mergekit_config_with_the_same_bits_as_merge_params(ckpts, tmp_path, monkeypatch, method):
+    base, ms, _ = ckpts
+    params = {"epsilon": 0.02} if method == "ram" else {"r": 0.3, "alpha": 0.5, "epsilon": 0.02}
+    out, b, xs = _cli_and_memory(tmp_path, monkeypatch, method, base, ms, params)
+    kw = {"r": 0.3, "alpha": 0.5} if method == "ramplus_tl" else {}
+    for n in b:
+        assert R.ulps(out[n], R.ram(b[n], [x[n] for x in xs], 0.02, **kw), BF16).max() <= 1, n
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("ram", {"epsilon": -1.0}, "epsilon is -1.0 .* must be >= 0"),
+    ("ram", {"epsilon": "small"}, "epsilon must be a number"),
+    ("ramplus_tl", {"alpha": -0.1}, "alpha is -0.1 .* must be >= 0"),
+    ("ramplus_tl", {"r": "big"}, "r must be a number"),
+])
+def test_ram_bad_parameters_are_one_line_errors(method, params, message):
+    b, xs = _trees(shape=(8, 16))
+    with pytest.raises(FtjaxError, match=message) as e:
+        _merge(method, b, xs, **params)
+    assert "\n" not in str(e.value)

@@ -320,6 +320,51 @@ def vectors(*xs, delta: bool, n: int):
 
 
 @dataclasses.dataclass(frozen=True)
+class RamSpec:
+    """ram / ramplus_tl of one tensor over n models."""
+
+    n: int
+    out_dtype: Any
+
+
+def ram_masks(base, models, eps):
+    """(exact deltas as pairs, per model |fl32(δᵢ)| > eps, the count c of models changing each element); eps float32
+    rounded down from the config's epsilon, so the comparison is the exact one."""
+    b = to_f32(base)
+    deltas = [two_sum(to_f32(x), -b) for x in models]
+    changed = [jnp.abs(hi) > eps for hi, _ in deltas]
+    count = sum((c.astype(jnp.int32) for c in changed[1:]), changed[0].astype(jnp.int32))
+    return b, deltas, changed, count
+
+
+def ram_kernel(base, *xs, spec: RamSpec):
+    """xs = (M_1..M_n, lam_hi, lam_lo, eps): B + λᵢ·δᵢ where model i alone changes the element, the mean of the
+    changing deltas where several do, B where none does; λ float32 [n] pairs (1 for ram)."""
+    *models, lam_hi, lam_lo, eps = xs
+    b, deltas, changed, count = ram_masks(base, models, eps)
+    zero = jnp.zeros_like(b)
+    alone, shared = (zero, zero), (zero, zero)
+    for i, ((hi, lo), ch) in enumerate(zip(deltas, changed)):
+        hi, lo = jnp.where(ch, hi, 0.0), jnp.where(ch, lo, 0.0)
+        alone = dd_add(alone, dd_mul(lam_hi[i], lam_lo[i], hi, lo))
+        shared = dd_add(shared, (hi, lo))
+    mean = dd_div(shared, jnp.maximum(count, 1).astype(jnp.float32), zero)
+    hi = jnp.where(count == 1, alone[0], jnp.where(count > 1, mean[0], 0.0))
+    lo = jnp.where(count == 1, alone[1], jnp.where(count > 1, mean[1], 0.0))
+    return round_sum3(b, hi, lo, spec.out_dtype)
+
+
+def ram_counts(base, *xs, spec: RamSpec):
+    """Per model, uint8 indicators of its shared (c > 1) and unique (c = 1) changes: ramplus_tl's ρᵢ counts them."""
+    *models, eps = xs
+    _, _, changed, count = ram_masks(base, models, eps)
+    out = []
+    for ch in changed:
+        out += [(ch & (count > 1)).astype(jnp.uint8), (ch & (count == 1)).astype(jnp.uint8)]
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
 class FusionSpec:
     """arcee_fusion of one tensor: rows of `width` elements (the last axis; a vector is one row)."""
 

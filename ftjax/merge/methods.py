@@ -94,6 +94,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            formula="B + δ·[s ≥ median(s) + 1.5·(q₃(s) − q₁(s))], s = |δ|·KL(softmax(M) ‖ softmax(B)) per row "
                    "(softmaxes + 1e-8), quantiles over the whole tensor, exact (mergekit samples 1e6 elements of a "
                    "larger tensor)"),
+    Method("ram", "ram", {"epsilon": 1e-5}, {}, "required",
+           formula="B + Σ over the models that change an element (|δᵢ| > epsilon, c of them): δᵢ when c = 1, "
+                   "their mean Σ δᵢ / c when c > 1"),
+    Method("ramplus_tl", "ram", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, "required",
+           formula="ram with each model's unique changes (c = 1) × λᵢ = 1 + r·clamp(ρᵢ, 0, alpha), ρᵢ = its shared "
+                   "(c > 1) / unique changed elements over the whole tensor (÷ max(unique, epsilon))"),
     Method("passthrough", "passthrough", {}, {"scale": None}, "none", min_models=1, max_models=1,
            formula="the one input model (× scale)"),
 ]}

@@ -72,6 +72,11 @@ def sq_fn(*a):
     return _masked_row_sums(a, "sq")
 
 
+def ram_counts_fn(*a):
+    *xs, spec = a
+    return K.ram_counts(*xs, spec=spec)
+
+
 def _masked_row_sums(a: tuple, what: str) -> tuple:
     *xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec = a
     vals = K.gta_stats(*xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec=spec, what=what)

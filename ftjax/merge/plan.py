@@ -55,7 +55,7 @@ class Task:
 
     name: str
     out: TensorInfo
-    kind: str  # "gta", "comb", "fusion", "nearswap", "scale" or "copy"
+    kind: str  # "gta", "comb", "fusion", "ram", "nearswap", "scale" or "copy"
     refs: tuple[Ref, ...]
     rows: int
     rest: Ref | None = None
@@ -65,7 +65,7 @@ class Task:
     state: dict = dataclasses.field(default_factory=dict)
 
 
-STAGES = ("keys_hi", "keys_lo", "l1", "sq", "gram")
+STAGES = ("keys_hi", "keys_lo", "l1", "sq", "counts", "gram")
 
 
 def out_dtype(config: MergeConfig, stored: np.dtype) -> np.dtype:
@@ -258,7 +258,7 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         keys = ["base", *model_keys, *delta_keys]
     elif m.family == "linear" or m.family == "karcher":
         keys = model_keys
-    elif m.family in ("slerp", "model_stock", "nearswap", "fusion"):
+    elif m.family in ("slerp", "model_stock", "nearswap", "fusion", "ram"):
         keys = ["base", *model_keys]
     elif m.family in ("nuslerp", "multislerp"):
         keys = (["base"] if inputs.base else []) + model_keys
@@ -284,6 +284,8 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         width = (task.out.shape[-1] if len(task.out.shape) >= 2 else max(task.rows, 1)) if task.out.shape else 1
         task.kind, task.spec = "fusion", K.FusionSpec(width, task.out.dtype)
         task.stages += ["keys_hi", "keys_lo"]
+    elif m.family == "ram":
+        _ram(task, config, len(model_keys), t)
     elif m.family == "passthrough":
         scale = value(config, "scale", name, t, entries[0])
         task.kind = "copy" if scale is None else "scale"
@@ -397,6 +399,26 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
         task.stages.append("l1")
 
 
+def _ram(task: Task, config: MergeConfig, n: int, t: float) -> None:
+    """ram / ramplus_tl: epsilon as the largest float32 <= it (|fl32(δ)| > that is |fl32(δ)| > epsilon exactly);
+    ramplus_tl counts each model's shared and unique changes first (stage "counts")."""
+    name, m = task.name, config.method
+    eps = _num(value(config, "epsilon", name, t), "epsilon", name)
+    if eps < 0:
+        raise FtjaxError(f"epsilon is {eps} for {name}; it must be >= 0 (deltas with |δ| > epsilon count as changes)")
+    e32 = np.float32(eps)
+    task.kind, task.spec = "ram", K.RamSpec(n, task.out.dtype)
+    task.values.update(eps=e32 if float(e32) <= eps else np.nextafter(e32, np.float32(-np.inf)), lam=np.ones(n))
+    if m.name == "ramplus_tl":
+        task.values["r"] = _num(value(config, "r", name, t), "r", name)
+        task.values["alpha"] = _num(value(config, "alpha", name, t), "alpha", name)
+        task.values["epsilon"] = eps
+        if task.values["alpha"] < 0:
+            raise FtjaxError(f"alpha is {task.values['alpha']} for {name}; it must be >= 0 (ρ is clamped to "
+                             "[0, alpha])")
+        task.stages.append("counts")
+
+
 def _comb(task: Task, config: MergeConfig, entries: list[ModelEntry], inputs: Inputs, t: float) -> None:
     m, name = config.method, task.name
     fam = m.family
@@ -442,6 +464,8 @@ def stage_kernel(task: Task, stage: str) -> tuple[Kernel, tuple]:
         s = dataclasses.replace(spec, width=width)
         fn = passes.l1_fn if stage == "l1" else passes.sq_fn
         return Kernel(fn, (s,), positional=True, width=width), _mask_args(v)
+    if stage == "counts":
+        return Kernel(passes.ram_counts_fn, (spec,)), (v["eps"],)
     if stage == "gram":
         per_element = spec.per_col
         width = 1 if per_element else (spec.width if spec.per_row else (row_elems(task.out.shape) or 1))
@@ -484,6 +508,8 @@ def stage_start(task: Task, stage: str) -> None:
         task.state["l1"] = [[] for _ in range(2 * spec.n)]
     elif stage == "sq":
         task.state["sq"] = [[] for _ in range(spec.n)]
+    elif stage == "counts":
+        task.state["counts"] = np.zeros(2 * spec.n, np.int64)
     elif stage == "gram":
         task.state["gram"] = [np.zeros(spec.width) if spec.per_col else [] for _ in passes.pairs(spec.n)]
 
@@ -498,6 +524,8 @@ def stage_add(task: Task, stage: str, outs: tuple[np.ndarray, ...]) -> None:
             for r in range(len(sel.ranks)):
                 sel.add_lo(r, outs[j + r])
             j += task.state["bins_per_model"]
+    elif stage == "counts":
+        task.state["counts"] += [int(np.count_nonzero(o)) for o in outs]
     elif stage == "gram" and task.spec.per_col:  # column sums over this block's rows, accumulated in float64
         for acc, o in zip(task.state["gram"], outs):
             acc += np.asarray(o, np.float64).reshape(-1, task.spec.width).sum(axis=0)
@@ -546,6 +574,10 @@ def stage_finish(task: Task, stage: str) -> None:
         n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
         ms = np.array([passes.fsum_rows(parts) for parts in task.state.pop("sq")]) / max(n_el, 1)
         v["w"] = ms / ms.sum() if abs(ms.sum()) >= 1e-6 else np.full(spec.n, 1.0 / spec.n)
+    elif stage == "counts":  # ramplus_tl: λᵢ = 1 + r·clamp(shared / max(unique, epsilon), 0, alpha)
+        c = task.state.pop("counts").reshape(-1, 2)
+        rho = c[:, 0] / np.maximum(c[:, 1], v["epsilon"])
+        v["lam"] = 1.0 + v["r"] * np.clip(rho, 0.0, v["alpha"])
     elif stage == "gram":
         parts = task.state.pop("gram")
         if spec.per_row:
@@ -603,6 +635,9 @@ def write_kernel(task: Task) -> tuple[Kernel | None, tuple]:
         c_hi, c_lo = K.split(v["coefs"])
         return Kernel(_comb_write, (task.spec,), positional=True,
                       width=task.spec.width if task.spec.per_row or task.spec.per_col else 0), (c_hi, c_lo)
+    if task.kind == "ram":
+        lam_hi, lam_lo = K.split(v["lam"])
+        return Kernel(_ram_write, (task.spec,)), (lam_hi, lam_lo, v["eps"])
     if task.kind == "fusion":
         return Kernel(_fusion_write, (task.spec,), width=task.spec.width), (np.float32(v["thr"]),)
     if task.kind == "nearswap":
@@ -619,6 +654,11 @@ def _gta_write(*a):
 def _comb_write(*a):
     *xs, spec = a
     return K.comb_kernel(*xs, spec=spec)
+
+
+def _ram_write(*a):
+    *xs, spec = a
+    return K.ram_kernel(*xs, spec=spec)
 
 
 def _fusion_write(base, model, thr, spec):
