@@ -13,6 +13,7 @@ from reference import bits
 
 from ftjax.cli import main
 from ftjax.errors import FtjaxError
+from ftjax.io.checkpoint import HFCheckpoint, save_hf
 from ftjax.merge import merge_params
 from ftjax.params import flatten, load_params
 
@@ -36,16 +37,14 @@ def _merge(method, b, xs, per_model=None, **params):
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("methods")
     base = make_hf_model(d / "base", dtype="bfloat16", seed=0)
-    tb = checkpoint_tensors(base)
     rng = np.random.default_rng(1)
-    from ftjax.io.checkpoint import HFCheckpoint, save_hf
     ck = HFCheckpoint(base)
     ms = []
     for i, s in enumerate((0.02, 0.05, 0.03)):
         tens = {n: (ck.get(n).astype(np.float32) + s * rng.standard_normal(ck.info(n).shape)).astype(BF16)
                 for n in ck.names()}
         ms.append(save_hf(d / f"m{i}", tens, config=ck.config, aux_from=base))
-    return base, ms, tb
+    return base, ms
 
 
 def _cli_and_memory(tmp_path, monkeypatch, method, base, ms, params=None, per_model=None):
@@ -90,7 +89,7 @@ def test_sce_matches_float64_reference_within_one_ulp(topk):
 
 
 def test_sce_runs_from_a_mergekit_config_with_the_same_bits_as_merge_params(ckpts, tmp_path, monkeypatch):
-    base, ms, _ = ckpts
+    base, ms = ckpts
     out, b, xs = _cli_and_memory(tmp_path, monkeypatch, "sce", base, ms, {"select_topk": 0.5})
     assert max(x.size for x in b.values()) > 3 * 512
     for n in b:
@@ -143,7 +142,7 @@ def test_arcee_fusion_matches_float64_reference(shape):
 
 
 def test_arcee_fusion_runs_from_a_mergekit_config_with_the_same_bits_as_merge_params(ckpts, tmp_path, monkeypatch):
-    base, ms, _ = ckpts
+    base, ms = ckpts
     out, b, xs = _cli_and_memory(tmp_path, monkeypatch, "arcee_fusion", base, ms[1:2])
     for n in b:
         _fusion_bound(b[n], xs[0][n], out[n])
@@ -193,7 +192,7 @@ def test_ram_matches_float64_reference(method, params):
 
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 def test_ram_runs_from_a_mergekit_config_with_the_same_bits_as_merge_params(ckpts, tmp_path, monkeypatch, method):
-    base, ms, _ = ckpts
+    base, ms = ckpts
     params = {"epsilon": 0.02} if method == "ram" else {"r": 0.3, "alpha": 0.5, "epsilon": 0.02}
     out, b, xs = _cli_and_memory(tmp_path, monkeypatch, method, base, ms, params)
     kw = {"r": 0.3, "alpha": 0.5} if method == "ramplus_tl" else {}

@@ -5,6 +5,7 @@ extra passes over the tensor (never by holding it), reduced on the host in an or
   bits in two passes (a 2^16-bin histogram of the high 16 bits, then of the low 16 bits inside the chosen bin):
   TIES' top-k, breadcrumbs' two cuts, sce's top-k of the variance over models, arcee_fusion's quartiles. Counts are integers, so the thresholds are exact and chunk-invariant.
 - `Sq`: Σ kept δ² per model (sce's weights), summed as `L1` is.
+- `Counts`: per model, how many elements it changes alone and together with others (ramplus_tl's ρ), exact integers.
 - `L1`: ‖δ‖₁ and ‖kept δ‖₁ per model (DARE / DELLA / TIES rescaling): float32 row sums in a fixed pairwise order
   (elementwise adds only, so the same on every device), then an exact `math.fsum` over rows on the host.
 - `Gram`: the dot products of every pair of inputs (or deltas) over the whole tensor, per row, or per column: the
