@@ -165,3 +165,70 @@ def nearswap(base, x, t):
     b, m = f64(base), f64(x)
     w = np.clip(t / np.maximum(np.abs(m - b), 1e-6), 0, 1)
     return w * m + (1 - w) * b
+
+
+def sce(base, xs, select_topk=1.0):
+    """mergekit's sce: keep the k = int(count_nonzero(var)·select_topk) elements of largest population variance of
+    the deltas over models (ties at the threshold, at float32 precision, all kept; mergekit's topk keeps exactly k
+    and splits ties arbitrarily), elect signs from the
+    unweighted sum of the kept deltas, weight each model by mean(kept δᵢ²) / Σⱼ mean(kept δⱼ²) (1/N when that sum
+    is below 1e-6) and divide by max(Σ_agree wᵢ, 1e-6)."""
+    b = f64(base)
+    tv = np.stack([f64(x) - b for x in xs])
+    if select_topk < 1:
+        # Σ_{i<j} (δᵢ − δⱼ)² / N² (exact here for bf16 deltas, in any model order), selected at float32 precision
+        var = sum((tv[i] - tv[j]) ** 2 for i in range(len(xs)) for j in range(i + 1, len(xs))) / len(xs) ** 2
+        var = var.astype(np.float32)
+        k = int(np.count_nonzero(var) * select_topk)
+        keep = var >= np.sort(var.reshape(-1))[var.size - k] if k > 0 else np.zeros(var.shape, bool)
+        tv = tv * keep
+    elected = np.where(tv.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = np.sign(tv) == elected
+    ms = (tv ** 2).reshape(len(xs), -1).mean(axis=1)
+    w = ms / ms.sum() if abs(ms.sum()) >= 1e-6 else np.full(len(xs), 1.0 / len(xs))
+    ew = w.reshape((-1,) + (1,) * (tv.ndim - 1)) * agree
+    return b + (tv * ew).sum(axis=0) / np.maximum(ew.sum(axis=0), 1e-6)
+
+
+def arcee_fusion_scores(base, x):
+    """mergekit's arcee_fusion score |M − B| · KL(p ‖ q) per element, p = softmax(M) + 1e-8, q = softmax(B) + 1e-8
+    over the last axis (a vector is one row), and its threshold median + 1.5·(q₃ − q₁) with the quantiles
+    sorted[int(q·(N − 1))] of the whole tensor (mergekit samples 1e6 elements of a larger tensor)."""
+    b, m = f64(base), f64(x)
+    if b.ndim < 2:
+        b, m = b.reshape(1, -1), m.reshape(1, -1)
+
+    def softmax(v):
+        e = np.exp(v - v.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p, q = softmax(m) + 1e-8, softmax(b) + 1e-8
+    s = (np.abs(m - b) * np.sum(p * np.log(p / q), axis=-1, keepdims=True)).reshape(np.shape(base))
+    srt = np.sort(s.reshape(-1))
+    med, q1, q3 = (srt[int(qq * (srt.size - 1))] for qq in (0.5, 0.25, 0.75))
+    return s, med + 1.5 * (q3 - q1)
+
+
+def arcee_fusion(base, x):
+    """M where the score reaches the threshold, else B."""
+    s, thr = arcee_fusion_scores(base, x)
+    return np.where(s >= thr, f64(x), f64(base))
+
+
+def ram(base, xs, epsilon=1e-5, r=None, alpha=None):
+    """mergekit's ram (r None) and ramplus_tl: δᵢ changes an element where |δᵢ| > epsilon (δᵢ exact here; mergekit
+    subtracts and compares in the tensors' dtype); c models change it: B + λᵢδᵢ where c = 1, B + Σ δᵢ / c where
+    c > 1; λᵢ = 1 for ram, 1 + r·clamp(shared_i / max(unique_i, epsilon), 0, alpha) for ramplus_tl (counts over
+    the whole tensor)."""
+    b = f64(base)
+    tv = np.stack([f64(x) - b for x in xs])
+    ch = np.abs(tv) > epsilon
+    c = ch.sum(axis=0)
+    lam = np.ones(len(xs))
+    if r is not None:
+        shared = (ch & (c > 1)).reshape(len(xs), -1).sum(axis=1)
+        unique = (ch & (c == 1)).reshape(len(xs), -1).sum(axis=1)
+        lam = 1 + r * np.clip(shared / np.maximum(unique, epsilon), 0, alpha)
+    tvz = tv * ch
+    lam = lam.reshape((-1,) + (1,) * (tv.ndim - 1))
+    return b + (tvz * (c == 1) * lam + tvz * (c > 1) / np.maximum(c, 1)).sum(axis=0)

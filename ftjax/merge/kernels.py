@@ -85,7 +85,8 @@ class GtaSpec:
 
     deltas[i]: which input model i's delta is taken from (-1: the base B, j >= 0: the j-th extra delta base); for
     linear there is no base and the "deltas" are the models themselves. sparsify: None | "magnitude" | "outliers" |
-    "random" | "della"; width: the row length della ranks over."""
+    "random" | "della" | "variance" (sce: one mask for all models, the elements whose deltas vary most); width: the
+    row length della ranks over; den_floor: the disjoint mean divides by max(Σ_agree w, den_floor) (sce: 1e-6)."""
 
     n: int
     deltas: tuple[int, ...]
@@ -99,6 +100,7 @@ class GtaSpec:
     out_dtype: Any
     width: int = 0
     epsilon_given: bool = False
+    den_floor: float = 0.0
 
 
 def _deltas(spec: GtaSpec, base, models, bases):
@@ -117,6 +119,7 @@ def _deltas(spec: GtaSpec, base, models, bases):
 def keep_masks(spec: GtaSpec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo):
     """Per model: (mask, keep probability or None) of the sparsification."""
     out = []
+    var = variance(deltas) if spec.sparsify == "variance" else None
     for i, (hi, _) in enumerate(deltas):
         mag = jnp.abs(hi)
         if spec.sparsify == "magnitude":
@@ -127,6 +130,8 @@ def keep_masks(spec: GtaSpec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo
             u = uniform(keys[i], idx_hi, idx_lo, hi.shape[0])
             p = jnp.broadcast_to(dens[i], hi.shape)
             out.append((u < p, p))
+        elif spec.sparsify == "variance":
+            out.append((var >= thr_lo[i], None))
         elif spec.sparsify == "della":
             p = della_probability(mag, dens[i], thr_lo[i], spec.width)  # thr_lo carries epsilon here
             u = uniform(keys[i], idx_hi, idx_lo, hi.shape[0])
@@ -134,6 +139,20 @@ def keep_masks(spec: GtaSpec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo
         else:
             out.append((jnp.ones(hi.shape, bool), None))
     return out
+
+
+def variance(deltas) -> jax.Array:
+    """sce's selection score, float32 [n]: the population variance over the N models of fl32(δᵢ), per element, as
+    Σ_{i<j} (δᵢ − δⱼ)² / N² carried in float32 pairs and rounded once, so the same value for the same deltas in any
+    model order (a float32 mean would not be: the top-k would then split ties by model order)."""
+    n = len(deltas)
+    zero = jnp.zeros_like(deltas[0][0])
+    total = (zero, zero)
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = two_sum(deltas[i][0], -deltas[j][0])
+            total = dd_add(total, dd_mul(d[0], d[1], d[0], d[1]))
+    return dd_div(total, jnp.float32(n * n), jnp.float32(0.0))[0]
 
 
 def della_probability(mag: jax.Array, density: jax.Array, epsilon: jax.Array, width: int) -> jax.Array:
@@ -188,6 +207,9 @@ def gta_kernel(*xs, spec: GtaSpec):
             agrees.append(agree)
             mixed = dd_add(mixed, (jnp.where(agree, wv[0], 0.0), jnp.where(agree, wv[1], 0.0)))
             den = dd_add(den, (jnp.where(agree, w_hi[i], 0.0), jnp.where(agree, w_lo[i], 0.0)))
+        if spec.den_floor:  # sce's clamp(min=1e-6) of the agreeing weights (nothing agrees: mixed is 0 anyway)
+            low = (den[0] < spec.den_floor) & (den[0] != 0)
+            den = (jnp.where(low, jnp.float32(spec.den_floor), den[0]), jnp.where(low, 0.0, den[1]))
         if spec.normalize:  # ÷ Σ_agree w: the Newton step of dd_div with 1 / den from a host table over the 2^n
             # agreement patterns (`div`, float32 [2^n]; 1 where no model agrees, and mixed is 0): a divide in this
             # graph makes XLA:CPU re-derive the whole chain in several fusions, several times slower
@@ -207,26 +229,33 @@ def gta_kernel(*xs, spec: GtaSpec):
     return round_sum3(b if b is not None else zero, mixed[0], mixed[1], spec.out_dtype)
 
 
-def agreement_reciprocals(w: np.ndarray) -> np.ndarray:
+def agreement_reciprocals(w: np.ndarray, floor: float = 0.0) -> np.ndarray:
     """float32 [2^n]: 1 / Σ_{i in S} w_i for every subset S of the models (bit i of the index: model i agrees), 1
-    where that sum is 0 (mergekit's guard: nothing is divided)."""
+    where that sum is 0 (mergekit's guard: nothing is divided); sums in (0, floor) count as floor."""
     n = len(w)
     sums = np.array([sum(float(w[i]) for i in range(n) if s >> i & 1) for s in range(1 << n)])
+    if floor:
+        sums = np.where((sums != 0) & (sums < floor), floor, sums)
     return np.where(sums != 0, 1.0 / np.where(sums != 0, sums, 1.0), 1.0).astype(np.float32)
 
 
 def gta_stats(*xs, spec: GtaSpec, what: str):
     """Per-element values a statistics pass reduces on the host. what: "keys" (uint32 bits of |fl32(δ_i)|, one array
-    per model, for the exact magnitude thresholds) or "l1" (|δ_i| and |kept δ_i| as float32, per model)."""
+    per model, for the exact magnitude thresholds; sce: one array, of the variance), "l1" (|δ_i| and |kept δ_i| as
+    float32, per model) or "sq" (kept δ_i², per model: sce's weights)."""
     nb = int(spec.has_base)
     base = xs[0] if spec.has_base else None
     models = xs[nb: nb + spec.n]
     bases = xs[nb + spec.n: nb + spec.n + spec.n_bases]
     _, deltas = _deltas(spec, base, models, bases)
+    if what == "keys" and spec.sparsify == "variance":
+        return (jax.lax.bitcast_convert_type(variance(deltas), jnp.uint32),)
     if what == "keys":
         return tuple(jax.lax.bitcast_convert_type(jnp.abs(hi), jnp.uint32) for hi, _ in deltas)
     dens, thr_lo, thr_hi, keys, idx_hi, idx_lo = xs[nb + spec.n + spec.n_bases:]
     masks = keep_masks(spec, deltas, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo)
+    if what == "sq":
+        return tuple(jnp.where(mask, hi * hi, 0.0) for (hi, _), (mask, _) in zip(deltas, masks))
     out = []
     for (hi, _), (mask, _) in zip(deltas, masks):
         out += [jnp.abs(hi), jnp.where(mask, jnp.abs(hi), 0.0)]
@@ -288,6 +317,81 @@ def vectors(*xs, delta: bool, n: int):
         return tuple(to_f32(x) for x in xs[:n])
     b = to_f32(xs[0])
     return tuple(to_f32(x) - b for x in xs[1: 1 + n])
+
+
+@dataclasses.dataclass(frozen=True)
+class RamSpec:
+    """ram / ramplus_tl of one tensor over n models."""
+
+    n: int
+    out_dtype: Any
+
+
+def ram_masks(base, models, eps):
+    """(exact deltas as pairs, per model |fl32(δᵢ)| > eps, the count c of models changing each element); eps float32
+    rounded down from the config's epsilon, so the comparison is the exact one."""
+    b = to_f32(base)
+    deltas = [two_sum(to_f32(x), -b) for x in models]
+    changed = [jnp.abs(hi) > eps for hi, _ in deltas]
+    count = sum((c.astype(jnp.int32) for c in changed[1:]), changed[0].astype(jnp.int32))
+    return b, deltas, changed, count
+
+
+def ram_kernel(base, *xs, spec: RamSpec):
+    """xs = (M_1..M_n, lam_hi, lam_lo, eps): B + λᵢ·δᵢ where model i alone changes the element, the mean of the
+    changing deltas where several do, B where none does; λ float32 [n] pairs (1 for ram)."""
+    *models, lam_hi, lam_lo, eps = xs
+    b, deltas, changed, count = ram_masks(base, models, eps)
+    zero = jnp.zeros_like(b)
+    alone, shared = (zero, zero), (zero, zero)
+    for i, ((hi, lo), ch) in enumerate(zip(deltas, changed)):
+        hi, lo = jnp.where(ch, hi, 0.0), jnp.where(ch, lo, 0.0)
+        alone = dd_add(alone, dd_mul(lam_hi[i], lam_lo[i], hi, lo))
+        shared = dd_add(shared, (hi, lo))
+    mean = dd_div(shared, jnp.maximum(count, 1).astype(jnp.float32), zero)
+    hi = jnp.where(count == 1, alone[0], jnp.where(count > 1, mean[0], 0.0))
+    lo = jnp.where(count == 1, alone[1], jnp.where(count > 1, mean[1], 0.0))
+    return round_sum3(b, hi, lo, spec.out_dtype)
+
+
+def ram_counts(base, *xs, spec: RamSpec):
+    """Per model, uint8 indicators of its shared (c > 1) and unique (c = 1) changes: ramplus_tl's ρᵢ counts them."""
+    *models, eps = xs
+    _, _, changed, count = ram_masks(base, models, eps)
+    out = []
+    for ch in changed:
+        out += [(ch & (count > 1)).astype(jnp.uint8), (ch & (count == 1)).astype(jnp.uint8)]
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionSpec:
+    """arcee_fusion of one tensor: rows of `width` elements (the last axis; a vector is one row)."""
+
+    width: int
+    out_dtype: Any
+
+
+def fusion_importance(base, model, *, width: int) -> jax.Array:
+    """float32 [n]: arcee_fusion's score |M − B| · KL(p ‖ q) of each element, p = softmax(M) + 1e-8 and q =
+    softmax(B) + 1e-8 over the element's row (n a multiple of `width`)."""
+    b, m = to_f32(base).reshape(-1, width), to_f32(model).reshape(-1, width)
+    p = jax.nn.softmax(m, axis=-1) + jnp.float32(1e-8)
+    q = jax.nn.softmax(b, axis=-1) + jnp.float32(1e-8)
+    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+    return (jnp.abs(m - b) * kl).reshape(-1)
+
+
+def ordered_key(x: jax.Array) -> jax.Array:
+    """uint32 keys ordered like the float32 values x (negative values below positive ones)."""
+    k = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(k >> 31 == 1, ~k, k | jnp.uint32(0x80000000))
+
+
+def fusion_kernel(base, model, thr, *, spec: FusionSpec):
+    """M where the score reaches the threshold thr (float32, from the quantile pass), else B (exact either way)."""
+    keep = fusion_importance(base, model, width=spec.width) >= thr
+    return jnp.where(keep, to_f32(model), to_f32(base)).astype(spec.out_dtype)
 
 
 def nearswap_kernel(base, other, t, *, out_dtype):

@@ -28,7 +28,7 @@ class Method:
     globals: Mapping[str, Any]
     per_model: Mapping[str, Any]
     base: str  # "required", "optional", "input" (the base is one of the inputs, weighted like them) or "none"
-    sparsify: str | None = None  # None, "magnitude", "random", "outliers", "della"
+    sparsify: str | None = None  # None, "magnitude", "random", "outliers", "della", "variance" (sce)
     consensus: bool = False  # TIES sign election
     min_models: int = 1
     max_models: int | None = None
@@ -69,6 +69,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
          "keep each element with probability density − ε + 2ε·rank/(cols−1) (rank of |δ| in its row), rescale, "
          "elect signs; B + λ·Σ_agree wᵢδᵢ / Σ_agree wᵢ"),
     _gta("della_linear", "della", False, False, True, {"epsilon": 0.15}, "della's drop and rescale; B + λ·Σ wᵢδᵢ"),
+    Method("sce", "gta", {"select_topk": 1.0, "int8_mask": False}, {}, "required", "variance", True,
+           formula="keep the select_topk share of elements where the δᵢ vary most across models (population "
+                   "variance, whole tensor); elect signs from Σ δᵢ; B + Σ_agree wᵢδᵢ / max(Σ_agree wᵢ, 1e-6), "
+                   "wᵢ ∝ mean(kept δᵢ²) (uniform when Σ mean(kept δᵢ²) < 1e-6)"),
     Method("slerp", "slerp", {"t": REQUIRED}, {}, "required", min_models=1, max_models=1,
            formula="sin((1−t)θ)/sin θ·B + sin(tθ)/sin θ·M, θ the angle between B and M (whole tensor); "
                    "lerp when |cos θ| > 0.9995"),
@@ -86,6 +90,16 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                    "(whole tensor, or per row with filter_wise)"),
     Method("nearswap", "nearswap", {"t": REQUIRED}, {}, "required", min_models=1, max_models=1,
            formula="B + w·(M − B) with w = clamp(t / |M − B|, 0, 1) per element"),
+    Method("arcee_fusion", "fusion", {}, {}, "required", min_models=1, max_models=1,
+           formula="B + δ·[s ≥ median(s) + 1.5·(q₃(s) − q₁(s))], s = |δ|·KL(softmax(M) ‖ softmax(B)) per row "
+                   "(softmaxes + 1e-8), quantiles over the whole tensor, exact (mergekit samples 1e6 elements of a "
+                   "larger tensor)"),
+    Method("ram", "ram", {"epsilon": 1e-5}, {}, "required",
+           formula="B + Σ over the models that change an element (|δᵢ| > epsilon, c of them): δᵢ when c = 1, "
+                   "their mean Σ δᵢ / c when c > 1"),
+    Method("ramplus_tl", "ram", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, "required",
+           formula="ram with each model's unique changes (c = 1) × λᵢ = 1 + r·clamp(ρᵢ, 0, alpha), ρᵢ = its shared "
+                   "(c > 1) / unique changed elements over the whole tensor (÷ max(unique, epsilon))"),
     Method("passthrough", "passthrough", {}, {"scale": None}, "none", min_models=1, max_models=1,
            formula="the one input model (× scale)"),
 ]}

@@ -3,7 +3,9 @@ extra passes over the tensor (never by holding it), reduced on the host in an or
 
 - `KeysHi` / `KeysLo`: the exact k-th largest (or smallest) |δ| of a tensor, by a radix select over the float32
   bits in two passes (a 2^16-bin histogram of the high 16 bits, then of the low 16 bits inside the chosen bin):
-  TIES' top-k, breadcrumbs' two cuts. Counts are integers, so the thresholds are exact and chunk-invariant.
+  TIES' top-k, breadcrumbs' two cuts, sce's top-k of the variance over models, arcee_fusion's quartiles. Counts are integers, so the thresholds are exact and chunk-invariant.
+- `Sq`: Σ kept δ² per model (sce's weights), summed as `L1` is.
+- `Counts`: per model, how many elements it changes alone and together with others (ramplus_tl's ρ), exact integers.
 - `L1`: ‖δ‖₁ and ‖kept δ‖₁ per model (DARE / DELLA / TIES rescaling): float32 row sums in a fixed pairwise order
   (elementwise adds only, so the same on every device), then an exact `math.fsum` over rows on the host.
 - `Gram`: the dot products of every pair of inputs (or deltas) over the whole tensor, per row, or per column: the
@@ -40,24 +42,45 @@ def row_sums(x: jax.Array, width: int) -> jax.Array:
     return r[..., 0]
 
 
+def _keys(xs, spec) -> tuple:
+    """The uint32 keys a radix select ranks: |δ| per model (`kernels.gta_stats`), or arcee_fusion's score."""
+    if isinstance(spec, K.FusionSpec):
+        return (K.ordered_key(K.fusion_importance(*xs, width=spec.width)),)
+    return K.gta_stats(*xs, spec=spec, what="keys")
+
+
 def keys_hi_fn(*a):
     *xs, spec = a
-    return tuple((k >> 16).astype(jnp.uint16) for k in K.gta_stats(*xs, spec=spec, what="keys"))
+    return tuple((k >> 16).astype(jnp.uint16) for k in _keys(xs, spec))
 
 
 def keys_lo_fn(*a):
     """Low 16 bits of the keys in bin[i, j] (high 16 bits), else 0 (host subtracts the elements outside the bin)."""
     *xs, bins, spec = a
     out = []
-    for i, k in enumerate(K.gta_stats(*xs, spec=spec, what="keys")):
+    for i, k in enumerate(_keys(xs, spec)):
         for j in range(bins.shape[1]):
             out.append(jnp.where((k >> 16) == bins[i, j], k & 0xFFFF, 0).astype(jnp.uint16))
     return tuple(out)
 
 
 def l1_fn(*a):
+    return _masked_row_sums(a, "l1")
+
+
+def sq_fn(*a):
+    """Per model, row sums of the kept δᵢ² (sce's weights)."""
+    return _masked_row_sums(a, "sq")
+
+
+def ram_counts_fn(*a):
+    *xs, spec = a
+    return K.ram_counts(*xs, spec=spec)
+
+
+def _masked_row_sums(a: tuple, what: str) -> tuple:
     *xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec = a
-    vals = K.gta_stats(*xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec=spec, what="l1")
+    vals = K.gta_stats(*xs, dens, thr_lo, thr_hi, keys, idx_hi, idx_lo, spec=spec, what=what)
     sums = row_sums(jnp.stack(vals), spec.width or 1)  # one reduction over all (XLA:CPU would re-derive the masks
     return tuple(sums[i] for i in range(len(vals)))  # for each of separate ones)
 
@@ -84,8 +107,9 @@ class RadixSelect:
     """The exact value of given ascending ranks (0-based) of a tensor's |δ| keys, one model: feed the high-16-bit
     keys (`hi`), then, for the chosen bins, the low 16 bits (`lo`)."""
 
-    def __init__(self, ranks: list[int]):
+    def __init__(self, ranks: list[int], ordered: bool = False):
         self.ranks = ranks
+        self.ordered = ordered  # keys are `kernels.ordered_key`s of signed values, not bits of magnitudes
         self.hist = np.zeros(1 << 16, np.int64)
         self.n = 0
 
@@ -114,7 +138,10 @@ class RadixSelect:
             lo = self.lo[j].copy()
             lo[0] = self.bin_counts[j] - int(lo[1:].sum())
             low = int(np.searchsorted(np.cumsum(lo), within, side="right"))
-            out.append(float(np.array([(b << 16) | low], np.uint32).view(np.float32)[0]))
+            key = (b << 16) | low
+            if self.ordered:
+                key = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+            out.append(float(np.array([key], np.uint32).view(np.float32)[0]))
         return out
 
 

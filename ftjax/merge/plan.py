@@ -55,7 +55,7 @@ class Task:
 
     name: str
     out: TensorInfo
-    kind: str  # "gta", "comb", "nearswap", "scale" or "copy"
+    kind: str  # "gta", "comb", "fusion", "ram", "nearswap", "scale" or "copy"
     refs: tuple[Ref, ...]
     rows: int
     rest: Ref | None = None
@@ -65,7 +65,7 @@ class Task:
     state: dict = dataclasses.field(default_factory=dict)
 
 
-STAGES = ("keys_hi", "keys_lo", "l1", "gram")
+STAGES = ("keys_hi", "keys_lo", "l1", "sq", "counts", "gram")
 
 
 def out_dtype(config: MergeConfig, stored: np.dtype) -> np.dtype:
@@ -258,7 +258,7 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         keys = ["base", *model_keys, *delta_keys]
     elif m.family == "linear" or m.family == "karcher":
         keys = model_keys
-    elif m.family in ("slerp", "model_stock", "nearswap"):
+    elif m.family in ("slerp", "model_stock", "nearswap", "fusion", "ram"):
         keys = ["base", *model_keys]
     elif m.family in ("nuslerp", "multislerp"):
         keys = (["base"] if inputs.base else []) + model_keys
@@ -280,6 +280,12 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         _gta(task, config, entries, model_keys, inputs, keys, t, seed, problems)
     elif m.family == "nearswap":
         task.kind, task.values["t"] = "nearswap", float(value(config, "t", name, t))
+    elif m.family == "fusion":
+        width = (task.out.shape[-1] if len(task.out.shape) >= 2 else max(task.rows, 1)) if task.out.shape else 1
+        task.kind, task.spec = "fusion", K.FusionSpec(width, task.out.dtype)
+        task.stages += ["keys_hi", "keys_lo"]
+    elif m.family == "ram":
+        _ram(task, config, len(model_keys), t)
     elif m.family == "passthrough":
         scale = value(config, "scale", name, t, entries[0])
         task.kind = "copy" if scale is None else "scale"
@@ -325,16 +331,25 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
          keys: list[str], t: float, seed: int, problems: list[str]) -> None:
     m, name = config.method, task.name
     g = lambda key: value(config, key, name, t)
-    w = np.array([_num(value(config, "weight", name, t, e), "weight", name, e) for e in entries])
-    dens = np.array([_num(value(config, "density", name, t, e), "density", name, e) if "density" in m.per_model
-                     else 1.0 for e in entries])
+    sce = m.sparsify == "variance"  # weights from the statistics pass ("sq"), one density for all models
+    if sce:
+        w, topk = np.ones(len(entries)), _num(g("select_topk"), "select_topk", name)
+        _bool(g("int8_mask"), "int8_mask")  # mergekit's mask storage; no effect on the result
+        if not 0.0 <= topk <= 1.0:
+            raise FtjaxError(f"select_topk is {topk} for {name}; it must be in [0, 1] (the share of elements kept)")
+        dens = np.full(len(entries), topk)
+    else:
+        w = np.array([_num(value(config, "weight", name, t, e), "weight", name, e) for e in entries])
+        dens = np.array([_num(value(config, "density", name, t, e), "density", name, e) if "density" in m.per_model
+                         else 1.0 for e in entries])
     for e, d in zip(entries, dens):
         if not 0.0 <= d <= 1.0:
             raise FtjaxError(f"density of {e.model} is {d} for {name}; it must be in [0, 1]")
-    normalize = _bool(g("normalize"), "normalize")
+    normalize = _bool(g("normalize"), "normalize") if "normalize" in m.globals else sce
     rescale = _bool(g("rescale"), "rescale") if "rescale" in m.globals else False
     lam = _num(g("lambda"), "lambda", name) if "lambda" in m.globals else 1.0
-    election = g("sign_election") if m.consensus else "weighted"
+    election = g("sign_election") if "sign_election" in m.globals and m.consensus else \
+        ("unweighted" if sce else "weighted")
     mode = g("rescale_mode") if "rescale_mode" in m.globals else "l1"
     if election not in ("weighted", "unweighted"):
         raise FtjaxError(f"sign_election must be 'weighted' (mergekit) or 'unweighted' (the TIES paper), got {election!r}")
@@ -363,7 +378,7 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
     spec = K.GtaSpec(n, tuple(-1 if inputs.deltas[k] == "base" else delta_keys.index(inputs.deltas[k])
                               for k in model_keys) if m.family == "gta" else (0,) * n,
                      len(delta_keys), m.family == "gta", m.sparsify if trimmed else None, m.consensus, election,
-                     rescale_mode, normalize, task.out.dtype, width)
+                     rescale_mode, normalize, task.out.dtype, width, den_floor=1e-6 if sce else 0.0)
     div = float(w.sum()) if normalize and not m.consensus else 1.0
     if normalize and not m.consensus and abs(div) < 1e-8:
         if m.family == "linear":
@@ -374,12 +389,34 @@ def _gta(task: Task, config: MergeConfig, entries: list[ModelEntry], model_keys:
     task.values.update(w=w, dens=dens, extra=extra, lam=lam, div=div, r=np.ones(n), thr_lo=np.full(n, -1.0),
                        thr_hi=np.full(n, np.inf), keys=np.stack([mask_key(seed, i, name) for i in model_index]),
                        sparsify=spec.sparsify)
-    if trimmed and m.sparsify in ("magnitude", "outliers"):
+    if trimmed and m.sparsify in ("magnitude", "outliers", "variance"):
         task.stages += ["keys_hi", "keys_lo"]
+    if sce:
+        task.stages.append("sq")
     if rescale_mode == "factor" and mode == "inverse_density":  # magnitude masks keep a fraction `density`
         task.values["r"] = np.where(dens > 0, 1.0 / np.maximum(dens, 1e-30), 1.0)
     elif rescale_mode == "factor":  # after the thresholds: the l1 factor counts what the masks keep
         task.stages.append("l1")
+
+
+def _ram(task: Task, config: MergeConfig, n: int, t: float) -> None:
+    """ram / ramplus_tl: epsilon as the largest float32 <= it (|fl32(δ)| > that is |fl32(δ)| > epsilon exactly);
+    ramplus_tl counts each model's shared and unique changes first (stage "counts")."""
+    name, m = task.name, config.method
+    eps = _num(value(config, "epsilon", name, t), "epsilon", name)
+    if eps < 0:
+        raise FtjaxError(f"epsilon is {eps} for {name}; it must be >= 0 (deltas with |δ| > epsilon count as changes)")
+    e32 = np.float32(eps)
+    task.kind, task.spec = "ram", K.RamSpec(n, task.out.dtype)
+    task.values.update(eps=e32 if float(e32) <= eps else np.nextafter(e32, np.float32(-np.inf)), lam=np.ones(n))
+    if m.name == "ramplus_tl":
+        task.values["r"] = _num(value(config, "r", name, t), "r", name)
+        task.values["alpha"] = _num(value(config, "alpha", name, t), "alpha", name)
+        task.values["epsilon"] = eps
+        if task.values["alpha"] < 0:
+            raise FtjaxError(f"alpha is {task.values['alpha']} for {name}; it must be >= 0 (ρ is clamped to "
+                             "[0, alpha])")
+        task.stages.append("counts")
 
 
 def _comb(task: Task, config: MergeConfig, entries: list[ModelEntry], inputs: Inputs, t: float) -> None:
@@ -417,14 +454,18 @@ def _comb(task: Task, config: MergeConfig, entries: list[ModelEntry], inputs: In
 def stage_kernel(task: Task, stage: str) -> tuple[Kernel, tuple]:
     """(kernel, args) of a statistics pass over `task`."""
     v, spec = task.values, task.spec
+    width = spec.width if task.kind == "fusion" else 0  # its score needs whole rows
     if stage == "keys_hi":
-        return Kernel(passes.keys_hi_fn, (spec,)), ()
+        return Kernel(passes.keys_hi_fn, (spec,), width=width), ()
     if stage == "keys_lo":
-        return Kernel(passes.keys_lo_fn, (spec,)), (np.asarray(task.state["bins"], np.uint32),)
-    if stage == "l1":
+        return Kernel(passes.keys_lo_fn, (spec,), width=width), (np.asarray(task.state["bins"], np.uint32),)
+    if stage in ("l1", "sq"):
         width = spec.width or row_elems(task.out.shape) or 1
         s = dataclasses.replace(spec, width=width)
-        return Kernel(passes.l1_fn, (s,), positional=True, width=width), _mask_args(v)
+        fn = passes.l1_fn if stage == "l1" else passes.sq_fn
+        return Kernel(fn, (s,), positional=True, width=width), _mask_args(v)
+    if stage == "counts":
+        return Kernel(passes.ram_counts_fn, (spec,)), (v["eps"],)
     if stage == "gram":
         per_element = spec.per_col
         width = 1 if per_element else (spec.width if spec.per_row else (row_elems(task.out.shape) or 1))
@@ -447,7 +488,12 @@ def stage_start(task: Task, stage: str) -> None:
     if stage == "keys_hi":
         n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
         sel = []
-        for i, d in enumerate(v["dens"]):
+        if task.kind == "fusion":  # mergekit's quantiles: sorted[int(q·(N − 1))], q = 0.5, 0.25, 0.75
+            sel.append(passes.RadixSelect([int(q * (n_el - 1)) for q in (0.5, 0.25, 0.75)], ordered=True))
+        for i, d in enumerate([] if task.kind == "fusion" else v["dens"]):
+            if spec.sparsify == "variance":  # one selection over all models; its rank needs the count of zeros
+                sel.append(passes.RadixSelect([0]))
+                break
             if spec.sparsify == "magnitude":
                 k = max(1, int(d * n_el))
                 ranks = [n_el - k] if d < 1 else [0]
@@ -460,6 +506,10 @@ def stage_start(task: Task, stage: str) -> None:
         task.state["select"] = sel
     elif stage == "l1":
         task.state["l1"] = [[] for _ in range(2 * spec.n)]
+    elif stage == "sq":
+        task.state["sq"] = [[] for _ in range(spec.n)]
+    elif stage == "counts":
+        task.state["counts"] = np.zeros(2 * spec.n, np.int64)
     elif stage == "gram":
         task.state["gram"] = [np.zeros(spec.width) if spec.per_col else [] for _ in passes.pairs(spec.n)]
 
@@ -474,6 +524,8 @@ def stage_add(task: Task, stage: str, outs: tuple[np.ndarray, ...]) -> None:
             for r in range(len(sel.ranks)):
                 sel.add_lo(r, outs[j + r])
             j += task.state["bins_per_model"]
+    elif stage == "counts":
+        task.state["counts"] += [int(np.count_nonzero(o)) for o in outs]
     elif stage == "gram" and task.spec.per_col:  # column sums over this block's rows, accumulated in float64
         for acc, o in zip(task.state["gram"], outs):
             acc += np.asarray(o, np.float64).reshape(-1, task.spec.width).sum(axis=0)
@@ -485,15 +537,25 @@ def stage_add(task: Task, stage: str, outs: tuple[np.ndarray, ...]) -> None:
 def stage_finish(task: Task, stage: str) -> None:
     v, spec = task.values, task.spec
     if stage == "keys_hi":
+        if task.kind == "gta" and spec.sparsify == "variance":  # mergekit: k = int(count_nonzero(var) · select_topk)
+            sel = task.state["select"][0]
+            k = int((sel.n - int(sel.hist[0])) * float(v["dens"][0]))
+            task.state["k"] = k
+            sel.ranks = [sel.n - max(k, 1)]
         for sel in task.state["select"]:
             sel.choose_bins()
         per = max(len(sel.bins) for sel in task.state["select"])
         task.state["bins_per_model"] = per
         task.state["bins"] = [sel.bins + [sel.bins[-1]] * (per - len(sel.bins)) for sel in task.state["select"]]
+    elif stage == "keys_lo" and task.kind == "fusion":  # median + 1.5·IQR in float32, as mergekit computes it
+        med, q1, q3 = np.float32(task.state.pop("select")[0].values())
+        v["thr"] = med + np.float32(1.5) * (q3 - q1)
     elif stage == "keys_lo":
         for i, (sel, d) in enumerate(zip(task.state.pop("select"), v["dens"])):
             vals = sel.values()
-            if spec.sparsify == "magnitude":
+            if spec.sparsify == "variance":  # the one threshold, for every model (none kept when k = 0)
+                v["thr_lo"][:] = vals[0] if task.state["k"] > 0 else np.inf
+            elif spec.sparsify == "magnitude":
                 v["thr_lo"][i] = vals[0] if d < 1 else -1.0
                 if d <= 0:
                     v["thr_lo"][i] = np.inf
@@ -508,6 +570,14 @@ def stage_finish(task: Task, stage: str) -> None:
         for i in range(spec.n):
             before, after = sums[2 * i], sums[2 * i + 1]
             v["r"][i] = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    elif stage == "sq":  # sce's weights: mean(kept δᵢ²), normalised (uniform when their sum is below 1e-6)
+        n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
+        ms = np.array([passes.fsum_rows(parts) for parts in task.state.pop("sq")]) / max(n_el, 1)
+        v["w"] = ms / ms.sum() if abs(ms.sum()) >= 1e-6 else np.full(spec.n, 1.0 / spec.n)
+    elif stage == "counts":  # ramplus_tl: λᵢ = 1 + r·clamp(shared / max(unique, epsilon), 0, alpha)
+        c = task.state.pop("counts").reshape(-1, 2)
+        rho = c[:, 0] / np.maximum(c[:, 1], v["epsilon"])
+        v["lam"] = 1.0 + v["r"] * np.clip(rho, 0.0, v["alpha"])
     elif stage == "gram":
         parts = task.state.pop("gram")
         if spec.per_row:
@@ -558,13 +628,18 @@ def write_kernel(task: Task) -> tuple[Kernel | None, tuple]:
         r_hi, r_lo = K.split(v["r"])
         dens, thr_lo, thr_hi, keys = _mask_args(v)
         lam = np.stack(K.split(v["lam"]))
-        div = K.agreement_reciprocals(v["w"]) if task.spec.consensus else np.stack(K.split(v["div"]))
+        div = K.agreement_reciprocals(v["w"], task.spec.den_floor) if task.spec.consensus else np.stack(K.split(v["div"]))
         return Kernel(_gta_write, (task.spec,), positional=True, width=task.spec.width), (
             w_hi, w_lo, dens, thr_lo, thr_hi, r_hi, r_lo, keys, lam, div)
     if task.kind == "comb":
         c_hi, c_lo = K.split(v["coefs"])
         return Kernel(_comb_write, (task.spec,), positional=True,
                       width=task.spec.width if task.spec.per_row or task.spec.per_col else 0), (c_hi, c_lo)
+    if task.kind == "ram":
+        lam_hi, lam_lo = K.split(v["lam"])
+        return Kernel(_ram_write, (task.spec,)), (lam_hi, lam_lo, v["eps"])
+    if task.kind == "fusion":
+        return Kernel(_fusion_write, (task.spec,), width=task.spec.width), (np.float32(v["thr"]),)
     if task.kind == "nearswap":
         return Kernel(_nearswap_write, (task.out.dtype,)), (np.float32(v["t"]),)
     s_hi, s_lo = K.split(v["scale"])
@@ -579,6 +654,15 @@ def _gta_write(*a):
 def _comb_write(*a):
     *xs, spec = a
     return K.comb_kernel(*xs, spec=spec)
+
+
+def _ram_write(*a):
+    *xs, spec = a
+    return K.ram_kernel(*xs, spec=spec)
+
+
+def _fusion_write(base, model, thr, spec):
+    return K.fusion_kernel(base, model, thr, spec=spec)
 
 
 def _nearswap_write(base, other, t, out_dtype):
