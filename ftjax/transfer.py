@@ -213,7 +213,7 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
                    configs={"base": b.config, "ft": f.config})
     report.warnings += P.swapped_base_warnings(b, f, "--base", "--ft")
     base_rows = {p.source: p.rows for p in plans if p.action == "kernel" and p.rows != rows_of(p.out.shape)}
-    report.vocab = {"base_rows": base_rows} if base_rows else {}
+    report.vocab = P.VocabReport(base_rows=base_rows) if base_rows else P.VocabReport()
     if dry_run:
         return report
     kernel = Kernel(_diff_op) if exact else None

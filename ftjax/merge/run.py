@@ -145,7 +145,7 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
     P.fail(problems, "inputs do not match")
     layouts = {k: Layout.of_checkpoint(h) for k, h in handles.items()}
     inputs = _inputs(config, layouts, delta_keys)
-    tasks = plan_tensors(config, inputs, seed=seed)
+    tasks = plan_tensors(config, inputs, seed=seed, warnings=report.warnings)
     report.tensors, report.transferred = len(tasks), sum(t.kind != "copy" for t in tasks)
     report.copied_non_float = [t.name for t in tasks if t.kind == "copy" and config.method.name != "passthrough"]
     out_key = slice_target(config, inputs) if config.slices else inputs.base or "m0"
