@@ -3,6 +3,8 @@ and merge refuse the same mismatches with the same one-line error naming the mod
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 from hf_models import make_hf_model, write_yaml
@@ -58,3 +60,23 @@ def test_merge_warns_when_the_inputs_tie_their_embeddings_differently(tmp_path):
     rep = merge(write_yaml(tmp_path, cfg), tmp_path / "out", dry_run=True, progress=False)
     assert any("embedding tying differs" in w for w in rep.warnings), rep.warnings
     assert any(f"the separate lm_head of {untied} is not used" in w for w in rep.warnings), rep.warnings
+
+
+def _types(t: object) -> list[object]:
+    """t and every type inside it (the arguments of generics, the fields of TypedDicts)."""
+    inner = list(typing.get_args(t))
+    if typing.is_typeddict(t):
+        inner += list(typing.get_type_hints(t).values())
+    return [t] + [x for i in inner for x in _types(i)]
+
+
+def test_every_command_shares_one_typed_report():
+    hints = typing.get_type_hints(P.Report)
+    assert all(t is not typing.Any for h in hints.values() for t in _types(h)), hints
+    assert set(typing.get_args(hints["kind"])) >= {"transfer", "diff", "apply", "merge"}
+    assert P.TransferReport is P.Report
+    rep = P.Report("diff", "out", {"base": "b", "ft": "f"}, vocab=P.VocabReport(base_rows={EMBED: 16}))
+    assert list(rep.to_dict()) == ["kind", "out", "inputs", "tensors", "transferred", "bytes_read", "bytes_written",
+                                   "seconds", "skipped", "copied_non_float", "alphas", "vocab", "warnings",
+                                   "nonfinite", "matched", "dry_run", "gb_per_s"]
+    assert rep.to_dict()["vocab"] == {"base_rows": {EMBED: 16}}

@@ -1,7 +1,10 @@
-"""Transfer planning: validate the three (or, for apply, two) tensor layouts against each other and decide, per
-output tensor, what happens to it (`TensorPlan`). Every mismatch is collected into one FtjaxError; the vocab /
-tied-embedding / non-float policies are documented in `ftjax.transfer`'s module docstring and applied here, for the
-streaming commands and the in-memory `transfer_params` alike. `TransferReport` records what happened."""
+"""Planning. The input checks every plan shares, transfer/diff/apply and merge alike: a base plus N models, each with
+an optional delta base (`check_keysets`, `check_tensor`, `compare_configs`: key sets, shapes, dtypes, tying and
+vocabulary rows, every mismatch collected into one FtjaxError naming the input and the tensor). On them, the
+transfer's plan (`plan`: base T + alpha * (model F - its delta base S), diff F - B, apply T + alpha * D) decides per
+output tensor what happens to it (`TensorPlan`); the vocab / tied-embedding / non-float policies are documented in
+`ftjax.transfer`'s module docstring and applied here, for the streaming commands and the in-memory
+`transfer_params` alike (the merge's plan is `ftjax.merge.plan`). `Report` records what any command did."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Literal, TypedDict
 
 import ml_dtypes
 import numpy as np
@@ -42,11 +45,15 @@ class VocabReport(TypedDict, total=False):
     base_rows: dict[str, int]  # diff: rows of the base of each tensor ft has more rows of
 
 
-@dataclasses.dataclass
-class TransferReport:
-    """What a transfer/diff/apply did (or would do, for dry_run). `to_dict()` is the CLI's --json."""
+Kind = Literal["transfer", "diff", "apply", "transfer_params", "fit_alpha", "merge"]  # the command a report is of
 
-    kind: str
+
+@dataclasses.dataclass
+class Report:
+    """What a transfer/diff/apply/merge did (or would do, for dry_run); bytes in bytes, seconds in seconds.
+    `to_dict()` is the CLI's --json."""
+
+    kind: Kind
     out: str | None
     inputs: dict[str, str]
     tensors: int = 0
@@ -67,7 +74,7 @@ class TransferReport:
     def gb_per_s(self) -> float:
         return (self.bytes_read + self.bytes_written) / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {**dataclasses.asdict(self), "gb_per_s": round(self.gb_per_s, 3)}
 
     def summary(self) -> str:
@@ -85,6 +92,9 @@ class TransferReport:
         if self.nonfinite:
             lines.append(f"  NaN/Inf in {len(self.nonfinite)} output tensors: {', '.join(self.nonfinite[:8])}")
         return "\n".join(lines)
+
+
+TransferReport = Report  # the name before merges shared it
 
 
 def fail(problems: list[str], what: str, *, following: int = 0) -> None:
@@ -245,7 +255,7 @@ VOCAB_POLICIES = ("pad", "truncate", "error")
 
 
 def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alpha_for: Sequence[tuple[str, float]],
-         skip: Sequence[str], vocab: str, dtype: str, report: TransferReport, labels: dict[str, str] | None = None,
+         skip: Sequence[str], vocab: str, dtype: str, report: Report, labels: dict[str, str] | None = None,
          base_rows: dict[str, int] | None = None, configs: dict[str, dict] | None = None) -> list[TensorPlan]:
     """Plan every output tensor, in the target's order, as a plan of a base plus one model with a delta base
     (`check_keysets` / `check_tensor`, every mismatch and, given the config.json dicts, `compare_configs` in one
