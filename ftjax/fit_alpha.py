@@ -164,7 +164,7 @@ def prepare(target: Any, diffs: Sequence[Any] | tuple[Any, Any], cfg: ModelConfi
     for item in diffs:
         if pairs:
             b, f = (flatten(x) for x in item)
-            report = P.TransferReport("fit_alpha", None, {})
+            report = P.Report("fit_alpha", None, {})
             plans = P.plan(lt, Layout.of_tree(f), Layout.of_tree(b), alpha=1.0, alpha_for=(), skip=(), vocab=vocab,
                            dtype="auto", report=report)
             delta = {}

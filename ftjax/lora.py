@@ -277,7 +277,7 @@ def transfer_lora(adapter: str | os.PathLike, target_base: str | os.PathLike, ou
                   source_base: str | os.PathLike | None = None, alpha: float = 1.0,
                   alpha_for: Sequence[tuple[str, float]] = (), skip: Sequence[str] = (), dtype: str = "auto",
                   tokenizer_from: str = "source-ft", target_is_base: bool = False, overwrite: bool = False, dry_run: bool = False, strict: bool = False,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> P.TransferReport:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> P.Report:
     """Write target_base + alpha * (the adapter's change) as a HF checkpoint at `out` (streaming, atomic).
 
     The change of a LoRA module is its delta; of a whole tensor W, W - source_base's (see the module docstring).
@@ -288,7 +288,7 @@ def transfer_lora(adapter: str | os.PathLike, target_base: str | os.PathLike, ou
     if tokenizer_from not in ("source-ft", "target"):
         raise FtjaxError(f"tokenizer_from must be 'source-ft' or 'target', got {tokenizer_from!r}")
     ad, t = load_adapter(adapter), HFCheckpoint(target_base)
-    report = P.TransferReport("apply" if target_is_base else "transfer", str(out),
+    report = P.Report("apply" if target_is_base else "transfer", str(out),
                               {"adapter": str(ad.path), "target_base": str(t.path)}, dry_run=dry_run)
     report.warnings += ad.warnings
     s = t if target_is_base else _source_base(ad, source_base, report.warnings)

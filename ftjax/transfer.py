@@ -44,7 +44,7 @@ from ftjax.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorInfo
 from ftjax.layout import EMBED, LM_HEAD, Layout  # noqa: F401 - EMBED, LM_HEAD: public names of this module
 from ftjax.engine.outputs import CHUNK_ELEMS, Finish, Output, provenance, write_checkpoint
 from ftjax.engine.streaming import ZEROS, Job, Kernel, Source, row_chunks, rows_of
-from ftjax.engine.plan import TensorPlan, TransferReport
+from ftjax.engine.plan import Report, TensorPlan, TransferReport  # noqa: F401 - TransferReport: public name
 
 PROVENANCE, DIFF_META, DIFF_LO = "ftjax_transfer.json", DIFF_MARKER, "ftjax_diff_lo.safetensors"
 _OWN_FILES = (PROVENANCE, DIFF_META, DIFF_LO)
@@ -94,7 +94,7 @@ def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, targe
              out: str | os.PathLike, *, alpha: float = 1.0, alpha_for: Sequence[tuple[str, float]] = (),
              skip: Sequence[str] = (), vocab: str = "pad", dtype: str = "auto", config_from: str = "target",
              tokenizer_from: str = "source-ft", overwrite: bool = False, dry_run: bool = False, strict: bool = False,
-             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> TransferReport:
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Report:
     """Write target_base + alpha * (source_ft - source_base) as a HF checkpoint at `out` (streaming, atomic).
 
     alpha_for: (regex, alpha) pairs, first re.search match wins; skip: regexes of tensors kept from the target;
@@ -103,7 +103,7 @@ def transfer(source_base: str | os.PathLike, source_ft: str | os.PathLike, targe
     t0 = time.perf_counter()
     b, f, t = HFCheckpoint(source_base), HFCheckpoint(source_ft), HFCheckpoint(target_base)
     roles = _roles(t, f, config_from, tokenizer_from)
-    report = TransferReport("transfer", str(out), {"source_base": str(b.path), "source_ft": str(f.path),
+    report = Report("transfer", str(out), {"source_base": str(b.path), "source_ft": str(f.path),
                                                    "target_base": str(t.path)}, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[b.path, f.path, t.path])
     lt = Layout.of_checkpoint(t)
@@ -148,7 +148,7 @@ class _DiffExtras:
         if dtypes.is_float(hi.dtype):
             h = hi.astype(np.float32, copy=False)
             self.sumsq[job.name] = self.sumsq.get(job.name, 0.0) + float(np.dot(h, h))
-        if self.exact and job.kernel is not None and len(job.inputs) == 2:
+        if self.exact and job.kernel is not None:  # a diff tensor (the others are copies)
             self._write_lo(job, outs[1] if len(outs) > 1 else None, rows_of(outs[0].shape))
 
     def _write_lo(self, job: Job, lo: np.ndarray | None, rows: int) -> None:
@@ -195,7 +195,7 @@ class _DiffExtras:
 
 def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
          overwrite: bool = False, dry_run: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-         progress: bool = True) -> TransferReport:
+         progress: bool = True) -> Report:
     """Write the diff vector ft - base as its own checkpoint dir (+ ft's config/tokenizer, `ftjax_diff.json`).
 
     float32 (default): the main tensors hold fl32(ft - base); the rare elements where that is inexact keep
@@ -203,7 +203,7 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
     `apply(target, diff)` is bitwise equal to `transfer`. Other dtypes: one rounding, no remainder (lossy)."""
     t0 = time.perf_counter()
     b, f = HFCheckpoint(base), HFCheckpoint(ft)
-    report = TransferReport("diff", str(out), {"base": str(b.path), "ft": str(f.path)}, dry_run=dry_run)
+    report = Report("diff", str(out), {"base": str(b.path), "ft": str(f.path)}, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[b.path, f.path])
     exact = P.out_dtype(dtype, np.float32) == np.float32
     # Planned as a transfer onto the base itself: same checks, the vocab rows of ft beyond the base padded.
@@ -213,7 +213,7 @@ def diff(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.PathLike,
                    configs={"base": b.config, "ft": f.config})
     report.warnings += P.swapped_base_warnings(b, f, "--base", "--ft")
     base_rows = {p.source: p.rows for p in plans if p.action == "kernel" and p.rows != rows_of(p.out.shape)}
-    report.vocab = {"base_rows": base_rows} if base_rows else {}
+    report.vocab = P.VocabReport(base_rows=base_rows) if base_rows else P.VocabReport()
     if dry_run:
         return report
     kernel = Kernel(_diff_op) if exact else None
@@ -253,7 +253,7 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
           alpha_for: Sequence[tuple[str, float]] = (), skip: Sequence[str] = (), vocab: str = "pad",
           dtype: str = "auto", config_from: str = "target", tokenizer_from: str = "source-ft",
           overwrite: bool = False, dry_run: bool = False, strict: bool = False,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> TransferReport:
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Report:
     """Write target + alpha * diff (a dir from `diff`); with a float32 diff, bitwise equal to `transfer`.
     config_from / tokenizer_from: target | source-ft (the diff dir carries the source-ft's files).
     A PEFT LoRA adapter as the diff: `ftjax.lora.transfer_lora` with the target as the adapter's base."""
@@ -268,7 +268,7 @@ def apply(target: str | os.PathLike, diff: str | os.PathLike, out: str | os.Path
     t0 = time.perf_counter()
     t, d = HFCheckpoint(target), _DiffReader(diff)
     roles = _roles(t, d.ck, config_from, tokenizer_from)
-    report = TransferReport("apply", str(out), {"target": str(t.path), "diff": str(d.ck.path)}, dry_run=dry_run)
+    report = Report("apply", str(out), {"target": str(t.path), "diff": str(d.ck.path)}, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[t.path, d.ck.path])
     lt = Layout.of_checkpoint(t)
     plans = P.plan(lt, Layout.of_checkpoint(d.ck), None, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab,
@@ -322,7 +322,7 @@ def transfer_params(target: Any, source_ft: Any, source_base: Any, *, alpha: flo
 
     t, f, b = flatten(target), flatten(source_ft), flatten(source_base)
     lt, lf, lb = Layout.of_tree(t), Layout.of_tree(f), Layout.of_tree(b)
-    report = TransferReport("transfer_params", None, {})
+    report = Report("transfer_params", None, {})
     plans = P.plan(lt, lf, lb, alpha=alpha, alpha_for=alpha_for, skip=skip, vocab=vocab, dtype="auto", report=report)
     names = [p.name for p in plans]
     sources = {p.name: (p.source or lt.source_of(p.name, lf), p.base or lt.source_of(p.name, lb)) for p in plans}

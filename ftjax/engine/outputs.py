@@ -27,7 +27,7 @@ from ftjax.io.safetensors import TensorInfo
 from ftjax.engine.streaming import Job, WriteBehind, stream
 
 if TYPE_CHECKING:  # the report type only; engine.plan does not import the engine
-    from ftjax.engine.plan import TransferReport
+    from ftjax.engine.plan import Report
 
 CHUNK_ELEMS = 1 << 20  # elements per kernel call: a 2 MB bf16 input buffer, cache-sized (RESULTS.md has the A/B)
 
@@ -81,10 +81,10 @@ def provenance(kind: str, inputs: dict[str, str], config: dict, **fields: Any) -
             "config": config_keys, **fields}
 
 
-def write_checkpoint(output: Output, jobs: Sequence[Job], report: TransferReport, finish: Finish, *, t0: float,
+def write_checkpoint(output: Output, jobs: Sequence[Job], report: Report, finish: Finish, *, t0: float,
                      extras: Extras | None = None) -> None:
     """Stream `jobs` into an atomic temp dir as a HF checkpoint (each row block cast to its job's output dtype), then
-    the small files of `finish`; `report` (a TransferReport-like object) gets the byte counts, NaN/Inf tensors and
+    the small files of `finish`; `report` gets the byte counts, NaN/Inf tensors and
     seconds. Multi-process: a collective (see the module docstring)."""
 
     def work(tmp: Path, me: int, n: int) -> None:

@@ -1,14 +1,18 @@
-"""Transfer planning: validate the three (or, for apply, two) tensor layouts against each other and decide, per
-output tensor, what happens to it (`TensorPlan`). Every mismatch is collected into one FtjaxError; the vocab /
-tied-embedding / non-float policies are documented in `ftjax.transfer`'s module docstring and applied here, for the
-streaming commands and the in-memory `transfer_params` alike. `TransferReport` records what happened."""
+"""Planning. The input checks every plan shares, transfer/diff/apply and merge alike: a base plus N models, each with
+an optional delta base (`check_keysets`, `check_tensor`, `compare_configs`: key sets, shapes, dtypes, tying and
+vocabulary rows, every mismatch collected into one FtjaxError naming the input and the tensor). On them, the
+transfer's plan (`plan`: base T + alpha * (model F - its delta base S), diff F - B, apply T + alpha * D) decides per
+output tensor what happens to it (`TensorPlan`); the vocab / tied-embedding / non-float policies are documented in
+`ftjax.transfer`'s module docstring and applied here, for the streaming commands and the in-memory
+`transfer_params` alike (the merge's plan is `ftjax.merge.plan`). `Report` records what any command did."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
-from typing import Any, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Literal, TypedDict
 
 import ml_dtypes
 import numpy as np
@@ -25,11 +29,31 @@ WARN_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embe
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 
 
-@dataclasses.dataclass
-class TransferReport:
-    """What a transfer/diff/apply did (or would do, for dry_run). `to_dict()` is the CLI's --json."""
+class VocabRows(TypedDict):
+    """Rows of one vocabulary tensor whose source has more rows than the bases."""
 
-    kind: str
+    bases: int
+    source_ft: int
+    out: int
+
+
+class VocabReport(TypedDict, total=False):
+    """The vocabulary part of a report: transfer/apply's policy and grown tensors, or diff's base rows."""
+
+    policy: str
+    tensors: dict[str, VocabRows]
+    base_rows: dict[str, int]  # diff: rows of the base of each tensor ft has more rows of
+
+
+Kind = Literal["transfer", "diff", "apply", "transfer_params", "fit_alpha", "merge"]  # the command a report is of
+
+
+@dataclasses.dataclass
+class Report:
+    """What a transfer/diff/apply/merge did (or would do, for dry_run); bytes in bytes, seconds in seconds.
+    `to_dict()` is the CLI's --json."""
+
+    kind: Kind
     out: str | None
     inputs: dict[str, str]
     tensors: int = 0
@@ -40,7 +64,7 @@ class TransferReport:
     skipped: list[str] = dataclasses.field(default_factory=list)
     copied_non_float: list[str] = dataclasses.field(default_factory=list)
     alphas: dict[str, float] = dataclasses.field(default_factory=dict)  # tensors whose alpha is not the default
-    vocab: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vocab: VocabReport = dataclasses.field(default_factory=VocabReport)
     warnings: list[str] = dataclasses.field(default_factory=list)
     nonfinite: list[str] = dataclasses.field(default_factory=list)
     matched: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "--skip REGEX" -> target tensor names
@@ -50,7 +74,7 @@ class TransferReport:
     def gb_per_s(self) -> float:
         return (self.bytes_read + self.bytes_written) / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {**dataclasses.asdict(self), "gb_per_s": round(self.gb_per_s, 3)}
 
     def summary(self) -> str:
@@ -68,6 +92,9 @@ class TransferReport:
         if self.nonfinite:
             lines.append(f"  NaN/Inf in {len(self.nonfinite)} output tensors: {', '.join(self.nonfinite[:8])}")
         return "\n".join(lines)
+
+
+TransferReport = Report  # the name before merges shared it
 
 
 def fail(problems: list[str], what: str, *, following: int = 0) -> None:
@@ -97,17 +124,6 @@ def compare_configs(cfgs: dict[str, dict], warnings: list[str]) -> list[str]:
 def _names(names: set[str], shown: int = 3) -> str:
     first = sorted(names)
     return ", ".join(first[:shown]) + (", ..." if len(first) > shown else "")
-
-
-def keyset_problems(sets: dict[str, list[str]]) -> list[str]:
-    problems, (first, n0), *_ = [], *sets.items()
-    for label, names in list(sets.items())[1:]:
-        a, b = set(n0), set(names)
-        if a - b:
-            problems.append(f"{len(a - b)} tensor(s) in {first} missing from {label}: {_names(a - b)}")
-        if b - a:
-            problems.append(f"{len(b - a)} tensor(s) in {label} not in {first}: {_names(b - a)}")
-    return problems
 
 
 def alpha_rules(alpha_for: Sequence[tuple[str, float]], skip: Sequence[str]) -> tuple[list, list]:
@@ -140,6 +156,87 @@ def out_dtype(dtype: str, t_dtype: np.dtype) -> np.dtype:
     return DTYPES[dtype]
 
 
+# --- checking the inputs of any plan: a base plus N models, each with an optional delta base -------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """One output tensor whose inputs passed `check_tensor`: the tensor it reads in each input key (in the order
+    asked; only the output layout's own tensor when that is integer/bool) and their shapes (rows x ...)."""
+
+    name: str
+    refs: tuple[tuple[str, str], ...]  # (input key, that input's tensor name)
+    shapes: Mapping[str, tuple[int, ...]]  # input key -> shape, the output layout's key included
+    stored: np.dtype  # the output layout's dtype of the tensor
+
+    @property
+    def is_float(self) -> bool:
+        return dtypes.is_float(self.stored)
+
+    @property
+    def rows(self) -> int:
+        """Rows every input has (a 0-d tensor is one row)."""
+        return min(s[0] if s else 1 for s in self.shapes.values())
+
+
+Resolve = Callable[[str, str], str]  # (input key, output tensor name) -> that input's tensor name
+
+
+def check_keysets(layouts: Mapping[str, Layout], labels: Mapping[str, str], out: str,
+                  warnings: list[str]) -> list[str]:
+    """Key sets and tying of every input against the output layout `out` (the base, or the model the output follows):
+    a problem per input with tensors the output lacks (lm_head aside: tying decides it; a tensor an input lacks is
+    `check_tensor`'s problem), and warnings when the inputs tie their embeddings differently (the output follows
+    `out`)."""
+    own = set(layouts[out].names) | {LM_HEAD}
+    problems = [f"{len(extra)} tensor(s) in {labels[k]} not in {labels[out]}: {_names(extra)}"
+                for k, m in layouts.items() if (extra := set(m.names) - own)]
+    if len({m.tied for m in layouts.values()}) > 1:
+        ties = ", ".join(f"{labels[k]} {'tied' if m.tied else 'untied'}" for k, m in layouts.items())
+        warnings.append(f"embedding tying differs ({ties}); output follows {labels[out]}")
+        untied = [labels[k] for k, m in layouts.items() if not m.tied]
+        if layouts[out].tied:
+            warnings.append(f"{labels[out]} ties embeddings: the separate lm_head of {', '.join(untied)} is not used")
+    return problems
+
+
+def check_tensor(name: str, out: str, keys: Sequence[str], layouts: Mapping[str, Layout], labels: Mapping[str, str],
+                 problems: list[str], *, source: Resolve | None = None, vocab_keys: Collection[str] = (),
+                 hint: str = "") -> Checked | None:
+    """Check output tensor `name` (of layout `out`) in the inputs `keys`: present, float and computable where the
+    output's is float, and of the output's shape, except that the inputs of `vocab_keys` may have another number
+    of rows of a vocabulary tensor. None (with the problems, naming tensor and input, in `problems`) when not.
+    source(key, name): the tensor of input `key` it reads (default: the same name, an untied head reading a tied
+    model's embedding). hint: appended to the unsupported-dtype problem (what the user can do)."""
+    source = source or (lambda key, n: layouts[out].source_of(n, layouts[key]))
+    own = source(out, name)
+    if own not in layouts[out].shapes:
+        problems.append(f"{own}: missing from {labels[out]}")
+        return None
+    stored, shape = layouts[out].dtypes[own], layouts[out].shapes[own]
+    if not dtypes.is_float(stored):  # integer / bool buffers: the output layout's, verbatim
+        return Checked(name, ((out, own),), {out: shape}, stored)
+    refs = []
+    for key in keys:
+        if (src := source(key, name)) not in layouts[key].shapes:
+            problems.append(f"{name}: missing from {labels[key]}")
+            return None
+        refs.append((key, src))
+    found = len(problems)
+    for key, src in dict([(out, own), *refs]).items():
+        dt = layouts[key].dtypes[src]
+        if not dtypes.is_float(dt):
+            problems.append(f"{name}: dtype {dt} in {labels[key]}, float {stored} in {labels[out]}")
+        elif not dtypes.is_computable(dt):
+            problems.append(f"{name}: {dt} in {labels[key]}; ftjax computes on bfloat16, float16 and float32 "
+                            f"tensors{hint}")
+    shapes = {out: shape} | {key: layouts[key].shapes[src] for key, src in refs}
+    if any(s != shape and not (key in vocab_keys and is_vocab(name) and s[1:] == shape[1:])
+           for key, s in shapes.items()):
+        problems.append(f"{name}: shapes differ: " + ", ".join(f"{list(s)} in {labels[k]}" for k, s in shapes.items()))
+    return None if len(problems) > found else Checked(name, tuple(refs), shapes, stored)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
     """What happens to one output tensor: `kernel` (target + alpha * delta over `rows` rows; rows beyond are copied
@@ -158,64 +255,48 @@ VOCAB_POLICIES = ("pad", "truncate", "error")
 
 
 def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alpha_for: Sequence[tuple[str, float]],
-         skip: Sequence[str], vocab: str, dtype: str, report: TransferReport, labels: dict[str, str] | None = None,
+         skip: Sequence[str], vocab: str, dtype: str, report: Report, labels: dict[str, str] | None = None,
          base_rows: dict[str, int] | None = None, configs: dict[str, dict] | None = None) -> list[TensorPlan]:
-    """Compare the layouts and, given, the config.json dicts (`compare_configs`; every mismatch in one FtjaxError)
-    and plan every output tensor, in the target's order.
+    """Plan every output tensor, in the target's order, as a plan of a base plus one model with a delta base
+    (`check_keysets` / `check_tensor`, every mismatch and, given the config.json dicts, `compare_configs` in one
+    FtjaxError): transfer = base `target` + alpha * (model `src` - its delta base `base`); diff: `base` is `target`
+    (no base of its own: src - base); apply: `base` None, `src` a diff (`base_rows`: its base vocabulary rows).
 
-    `base` is None for apply (src is a diff; `base_rows` gives its base vocabulary rows). labels: how messages name
-    the three roles (default target / source-ft / source-base)."""
+    Only `src` may have more vocabulary rows than the bases (the vocab policy). labels: how messages name the three
+    roles (default target / source-ft / source-base)."""
     if vocab not in VOCAB_POLICIES:
         raise FtjaxError(f"unknown vocab policy {vocab!r}; use pad, truncate or error")
     alpha = finite("--alpha", alpha)
     rules, skips = alpha_rules(alpha_for, skip)
     report.matched = rule_matches(target.names, alpha_for, skip)
     label = {"target": "target", "source": "source-ft" if base else "diff", "base": "source-base", **(labels or {})}
-    layouts = {label["target"]: target, label["source"]: src} | ({label["base"]: base} if base else {})
+    layouts = {"target": target, "source": src} | ({"base": base} if base is not None and base is not target else {})
+    names = {k: f"the {label[k]}" for k in layouts}
     architecture = compare_configs(configs, report.warnings) if configs else []
-    problems = keyset_problems({k: [n for n in m.names if n != LM_HEAD] for k, m in layouts.items()})
-    if len({m.tied for m in layouts.values()}) > 1:
-        ties = ", ".join(f"{k} {'tied' if m.tied else 'untied'}" for k, m in layouts.items())
-        report.warnings.append(f"embedding tying differs ({ties}); output follows the target")
-        if target.tied and not src.tied:
-            report.warnings.append("target ties embeddings: the source's separate lm_head delta is not applied")
+    problems = check_keysets(layouts, names, "target", report.warnings)
     plans: list[TensorPlan] = []
-    vocab_rows: dict[str, Any] = {}
+    vocab_rows: dict[str, VocabRows] = {}
     for name in target.names:
-        s_name = target.source_of(name, src)
-        b_name = target.source_of(name, base) if base else None
-        if s_name not in src.shapes or (base and b_name not in base.shapes):
-            continue  # reported as a key-set problem
-        t_shape, s_shape, t_dtype = target.shapes[name], src.shapes[s_name], target.dtypes[name]
-        b_shape = base.shapes[b_name] if base else (
-            s_shape[:1] and (base_rows.get(s_name, s_shape[0]),) + s_shape[1:])
-        out = TensorInfo(name, out_dtype(dtype, t_dtype), t_shape)
+        out = TensorInfo(name, out_dtype(dtype, target.dtypes[name]), target.shapes[name])
         if any(r.search(name) for r in skips):
             report.skipped.append(name)
             plans.append(TensorPlan(name, out, "skip"))
             continue
-        if not dtypes.is_float(t_dtype):
+        c = check_tensor(name, "target", list(layouts)[1:], layouts, names, problems, vocab_keys=("source",),
+                         hint=" (skip the tensor with --skip, or use an unquantized model)")
+        if c is None:
+            continue
+        if not c.is_float:
             report.copied_non_float.append(name)
-            plans.append(TensorPlan(name, TensorInfo(name, t_dtype, t_shape), "copy"))  # keeps its dtype
+            plans.append(TensorPlan(name, TensorInfo(name, c.stored, out.shape), "copy"))  # keeps its dtype
             continue
-        roles = [(label["target"], t_dtype), (label["source"], src.dtypes[s_name])]
-        roles += [(label["base"], base.dtypes[b_name])] if base else []
-        for role, dt in roles:
-            if not dtypes.is_float(dt):
-                problems.append(f"{name}: dtype {dt} in the {role}, float {t_dtype} in the target")
-            elif not dtypes.is_computable(dt):
-                problems.append(f"{name}: {dt} in the {role}; the exact transfer takes bfloat16, float16 and float32 "
-                                "tensors (skip the tensor with --skip, or use an unquantized model)")
-        if t_shape != tuple(b_shape):
-            problems.append(f"{name}: shapes differ: {list(t_shape)} in {label['target']}, {list(b_shape)} in "
-                            f"{label['base']}")
+        t_shape, s_name = out.shape, dict(c.refs)["source"]
+        s_shape, rows = c.shapes["source"], c.shapes["target"][0] if t_shape else 1
+        if base is None and t_shape and (b_rows := (base_rows or {}).get(s_name, s_shape[0])) != rows:
+            problems.append(f"{name}: shapes differ: {list(t_shape)} in the {label['target']}, "
+                            f"{[b_rows, *s_shape[1:]]} in the {label['base']}")  # the diff's base
             continue
-        rows = t_shape[0] if t_shape else 1  # a 0-d tensor is one row
-        if s_shape != t_shape:
-            if not (is_vocab(name) and s_shape[1:] == t_shape[1:]):
-                problems.append(f"{name}: shapes differ: {list(s_shape)} in {label['source']}, {list(t_shape)} in "
-                                "the bases")
-                continue
+        if s_shape != t_shape:  # vocabulary rows (check_tensor refused any other difference)
             if s_shape[0] < rows:
                 problems.append(f"{name}: {label['source']} vocabulary ({s_shape[0]} rows) is smaller than the "
                                 f"bases' ({rows}); transfer needs a source vocabulary at least as large")
@@ -226,15 +307,16 @@ def plan(target: Layout, src: Layout, base: Layout | None, *, alpha: float, alph
                 continue
             if vocab == "pad":
                 out = TensorInfo(name, out.dtype, s_shape)
-            vocab_rows[name] = {"bases": rows, "source_ft": s_shape[0], "out": out.shape[0]}
+            vocab_rows[name] = VocabRows(bases=rows, source_ft=s_shape[0], out=out.shape[0])
         a = next((a for r, a in rules if r.search(name)), float(alpha))
         if a != float(alpha):
             report.alphas[name] = a
+        b_name = target.source_of(name, base) if base is not None else None
         plans.append(TensorPlan(name, out, "kernel", s_name, b_name, rows, a))
     fail(architecture, "architectures differ (config.json)", following=len(problems))
     fail(problems, "inputs do not match")
     if vocab_rows:
-        report.vocab = {"policy": vocab, "tensors": vocab_rows}
+        report.vocab = VocabReport(policy=vocab, tensors=vocab_rows)
     report.tensors, report.transferred = len(plans), sum(p.action == "kernel" for p in plans)
     return plans
 

@@ -36,7 +36,7 @@ from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import TensorInfo
 
 if TYPE_CHECKING:  # the report type only; engine.plan does not import the engine
-    from ftjax.engine.plan import TransferReport
+    from ftjax.engine.plan import Report
 
 MIN_BUCKET = 1 << 12
 POOL = 4  # buffer sets: being read, waiting, in the kernel, being written
@@ -317,7 +317,7 @@ def _index_words(segments: tuple[_Segment, ...]) -> tuple[np.uint32, np.uint32]:
     return np.uint32(first >> 32), np.uint32(first & 0xFFFFFFFF)
 
 
-def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]], None], report: TransferReport,
+def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]], None], report: Report,
            progress: bool, *, chunk_elems: int, desc: str = "ftjax") -> None:
     """Run every job through read -> kernel -> `on_block(job, outs)` (outs: a tuple of consecutive row blocks, the
     first is the output tensor's), in job order. `chunk_elems`: elements per kernel call (rows are never split; a

@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ftjax import dtypes
 from ftjax.errors import FtjaxError
 from ftjax.io.safetensors import TensorInfo
-from ftjax.layout import Layout, is_vocab
+from ftjax.layout import Layout
 from ftjax.merge import kernels as K
 from ftjax.merge import passes
 from ftjax.merge.config import MergeConfig, ModelEntry, Slice, layer_t, value
+from ftjax.engine import plan as P
 from ftjax.engine.streaming import Kernel, row_elems, rows_of
 
 Ref = tuple[str, str]
@@ -69,9 +69,7 @@ STAGES = ("keys_hi", "keys_lo", "l1", "sq", "counts", "gram")
 
 
 def out_dtype(config: MergeConfig, stored: np.dtype) -> np.dtype:
-    from ftjax.engine.plan import DTYPES
-
-    return DTYPES[config.output_dtype] if config.output_dtype else np.dtype(stored)
+    return P.DTYPES[config.output_dtype] if config.output_dtype else np.dtype(stored)
 
 
 def mask_key(seed: int, model: int, name: str) -> np.ndarray:
@@ -80,28 +78,23 @@ def mask_key(seed: int, model: int, name: str) -> np.ndarray:
     return np.frombuffer(digest, np.uint32).copy()
 
 
-def plan_tensors(config: MergeConfig, inputs: Inputs, *, seed: int) -> list[Task]:
-    """One Task per output tensor (every mismatch of the inputs in one FtjaxError)."""
+def plan_tensors(config: MergeConfig, inputs: Inputs, *, seed: int, warnings: list[str] | None = None) -> list[Task]:
+    """One Task per output tensor (every mismatch of the inputs in one FtjaxError: `ftjax.engine.plan`'s checks,
+    shared with transfer/diff/apply); warnings (tying that differs) are appended to `warnings`."""
     if config.slices:
         return _plan_slices(config, inputs, seed)
     out_key = inputs.base or next(iter(inputs.entries))
     out_layout = inputs.layouts[out_key]
     num_layers = _num_layers(out_layout)
-    problems: list[str] = []
+    problems = P.check_keysets(inputs.layouts, _labels(inputs), out_key, [] if warnings is None else warnings)
     tasks = []
     for name in out_layout.names:
         try:
             tasks.append(_task(config, inputs, out_key, name, layer_t(name, num_layers), seed, problems))
         except _Skip:
             continue
-    _fail(problems)
+    P.fail(problems, "inputs do not match")
     return tasks
-
-
-def _fail(problems: list[str]) -> None:
-    if problems:
-        more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise FtjaxError(f"inputs do not match: {len(problems)} problem(s): {'; '.join(problems[:10])}{more}")
 
 
 # --- slices -------------------------------------------------------------------------------------------------------
@@ -205,7 +198,7 @@ def _plan_slices(config: MergeConfig, inputs: Inputs, seed: int) -> list[Task]:
             add(view, names, idx / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0, idx)
             layer += 1
     add(views[-1], post, 0.0, None)
-    _fail(problems)
+    P.fail(problems, "inputs do not match")
     return tasks
 
 
@@ -218,18 +211,6 @@ def _num_layers(layout: Layout) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _refs(inputs: Inputs, name: str, keys: Sequence[str], problems: list[str], source: Source) -> list[Ref]:
-    refs = []
-    for key in keys:
-        layout = inputs.layouts[key]
-        src = source(key, name)
-        if src not in layout.shapes:
-            problems.append(f"{name}: missing from {_label(inputs, key)}")
-            raise _Skip
-        refs.append((key, src))
-    return refs
-
-
 def _label(inputs: Inputs, key: str) -> str:
     if key == "base":
         return "base_model"
@@ -237,20 +218,15 @@ def _label(inputs: Inputs, key: str) -> str:
     return entry.model if entry is not None else f"delta base {key}"
 
 
+def _labels(inputs: Inputs) -> dict[str, str]:
+    return {k: _label(inputs, k) for k in inputs.layouts}
+
+
 def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float, seed: int, problems: list[str],
           source: Source | None = None) -> Task:
     """The Task writing output tensor `name` at gradient coordinate t; source(key, name): the tensor of input `key`
     it reads (default: the same name, an untied head reading a tied model's embedding)."""
     m = config.method
-    out_layout = inputs.layouts[out_key]
-    source = source or (lambda key, n: out_layout.source_of(n, inputs.layouts[key]))
-    own = source(out_key, name)
-    if own not in out_layout.shapes:
-        problems.append(f"{own}: missing from {_label(inputs, out_key)}")
-        raise _Skip
-    stored, shape = out_layout.dtypes[own], out_layout.shapes[own]
-    if not dtypes.is_float(stored):  # integer / bool buffers: the base's, verbatim
-        return Task(name, TensorInfo(name, stored, shape), "copy", ((out_key, own),), 0)
     # a model entry that is the base itself (mergekit configs often list it) is the base, not one more input
     model_keys = [k for k, e in inputs.entries.items() if m.base == "input" or e.model != config.base_model]
     if m.family == "gta":
@@ -264,16 +240,19 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
         keys = (["base"] if inputs.base else []) + model_keys
     else:  # passthrough
         keys = model_keys
-    refs = _refs(inputs, name, keys, problems, source)
-    shapes = {key: inputs.layouts[key].shapes[src] for key, src in refs}
-    rows, rest = _rows(inputs, out_key, name, shapes, problems, source)
+    checked = P.check_tensor(name, out_key, keys, inputs.layouts, _labels(inputs), problems, source=source,
+                             vocab_keys=inputs.layouts.keys())
+    if checked is None:
+        raise _Skip
+    stored, shape, refs = checked.stored, checked.shapes[out_key], checked.refs
+    if not checked.is_float:  # integer / bool buffers: the base's, verbatim
+        return Task(name, TensorInfo(name, stored, shape), "copy", refs, 0)
+    shapes = {key: checked.shapes[key] for key, _ in refs}
+    rows, rest = _rows(inputs, out_key, name, shapes, source or (lambda k, n: inputs.layouts[out_key].source_of(
+        n, inputs.layouts[k])))
     tok_shape = shapes.get(inputs.tokenizer, shape)
     out = TensorInfo(name, out_dtype(config, stored), (max(rows_of(tok_shape), rows),) + tuple(shape[1:])
                      if shape else ())
-    for key, src in refs:
-        dt = inputs.layouts[key].dtypes[src]
-        if not dtypes.is_computable(dt):
-            problems.append(f"{name}: {dt} in {_label(inputs, key)}; ftjax merges bfloat16, float16 and float32 tensors")
     entries = [inputs.entries[k] for k in model_keys]
     task = Task(name, out, "", tuple(refs), rows, rest)
     if m.family in ("gta", "linear"):
@@ -295,16 +274,12 @@ def _task(config: MergeConfig, inputs: Inputs, out_key: str, name: str, t: float
     return task
 
 
-def _rows(inputs: Inputs, out_key: str, name: str, shapes: dict[str, tuple], problems: list[str], source: Source
+def _rows(inputs: Inputs, out_key: str, name: str, shapes: dict[str, tuple], source: Source
           ) -> tuple[int, Ref | None]:
-    """(rows every input has, where the rows beyond come from) for a vocabulary tensor; a mismatch is a problem."""
+    """(rows every input has, where the rows beyond come from) for a tensor `P.check_tensor` passed."""
     first = shapes[out_key] if out_key in shapes else next(iter(shapes.values()))
     if len(set(shapes.values())) == 1:
         return rows_of(first), None
-    if not (is_vocab(name) and len({s[1:] for s in shapes.values()}) == 1):
-        problems.append(f"{name}: shapes differ: " + ", ".join(f"{list(s)} in {_label(inputs, k)}"
-                                                                  for k, s in shapes.items()))
-        raise _Skip
     rows = min(s[0] for s in shapes.values())
     tok = inputs.tokenizer
     tok_layout = inputs.layouts[tok]

@@ -41,7 +41,7 @@ from ftjax.merge.plan import (
 )
 from ftjax.engine.outputs import Finish, Output, provenance, write_checkpoint
 from ftjax.engine.streaming import Job, Source, row_elems, stream
-from ftjax.engine.plan import TransferReport
+from ftjax.engine.plan import Report
 
 RECORD = "ftjax_merge.json"
 DEFAULT_SEED = 0
@@ -160,20 +160,11 @@ def _run_stages(tasks: list[Task], source: Any, progress: bool) -> None:
             shape = (t.rows,) + t.out.shape[1:] if t.out.shape else ()
             jobs.append(Job(TensorInfo(t.name, np.dtype(np.float32), shape), tuple(source(r) for r in t.refs),
                             kernel, args, rows=t.rows))
-        stream(jobs, lambda job, outs, stage=stage: stage_add(by_name[job.name], stage, outs), _Sink(), progress,
+        stream(jobs, lambda job, outs, stage=stage: stage_add(by_name[job.name], stage, outs),
+               Report("merge", None, {}), progress,
                chunk_elems=outputs.CHUNK_ELEMS, desc=f"ftjax merge ({stage})")
         for t in todo:
             stage_finish(t, stage)
-
-
-class _Sink:
-    """The report a statistics pass fills (nothing is written)."""
-
-    kind, out, inputs = "merge", None, {}
-
-    def __init__(self):
-        self.bytes_read = self.bytes_written = 0
-        self.nonfinite: list[str] = []
 
 
 def _jobs(tasks: list[Task], source: Any) -> list[Job]:
@@ -191,7 +182,7 @@ def _jobs(tasks: list[Task], source: Any) -> list[Job]:
 
 def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFAULT_SEED, overwrite: bool = False,
           dry_run: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-          progress: bool = True) -> TransferReport:
+          progress: bool = True) -> Report:
     """Merge the models of a mergekit config (a YAML file, its text, or a parsed MergeConfig) into `out` (a Hugging
     Face checkpoint, atomic, with `ftjax_merge.json`). seed: of DARE / DELLA masks (recorded)."""
     t0 = time.perf_counter()
@@ -205,18 +196,18 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
 
 
 def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, dry_run: bool, max_shard_bytes: int,
-           progress: bool, t0: float, names: Mapping[str, str]) -> TransferReport:
+           progress: bool, t0: float, names: Mapping[str, str]) -> Report:
     """`merge` on a config whose BASE+ADAPTER references are merged; names: such a model's directory -> the reference
     (what the report and provenance record)."""
     handles, delta_keys = _open(config)
     refs = {k: names.get(str(Path(h.path).resolve()), str(h.path)) for k, h in handles.items()}
-    report = TransferReport("merge", str(out), refs, dry_run=dry_run)
+    report = Report("merge", str(out), refs, dry_run=dry_run)
     out = check_output(out, overwrite=overwrite, inputs=[h.path for h in handles.values()])
     problems = P.compare_configs({k: _shape_config(h.config, config) for k, h in handles.items()}, report.warnings)
     P.fail(problems, "inputs do not match")
     layouts = {k: Layout.of_checkpoint(h) for k, h in handles.items()}
     inputs = _inputs(config, layouts, delta_keys)
-    tasks = plan_tensors(config, inputs, seed=seed)
+    tasks = plan_tensors(config, inputs, seed=seed, warnings=report.warnings)
     report.tensors, report.transferred = len(tasks), sum(t.kind != "copy" for t in tasks)
     report.copied_non_float = [t.name for t in tasks if t.kind == "copy" and config.method.name != "passthrough"]
     out_key = slice_target(config, inputs) if config.slices else inputs.base or "m0"
