@@ -18,7 +18,8 @@ Design (fixed before the first run; written into the output):
     verdict     per pair and metric, learned α against the best scalar α (and against plain fine-tuning): "helps"
                 when learned α is better in every seed, "hurts" when worse in every seed, else "mixed" (`verdict`)
 
-`python -m ftjax.demo.alpha_study --out docs/alpha_study` runs it and writes OUT.json and OUT.md.
+`python -m ftjax.demo.alpha_study --out docs/alpha_study` runs it and writes OUT.json and OUT.md (`--render`: OUT.md
+again from OUT.json).
 """
 
 from __future__ import annotations
@@ -194,9 +195,31 @@ def verdict_lines(summary: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def findings(summary: Mapping[str, Any]) -> str:
+    """One sentence from the verdicts: the pairs and metrics where learned α beats the best single α in every seed,
+    or that it does so nowhere."""
+    wins = [f"{label} {p['pair']} ({k.upper()})" for label, p in summary.items()
+            for k in ("nll", "em") if p["verdict"]["vs_best_scalar"][k] == "helps"]
+    if not wins:
+        return ("Learned per-layer α beats the best single α in every seed nowhere: on no pair and on neither "
+                "metric.")
+    return f"Learned per-layer α beats the best single α in every seed on: {', '.join(wins)}; nowhere else."
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """OUT.md from OUT.json's content: the design, the table, the verdicts and `findings`."""
+    summary = result["summary"]
+    return "\n".join([
+        "# Learned per-layer α in the demo's world (issue 18)", "", "## Design", "", "```", result["design"], "```",
+        "", f"## Results ({len(result['per_seed'])} seeds, mean (min–max); {result['seconds']:.0f} s)", "",
+        table(summary), "",
+        "Verdict rule: 'helps' = learned α better in every seed, 'hurts' = worse in every seed, else 'mixed'.", "",
+        *verdict_lines(summary), "", findings(summary), ""])
+
+
 def run(ac: AlphaStudyConfig, out: Path, log=print) -> dict[str, Any]:
-    """Every seed, then OUT.json (design, settings, per-seed numbers, summary) and OUT.md (design, table,
-    verdicts). The findings paragraph is written by hand from these numbers, after the run."""
+    """Every seed, then OUT.json (design, settings, per-seed numbers, summary) and OUT.md (`render`). Returns
+    OUT.json's content."""
     t0 = time.perf_counter()
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,11 +233,7 @@ def run(ac: AlphaStudyConfig, out: Path, log=print) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    md = ["# Learned per-layer α in the demo's world (issue 18)", "", "## Design", "", "```", result["design"], "```",
-          "", f"## Results ({len(ac.seeds)} seeds, mean (min–max); {result['seconds']:.0f} s)", "", table(summary), "",
-          "Verdict rule: 'helps' = learned α better in every seed, 'hurts' = worse in every seed, else 'mixed'.", "",
-          *verdict_lines(summary), ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    out.with_suffix(".md").write_text(render(result))
     log(table(summary))
     return result
 
@@ -223,7 +242,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/alpha_study", help="output stem: writes OUT.json and OUT.md")
     ap.add_argument("--tiny", action="store_true", help="CI sizes (structure only)")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from an existing OUT.json")
     args = ap.parse_args(argv)
+    if args.render:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(render(json.loads(out.with_suffix(".json").read_text())))
+        return
     run(AlphaStudyConfig.tiny() if args.tiny else AlphaStudyConfig(), Path(args.out))
 
 
