@@ -42,8 +42,9 @@ def test_summary_table_and_verdicts_follow_the_numbers():
     s2 = A.summarize(_numbers((1.4, 1.6, 1.3)))
     assert s2["cross-stage"]["verdict"]["vs_best_scalar"]["nll"] == "mixed"
     assert "learned α vs best single α — NLL mixed" in A.verdict_lines(s2)[1]
-    assert A.findings(s) == ("Learned per-layer α beats the best single α in every seed on: within-stage M5+DM4 (NLL), "
-                             "within-stage M5+DM4 (EM), cross-stage M5+DM2 (NLL), cross-stage M5+DM2 (EM); nowhere else.")
+    assert A.findings(s) == ("Learned per-layer α beats the best single α in every seed on: within-stage M5+DM4 "
+                             "(NLL), within-stage M5+DM4 (EM), cross-stage M5+DM2 (NLL), cross-stage M5+DM2 (EM); "
+                             "nowhere else.")
     s3 = A.summarize([_seed({"alpha_1": 2.0, "best_scalar": 1.5, "plain_ft": 1.0, "learned": 1.5},
                             {m: 10.0 for m in A.METHODS})])
     md = A.render({"design": "d", "per_seed": [{}] * 3, "summary": s, "seconds": 1.0})

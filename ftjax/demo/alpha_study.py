@@ -179,7 +179,8 @@ def table(summary: Mapping[str, Any]) -> str:
     for label, p in summary.items():
         for m in METHODS:
             st = p["methods"][m]
-            lines.append(f"| {label} {p['pair']} | {LABELS[m]} | {_cell(st['nll'], '.3f')} | {_cell(st['em'], '.1f')} |")
+            nll, em = _cell(st["nll"], ".3f"), _cell(st["em"], ".1f")
+            lines.append(f"| {label} {p['pair']} | {LABELS[m]} | {nll} | {em} |")
     return "\n".join(lines)
 
 
