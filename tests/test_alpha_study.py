@@ -62,3 +62,19 @@ def test_calibration_rows_are_held_out_from_the_demo():
     assert not prompts & {r["prompt"] for r in demo["train"] + demo["eval"]}
     with pytest.raises(FtjaxError, match="n_calib 101 exceeds the 100"):
         A._task_splits(dataclasses.replace(wc), 3, 101)
+
+
+def test_committed_report_and_readme_are_the_json_numbers():
+    """docs/alpha_study.md is `render` of docs/alpha_study.json, and the README table quotes the same cells."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "docs/alpha_study.json").read_text())
+    assert (root / "docs/alpha_study.md").read_text() == A.render(result)
+    readme = (root / "README.md").read_text()
+    s = result["summary"]
+    metrics = (("nll", ".3f"), ("em", ".1f"))
+    for m in A.METHODS:
+        cells = [A._cell(s[label]["methods"][m][k], fmt) for label in A.PAIRS for k, fmt in metrics]
+        assert f"| {A.LABELS[m]} | {' | '.join(cells)} |" in readme
