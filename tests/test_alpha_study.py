@@ -48,7 +48,9 @@ def test_summary_table_and_verdicts_follow_the_numbers():
     s3 = A.summarize([_seed({"alpha_1": 2.0, "best_scalar": 1.5, "plain_ft": 1.0, "learned": 1.5},
                             {m: 10.0 for m in A.METHODS})])
     md = A.render({"design": "d", "per_seed": [{}] * 3, "summary": s, "seconds": 1.0})
-    assert A.table(s) in md and A.findings(s) in md and "(3 seeds" in md
+    assert A.table(s) in md and A.findings(s) in md and "(3 seeds" in md and "What it means" not in md
+    noted = A.render({"design": "d", "per_seed": [{}] * 3, "summary": s, "seconds": 1.0, "interpretation": "why\n"})
+    assert noted.endswith("## What it means (written after the run, from the numbers above)\n\nwhy\n")
     assert A.findings(s3).startswith("Learned per-layer α beats the best single α in every seed nowhere")
 
 

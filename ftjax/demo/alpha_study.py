@@ -19,7 +19,7 @@ Design (fixed before the first run; written into the output):
                 when learned α is better in every seed, "hurts" when worse in every seed, else "mixed" (`verdict`)
 
 `python -m ftjax.demo.alpha_study --out docs/alpha_study` runs it and writes OUT.json and OUT.md (`--render`: OUT.md
-again from OUT.json).
+again from OUT.json; `--notes FILE` adds the interpretation written after the run).
 """
 
 from __future__ import annotations
@@ -208,14 +208,18 @@ def findings(summary: Mapping[str, Any]) -> str:
 
 
 def render(result: Mapping[str, Any]) -> str:
-    """OUT.md from OUT.json's content: the design, the table, the verdicts and `findings`."""
+    """OUT.md from OUT.json's content: the design, the table, the verdicts, `findings` and, when OUT.json has one,
+    the interpretation written after the run (`--render --notes FILE`)."""
     summary = result["summary"]
+    notes = result.get("interpretation")
     return "\n".join([
         "# Learned per-layer α in the demo's world (issue 18)", "", "## Design", "", "```", result["design"], "```",
         "", f"## Results ({len(result['per_seed'])} seeds, mean (min–max); {result['seconds']:.0f} s)", "",
         table(summary), "",
         "Verdict rule: 'helps' = learned α better in every seed, 'hurts' = worse in every seed, else 'mixed'.", "",
-        *verdict_lines(summary), "", findings(summary), ""])
+        *verdict_lines(summary), "", findings(summary), "",
+        *(["## What it means (written after the run, from the numbers above)", "", notes.strip(), ""]
+          if notes else [])])
 
 
 def run(ac: AlphaStudyConfig, out: Path, log=print) -> dict[str, Any]:
@@ -244,10 +248,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default="docs/alpha_study", help="output stem: writes OUT.json and OUT.md")
     ap.add_argument("--tiny", action="store_true", help="CI sizes (structure only)")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from an existing OUT.json")
+    ap.add_argument("--notes", help="with --render: a text file, the interpretation to store in OUT.json and show")
     args = ap.parse_args(argv)
     if args.render:
         out = Path(args.out)
-        out.with_suffix(".md").write_text(render(json.loads(out.with_suffix(".json").read_text())))
+        result = json.loads(out.with_suffix(".json").read_text())
+        if args.notes:
+            result["interpretation"] = Path(args.notes).read_text()
+            out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".md").write_text(render(result))
         return
     run(AlphaStudyConfig.tiny() if args.tiny else AlphaStudyConfig(), Path(args.out))
 
