@@ -370,16 +370,22 @@ class _DirTokenizer:
 
 # ------------------------------------------------------------------------------------------------ running tasks
 def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
-                   limit: float | None = None, num_fewshot: int | None = None, seed: int = 0) -> dict:
+                   limit: float | None = None, num_fewshot: int | None = None, seed: int = 0,
+                   apply_chat_template: bool = False, system_instruction: str | None = None,
+                   fewshot_as_multiturn: bool | None = None) -> dict:
     """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
 
     limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
     harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
+    apply_chat_template, system_instruction, fewshot_as_multiturn: as lm_eval's own CLI passes them (few-shot
+    examples as turns defaults to apply_chat_template; asking for it without a chat template is an error).
     Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if fewshot_as_multiturn and not apply_chat_template:
+        raise FtjaxError("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat messages)")
     if include_path is not None and not Path(include_path).is_dir():
         raise FtjaxError(f"--include-path {include_path} is not a directory of task YAML files")
     if not tasks:
@@ -392,7 +398,50 @@ def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Pat
                          "`task:` fields)")
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                    num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                   apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                                   fewshot_as_multiturn=bool(apply_chat_template if fewshot_as_multiturn is None
+                                                             else fewshot_as_multiturn))
+
+
+def evaluate_path(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[float]], cfg: ModelConfig,
+                  tokenizer: str | Path, tasks: Sequence[str], *, dtype: str = "float32", batch_size: int = 8,
+                  max_length: int | None = None, **task_options: Any) -> list[dict]:
+    """Harness results (`evaluate_tasks`' dicts) of the model at every point of a scan path, none written to disk.
+
+    path, thetas: as `ftjax.lmc.point_params` ("lerp" over (A, B), "diff" over (T, F, S), "plane" over (A, B, C));
+    coefs: one coefficient vector per point. Each point's parameters are built by the scan's one compiled
+    interpolation and scored through `FtjaxLM.from_params`; every point has the same shapes, so the forward
+    compiles once per bucket for the whole scan, not per point. tokenizer: the model directory whose tokenizer
+    and special tokens score every point. task_options: evaluate_tasks' keywords (include_path, limit, ...).
+    """
+    from ftjax.lmc import point_params
+
+    thetas = tuple(thetas)
+    out = []
+    for c in coefs:
+        params = point_params(np.asarray(c, np.float32), thetas, path=path, dtype=jnp.dtype(dtype).name)
+        lm = FtjaxLM.from_params(params, cfg, tokenizer, batch_size=batch_size, max_length=max_length,
+                                 name=f"{path}@{','.join(f'{x:g}' for x in c)}")
+        out.append(evaluate_tasks(lm, tasks, **task_options))
+        del lm, params
+    return out
+
+
+def metric_curves(points: Sequence[dict]) -> dict[str, dict[str, list[float | None]]]:
+    """{task: {"metric,filter": [value at each point]}} of `evaluate_path`'s results: the numeric metrics the
+    harness reports (no stderr); a metric missing or not finite at a point is None there."""
+    import math
+
+    curves: dict[str, dict[str, list[float | None]]] = {}
+    for k, point in enumerate(points):
+        for task, metrics in point["results"].items():
+            for key, value in metrics.items():
+                if "stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                series = curves.setdefault(task, {}).setdefault(key, [None] * len(points))
+                series[k] = float(value) if math.isfinite(value) else None
+    return curves
 
 
 def results_table(results: dict) -> str:

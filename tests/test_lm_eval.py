@@ -292,3 +292,67 @@ def test_other_families_match_hf(tmp_path, family):
     requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6}), ("it was", {"max_gen_toks": 4})]
     got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------- scan --tasks
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, model_dir):
+    other = make_hf_model(tmp_path_factory.mktemp("llama_b") / "b", seed=1)
+    make_tokenizer(other)
+    return model_dir, other
+
+
+def _scan_with_tasks(a, b, task_dir, out, points, extra=()):
+    from ftjax.cli import main
+    from tests.hf_models import lm_rows
+
+    data = write_jsonl(out.parent / f"{out.name}.jsonl", lm_rows(4))
+    return main(["scan", "--a", str(a), "--b", str(b), "--data", str(data), "--points", str(points),
+                 "--max-len", str(MAX_LENGTH), "--batch-size", "4", "--tasks", "tiny_mc,tiny_ppl,tiny_gen",
+                 "--include-path", str(task_dir), "--limit", "3", "--out", str(out), "--json", *extra])
+
+
+def test_cli_scan_tasks_endpoints_equal_lm_eval(two_models, task_dir, tmp_path, capsys):
+    """Every point of `scan --tasks` is scored by the harness; at λ = 0 and 1 the scores are those of `lm-eval`
+    on the two model directories, and scan.json has one curve per task metric."""
+    from ftjax.cli import main
+
+    a, b = two_models
+    out = tmp_path / "scan"
+    assert _scan_with_tasks(a, b, task_dir, out, 3) == 0
+    capsys.readouterr()
+    result = json.loads((out / "scan.json").read_text())
+    assert result["lambda"] == [0.0, 0.5, 1.0]
+    curves = result["tasks"]
+    assert set(curves) == set(TASKS)
+    assert {"acc,none", "acc_norm,none"} <= set(curves["tiny_mc"]) and "exact_match,first" in curves["tiny_gen"]
+    assert "word_perplexity,none" in curves["tiny_ppl"]
+    assert all(len(v) == 3 for m in curves.values() for v in m.values())
+    for k, model in ((0, a), (2, b)):
+        path = tmp_path / f"lm_eval_{k}.json"
+        assert main(["lm-eval", "--model", str(model), "--tasks", ",".join(TASKS), "--include-path", str(task_dir),
+                     "--limit", "3", "--max-length", str(MAX_LENGTH), "--batch-size", "4", "--out", str(path)]) == 0
+        expected = json.loads(path.read_text())["results"]
+        for task, metrics in curves.items():
+            for key, values in metrics.items():
+                assert values[k] == pytest.approx(expected[task][key], rel=1e-6), (task, key, k)
+    ppl = curves["tiny_ppl"]["word_perplexity,none"]
+    assert ppl[0] != ppl[2]  # two different models: the test can tell the endpoints apart
+    assert (out / "scan.png").stat().st_size > 1000
+
+
+def test_scan_tasks_compile_once_for_all_points(two_models, task_dir, tmp_path, count_calls):
+    """The forward (and the interpolation) compile as often for a 5-point scan as for a 2-point one."""
+    import jax
+
+    import ftjax.lm_eval as backend
+    from ftjax import lmc
+
+    a, b = two_models
+    counts = []
+    for points in (2, 5):
+        jax.clear_caches()
+        forward_traces, point_traces = count_calls(backend, "forward"), count_calls(lmc, "_point")
+        assert _scan_with_tasks(a, b, task_dir, tmp_path / f"scan{points}", points) == 0
+        counts.append((forward_traces["n"], point_traces["n"]))
+    assert counts[0] == counts[1] and counts[0][0] >= 1
