@@ -193,9 +193,9 @@ def _harness_options(args, command: str) -> tuple[Any, list[str], dict[str, Any]
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     if limit is not None and limit <= 0:
         raise FtjaxError(f"--limit must be positive, got {args.limit}")
-    if args.fewshot_as_multiturn and not args.apply_chat_template:
-        raise FtjaxError("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat messages)")
-    options = dict(include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot,
+    harness.check_chat_options(args.apply_chat_template, args.fewshot_as_multiturn)
+    manager = harness.task_manager(tasks, args.include_path)
+    options = dict(include_path=args.include_path, manager=manager, limit=limit, num_fewshot=args.num_fewshot,
                    seed=getattr(args, "seed", 0), apply_chat_template=args.apply_chat_template,
                    system_instruction=args.system_instruction, fewshot_as_multiturn=args.fewshot_as_multiturn)
     return harness, tasks, options
@@ -204,10 +204,10 @@ def _harness_options(args, command: str) -> tuple[Any, list[str], dict[str, Any]
 def _cmd_lm_eval(args) -> None:
     from ftjax.io.checkpoint import resolve_model_path
 
-    harness, tasks, options = _harness_options(args, "lm-eval")
     if args.batch_size == "auto":
         raise FtjaxError("--batch-size auto is not supported by the ftjax backend (requests are bucketed to fixed "
                          "shapes, so a batch size is only a memory bound): give a number, e.g. --batch-size 8")
+    harness, tasks, options = _harness_options(args, "lm-eval")
     model_dir = resolve_model_path(args.model)
     lm = harness.FtjaxLM(pretrained=model_dir, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
     results = harness.evaluate_tasks(lm, tasks, **options)

@@ -369,23 +369,20 @@ class _DirTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------ running tasks
-def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
-                   limit: float | None = None, num_fewshot: int | None = None, seed: int = 0,
-                   apply_chat_template: bool = False, system_instruction: str | None = None,
-                   fewshot_as_multiturn: bool | None = None) -> dict:
-    """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
-
-    limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
-    harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
-    apply_chat_template, system_instruction, fewshot_as_multiturn: as lm_eval's own CLI passes them (few-shot
-    examples as turns defaults to apply_chat_template; asking for it without a chat template is an error).
-    Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
-    """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def check_chat_options(apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> None:
+    """Few-shot examples as chat turns need the chat template (as lm_eval's CLI): a one-line FtjaxError if not."""
     if fewshot_as_multiturn and not apply_chat_template:
         raise FtjaxError("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat messages)")
+
+
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
+    """The harness's TaskManager (built-in tasks plus the YAMLs under include_path) once `tasks` are all found in it.
+
+    Building it indexes every built-in task YAML (seconds): build it once per run and pass it to every
+    `evaluate_tasks` call. Unknown task names and a missing include_path are one-line FtjaxErrors.
+    """
+    from lm_eval.tasks import TaskManager
+
     if include_path is not None and not Path(include_path).is_dir():
         raise FtjaxError(f"--include-path {include_path} is not a directory of task YAML files")
     if not tasks:
@@ -396,12 +393,34 @@ def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Pat
         where = f" or under {include_path}" if include_path is not None else "; pass --include-path DIR for your own"
         raise FtjaxError(f"unknown task {', '.join(unknown)}: not a harness task{where} (the names are the YAMLs' "
                          "`task:` fields)")
+    return manager
+
+
+def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
+                   manager: Any = None, limit: float | None = None, num_fewshot: int | None = None, seed: int = 0,
+                   apply_chat_template: bool = False, system_instruction: str | None = None,
+                   fewshot_as_multiturn: bool | None = None, bootstrap_iters: int = 100000) -> dict:
+    """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
+
+    manager: a `task_manager(tasks, include_path)` built before (include_path is then not read again).
+    limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
+    harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
+    apply_chat_template, system_instruction, fewshot_as_multiturn: as lm_eval's own CLI passes them (few-shot
+    examples as turns defaults to apply_chat_template; asking for it without a chat template is an error).
+    bootstrap_iters: resamples for the metrics' stderr (the harness's default; 0 skips them).
+    Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
+    """
+    import lm_eval
+
+    check_chat_options(apply_chat_template, fewshot_as_multiturn)
+    manager = manager if manager is not None else task_manager(tasks, include_path)
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                    num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                    apply_chat_template=apply_chat_template, system_instruction=system_instruction,
                                    fewshot_as_multiturn=bool(apply_chat_template if fewshot_as_multiturn is None
-                                                             else fewshot_as_multiturn))
+                                                             else fewshot_as_multiturn),
+                                   bootstrap_iters=bootstrap_iters)
 
 
 def evaluate_path(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[float]], cfg: ModelConfig,
@@ -412,11 +431,15 @@ def evaluate_path(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[flo
     path, thetas: as `ftjax.lmc.point_params` ("lerp" over (A, B), "diff" over (T, F, S), "plane" over (A, B, C));
     coefs: one coefficient vector per point. Each point's parameters are built by the scan's one compiled
     interpolation and scored through `FtjaxLM.from_params`; every point has the same shapes, so the forward
-    compiles once per bucket for the whole scan, not per point. tokenizer: the model directory whose tokenizer
-    and special tokens score every point. task_options: evaluate_tasks' keywords (include_path, limit, ...).
+    compiles once per bucket for the whole scan, not per point, and the tasks are indexed once. tokenizer: the
+    model directory whose tokenizer and special tokens score every point. task_options: evaluate_tasks' keywords
+    (include_path or manager, limit, ...); stderr is not bootstrapped unless bootstrap_iters is given.
     """
     from ftjax.lmc import point_params
 
+    if task_options.get("manager") is None:
+        task_options["manager"] = task_manager(tasks, task_options.get("include_path"))
+    task_options.setdefault("bootstrap_iters", 0)
     thetas = tuple(thetas)
     out = []
     for c in coefs:

@@ -302,24 +302,35 @@ def two_models(tmp_path_factory, model_dir):
     return model_dir, other
 
 
-def _scan_with_tasks(a, b, task_dir, out, points, extra=()):
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """The harness indexes only --include-path (not its ~10 s of built-in task YAMLs): same tasks, same scores."""
+    import functools
+
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                         include_defaults=False))
+
+
+def _scan_with_tasks(models, task_dir, out, points):
     from ftjax.cli import main
     from tests.hf_models import lm_rows
 
     data = write_jsonl(out.parent / f"{out.name}.jsonl", lm_rows(4))
-    return main(["scan", "--a", str(a), "--b", str(b), "--data", str(data), "--points", str(points),
-                 "--max-len", str(MAX_LENGTH), "--batch-size", "4", "--tasks", "tiny_mc,tiny_ppl,tiny_gen",
-                 "--include-path", str(task_dir), "--limit", "3", "--out", str(out), "--json", *extra])
+    return main(["scan", *models, "--data", str(data), "--points", str(points), "--max-len", str(MAX_LENGTH),
+                 "--batch-size", "4", "--tasks", ",".join(TASKS), "--include-path", str(task_dir), "--limit", "3",
+                 "--out", str(out), "--json"])
 
 
-def test_cli_scan_tasks_endpoints_equal_lm_eval(two_models, task_dir, tmp_path, capsys):
+def test_cli_scan_tasks_endpoints_equal_lm_eval(two_models, task_dir, tmp_path, capsys, local_tasks_only):
     """Every point of `scan --tasks` is scored by the harness; at λ = 0 and 1 the scores are those of `lm-eval`
-    on the two model directories, and scan.json has one curve per task metric."""
+    on the two model directories, and scan.json has one curve per task metric (--along-diff too)."""
     from ftjax.cli import main
 
     a, b = two_models
     out = tmp_path / "scan"
-    assert _scan_with_tasks(a, b, task_dir, out, 3) == 0
+    assert _scan_with_tasks(["--a", str(a), "--b", str(b)], task_dir, out, 3) == 0
     capsys.readouterr()
     result = json.loads((out / "scan.json").read_text())
     assert result["lambda"] == [0.0, 0.5, 1.0]
@@ -328,6 +339,11 @@ def test_cli_scan_tasks_endpoints_equal_lm_eval(two_models, task_dir, tmp_path, 
     assert {"acc,none", "acc_norm,none"} <= set(curves["tiny_mc"]) and "exact_match,first" in curves["tiny_gen"]
     assert "word_perplexity,none" in curves["tiny_ppl"]
     assert all(len(v) == 3 for m in curves.values() for v in m.values())
+    # --along-diff T + λ·(F − S) with F = S: the target B at every λ, scored with the target's tokenizer
+    along = tmp_path / "along"
+    assert _scan_with_tasks(["--along-diff", "--target", str(b), "--source-ft", str(a), "--source-base", str(a)],
+                            task_dir, along, 2) == 0
+    along_curves = json.loads((along / "scan.json").read_text())["tasks"]
     for k, model in ((0, a), (2, b)):
         path = tmp_path / f"lm_eval_{k}.json"
         assert main(["lm-eval", "--model", str(model), "--tasks", ",".join(TASKS), "--include-path", str(task_dir),
@@ -336,23 +352,29 @@ def test_cli_scan_tasks_endpoints_equal_lm_eval(two_models, task_dir, tmp_path, 
         for task, metrics in curves.items():
             for key, values in metrics.items():
                 assert values[k] == pytest.approx(expected[task][key], rel=1e-6), (task, key, k)
+                if k == 2:
+                    assert along_curves[task][key] == pytest.approx([expected[task][key]] * 2, rel=1e-6)
     ppl = curves["tiny_ppl"]["word_perplexity,none"]
     assert ppl[0] != ppl[2]  # two different models: the test can tell the endpoints apart
     assert (out / "scan.png").stat().st_size > 1000
 
 
-def test_scan_tasks_compile_once_for_all_points(two_models, task_dir, tmp_path, count_calls):
-    """The forward (and the interpolation) compile as often for a 5-point scan as for a 2-point one."""
+def test_scan_tasks_compile_once_for_all_points(two_models, task_dir, count_calls, local_tasks_only):
+    """The forward (and the interpolation) compile as often for a 4-point scan as for a 2-point one."""
     import jax
 
     import ftjax.lm_eval as backend
     from ftjax import lmc
+    from ftjax.params import load_params
 
-    a, b = two_models
+    (cfg, a), (_, b) = (load_params(m) for m in two_models)
     counts = []
-    for points in (2, 5):
+    for lambdas in ([0.0, 1.0], [-0.5, 0.0, 0.5, 1.5]):
         jax.clear_caches()
         forward_traces, point_traces = count_calls(backend, "forward"), count_calls(lmc, "_point")
-        assert _scan_with_tasks(a, b, task_dir, tmp_path / f"scan{points}", points) == 0
+        points = backend.evaluate_path("lerp", (a, b), [[lam] for lam in lambdas], cfg, two_models[0],
+                                       ["tiny_mc", "tiny_ppl"], include_path=task_dir, limit=3, batch_size=4,
+                                       max_length=MAX_LENGTH)
+        assert len(points) == len(lambdas)
         counts.append((forward_traces["n"], point_traces["n"]))
-    assert counts[0] == counts[1] and counts[0][0] >= 1
+    assert counts[0] == counts[1] and counts[0] >= (1, 1)
