@@ -406,7 +406,8 @@ def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Pat
     limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
     harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
     apply_chat_template, system_instruction, fewshot_as_multiturn: as lm_eval's own CLI passes them (few-shot
-    examples as turns defaults to apply_chat_template; asking for it without a chat template is an error).
+    examples as turns defaults to apply_chat_template; asking for it without a chat template is an error); they
+    are recorded in the result's "config", with the chat template used (None without apply_chat_template).
     bootstrap_iters: resamples for the metrics' stderr (the harness's default; 0 skips them).
     Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
     """
@@ -414,13 +415,17 @@ def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Pat
 
     check_chat_options(apply_chat_template, fewshot_as_multiturn)
     manager = manager if manager is not None else task_manager(tasks, include_path)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                   num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                   apply_chat_template=apply_chat_template, system_instruction=system_instruction,
-                                   fewshot_as_multiturn=bool(apply_chat_template if fewshot_as_multiturn is None
-                                                             else fewshot_as_multiturn),
-                                   bootstrap_iters=bootstrap_iters)
+    multiturn = bool(apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                                      fewshot_as_multiturn=multiturn, bootstrap_iters=bootstrap_iters)
+    if results is not None:  # None on ranks other than 0; the prompt settings, as lm_eval's CLI logs them
+        results["config"].update(apply_chat_template=bool(apply_chat_template),
+                                 chat_template=lm.chat_template(apply_chat_template),
+                                 system_instruction=system_instruction, fewshot_as_multiturn=multiturn)
+    return results
 
 
 def evaluate_path(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[float]], cfg: ModelConfig,

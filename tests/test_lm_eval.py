@@ -224,7 +224,10 @@ def test_cli_lm_eval_prints_the_table_and_writes_the_results(hf, model_dir, task
 @pytest.mark.parametrize("extra, message", [(["--tasks", "no_such_task"], "unknown task no_such_task"),
                                             (["--tasks", "tiny_mc", "--include-path", "/nonexistent"],
                                              "--include-path /nonexistent"),
-                                            (["--tasks", "tiny_mc", "--limit", "-1"], "--limit")])
+                                            (["--tasks", "tiny_mc", "--limit", "-1"], "--limit"),
+                                            (["--tasks", "tiny_mc", "--batch-size", "auto"], "--batch-size auto"),
+                                            (["--tasks", "tiny_mc", "--fewshot-as-multiturn"],
+                                             "needs --apply-chat-template")])
 def test_cli_lm_eval_errors_are_one_line(model_dir, task_dir, tmp_path, capsys, extra, message):
     from ftjax.cli import main
 
@@ -268,6 +271,38 @@ def test_chat_template_tasks_match_hf(tmp_path, task_dir):
         for key, value in expected[task].items():
             if isinstance(value, float) and "stderr" not in key:
                 assert got[task][key] == pytest.approx(value, rel=1e-5), (task, key)
+
+
+def test_cli_lm_eval_chat_flags_reach_the_harness(tmp_path, task_dir, local_tasks_only, capsys):
+    """--apply-chat-template / --system-instruction / --fewshot-as-multiturn are passed as lm_eval's CLI passes
+    them: the results say so, and the scores are those of simple_evaluate with the same settings."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ftjax.cli import main
+    from ftjax.lm_eval import FtjaxLM
+
+    path = make_hf_model(tmp_path / "chat", seed=1)
+    make_tokenizer(path, chat_template=CHAT)
+    runs = {}
+    for name, flags in (("chat", ["--apply-chat-template", "--system-instruction", "be brief", "--num-fewshot", "1"]),
+                        ("single_turn", ["--apply-chat-template", "--fewshot-as-multiturn", "false",
+                                         "--num-fewshot", "1"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["lm-eval", "--model", str(path), "--tasks", "tiny_mc", "--include-path", str(task_dir),
+                     "--max-length", "64", "--out", str(out), *flags]) == 0
+        runs[name] = json.loads(out.read_text())
+    capsys.readouterr()
+    chat, config = runs["chat"], runs["chat"]["config"]
+    assert config["system_instruction"] == "be brief" and config["fewshot_as_multiturn"] is True
+    assert config["apply_chat_template"] is True and config["chat_template"] == CHAT
+    assert runs["single_turn"]["config"]["fewshot_as_multiturn"] is False
+    expected = lm_eval.simple_evaluate(
+        model=FtjaxLM(pretrained=str(path), max_length=64), tasks=["tiny_mc"], num_fewshot=1, log_samples=False,
+        task_manager=TaskManager(include_path=str(task_dir)), apply_chat_template=True,
+        system_instruction="be brief", fewshot_as_multiturn=True)["results"]["tiny_mc"]
+    for key in ("acc,none", "acc_norm,none"):
+        assert chat["results"]["tiny_mc"][key] == pytest.approx(expected[key], rel=1e-6)
 
 
 @pytest.mark.parametrize("family", ["mistral", "olmo2"])  # qwen2: HFLM itself fails on the test tokenizer
