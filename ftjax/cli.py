@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ftjax.cli_args import build_parser, parse_args  # noqa: F401 - build_parser: public
 from ftjax.errors import FtjaxError, describe
@@ -182,22 +182,35 @@ def _cmd_generate(args) -> None:
             print(text if len(prompts) == 1 else f"--- {i + 1} ---\n{text}")
 
 
-def _cmd_lm_eval(args) -> None:
-    from ftjax.io.checkpoint import resolve_model_path
-
+def _harness_options(args, command: str) -> tuple[Any, list[str], dict[str, Any]]:
+    """(ftjax.lm_eval, task names, evaluate_tasks' keywords) from the harness flags; errors before any loading."""
     try:
         from ftjax import lm_eval as harness
     except ImportError as e:
-        raise FtjaxError(f"lm-eval needs lm-evaluation-harness ({e.name} is missing); "
+        raise FtjaxError(f"{command} needs lm-evaluation-harness ({e.name} is missing); "
                          "install it with: pip install 'ftjax[eval]'") from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     if limit is not None and limit <= 0:
         raise FtjaxError(f"--limit must be positive, got {args.limit}")
+    harness.check_chat_options(args.apply_chat_template, args.fewshot_as_multiturn)
+    manager = harness.task_manager(tasks, args.include_path)
+    options = dict(include_path=args.include_path, manager=manager, limit=limit, num_fewshot=args.num_fewshot,
+                   seed=getattr(args, "seed", 0), apply_chat_template=args.apply_chat_template,
+                   system_instruction=args.system_instruction, fewshot_as_multiturn=args.fewshot_as_multiturn)
+    return harness, tasks, options
+
+
+def _cmd_lm_eval(args) -> None:
+    from ftjax.io.checkpoint import resolve_model_path
+
+    if args.batch_size == "auto":
+        raise FtjaxError("--batch-size auto is not supported by the ftjax backend (requests are bucketed to fixed "
+                         "shapes, so a batch size is only a memory bound): give a number, e.g. --batch-size 8")
+    harness, tasks, options = _harness_options(args, "lm-eval")
     model_dir = resolve_model_path(args.model)
     lm = harness.FtjaxLM(pretrained=model_dir, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
-    results = harness.evaluate_tasks(lm, tasks, include_path=args.include_path, limit=limit,
-                                     num_fewshot=args.num_fewshot, seed=args.seed)
+    results = harness.evaluate_tasks(lm, tasks, **options)
     text = harness.results_json(results)
     if _is_main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +312,7 @@ def _cmd_scan(args) -> None:
     if missing:
         raise FtjaxError(f"scan needs {', '.join(missing)}")
     lambdas = lmc.grid(args.points, *lmc.parse_range(args.range))
+    harness = _harness_options(args, "scan --tasks") if args.tasks is not None else None
     dirs = {k: resolve_model_path(v) for k, v in need.items()}
     examples = _examples(args, *dirs.values()).examples
     mesh = _mesh(args)
@@ -310,6 +324,12 @@ def _cmd_scan(args) -> None:
         result = lmc.scan_along_diff(*thetas, cfg, examples, lambdas, labels=(label, f"{label} + Δ"), **common)
     else:
         result = lmc.scan(*thetas, cfg, examples, lambdas, labels=_labels(args.a, args.b), **common)
+    if harness is not None:
+        module, tasks, options = harness
+        points = module.evaluate_path(result["path"], thetas, [[lam] for lam in lambdas], cfg,
+                                      next(iter(dirs.values())), tasks, dtype=args.dtype,
+                                      batch_size=args.batch_size, max_length=args.max_len, **options)
+        result["tasks"] = module.metric_curves(points)
     result["models"] = {k.lstrip("-"): str(v) for k, v in dirs.items()}
     result["models_absolute"] = absolute_paths(result["models"])
     write_json(args.out / "scan.json", result)
@@ -318,9 +338,13 @@ def _cmd_scan(args) -> None:
     if args.json:
         print(dumps(result))
         return
+    curves = [(f"{task} {key}", values) for task, metrics in result.get("tasks", {}).items()
+              for key, values in metrics.items()]
     for i, lam in enumerate(result["lambda"]):
         print(f"λ {lam:+.3f}  loss {result['loss'][i]:.6f}" +
-              "".join(f"  {k} {result[k][i]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result))
+              "".join(f"  {k} {result[k][i]:.4f}" for k in ("exact_match", "acc", "acc_norm") if k in result) +
+              "".join(f"  {name} {values[i]:.4f}" if values[i] is not None else f"  {name} n/a"
+                      for name, values in curves))
     for name in ("barrier_linear", "barrier_mean"):
         value, lam, note = result[name], result[f"{name}_lambda"], result[f"{name}_note"]
         if lam is not None:

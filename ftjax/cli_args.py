@@ -94,6 +94,37 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     _add_output_flags(p)
 
 
+def _batch_size(text: str) -> int | str:
+    """--batch-size of lm-eval: a positive integer, or "auto" (which the command refuses with what to give)."""
+    if text.strip().lower().startswith("auto"):
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_harness_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """lm-evaluation-harness task flags, named and passed as lm_eval's own CLI passes them."""
+    p.add_argument("--tasks", required=required, metavar="T1,T2", help="harness task names, comma-separated")
+    p.add_argument("--include-path", type=Path, metavar="DIR", help="directory of your own task YAML files")
+    p.add_argument("--limit", type=_finite, metavar="N", help="at most N documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render each prompt with the model's chat template (as lm_eval --apply_chat_template)")
+    p.add_argument("--system-instruction", metavar="TEXT", help="a system message before each prompt")
+    p.add_argument("--fewshot-as-multiturn", type=_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="few-shot examples as chat turns (default: on with --apply-chat-template; needs it)")
+
+
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path,
                    help="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"}, {\"input_ids\"}, "
@@ -271,11 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval", help="score a model on lm-evaluation-harness tasks (needs the eval extra); "
                                          "prints the harness's results table, writes its results JSON")
     p.add_argument("--model", required=True, metavar="DIR|REPO")
-    p.add_argument("--tasks", required=True, metavar="T1,T2", help="harness task names, comma-separated")
-    p.add_argument("--include-path", type=Path, metavar="DIR", help="directory of your own task YAML files")
-    p.add_argument("--limit", type=_finite, metavar="N", help="at most N documents per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_harness_flags(p, required=True)
+    p.add_argument("--batch-size", type=_batch_size, default=8, help="requests per forward (auto is refused)")
     p.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                    help="compute dtype (auto = the checkpoint's)")
@@ -294,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", default="0:1", metavar="LO:HI", help="λ range, e.g. -0.5:1.5")
     p.add_argument("--out", required=True, type=Path, help="directory for scan.json, scan.png, scan.pdf")
     _add_eval_flags(p)
+    _add_harness_flags(p, required=False)  # --tasks: also score every point on harness tasks (the eval extra)
 
     p = sub.add_parser("plane", help="loss over the plane A + u(B-A) + v(C-A) through three models; contour plot")
     p.add_argument("--a", required=True, metavar="DIR|REPO", help="origin, e.g. the source base")

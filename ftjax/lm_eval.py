@@ -369,15 +369,18 @@ class _DirTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------ running tasks
-def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
-                   limit: float | None = None, num_fewshot: int | None = None, seed: int = 0) -> dict:
-    """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
+def check_chat_options(apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> None:
+    """Few-shot examples as chat turns need the chat template (as lm_eval's CLI): a one-line FtjaxError if not."""
+    if fewshot_as_multiturn and not apply_chat_template:
+        raise FtjaxError("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat messages)")
 
-    limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
-    harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
-    Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
+
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
+    """The harness's TaskManager (built-in tasks plus the YAMLs under include_path) once `tasks` are all found in it.
+
+    Building it indexes every built-in task YAML (seconds): build it once per run and pass it to every
+    `evaluate_tasks` call. Unknown task names and a missing include_path are one-line FtjaxErrors.
     """
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
@@ -390,9 +393,83 @@ def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Pat
         where = f" or under {include_path}" if include_path is not None else "; pass --include-path DIR for your own"
         raise FtjaxError(f"unknown task {', '.join(unknown)}: not a harness task{where} (the names are the YAMLs' "
                          "`task:` fields)")
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                   num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    return manager
+
+
+def evaluate_tasks(lm: FtjaxLM, tasks: Sequence[str], *, include_path: str | Path | None = None,
+                   manager: Any = None, limit: float | None = None, num_fewshot: int | None = None, seed: int = 0,
+                   apply_chat_template: bool = False, system_instruction: str | None = None,
+                   fewshot_as_multiturn: bool | None = None, bootstrap_iters: int = 100000) -> dict:
+    """`lm_eval.simple_evaluate` of `lm` on harness tasks by name (built-in, or YAMLs under include_path).
+
+    manager: a `task_manager(tasks, include_path)` built before (include_path is then not read again).
+    limit: at most this many documents per task (a fraction of each task's documents when < 1). Returns the
+    harness's result dict ("results" per task as {"metric,filter": value}, "configs", "versions", "n-shot", ...).
+    apply_chat_template, system_instruction, fewshot_as_multiturn: as lm_eval's own CLI passes them (few-shot
+    examples as turns defaults to apply_chat_template; asking for it without a chat template is an error); they
+    are recorded in the result's "config", with the chat template used (None without apply_chat_template).
+    bootstrap_iters: resamples for the metrics' stderr (the harness's default; 0 skips them).
+    Unknown task names and a missing include_path are one-line FtjaxErrors, raised before any scoring.
+    """
+    import lm_eval
+
+    check_chat_options(apply_chat_template, fewshot_as_multiturn)
+    manager = manager if manager is not None else task_manager(tasks, include_path)
+    multiturn = bool(apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                                      fewshot_as_multiturn=multiturn, bootstrap_iters=bootstrap_iters)
+    if results is not None:  # None on ranks other than 0; the prompt settings, as lm_eval's CLI logs them
+        results["config"].update(apply_chat_template=bool(apply_chat_template),
+                                 chat_template=lm.chat_template(apply_chat_template),
+                                 system_instruction=system_instruction, fewshot_as_multiturn=multiturn)
+    return results
+
+
+def evaluate_path(path: str, thetas: Sequence[Any], coefs: Sequence[Sequence[float]], cfg: ModelConfig,
+                  tokenizer: str | Path, tasks: Sequence[str], *, dtype: str = "float32", batch_size: int = 8,
+                  max_length: int | None = None, **task_options: Any) -> list[dict]:
+    """Harness results (`evaluate_tasks`' dicts) of the model at every point of a scan path, none written to disk.
+
+    path, thetas: as `ftjax.lmc.point_params` ("lerp" over (A, B), "diff" over (T, F, S), "plane" over (A, B, C));
+    coefs: one coefficient vector per point. Each point's parameters are built by the scan's one compiled
+    interpolation and scored through `FtjaxLM.from_params`; every point has the same shapes, so the forward
+    compiles once per bucket for the whole scan, not per point, and the tasks are indexed once. tokenizer: the
+    model directory whose tokenizer and special tokens score every point. task_options: evaluate_tasks' keywords
+    (include_path or manager, limit, ...); stderr is not bootstrapped unless bootstrap_iters is given.
+    """
+    from ftjax.lmc import point_params
+
+    if task_options.get("manager") is None:
+        task_options["manager"] = task_manager(tasks, task_options.get("include_path"))
+    task_options.setdefault("bootstrap_iters", 0)
+    thetas = tuple(thetas)
+    out = []
+    for c in coefs:
+        params = point_params(np.asarray(c, np.float32), thetas, path=path, dtype=jnp.dtype(dtype).name)
+        lm = FtjaxLM.from_params(params, cfg, tokenizer, batch_size=batch_size, max_length=max_length,
+                                 name=f"{path}@{','.join(f'{x:g}' for x in c)}")
+        out.append(evaluate_tasks(lm, tasks, **task_options))
+        del lm, params
+    return out
+
+
+def metric_curves(points: Sequence[dict]) -> dict[str, dict[str, list[float | None]]]:
+    """{task: {"metric,filter": [value at each point]}} of `evaluate_path`'s results: the numeric metrics the
+    harness reports (no stderr); a metric missing or not finite at a point is None there."""
+    import math
+
+    curves: dict[str, dict[str, list[float | None]]] = {}
+    for k, point in enumerate(points):
+        for task, metrics in point["results"].items():
+            for key, value in metrics.items():
+                if "stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                series = curves.setdefault(task, {}).setdefault(key, [None] * len(points))
+                series[k] = float(value) if math.isfinite(value) else None
+    return curves
 
 
 def results_table(results: dict) -> str:

@@ -48,15 +48,28 @@ def _plane(c, a, b, cc):
 PATHS = {"lerp": _lerp, "diff": _diff, "plane": _plane}
 
 
+def _point(coefs: jax.Array, thetas: tuple, path: str, dtype: str) -> Any:
+    combine = PATHS[path]
+    return jax.tree.map(
+        lambda *xs: combine(coefs, *(x.astype(jnp.float32) for x in xs)).astype(dtype)
+        if is_float(xs[0].dtype) else xs[0], *thetas)
+
+
+@functools.partial(jax.jit, static_argnames=("path", "dtype"))
+def point_params(coefs: jax.Array, thetas: tuple, *, path: str, dtype: str) -> Any:
+    """The parameters at path coefficients `coefs` (f32 [1] or [2], traced): one compilation for every point.
+
+    thetas: the path's endpoint pytrees (A, B for "lerp"; T, F, S for "diff"; A, B, C for "plane"). Float leaves
+    are combined in float32 and cast to `dtype`; other leaves are the first endpoint's.
+    """
+    return _point(coefs, thetas, path, dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("path", "cfg", "dtype"))
 def point_row_stats(coefs: jax.Array, thetas: tuple, tokens_bt, mask_bt, weights_bt, *, path: str,
                     cfg: ModelConfig, dtype: str):
     """Per-row (nll, count, greedy) of the model at path coefficients `coefs` (f32 [1] or [2], traced)."""
-    combine = PATHS[path]
-    params = jax.tree.map(
-        lambda *xs: combine(coefs, *(x.astype(jnp.float32) for x in xs)).astype(dtype)
-        if is_float(xs[0].dtype) else xs[0], *thetas)
-    return row_stats(params, cfg, tokens_bt, mask_bt, weights_bt)
+    return row_stats(_point(coefs, thetas, path, dtype), cfg, tokens_bt, mask_bt, weights_bt)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,6 +58,34 @@ def plot_scan(result: dict[str, Any], stem: str | Path, title: str | None = None
     return _save(scan_figure(result, title), stem)
 
 
+def _task_panel(ax: Any, lam: np.ndarray, curves: list[tuple[str, list]]) -> None:
+    """Harness task metrics (scan.json "tasks") against λ; fractions on a 0..1 axis, anything else (perplexities)
+    on a log axis of its own."""
+    def values(v):
+        return np.asarray([np.nan if x is None else x for x in v], np.float64)
+
+    fractions = [(n, values(v)) for n, v in curves if np.nanmin(values(v), initial=0) >= 0
+                 and np.nanmax(values(v), initial=0) <= 1]
+    others = [(n, values(v)) for n, v in curves if not any(n == f for f, _ in fractions)]
+    for i, (name, v) in enumerate(fractions):
+        ax.plot(lam, v, "o-", color=f"C{i + 4}", label=name)
+    ax.set_ylabel("task score (fraction)" if fractions else "task metric")
+    if fractions:
+        ax.set_ylim(-0.05, 1.05)
+    target = ax.twinx() if fractions and others else ax
+    for i, (name, v) in enumerate(others):
+        target.plot(lam, v, "s--", color=f"C{i + 4 + len(fractions)}", label=name)
+    if others:
+        target.set_yscale("log")
+        target.set_ylabel("task metric (log)" if fractions else "task metric (log scale)")
+    if target is not ax:
+        handles = [h for a in (ax, target) for h in a.get_legend_handles_labels()[0]]
+        target.legend(handles, [h.get_label() for h in handles], framealpha=0.8, fontsize=7)  # above both
+    else:
+        _legend(ax, framealpha=0.5, fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def scan_figure(result: dict[str, Any], title: str | None = None) -> Figure:
     """Loss along the λ path, the straight line between the two models (dashed, λ in [0, 1] only) and each
     barrier (arrow) where there is one; the legend gives the heights in nats, or why there is no barrier.
@@ -68,9 +96,11 @@ def scan_figure(result: dict[str, Any], title: str | None = None) -> Figure:
     label_a, label_b = result.get("labels", ("Model A", "Model B"))
     diff = result.get("path") == "diff"
     acc_keys = [k for k in ("acc", "acc_norm", "exact_match") if k in result]
-    fig = Figure(figsize=(6.4, 4.2 if not acc_keys else 6.4))
-    axes = fig.subplots(2 if acc_keys else 1, 1, sharex=True, squeeze=False,
-                        gridspec_kw={"height_ratios": [2, 1]} if acc_keys else None)[:, 0]
+    curves = [(f"{task} {key.replace(',none', '')}", values) for task, metrics in result.get("tasks", {}).items()
+              for key, values in metrics.items()]
+    ratios = [2] + [1] * bool(acc_keys) + [1] * bool(curves)
+    fig = Figure(figsize=(6.4, 4.2 + 2.2 * (len(ratios) - 1)))
+    axes = fig.subplots(len(ratios), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios})[:, 0]
     ax = axes[0]
     ax.plot(lam, loss, "o-", color="C0", label="target + λ·diff" if diff else "interpolated model")
     l0, l1 = _at(lam, loss, 0.0), _at(lam, loss, 1.0)
@@ -105,6 +135,8 @@ def scan_figure(result: dict[str, Any], title: str | None = None) -> Figure:
         axes[1].set_ylim(-0.05, 1.05)
         _legend(axes[1], framealpha=0.5, fontsize=8)
         axes[1].grid(alpha=0.3)
+    if curves:
+        _task_panel(axes[-1], lam, curves)
     path = {"diff": "scale of the diff: T + λ·(F − S)", "lerp": "interpolation coefficient: (1-λ)·A + λ·B"}
     axes[-1].set_xlabel(f"λ  ({path.get(result.get('path'), 'interpolation coefficient')})")
     for a in axes:

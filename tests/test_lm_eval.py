@@ -224,7 +224,10 @@ def test_cli_lm_eval_prints_the_table_and_writes_the_results(hf, model_dir, task
 @pytest.mark.parametrize("extra, message", [(["--tasks", "no_such_task"], "unknown task no_such_task"),
                                             (["--tasks", "tiny_mc", "--include-path", "/nonexistent"],
                                              "--include-path /nonexistent"),
-                                            (["--tasks", "tiny_mc", "--limit", "-1"], "--limit")])
+                                            (["--tasks", "tiny_mc", "--limit", "-1"], "--limit"),
+                                            (["--tasks", "tiny_mc", "--batch-size", "auto"], "--batch-size auto"),
+                                            (["--tasks", "tiny_mc", "--fewshot-as-multiturn"],
+                                             "needs --apply-chat-template")])
 def test_cli_lm_eval_errors_are_one_line(model_dir, task_dir, tmp_path, capsys, extra, message):
     from ftjax.cli import main
 
@@ -270,6 +273,38 @@ def test_chat_template_tasks_match_hf(tmp_path, task_dir):
                 assert got[task][key] == pytest.approx(value, rel=1e-5), (task, key)
 
 
+def test_cli_lm_eval_chat_flags_reach_the_harness(tmp_path, task_dir, local_tasks_only, capsys):
+    """--apply-chat-template / --system-instruction / --fewshot-as-multiturn are passed as lm_eval's CLI passes
+    them: the results say so, and the scores are those of simple_evaluate with the same settings."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ftjax.cli import main
+    from ftjax.lm_eval import FtjaxLM
+
+    path = make_hf_model(tmp_path / "chat", seed=1)
+    make_tokenizer(path, chat_template=CHAT)
+    runs = {}
+    for name, flags in (("chat", ["--apply-chat-template", "--system-instruction", "be brief", "--num-fewshot", "1"]),
+                        ("single_turn", ["--apply-chat-template", "--fewshot-as-multiturn", "false",
+                                         "--num-fewshot", "1"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["lm-eval", "--model", str(path), "--tasks", "tiny_mc", "--include-path", str(task_dir),
+                     "--max-length", "64", "--out", str(out), *flags]) == 0
+        runs[name] = json.loads(out.read_text())
+    capsys.readouterr()
+    chat, config = runs["chat"], runs["chat"]["config"]
+    assert config["system_instruction"] == "be brief" and config["fewshot_as_multiturn"] is True
+    assert config["apply_chat_template"] is True and config["chat_template"] == CHAT
+    assert runs["single_turn"]["config"]["fewshot_as_multiturn"] is False
+    expected = lm_eval.simple_evaluate(
+        model=FtjaxLM(pretrained=str(path), max_length=64), tasks=["tiny_mc"], num_fewshot=1, log_samples=False,
+        task_manager=TaskManager(include_path=str(task_dir)), apply_chat_template=True,
+        system_instruction="be brief", fewshot_as_multiturn=True)["results"]["tiny_mc"]
+    for key in ("acc,none", "acc_norm,none"):
+        assert chat["results"]["tiny_mc"][key] == pytest.approx(expected[key], rel=1e-6)
+
+
 @pytest.mark.parametrize("family", ["mistral", "olmo2"])  # qwen2: HFLM itself fails on the test tokenizer
 def test_other_families_match_hf(tmp_path, family):
     """Log-likelihoods, rolling windows and generations of the other tiny families equal the hf backend's."""
@@ -292,3 +327,89 @@ def test_other_families_match_hf(tmp_path, family):
     requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6}), ("it was", {"max_gen_toks": 4})]
     got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------- scan --tasks
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, model_dir):
+    other = make_hf_model(tmp_path_factory.mktemp("llama_b") / "b", seed=1)
+    make_tokenizer(other)
+    return model_dir, other
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """The harness indexes only --include-path (not its ~10 s of built-in task YAMLs): same tasks, same scores."""
+    import functools
+
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                         include_defaults=False))
+
+
+def _scan_with_tasks(models, task_dir, out, points):
+    from ftjax.cli import main
+    from tests.hf_models import lm_rows
+
+    data = write_jsonl(out.parent / f"{out.name}.jsonl", lm_rows(4))
+    return main(["scan", *models, "--data", str(data), "--points", str(points), "--max-len", str(MAX_LENGTH),
+                 "--batch-size", "4", "--tasks", ",".join(TASKS), "--include-path", str(task_dir), "--limit", "3",
+                 "--out", str(out), "--json"])
+
+
+def test_cli_scan_tasks_endpoints_equal_lm_eval(two_models, task_dir, tmp_path, capsys, local_tasks_only):
+    """Every point of `scan --tasks` is scored by the harness; at λ = 0 and 1 the scores are those of `lm-eval`
+    on the two model directories, and scan.json has one curve per task metric (--along-diff too)."""
+    from ftjax.cli import main
+
+    a, b = two_models
+    out = tmp_path / "scan"
+    assert _scan_with_tasks(["--a", str(a), "--b", str(b)], task_dir, out, 3) == 0
+    capsys.readouterr()
+    result = json.loads((out / "scan.json").read_text())
+    assert result["lambda"] == [0.0, 0.5, 1.0]
+    curves = result["tasks"]
+    assert set(curves) == set(TASKS)
+    assert {"acc,none", "acc_norm,none"} <= set(curves["tiny_mc"]) and "exact_match,first" in curves["tiny_gen"]
+    assert "word_perplexity,none" in curves["tiny_ppl"]
+    assert all(len(v) == 3 for m in curves.values() for v in m.values())
+    # --along-diff T + λ·(F − S) with F = S: the target B at every λ, scored with the target's tokenizer
+    along = tmp_path / "along"
+    assert _scan_with_tasks(["--along-diff", "--target", str(b), "--source-ft", str(a), "--source-base", str(a)],
+                            task_dir, along, 2) == 0
+    along_curves = json.loads((along / "scan.json").read_text())["tasks"]
+    for k, model in ((0, a), (2, b)):
+        path = tmp_path / f"lm_eval_{k}.json"
+        assert main(["lm-eval", "--model", str(model), "--tasks", ",".join(TASKS), "--include-path", str(task_dir),
+                     "--limit", "3", "--max-length", str(MAX_LENGTH), "--batch-size", "4", "--out", str(path)]) == 0
+        expected = json.loads(path.read_text())["results"]
+        for task, metrics in curves.items():
+            for key, values in metrics.items():
+                assert values[k] == pytest.approx(expected[task][key], rel=1e-6), (task, key, k)
+                if k == 2:
+                    assert along_curves[task][key] == pytest.approx([expected[task][key]] * 2, rel=1e-6)
+    ppl = curves["tiny_ppl"]["word_perplexity,none"]
+    assert ppl[0] != ppl[2]  # two different models: the test can tell the endpoints apart
+    assert (out / "scan.png").stat().st_size > 1000
+
+
+def test_scan_tasks_compile_once_for_all_points(two_models, task_dir, count_calls, local_tasks_only):
+    """The forward (and the interpolation) compile as often for a 4-point scan as for a 2-point one."""
+    import jax
+
+    import ftjax.lm_eval as backend
+    from ftjax import lmc
+    from ftjax.params import load_params
+
+    (cfg, a), (_, b) = (load_params(m) for m in two_models)
+    counts = []
+    for lambdas in ([0.0, 1.0], [-0.5, 0.0, 0.5, 1.5]):
+        jax.clear_caches()
+        forward_traces, point_traces = count_calls(backend, "forward"), count_calls(lmc, "_point")
+        points = backend.evaluate_path("lerp", (a, b), [[lam] for lam in lambdas], cfg, two_models[0],
+                                       ["tiny_mc", "tiny_ppl"], include_path=task_dir, limit=3, batch_size=4,
+                                       max_length=MAX_LENGTH)
+        assert len(points) == len(lambdas)
+        counts.append((forward_traces["n"], point_traces["n"]))
+    assert counts[0] == counts[1] and counts[0] >= (1, 1)
