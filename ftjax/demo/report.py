@@ -73,8 +73,8 @@ def sensitivity_notes(results: Sequence[dict]) -> str:
         f"and warm-up) instead of the linear decay changes M5 + Δ4 by "
         f"{_span([x['ft_schedule_constant'] - x['float32'] for x in s])} points (per seed: "
         + ", ".join(f"{x['ft_schedule_constant'] - x['float32']:+.1f}" for x in s) + ").",
-        "- Between releases of this demo (bisected on seed 0 at each version's defaults, docs/demo_sensitivity.md): "
-        "the world's data never changed; the month-old M5 + Δ4 = 43 % (base 28) reproduces as 40.0 % (base 24.0) at "
+        "- Between releases of this demo, bisected on seed 0 at each version's defaults (the repository's "
+        "docs/demo_sensitivity.md has the table): the world's data never changed; the month-old M5 + Δ4 = 43 % (base 28) reproduces as 40.0 % (base 24.0) at "
         "that version today, and the first change is a one-step shift of the learning-rate schedule (f4a24ed: "
         "40.0 → 21.3 %, reverting only it gives 40.0 % again), then the shorter pretraining of the 3-seed default "
         "(21.3 → 9.3 %). Any numerical change to training moves this cell by more than its seed spread can show; "
