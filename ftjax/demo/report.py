@@ -358,6 +358,13 @@ def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[s
         "",
         sensitivity_notes(res),
         "",
+        "## Learned per-layer α (a separate study)",
+        "",
+        "`python -m ftjax.demo.alpha_study` fits one α per layer (`ftjax fit-alpha`) for M5 + Δ4 and M5 + Δ2 of this "
+        "world over three seeds and compares it on held-out rows with α = 1, the best single α of a scan and plain "
+        "fine-tuning; its table and verdicts are in the repository's docs/alpha_study.md and the README (this run "
+        "does not recompute them).",
+        "",
         "## Why the world looks like this",
         "",
         design_notes(sc),
