@@ -276,8 +276,7 @@ def _step(static: tuple, objective: str, lr: float, lo: float, hi: float, mesh: 
         updates, opt_state = opt.update(g, opt_state, alpha_dg)
         return jnp.clip(optax.apply_updates(alpha_dg, updates), lo, hi), opt_state, loss
 
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, out_shardings=None if mesh is None else (replicated,) * 3), opt
+    return jax.jit(step, out_shardings=(replicated(mesh),) * 3), opt
 
 
 def place(problem: Problem, mesh: Mesh | None) -> Problem:
@@ -297,13 +296,23 @@ def place(problem: Problem, mesh: Mesh | None) -> Problem:
                                extras=put(problem.extras))
 
 
-def batch_sharding(mesh: Mesh | None, rows: int) -> jax.sharding.Sharding:
-    """The sharding of a [rows, T] batch: rows over the data axes as fine-tuning splits its batches
-    (`ftjax.train.batch_sharding`); no mesh: this process's first device."""
-    from ftjax import distributed, train
+def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
+    """Where alpha and the adam state live: replicated over `mesh`; no mesh: this process's first device. Placed
+    there before the first step, so every step's inputs have the shardings of the one before: one compilation."""
+    from ftjax import distributed
 
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(distributed.local_device())
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh | None, rows: int) -> jax.sharding.Sharding:
+    """The sharding of a [rows, T] batch: rows over the data axes as fine-tuning splits its batches
+    (`ftjax.train.batch_sharding`); no mesh: this process's first device."""
+    from ftjax import train
+
+    if mesh is None:
+        return replicated(None)
     return NamedSharding(mesh, PartitionSpec(*train.batch_sharding(mesh, rows).spec[1:]))
 
 
@@ -385,8 +394,7 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
         restored = _restore_state(Path(checkpoint_dir), fingerprint, opt_state)
         if restored is not None:
             start, alpha, opt_state, curve = restored
-    if mesh is not None:
-        alpha, opt_state = jax.device_put((alpha, opt_state), NamedSharding(mesh, PartitionSpec()))
+    alpha, opt_state = jax.device_put((alpha, opt_state), replicated(mesh))
     for i in range(start, steps):
         host = [a[0] for a in step_batch(rows, i, bs, 1, seed)] if batch_size else (
             rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt)
