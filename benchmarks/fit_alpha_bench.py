@@ -3,6 +3,7 @@ the same model, batch and sequence length (issue 18's Speed section).
 
     python benchmarks/fit_alpha_bench.py                                  # CPU: tiny Llama, batch 4 x seq 256
     python benchmarks/fit_alpha_bench.py --preset 1b --batch 1 --seq 2048  # GPU (device script)
+    python benchmarks/fit_alpha_bench.py --mesh fsdp=8 --remat --no-train  # the fit sharded as `fit-alpha --mesh`
 
 The fit step is `ftjax.fit_alpha`'s own jitted step (`_step`): theta(alpha) = T + sum_g alpha_g * Delta_g in float32,
 the objective's value and gradient in alpha, adam on alpha, clip. T and Delta are random (`init_params`, seeds 0 and
@@ -49,19 +50,23 @@ def bench_fit(c: dict, args) -> dict:
     from ftjax import fit_alpha as F
     from ftjax.config import ModelConfig
     from ftjax.model import init_params
+    from ftjax.params import make_mesh
 
+    mesh = make_mesh(args.mesh) if args.mesh else None
     cfg = ModelConfig.from_hf(c)
     target = init_params(cfg, jax.random.key(0), jnp.float32)
     delta = jax.tree.map(lambda x: 1e-2 * x, init_params(cfg, jax.random.key(1), jnp.float32))
-    problem = F.prepare(target, [delta], cfg, groups=args.groups)
+    problem = F.place(F.prepare(target, [delta], cfg, groups=args.groups), mesh)
     del target, delta
-    step, opt = F._step(F._static(problem), args.objective, 0.05, -0.5, 2.0)
+    step, opt = F._step(F._static(problem), args.objective, 0.05, -0.5, 2.0, mesh, args.remat)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, c["vocab_size"], (args.batch, args.seq), dtype=np.int32)
-    batch = tuple(jnp.asarray(a) for a in (tokens, np.ones_like(tokens), np.broadcast_to(
-        np.arange(args.seq), tokens.shape).astype(np.int32), np.ones(tokens.shape, np.float32)))
+    positions = np.broadcast_to(np.arange(args.seq), tokens.shape).astype(np.int32)
+    batch = tuple(jax.device_put(a, F.batch_sharding(mesh, args.batch))
+                  for a in (tokens, np.ones_like(tokens), positions, np.ones(tokens.shape, np.float32)))
     alpha = jnp.ones(problem.shape, jnp.float32)
     opt_state = opt.init(alpha)
+    alpha, opt_state = jax.device_put((alpha, opt_state), F.replicated(mesh))  # as `fit_alpha` places them
     times, compiles = [], []
     for _ in range(1 + args.steps):
         t0 = time.perf_counter()
@@ -82,7 +87,9 @@ def main() -> None:
     ap.add_argument("--objective", choices=["loss", "entropy"], default="loss")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first (compiling) one")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="train step compute dtype")
-    ap.add_argument("--remat", action="store_true", help="remat in the train step")
+    ap.add_argument("--remat", action="store_true", help="remat in the fit step and the train step")
+    ap.add_argument("--mesh", default=None, metavar="SPEC",
+                    help="shard the fit step as `fit-alpha --mesh`, e.g. fsdp=8 (the train step stays on one device)")
     ap.add_argument("--no-train", action="store_true", help="skip the full fine-tuning step")
     args = ap.parse_args()
     args.warmup = 1
@@ -96,7 +103,8 @@ def main() -> None:
           f"jax {jax.__version__}, groups {args.groups} ({fit['alphas']} alphas), objective {args.objective}\n")
     print("| step | first call (s) | step (s) | tokens/s | compiles | peak memory MB |")
     print("|---|---|---|---|---|---|")
-    print(f"| fit-alpha (float32) | {fit['first']:.3f} | {fit['step']:.4f} | {tokens / fit['step']:,.0f} | "
+    fit_kind = ", ".join(["float32"] + (["remat"] if args.remat else []) + ([f"mesh {args.mesh}"] if args.mesh else []))
+    print(f"| fit-alpha ({fit_kind}) | {fit['first']:.3f} | {fit['step']:.4f} | {tokens / fit['step']:,.0f} | "
           f"{fit['compiles']} | {fit['peak_mb']:,.0f} |")
     if not args.no_train:
         t = bench_ftjax(c, args)

@@ -63,7 +63,8 @@ def _cmd_fit_alpha(args) -> None:
         args.target, args.source_ft, args.source_base, args.data, args.out, eval_data=args.eval,
         overwrite=args.overwrite, progress=not (args.quiet or args.json), groups=args.groups, steps=args.steps,
         lr=args.lr, init=args.init, bounds=args.bounds, seed=args.seed, batch_size=args.batch_size,
-        max_len=args.max_len, objective=args.objective, save_every=args.save_every)
+        max_len=args.max_len, objective=args.objective, save_every=args.save_every, mesh=_mesh(args),
+        remat=args.remat)
     if args.json:
         print(dumps(result))
     elif not args.quiet:

@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, metavar="K",
                    help="save the fit's state to OUT/checkpoints every K steps; the same command after an "
                         "interruption resumes from it, bit-identically (0: no checkpoints)")
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="shard T and the diffs over devices like finetune (e.g. data=2,fsdp=4; alpha replicated)")
+    p.add_argument("--remat", action="store_true", help="gradient checkpointing (recompute all but weight matmuls)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print alpha.json's content as one JSON object")

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.engine import plan as P
 from ftjax.config import ModelConfig
@@ -223,13 +224,14 @@ def _merged(alpha_dg: jax.Array, target: dict, deltas: Sequence[dict], extras: d
     return nest(flat)
 
 
-def loss_fn(problem: Problem, objective: str = "loss") -> Callable[..., jax.Array]:
+def loss_fn(problem: Problem, objective: str = "loss", remat: bool = False) -> Callable[..., jax.Array]:
     """(alpha_dg, target, deltas, extras, batch) -> the objective (nats, f32 scalar) of the batch (tokens, segments,
     positions, weights; each [B, T]) under theta(alpha): `loss` the mean weighted next-token NLL, `entropy` the mean
-    prediction entropy over real tokens. Differentiate in argument 0 only."""
+    prediction entropy over real tokens. Differentiate in argument 0 only. remat: the model's forward under
+    `ftjax.train.remat` (fine-tuning's --remat: same value, less activation memory in the backward pass)."""
     if objective not in OBJECTIVES:
         raise FtjaxError(f"unknown --objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    return _loss(_static(problem), objective)
+    return _loss(_static(problem), objective, remat)
 
 
 def _static(problem: Problem) -> tuple:
@@ -238,34 +240,80 @@ def _static(problem: Problem) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _loss(static: tuple, objective: str) -> Callable[..., jax.Array]:
-    """One objective function per (tensor groups, config, objective), so repeated fits reuse one compilation."""
-    from ftjax.train import loss_sums
+def _loss(static: tuple, objective: str, remat: bool = False) -> Callable[..., jax.Array]:
+    """One objective function per (tensor groups, config, objective, remat), so repeated fits reuse one
+    compilation."""
+    from ftjax import train
 
     index_items, cfg = static
     index = dict(index_items)
-    sums = loss_sums if objective == "loss" else entropy_sums
+    objective_sums = train.loss_sums if objective == "loss" else entropy_sums
+
+    def sums(params, batch):
+        return objective_sums(params, cfg, *batch)
+
+    if remat:
+        sums = train.remat(sums)
 
     def loss(alpha_dg, target, deltas, extras, batch):
-        total, count = sums(_merged(alpha_dg, target, deltas, extras, index), cfg, *batch)
+        total, count = sums(_merged(alpha_dg, target, deltas, extras, index), batch)
         return total / jnp.maximum(count, 1.0)
 
     return loss
 
 
 @functools.lru_cache(maxsize=32)
-def _step(static: tuple, objective: str, lr: float, lo: float, hi: float) -> Callable:
-    """The jitted adam step on alpha (alpha clipped into [lo, hi]), one per settings: built once, compiled once."""
+def _step(static: tuple, objective: str, lr: float, lo: float, hi: float, mesh: Mesh | None = None,
+          remat: bool = False) -> Callable:
+    """The jitted adam step on alpha (alpha clipped into [lo, hi]), one per settings: built once, compiled once.
+    The frozen target, deltas and extras are arguments that are read, never donated or returned; on a mesh they
+    keep the shardings they come with (`place`), the new alpha, adam state and loss are replicated."""
     opt = optax.adam(lr)
-    grad = jax.value_and_grad(_loss(static, objective))
+    grad = jax.value_and_grad(_loss(static, objective, remat))
 
-    @jax.jit
     def step(alpha_dg, opt_state, target, deltas, extras, batch):
         loss, g = grad(alpha_dg, target, deltas, extras, batch)
         updates, opt_state = opt.update(g, opt_state, alpha_dg)
         return jnp.clip(optax.apply_updates(alpha_dg, updates), lo, hi), opt_state, loss
 
-    return step, opt
+    return jax.jit(step, out_shardings=(replicated(mesh),) * 3), opt
+
+
+def place(problem: Problem, mesh: Mesh | None) -> Problem:
+    """`problem` with its target, every delta and the vocab-padding extras placed with fine-tuning's parameter
+    shardings on `mesh` (`ftjax.layout.shardings_for`, as `load_params(mesh=...)`: fsdp over each tensor's largest
+    divisible dimension); mesh None: unchanged."""
+    from ftjax.layout import shardings_for
+
+    if mesh is None:
+        return problem
+
+    def put(tree: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        sh = shardings_for({n: tuple(x.shape) for n, x in tree.items()}, mesh)
+        return {n: jax.device_put(x, sh[n]) for n, x in tree.items()}
+
+    return dataclasses.replace(problem, target=put(problem.target), deltas=tuple(put(d) for d in problem.deltas),
+                               extras=put(problem.extras))
+
+
+def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
+    """Where alpha and the adam state live: replicated over `mesh`; no mesh: this process's first device. Placed
+    there before the first step, so every step's inputs have the shardings of the one before: one compilation."""
+    from ftjax import distributed
+
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(distributed.local_device())
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh | None, rows: int) -> jax.sharding.Sharding:
+    """The sharding of a [rows, T] batch: rows over the data axes as fine-tuning splits its batches
+    (`ftjax.train.batch_sharding`); no mesh: this process's first device."""
+    from ftjax import train
+
+    if mesh is None:
+        return replicated(None)
+    return NamedSharding(mesh, PartitionSpec(*train.batch_sharding(mesh, rows).spec[1:]))
 
 
 def _calibration_rows(examples: Sequence[Example], max_len: int):
@@ -294,7 +342,8 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
               bounds: tuple[float, float] | str | None = None, seed: int = 0, batch_size: int | None = None,
               max_len: int = 1024, eval_data: Sequence[Example] | None = None, vocab: str = "pad",
               objective: str = "loss", checkpoint_dir: str | os.PathLike | None = None, save_every: int = 0,
-              run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              run_info: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
+              remat: bool = False) -> dict[str, Any]:
     """Fit alpha (one per group per diff) by adam on the calibration examples `data` (ftjax.data Examples, any row
     form; `ftjax.rows.load_examples` reads a JSONL file). objective: `loss` (next-token NLL of the weighted tokens)
     or `entropy` (AdaMerging: mean prediction entropy of every real token, labels unused).
@@ -311,11 +360,16 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     checkpoint_dir, save_every: the fit's state (alpha, the adam moments and count, the curve so far) is saved every
     `save_every` steps into checkpoint_dir/<step>/ (`ftjax_complete.json` written last, the newest two kept); a fit
     with the same settings, calibration rows and `run_info` (e.g. the input paths) resumes from the newest one that
-    verifies and ends with the same bits as an uninterrupted fit."""
+    verifies and ends with the same bits as an uninterrupted fit.
+
+    mesh: shard as `finetune` does (`ftjax.params.make_mesh`): the frozen target and diffs with the parameter
+    shardings (`place`), each batch's rows over the data axes, alpha and the adam state replicated; the fit equals
+    the unsharded one up to float32 reassociation. remat: gradient checkpointing as `finetune --remat`."""
+    from ftjax import distributed
     from ftjax.evaluate import evaluate_loss
 
     items, pairs = _diff_items(diffs)
-    problem = prepare(target, items, cfg, groups=groups, pairs=pairs, vocab=vocab)
+    problem = place(prepare(target, items, cfg, groups=groups, pairs=pairs, vocab=vocab), mesh)
     init, (lo, hi) = check_settings(init, bounds, steps)
     rows = _calibration_rows(data, max_len)
     n_rows = rows.tokens_nt.shape[0]
@@ -323,11 +377,13 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     if bs < 1:
         raise FtjaxError(f"--batch-size must be >= 1, got {bs}")
     loss_fn(problem, objective)  # checks the objective's name
-    step, opt = _step(_static(problem), objective, float(lr), float(lo), float(hi))
+    step, opt = _step(_static(problem), objective, float(lr), float(lo), float(hi), mesh, bool(remat))
+    batch_sh = batch_sharding(mesh, bs)
 
     settings = {"groups": groups, "steps": steps, "lr": lr, "init": init, "seed": seed,
                 "bounds": [x if math.isfinite(x) else None for x in (lo, hi)], "batch_size": batch_size,
-                "max_len": max_len, "objective": objective, "diffs": len(problem.deltas)}
+                "max_len": max_len, "objective": objective, "diffs": len(problem.deltas), "remat": bool(remat),
+                "mesh": None if mesh is None else dict(mesh.shape)}
     if save_every < 0 or (save_every and checkpoint_dir is None):
         raise FtjaxError(f"--save-every must be >= 0 and needs a checkpoint directory, got {save_every}")
     alpha = jnp.full(problem.shape, init, jnp.float32)
@@ -338,9 +394,11 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
         restored = _restore_state(Path(checkpoint_dir), fingerprint, opt_state)
         if restored is not None:
             start, alpha, opt_state, curve = restored
+    alpha, opt_state = jax.device_put((alpha, opt_state), replicated(mesh))
     for i in range(start, steps):
-        batch = tuple(jnp.asarray(a[0]) for a in step_batch(rows, i, bs, 1, seed)) if batch_size else tuple(
-            jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+        host = [a[0] for a in step_batch(rows, i, bs, 1, seed)] if batch_size else (
+            rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt)
+        batch = tuple(distributed.put_global(a, batch_sh) for a in host)
         alpha, opt_state, loss = step(alpha, opt_state, problem.target, problem.deltas, problem.extras, batch)
         curve.append(float(loss))
         if save_every and (i + 1) % save_every == 0:
@@ -349,7 +407,7 @@ def fit_alpha(target: Any, diffs: Sequence[Any] | tuple[Any, Any], data: Sequenc
     names = list(problem.groups)
 
     def scores(examples):
-        return {k: evaluate_loss(problem.merged(a), problem.cfg, examples, max_len=max_len)["loss"]
+        return {k: evaluate_loss(problem.merged(a), problem.cfg, examples, max_len=max_len, mesh=mesh)["loss"]
                 for k, a in (("init", jnp.full(problem.shape, init, jnp.float32)), ("fit", alpha))}
 
     result_scores = {"calibration": scores(data)}
@@ -461,7 +519,8 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike | Sequenc
     alpha.json); several: by `ftjax.merge.merge` from OUT/merge.yaml (`merge_config`), so `ftjax merge
     OUT/merge.yaml` writes it again. save_every K > 0: the fit's state goes to OUT/checkpoints/<step>/ every K steps
     and the same command after an interruption resumes from it, with the same bits as an uninterrupted fit; the
-    checkpoints are removed once alpha.json is written. Every output check happens before the fit; the model is
+    checkpoints are removed once alpha.json is written. fit_kwargs: `fit_alpha`'s (mesh: the checkpoints are also
+    read sharded over it). Every output check happens before the fit; the model is
     written atomically, alpha.json last."""
     import shutil
 
@@ -485,14 +544,15 @@ def fit_to_dir(target: str | os.PathLike, source_ft: str | os.PathLike | Sequenc
                           + (("merge.yaml",) if several else ()))
     check_output(out / "model", overwrite=overwrite,
                  inputs=[paths["target"], *paths["source_ft"], *paths["source_base"]])
-    cfg, t = load_params(paths["target"])
+    mesh = fit_kwargs.get("mesh")  # each device reads only its own slices, as `finetune --mesh`
+    cfg, t = load_params(paths["target"], mesh=mesh)
     pairs = []
     for ft, base in zip(paths["source_ft"], paths["source_base"]):
-        cfg_f, f = load_params(ft)
+        cfg_f, f = load_params(ft, mesh=mesh)
         if several and cfg_f.vocab_size != cfg.vocab_size:
             raise FtjaxError(f"{ft}: vocabulary of {cfg_f.vocab_size} tokens, the target's has {cfg.vocab_size}; with "
                              "several diffs every source-ft must have the target's vocabulary (fit one diff at a time)")
-        pairs.append((load_params(base)[1], f))
+        pairs.append((load_params(base, mesh=mesh)[1], f))
     examples = load_examples(data, paths["target"], cfg)
     dev = None if eval_data is None else load_examples(eval_data, paths["target"], cfg)
     inputs = {"target": str(paths["target"]), "source_ft": [str(p) for p in paths["source_ft"]],

@@ -165,6 +165,12 @@ def loss_sums(params: Any, cfg: ModelConfig, tokens_bt: jax.Array, segments_bt: 
     return jnp.sum(jnp.where(w_bt > 0, nll_bt * w_bt, 0.0)), jnp.sum(w_bt)
 
 
+def remat(fn: Any) -> Any:
+    """`fn` under gradient checkpointing (`--remat`): the backward pass recomputes every activation except the
+    outputs of weight matmuls (dots without batch dimensions), which are saved."""
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
 def lr_at(tcfg: TrainConfig, step: Any) -> jax.Array:
     """Learning rate of optimizer step `step` (1-based: step 1 is the first update; a scalar or an array of steps).
 
@@ -212,7 +218,7 @@ def train_step(state: dict, batch: tuple[jax.Array, ...], lr: jax.Array, *, cfg:
         return loss_sums(cast_params(params, compute), cfg, *micro)
 
     if step_cfg.remat:
-        micro_loss = jax.checkpoint(micro_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        micro_loss = remat(micro_loss)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def accumulate(carry, micro):
@@ -258,10 +264,12 @@ def state_shardings(abstract_state: dict, param_shardings: dict[str, NamedShardi
 
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
-    """[A, B, T] batches: B over data x fsdp when it divides, else over data, else replicated."""
+    """[A, B, T] batches: B over data x fsdp when it divides, else over data, else replicated. Only the axes the
+    mesh has are named (a mesh of `fsdp=8` has no data axis)."""
     d, f = mesh.shape.get("data", 1), mesh.shape.get("fsdp", 1)
-    axes = ("data", "fsdp") if batch_size % (d * f) == 0 else ("data" if batch_size % d == 0 else None)
-    return NamedSharding(mesh, PartitionSpec(None, axes, None))
+    axes = ("data", "fsdp") if batch_size % (d * f) == 0 else (("data",) if batch_size % d == 0 else ())
+    axes = tuple(a for a in axes if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(None, axes[0] if len(axes) == 1 else axes or None, None))
 
 
 def _to_saved(state: dict) -> dict:

@@ -349,3 +349,125 @@ def test_a_second_fit_on_the_same_out_is_refused_naming_the_first(tmp_path, mode
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- sharded fits (the 8 fake CPU devices of conftest.py) -----------------------------------------------------------
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    for key in ("alpha", "curve"):
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=rtol, atol=atol, err_msg=key)
+    for part in a["scores"]:
+        for k in ("init", "fit"):
+            np.testing.assert_allclose(a["scores"][part][k], b["scores"][part][k], rtol=rtol, err_msg=(part, k))
+
+
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=8"])
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_sharded_fit_equals_the_unsharded_fit(models, spec, batch_size):
+    """T and Delta sharded like fine-tuning's params, rows over the data axes: the same alpha table, curve and
+    scores as on one device, up to float32 reassociation."""
+    from ftjax.params import make_mesh
+
+    cfg, t, b, f = _load(models)
+    run = functools.partial(F.fit_alpha, t, (b, f), _examples(), cfg=cfg, steps=5, lr=0.1, batch_size=batch_size,
+                            bounds="-0.5:2.0", eval_data=_examples(4, seed=1), groups="layer-module")
+    one, sharded = run(), run(mesh=make_mesh(spec))
+    _close(sharded, one)
+    assert any(a != 1.0 for a in sharded["table"][0].values())  # the fit moved: not a vacuous comparison
+    assert sharded["settings"]["mesh"] == dict(make_mesh(spec).shape) and one["settings"]["mesh"] is None
+
+
+def test_frozen_arrays_keep_fine_tunings_shardings_and_are_never_updated(models):
+    """`place` shards T and every Delta as `load_params(mesh=...)` shards the params (fsdp); after several steps
+    they hold the same shardings and bits (read, never donated or written) and alpha and adam state are
+    replicated."""
+    from jax.sharding import PartitionSpec
+
+    from ftjax.params import make_mesh
+
+    mesh = make_mesh("data=2,fsdp=4")
+    cfg, t, b, f = _load(models)
+    problem = F.place(F.prepare(t, [(b, f)], cfg, pairs=True), mesh)
+    _, sharded_t = load_params(models["target", False], mesh=mesh)
+    for tree in (problem.target, *problem.deltas):
+        for n, x in tree.items():
+            assert x.sharding == flatten(sharded_t)[n].sharding, n
+    assert any(not x.sharding.is_fully_replicated for x in problem.deltas[0].values())  # fsdp does split them
+    frozen = [problem.target, *problem.deltas]
+    before = [{n: (x.sharding, np.asarray(x)) for n, x in tree.items()} for tree in frozen]
+    step, opt = F._step(F._static(problem), "loss", 0.1, -0.5, 2.0, mesh)
+    rows = F._calibration_rows(_examples(8), 64)
+    batch_sh = F.batch_sharding(mesh, 8)
+    assert batch_sh.spec == PartitionSpec(("data", "fsdp"), None)
+    batch = tuple(jax.device_put(a, batch_sh)
+                  for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+    alpha = jnp.ones(problem.shape, jnp.float32)
+    state = opt.init(alpha)
+    for _ in range(3):
+        alpha, state, loss = step(alpha, state, problem.target, problem.deltas, problem.extras, batch)
+    assert float(jnp.abs(alpha - 1).max()) > 0
+    for x in (alpha, loss, *jax.tree.leaves(state)):
+        assert x.sharding.is_fully_replicated and x.sharding.mesh == mesh
+    for tree, old in zip(frozen, before):
+        for n, x in tree.items():
+            assert not x.is_deleted() and x.sharding == old[n][0], n
+            np.testing.assert_array_equal(np.asarray(x), old[n][1], err_msg=n)
+
+
+def test_remat_gives_the_same_fit_and_checkpoints_the_forward(models):
+    from ftjax.params import make_mesh
+
+    cfg, t, b, f = _load(models)
+    run = functools.partial(F.fit_alpha, t, (b, f), _examples(), cfg=cfg, steps=4, lr=0.1, batch_size=4)
+    plain = run()
+    _close(run(remat=True), plain)
+    _close(run(remat=True, mesh=make_mesh("fsdp=8")), plain)
+    problem = F.prepare(t, [(b, f)], cfg, pairs=True)
+    rows = F._calibration_rows(_examples(4), 32)
+    batch = tuple(jnp.asarray(a) for a in (rows.tokens_nt, rows.segments_nt, rows.positions_nt, rows.weights_nt))
+    args = (jnp.ones(problem.shape, jnp.float32), problem.target, problem.deltas, problem.extras, batch)
+    policies = {r: [e.params["policy"] for e in jax.make_jaxpr(F.loss_fn(problem, "loss", remat=r))(*args).eqns
+                    if "policy" in e.params] for r in (False, True)}  # jax.checkpoint's equation holds its policy
+    assert policies == {False: [], True: [jax.checkpoint_policies.dots_with_no_batch_dims_saveable]}
+
+
+@pytest.mark.parametrize("spec,remat", [(None, False), ("data=2,fsdp=4", False), ("data=2,fsdp=4", True)])
+def test_fit_compiles_once_for_several_fits(models, spec, remat):
+    """One compilation of the step per (groups, config, objective, lr, bounds, mesh, remat), the first step's
+    included: further steps, and fits with other seeds, inits or step counts, compile nothing (counted by XLA
+    backend compilations, which a change of an input's placement between steps would also trigger)."""
+    from ftjax.params import make_mesh
+
+    cfg, t, b, f = _load(models)
+    mesh = None if spec is None else make_mesh(spec)
+    run = functools.partial(F.fit_alpha, t, (b, f), _examples(), cfg=cfg, lr=0.0123 + remat + (spec is None),
+                            bounds="-0.5:2.0", batch_size=8, mesh=mesh, remat=remat)
+    run(steps=1)
+    compiles = []
+
+    def listen(event, seconds, **kwargs):
+        compiles.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        run(steps=3)
+        run(steps=2, seed=1, init=0.5)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+
+
+def test_cli_mesh_and_remat_flags_reach_the_fit(tmp_path, models):
+    import json
+
+    from ftjax.rows import load_examples
+    from hf_models import write_jsonl
+
+    data = write_jsonl(tmp_path / "calib.jsonl", lm_rows(8))
+    flags = ["--steps", "3", "--lr", "0.1", "--bounds", "-0.5:2.0", "--batch-size", "4"]
+    assert _cli(models, tmp_path / "fit", *flags, "--mesh", "data=2,fsdp=4", "--remat", data=data) == 0
+    record = json.loads((tmp_path / "fit" / "alpha.json").read_text())
+    assert record["settings"]["mesh"] == {"data": 2, "fsdp": 4} and record["settings"]["remat"] is True
+    cfg, t, b, f = _load(models)
+    api = F.fit_alpha(t, (b, f), load_examples(data, models["target", False], cfg), cfg=cfg, steps=3, lr=0.1,
+                      bounds="-0.5:2.0", batch_size=4)
+    _close(record, api)

@@ -322,3 +322,17 @@ def test_second_process_on_a_run_directory_is_refused_naming_the_first(setup, tm
         holder.wait()
     tcfg = TrainConfig(steps=1, lr=1e-3, batch_size=2, max_len=32)
     assert Path(finetune(model, data, out, config=tcfg, progress=False)["final"]).is_dir()  # free again
+
+
+def test_batch_sharding_names_only_the_axes_the_mesh_has():
+    """A mesh of fsdp=8 (no data axis, as `--mesh fsdp=8` builds) shards rows over fsdp or replicates them (issue 18)."""
+    from jax.sharding import PartitionSpec
+
+    from ftjax.params import make_mesh
+    from ftjax.train import batch_sharding
+
+    mesh = make_mesh("fsdp=8")
+    assert batch_sharding(mesh, 16).spec == PartitionSpec(None, "fsdp", None)
+    assert batch_sharding(mesh, 12).spec == PartitionSpec(None, None, None)
+    assert batch_sharding(make_mesh("data=8"), 4).spec == PartitionSpec(None, None, None)
+    assert batch_sharding(make_mesh("data=2,fsdp=4"), 6).spec == PartitionSpec(None, "data", None)
