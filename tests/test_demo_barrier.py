@@ -79,3 +79,17 @@ def test_demo_computes_and_reports_every_measure(tiny_demo):
     assert f"{verdicts.MEASURES['own']} (claim (d))" in report
     assert "- Connectivity (claim (d)): decided before running" in report
     assert "| barrier on stage-1 text | barrier on stage-2 text |" in report
+
+
+def test_control_and_predictor_figure_use_the_chosen_measure():
+    """Claim (b)'s control barrier C–M5 and the predictors figure's barrier panel are claim (d)'s measure (own-stage
+    text), not the mixed-text barrier, which can read 0 where the own-text barrier does not."""
+    from ftjax.demo import claims, figures, verdicts
+
+    r = fake_result(mixed_barrier=0.0, c_barrier=0.7)
+    b = verdicts.verdict_b([r])
+    assert b.numbers["c_barrier_m5"] == 0.7
+    assert "LM barrier Mi–Mj on own-stage text for C–M5 is 0.700 nats" in claims.claim_b(b, 1)
+    fig = figures.predictors(r)
+    assert fig.axes[2].get_xlabel() == "LM barrier Mi–Mj on own-stage text (nats)"
+    assert not fig.axes[2].texts  # the own-text barriers vary over the pairs; the mixed ones are all 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftjax.demo.verdicts import (INERT, MEASURES, NEAR, PAPER, PREDICTORS, RECYCLED, RHO_PREDICTS,
+from ftjax.demo.verdicts import (CHOSEN_MEASURE, INERT, MEASURES, NEAR, PAPER, PREDICTORS, RECYCLED, RHO_PREDICTS,
                                  SEED_RULE, Verdict, label as _label, tally)
 
 
@@ -97,7 +97,7 @@ def claim_b(v: Verdict, seeds: int) -> str:
         text += (f" Control C (another init, reported, not judged): Mi + ΔC changes task EM by "
                  f"{_v(v, 'c_mi_dc', sign=True)} points on average ({effect(n['c_mi_dc'])}), C + Δj by "
                  f"{_v(v, 'c_c_dj', sign=True)} ({effect(n['c_c_dj'])}; LM loss {_v(v, 'c_lm_change', 3, True)} "
-                 f"nats); |cos(ΔC, Δj)| = {_v(v, 'c_cos', 2)} and the LM barrier C–M5 is "
+                 f"nats); |cos(ΔC, Δj)| = {_v(v, 'c_cos', 2)} and the {MEASURES[CHOSEN_MEASURE]} for C–M5 is "
                  f"{_v(v, 'c_barrier_m5', 3)} nats. \"No change\" = under {INERT:g} points either way.")
     return text + _end(v)
 

@@ -193,7 +193,7 @@ def verdict_b(results: Sequence[dict]) -> Verdict:
         n["c_lm_change"] = mean_of(results, lambda r: np.mean([r["grid"][f"C+D{j}"]["lm"] - r["base"]["C"]["lm"]
                                                                for j in CORE]), 3)
         n["c_cos"] = mean_of(results, lambda r: np.mean([abs(pair_value(r["cos"], "C", j)) for j in CORE]), 2)
-        n["c_barrier_m5"] = mean_of(results, lambda r: pair_value(r["scans"], "C", "M5")["barrier"], 3)
+        n["c_barrier_m5"] = mean_of(results, lambda r: barrier_of(r, CHOSEN_MEASURE, "C", "M5"), 3)
     return _verdict("b", n, {
         "proximity: stage-2 targets recover less from stage-1 diffs than from their neighbour":
             _lt(n["rec_cross_to_stage2"], n["rec_same_stage2"]),
