@@ -76,6 +76,7 @@ def test_demo_computes_and_reports_every_measure(tiny_demo):
     assert d["measure"] == verdicts.CHOSEN_MEASURE and set(d["measures"]) == set(verdicts.MEASURES)
     report = (tiny_demo / "report.md").read_text()
     assert "| measure | within a stage (nats) | across the boundary (nats) |" in report
+    assert "pooled over seeds (min–max of each seed's own ρ)" in report
     assert f"{verdicts.MEASURES['own']} (claim (d))" in report
     assert "- Connectivity (claim (d)): decided before running" in report
     assert "| barrier on stage-1 text | barrier on stage-2 text |" in report

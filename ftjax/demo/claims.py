@@ -164,10 +164,11 @@ def _measure(v: Verdict, m: str) -> str:
 
 def measure_table(v: Verdict) -> str:
     """Claim (d)'s connectivity measures as a markdown table: barrier within a stage and across the boundary (nats,
-    mean over pairs; "mean (min–max)" over seeds), seeds separated, ρ with the recovered fraction; the chosen one
-    marked."""
+    mean over pairs; "mean (min–max)" over seeds), seeds separated, ρ with the recovered fraction over the (pair,
+    seed) points of all seeds with the range of the per-seed ρ (seeds where it is undefined left out); the chosen
+    one marked."""
     lines = ["| measure | within a stage (nats) | across the boundary (nats) | seeds separating the stages | "
-             "ρ with recovered fraction |", "|---|---|---|---|---|"]
+             "ρ with recovered fraction, pooled over seeds (min–max of each seed's own ρ) |", "|---|---|---|---|---|"]
     for m, name in MEASURES.items():
         x = v.numbers["measures"][m]
         rho = "undefined" if x["rho_recovery"] is None else _v(v, f"measures/{m}/rho_recovery", 2, True)
