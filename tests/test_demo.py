@@ -172,10 +172,12 @@ def same_stage(i, j):
 
 
 def fake_result(*, same=0.95, cross=-10.0, m0=1.0, gain=True, same_barrier=0.0, cross_barrier=0.2, c_barrier=1.0,
-                tft_delta=5.0, tft_steps=30, recycle=(3.0, 4.0), alpha_best=None, seed=0):
+                tft_delta=5.0, tft_steps=30, recycle=(3.0, 4.0), alpha_best=None, seed=0, mixed_barrier=None):
     """A hand-made per-seed result with the keys the verdicts read. same: share of FT's gain a same-stage diff
     recovers; cross: EM points a cross-stage diff adds; m0: EM points M0 + Δj gains; gain: whether FT gains at all;
-    recycle: (direct, iterative) − plain; alpha_best: EM of the best α point (default: the α = 1 score)."""
+    recycle: (direct, iterative) − plain; alpha_best: EM of the best α point (default: the α = 1 score);
+    *_barrier: LM barriers on own-stage text (claim (d)'s measure); mixed_barrier: the mixed-text LM barrier of
+    every pair (default: the same as on own-stage text)."""
     base = {"M0": 0.0, "M1": 10.0, "M2": 15.0, "M3": 20.0, "M4": 60.0, "M5": 65.0, "C": 10.0}
     ft = {n: (b + (20.0 if n == "M0" else 15.0 if n in STAGE2 else 30.0)) if gain else b for n, b in base.items()}
     row = lambda task: {"task": task, "task_nll": 1.0, "probe": 50.0, "lm1": 3.0, "lm2": 3.0, "lm": 3.0}  # noqa: E731
@@ -207,9 +209,10 @@ def fake_result(*, same=0.95, cross=-10.0, m0=1.0, gain=True, same_barrier=0.0, 
                 bar = 0.3
             else:
                 bar = same_barrier if same_stage(a, b) else cross_barrier
-            scans[f"{a}-{b}"] = {"lambda": [0.0, 0.5, 1.0], "loss": [3.0, 3.0 + bar, 3.0], "barrier": bar,
-                                 "barrier_lambda": 0.5 if bar > 0 else None, "barrier_note": None,
-                                 "mid_excess": bar}
+            mixed = bar if mixed_barrier is None else mixed_barrier
+            scans[f"{a}-{b}"] = {"lambda": [0.0, 0.5, 1.0], "loss": [3.0, 3.0 + mixed, 3.0], "barrier": mixed,
+                                 "barrier_lambda": 0.5 if mixed > 0 else None, "barrier_note": None,
+                                 "mid_excess": mixed, "barrier_own": bar, "barrier_own_stage": 1}
             near = "C" not in (a, b) and "M0" not in (a, b) and same_stage(a, b)
             dist[f"{a}-{b}"], cos[f"{a}-{b}"] = (1.0, 0.9) if near else (3.0, 0.3)
     adjacent = [(i, j) for i in CORE for j in CORE if abs(int(i[1]) - int(j[1])) == 1]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftjax.demo.verdicts import (INERT, NEAR, PAPER, PREDICTORS, RECYCLED, RHO_PREDICTS, SEED_RULE, Verdict,
-                                 label as _label, tally)
+from ftjax.demo.verdicts import (CHOSEN_MEASURE, INERT, MEASURES, NEAR, PAPER, PREDICTORS, RECYCLED, RHO_PREDICTS,
+                                 SEED_RULE, Verdict, label as _label, tally)
 
 
 def _n(x: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -97,7 +97,7 @@ def claim_b(v: Verdict, seeds: int) -> str:
         text += (f" Control C (another init, reported, not judged): Mi + ΔC changes task EM by "
                  f"{_v(v, 'c_mi_dc', sign=True)} points on average ({effect(n['c_mi_dc'])}), C + Δj by "
                  f"{_v(v, 'c_c_dj', sign=True)} ({effect(n['c_c_dj'])}; LM loss {_v(v, 'c_lm_change', 3, True)} "
-                 f"nats); |cos(ΔC, Δj)| = {_v(v, 'c_cos', 2)} and the LM barrier C–M5 is "
+                 f"nats); |cos(ΔC, Δj)| = {_v(v, 'c_cos', 2)} and the {MEASURES[CHOSEN_MEASURE]} for C–M5 is "
                  f"{_v(v, 'c_barrier_m5', 3)} nats. \"No change\" = under {INERT:g} points either way.")
     return text + _end(v)
 
@@ -129,24 +129,53 @@ def claim_d(v: Verdict, seeds: int) -> str:
                      for p in PREDICTORS)
     strongest = (" The largest |ρ|: **" + "**, **".join(n["strongest"]) + "**.") if n["strongest"] else \
         " No ρ is defined (nothing varies)."
+    chosen = MEASURES[n["measure"]]
     text = ("**(d) What predicts transfer gain.** Spearman ρ between each quantity and the gain of Mi + Δj over Mi "
             "over the 20 ordered pairs of M1..M5 (the predictor table below; in brackets the mean ρ within each "
             f"target column, which removes the strong-target confound): {rhos}.{strongest} The paper explains "
             "transfer by linear mode connectivity: it works when source and target lie in one linearly connected "
-            "region. Here the largest LM barrier between versions of one stage is "
-            f"{_v(v, 'max_same_stage_barrier', 3)} nats and the smallest across the stage boundary "
-            f"{_v(v, 'min_cross_stage_barrier', 3)} nats (largest within the run: {_v(v, 'max_core_barrier', 3)})")
+            f"region. Claim (d) measures it by the **{chosen}** (chosen before running; the method notes say why). "
+            "Every measure, barrier in nats "
+            "within a stage / across the boundary (mean over the pairs) and ρ with the recovered fraction: "
+            + "; ".join(_measure(v, m) for m in MEASURES) + ". By the chosen measure the largest barrier between "
+            f"versions of one stage is {_v(v, 'max_same_stage_barrier', 3)} nats and the smallest across the stage "
+            f"boundary {_v(v, 'min_cross_stage_barrier', 3)} nats (largest within the run: "
+            f"{_v(v, 'max_core_barrier', 3)})")
     if "c_barrier_m5" in n:
         text += (f"; the different-init control has {_v(v, 'c_barrier_m5', 3)} nats to M5 and its diff changes "
                  f"Mi's EM by {_v(v, 'c_mi_dc', sign=True)} points")
-    text += (f". The stages are separated by their barriers (every same-stage barrier below every cross-stage one) "
+    text += (f". The stages are separated by these barriers (every same-stage barrier below every cross-stage one) "
              f"in {n['seeds_separated']} of {n['seeds']} seed{'s' if n['seeds'] != 1 else ''}. Does the barrier "
-             "predict how much transfer recovers? Spearman ρ between the LM barrier Mi–Mj and the recovered "
+             f"predict how much transfer recovers? Spearman ρ between the {chosen} and the recovered "
              f"fraction of Mi + Δj over the {n['barrier_recovery_pairs']} (pair, seed) points where FT(Mi) gained: "
              + ("undefined (constant barriers or recoveries)" if n["rho_barrier_recovery"] is None
                 else _n(n["rho_barrier_recovery"], 2, True))
              + f"; the rule: the barrier predicts recovery when ρ ≤ {RHO_PREDICTS:g}")
     return text + "." + _end(v)
+
+
+def _measure(v: Verdict, m: str) -> str:
+    """"name: within W / across A nats, stages separated in k of n seeds, ρ = R" for connectivity measure m."""
+    x = v.numbers["measures"][m]
+    rho = "undefined" if x["rho_recovery"] is None else _v(v, f"measures/{m}/rho_recovery", 2, True)
+    return (f"{MEASURES[m]}: {_v(v, f'measures/{m}/within', 3)} / {_v(v, f'measures/{m}/across', 3)}, stages "
+            f"separated in {x['seeds_separated']} of {v.numbers['seeds']} seeds, ρ = {rho}")
+
+
+def measure_table(v: Verdict) -> str:
+    """Claim (d)'s connectivity measures as a markdown table: barrier within a stage and across the boundary (nats,
+    mean over pairs; "mean (min–max)" over seeds), seeds separated, ρ with the recovered fraction over the (pair,
+    seed) points of all seeds with the range of the per-seed ρ (seeds where it is undefined left out); the chosen
+    one marked."""
+    lines = ["| measure | within a stage (nats) | across the boundary (nats) | seeds separating the stages | "
+             "ρ with recovered fraction, pooled over seeds (min–max of each seed's own ρ) |", "|---|---|---|---|---|"]
+    for m, name in MEASURES.items():
+        x = v.numbers["measures"][m]
+        rho = "undefined" if x["rho_recovery"] is None else _v(v, f"measures/{m}/rho_recovery", 2, True)
+        mark = " (claim (d))" if m == v.numbers["measure"] else ""
+        lines.append(f"| {name}{mark} | {_v(v, f'measures/{m}/within', 3)} | {_v(v, f'measures/{m}/across', 3)} | "
+                     f"{x['seeds_separated']} of {v.numbers['seeds']} | {rho} |")
+    return "\n".join(lines)
 
 
 def claim_e(v: Verdict, seeds: int) -> str:

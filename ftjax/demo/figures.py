@@ -8,6 +8,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from ftjax.demo.verdicts import CHOSEN_MEASURE, MEASURES, barrier_of
+
 CORE = ("M1", "M2", "M3", "M4", "M5")
 
 
@@ -106,7 +108,8 @@ def grid(results: list[dict]) -> Figure:
 
 
 def predictors(r: dict) -> Figure:
-    """Gain of Mi + Δj over Mi against ‖Mi − Mj‖, cos(Δi, Δj) and the LM barrier, one colour per target Mi (legend);
+    """Gain of Mi + Δj over Mi against ‖Mi − Mj‖, cos(Δi, Δj) and claim (d)'s barrier (`verdicts.CHOSEN_MEASURE`),
+    one colour per target Mi (legend);
     a panel whose quantity is the same for every pair says so."""
     pairs = [(i, j) for i in CORE for j in CORE if i != j]
     gain = [r["grid"][f"{i}+D{j}"]["task"] - r["base"][i]["task"] for i, j in pairs]
@@ -115,7 +118,7 @@ def predictors(r: dict) -> Figure:
     colours = dict(zip(CORE, colormaps["viridis"](np.linspace(0, 0.9, len(CORE)))))
     panels = (("‖Mi − Mj‖", [_pair(r["distance"], i, j) for i, j in pairs]),
               ("cos(Δi, Δj)", [_pair(r["cos"], i, j) for i, j in pairs]),
-              ("LM barrier Mi–Mj (nats)", [_pair(r["scans"], i, j)["barrier"] for i, j in pairs]))
+              (f"{MEASURES[CHOSEN_MEASURE]} (nats)", [barrier_of(r, CHOSEN_MEASURE, i, j) for i, j in pairs]))
     for ax, (xlabel, xs) in zip(axes, panels):
         for t in CORE:
             idx = [k for k, (i, _) in enumerate(pairs) if i == t]

@@ -121,6 +121,7 @@ class Setup:
     rows: dict[str, Any]  # JSONL rows by name
     sets: dict[str, engine.EvalSet]  # task, probe, lm1, lm2
     lm_examples: list
+    lm_stage: dict[int, list]  # stage (1, 2) -> that stage's held-out LM examples (lm_examples = both, in order)
     task_examples: list
     ft_rows: Any
 
@@ -142,7 +143,7 @@ def setup(sc: StudyConfig, seed: int, out: Path) -> tuple[Setup, world.Writer]:
     hf = engine.hf_config(sc.width, sc.layers, sc.heads, sc.ffn)
     ft_rows = make_rows(training_examples(ex["train"], task_len), task_len)
     return Setup(ModelConfig.from_hf(hf), hf, tok_dir, rows, sets, ex["heldout_stage1"] + ex["heldout_stage2"],
-                 ex["eval"], ft_rows), writer
+                 {1: ex["heldout_stage1"], 2: ex["heldout_stage2"]}, ex["eval"], ft_rows), writer
 
 
 def measure(params: Any, s: Setup) -> dict[str, float]:
@@ -246,6 +247,36 @@ def _barrier(r: dict[str, Any]) -> dict[str, Any]:
             "barrier_note": r["barrier_linear_note"]}
 
 
+def connectivity_record(lambdas: list[float], per_stage: dict[int, tuple[list[float], int]]) -> dict[str, Any]:
+    """The version-interpolation record of one pair from the LM loss along (1−λ)·Mi + λ·Mj on each stage's own
+    held-out text: per_stage = {stage: (loss per λ in nats/token, scored tokens)}.
+
+    Returns the mixed-text path ("lambda", "loss": the token-weighted mean of the stages' losses, i.e. the loss on
+    stage-1 + stage-2 text together, its `_barrier` keys and "mid_excess" = L(½) − (L(0) + L(1))/2, signed), one
+    entry per stage ("stage1", "stage2": "loss", "tokens", barrier keys, "mid_excess") and "barrier_own": the larger
+    of the stages' barriers (nats), with "barrier_own_stage", the stage it comes from (the smaller stage on ties).
+    A path that dips below its chord on one stage's text can hide a bump on the other's in the mixed loss; the
+    own-text barrier cannot be hidden that way.
+    """
+    lam = np.asarray(lambdas, np.float64)
+    mid = int(np.argmin(np.abs(lam - 0.5)))
+
+    def path(loss: np.ndarray) -> dict[str, Any]:
+        return {"loss": [float(x) for x in loss], **_barrier(lmc.barriers(lambdas, loss)),
+                # signed: negative when the path dips below the chord at λ = ½
+                "mid_excess": float(loss[mid] - (loss[0] + loss[-1]) / 2)}
+
+    losses = {st: np.asarray(loss, np.float64) for st, (loss, _) in per_stage.items()}
+    tokens = {st: int(t) for st, (_, t) in per_stage.items()}
+    mixed = sum(losses[st] * tokens[st] for st in losses) / sum(tokens.values())
+    out: dict[str, Any] = {"lambda": [float(x) for x in lambdas], **path(mixed)}
+    for st in sorted(losses):
+        out[f"stage{st}"] = {**path(losses[st]), "tokens": tokens[st]}
+    own = max(sorted(losses), key=lambda st: out[f"stage{st}"]["barrier"])
+    out["barrier_own"], out["barrier_own_stage"] = out[f"stage{own}"]["barrier"], own
+    return out
+
+
 def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progress = SILENT) -> dict[str, Any]:
     """The whole study for one seed; checkpoints under out/ (models/, ft/, transfers/). Returns JSON-able results.
     progress: one bar per stage (`progress.Progress`)."""
@@ -320,13 +351,11 @@ def run_seed(sc: StudyConfig, seed: int, out: Path, log=print, progress: Progres
     pairs_lm = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
     with stage("connectivity scans (1−λ)·Mi + λ·Mj", len(pairs_lm), "path") as tick:
         for a, b in pairs_lm:
-            r = lmc.scan(models[a], models[b], s.cfg, s.lm_examples, list(sc.lambdas), labels=(a, b),
-                         batch_size=64)
-            lam, loss = np.asarray(r["lambda"]), np.asarray(r["loss"])
-            mid = int(np.argmin(np.abs(lam - 0.5)))
-            scans[f"{a}-{b}"] = {"lambda": r["lambda"], "loss": r["loss"], **_barrier(r),
-                                 # signed: L(1/2) − (L(0) + L(1))/2, negative when the path dips below the chord
-                                 "mid_excess": float(loss[mid] - (loss[0] + loss[-1]) / 2)}
+            # one scan per stage's own held-out text; the mixed-text loss is their token-weighted mean
+            per_stage = {st: lmc.scan(models[a], models[b], s.cfg, s.lm_stage[st], list(sc.lambdas),
+                                      labels=(a, b), batch_size=64) for st in (1, 2)}
+            scans[f"{a}-{b}"] = connectivity_record(
+                list(sc.lambdas), {st: (r["loss"], r["tokens"]) for st, r in per_stage.items()})
             dist[f"{a}-{b}"] = float(_geometry(models[a], models[b]))
             cos[f"{a}-{b}"] = float(_cos(ft[a], models[a], ft[b], models[b]))
             tick(1)
