@@ -29,6 +29,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from ftjax.buckets import pow2_bucket
 from ftjax.config import ModelConfig
 from ftjax.data import bucket_length
 from ftjax.errors import FtjaxError
@@ -40,12 +41,13 @@ DEFAULT_MAX_LENGTH = 2048  # the hf backend's fallback when the config names no 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _token_scores(params: dict, tokens_bt: jax.Array, targets_bt: jax.Array, cfg: ModelConfig):
-    """(log p(target) float32 [B, T], argmax == target bool [B, T]) of next-token targets [B, T]."""
-    logits_btv = forward(params, tokens_bt, cfg)
-    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-    picked_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return picked_bt, jnp.argmax(logits_btv, axis=-1) == targets_bt
+def _token_scores(params: dict, tokens_bt: jax.Array, at_bk: jax.Array, targets_bk: jax.Array, cfg: ModelConfig):
+    """(log p(target) float32 [B, K], argmax == target bool [B, K]) of the next-token targets [B, K] read at the
+    positions at_bk [B, K] of tokens [B, T] (logits only there: the LM head runs on K, not T, positions)."""
+    logits_bkv = forward(params, tokens_bt, cfg, logits_at_bk=at_bk)
+    logp_bkv = jax.nn.log_softmax(logits_bkv, axis=-1)
+    picked_bk = jnp.take_along_axis(logp_bkv, targets_bk[..., None], axis=-1)[..., 0]
+    return picked_bk, jnp.argmax(logits_bkv, axis=-1) == targets_bk
 
 
 def score_continuations(params: dict, cfg: ModelConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
@@ -54,9 +56,10 @@ def score_continuations(params: dict, cfg: ModelConfig, pairs: Sequence[tuple[Se
     """(sum log p(continuation | context) in nats, is_greedy) per (context ids, continuation ids), as the hf backend.
 
     Each pair is scored as input `(ctx + cont)[-(max_length + 1):][:-1]`; the continuation's tokens are the last
-    len(cont) targets. Pairs are sorted longest first, batched `batch_size` rows at a time (the last batch padded with
-    copies) and right-padded to `bucket_length(longest, max_length)`: few shapes, few compilations. Right padding never
-    changes a real token's logits (causal attention). progress(requests, tokens) is called after each batch.
+    len(cont) targets. Pairs are sorted longest first, batched `batch_size` rows at a time (a short last batch padded
+    with copies to a power of two) and right-padded to `bucket_length(longest, max_length)`; the LM head runs only on the K continuation
+    positions per row (K a power of two >= the batch's longest continuation, at least 4): few shapes, few
+    compilations. Right padding never changes a real token's logits (causal attention). progress(requests, tokens) is called after each batch.
     Results keep input order.
     """
     for i, (ctx, cont) in enumerate(pairs):
@@ -71,17 +74,21 @@ def score_continuations(params: dict, cfg: ModelConfig, pairs: Sequence[tuple[Se
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for start in range(0, len(order), batch):
         chunk = order[start:start + batch]
-        rows = chunk + [chunk[0]] * (batch - len(chunk))
+        rows = chunk + [chunk[0]] * (pow2_bucket(len(chunk), 1, batch) - len(chunk))  # a short last batch: pow2 rows
         t = bucket_length(max(len(whole[i]) - 1 for i in rows), max_length)
-        tokens_bt = np.zeros((batch, t), np.int32)
-        targets_bt = np.zeros((batch, t), np.int32)
+        k = pow2_bucket(max(len(pairs[i][1]) for i in rows), 4, t)  # scored positions per row
+        tokens_bt = np.zeros((len(rows), t), np.int32)
+        at_bk = np.zeros((len(rows), k), np.int32)
+        targets_bk = np.zeros((len(rows), k), np.int32)
         for r, i in enumerate(rows):
-            n = len(whole[i]) - 1
-            tokens_bt[r, :n], targets_bt[r, :n] = whole[i][:-1], whole[i][1:]
-        logp_bt, greedy_bt = jax.device_get(_token_scores(params, tokens_bt, targets_bt, cfg=cfg))
-        for r, i in enumerate(chunk):
             n, m = len(whole[i]) - 1, len(pairs[i][1])
-            out[i] = (float(logp_bt[r, n - m:n].sum()), bool(greedy_bt[r, n - m:n].all()))
+            tokens_bt[r, :n] = whole[i][:-1]
+            at_bk[r] = np.minimum(np.arange(n - m, n - m + k), n - 1)  # the continuation's m positions, then repeats
+            targets_bk[r] = np.asarray(whole[i][1:])[at_bk[r]]
+        logp_bk, greedy_bk = jax.device_get(_token_scores(params, tokens_bt, at_bk, targets_bk, cfg=cfg))
+        for r, i in enumerate(chunk):
+            m = len(pairs[i][1])
+            out[i] = (float(logp_bk[r, :m].sum()), bool(greedy_bk[r, :m].all()))
         if progress is not None:
             progress(len(chunk), sum(len(whole[i]) - 1 for i in chunk))
     return out

@@ -289,13 +289,15 @@ class Decoder(nn.Module):
 
 class CausalLM(nn.Module):
     """XForCausalLM: `model` + `lm_head` (or the tied embedding). Returns float32 logits [B, T, V], or
-    (logits, caches) when called with caches; `last_only` computes the logits of the last position alone."""
+    (logits, caches) when called with caches; `last_only` computes the logits of the last position alone, and
+    `at_bk` (int32 [B, K] positions) those of K chosen positions per row, [B, K, V]."""
 
     cfg: ModelConfig
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens_bt, rope_by_type, allowed_by_type, caches=None, index=None, last_only=False):
+    def __call__(self, tokens_bt, rope_by_type, allowed_by_type, caches=None, index=None, last_only=False,
+                 at_bk=None):
         cfg = self.cfg
         x_btd, embed_vd, new_caches = Decoder(cfg, self.param_dtype, name="model")(
             tokens_bt, rope_by_type, allowed_by_type, caches, index)
@@ -303,6 +305,8 @@ class CausalLM(nn.Module):
             cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="lm_head")()
         if last_only:
             x_btd = x_btd[:, -1:]
+        if at_bk is not None:  # the LM head (the largest matmul for big vocabularies) only where it is read
+            x_btd = jnp.take_along_axis(x_btd, at_bk[..., None], axis=1)
         # float32 accumulation out of the last matmul: bf16-rounded logits would cost log-prob precision.
         logits_btv = jnp.einsum("btd,vd->btv", x_btd, head_vd, precision=precision(x_btd.dtype),
                                 preferred_element_type=jnp.float32)
@@ -332,17 +336,20 @@ def _inputs(cfg, tokens_bt, dtype, attention_mask_bt, segment_ids_bt, positions_
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def forward(params: dict, tokens_bt: jax.Array, cfg: ModelConfig, *, attention_mask_bt: jax.Array | None = None,
-            segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None) -> jax.Array:
+            segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
+            logits_at_bk: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, T, V] for int32 tokens [B, T]; compute in the dtype of the params.
 
     params: the nested HF-named tree (see ftjax.params). attention_mask_bt: 1 real token, 0 padding (left or right).
     segment_ids_bt: packed sequences; attention never crosses a segment boundary. positions_bt: RoPE positions,
     default arange(T) (with left padding, pass positions explicitly if you want HF's position_ids).
+    logits_at_bk: int32 [B, K] positions in [0, T): then only their logits, float32 [B, K, V] (row b's k-th equals
+    the full logits at [b, logits_at_bk[b, k]]; the LM head and softmax cost K/T of the full ones).
     """
     try:
         dtype = params["model"]["embed_tokens"]["weight"].dtype
         inputs = _inputs(cfg, tokens_bt, dtype, attention_mask_bt, segment_ids_bt, positions_bt)
-        return CausalLM(cfg).apply({"params": params}, *inputs)
+        return CausalLM(cfg).apply({"params": params}, *inputs, at_bk=logits_at_bk)
     except (KeyError, flax.errors.ScopeParamNotFoundError, flax.errors.ScopeParamShapeError) as e:
         raise FtjaxError(f"params do not fit the {cfg.architecture} config: {e}") from None
 

@@ -173,3 +173,21 @@ def test_params_that_do_not_fit_raise_ftjax_error(tmp_path):
         forward({"model": params["model"]}, tokens(1, 4), cfg)
     with pytest.raises(FtjaxError, match="shape"):
         forward(params, tokens(1, 4), cfg.replace(intermediate_size=32))
+
+
+def test_logits_at_chosen_positions_equal_the_full_logits():
+    """forward(..., logits_at_bk) is the full logits gathered at those positions (tied and untied heads)."""
+    from ftjax.config import ModelConfig
+
+    for tied in (True, False):
+        cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "tie_word_embeddings": tied})
+        params = init_params(cfg, jax.random.key(0))
+        tokens_bt = jax.random.randint(jax.random.key(1), (3, 12), 0, 64)
+        at_bk = jnp.array([[0, 5, 11, 11], [3, 4, 5, 6], [7, 7, 2, 9]], jnp.int32)
+        full_btv = forward(params, tokens_bt, cfg)
+        some_bkv = forward(params, tokens_bt, cfg, logits_at_bk=at_bk)
+        assert some_bkv.shape == (3, 4, 64)
+        np.testing.assert_allclose(some_bkv, jnp.take_along_axis(full_btv, at_bk[..., None], axis=1), rtol=1e-5,
+                                   atol=1e-6)
