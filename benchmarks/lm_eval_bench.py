@@ -51,7 +51,7 @@ def make_model(root: Path, shape: str, dtype: str) -> Path:
     config = transformers.LlamaConfig(**spec, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                       rope_theta=500000.0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1B init is slow on CPU
         model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
