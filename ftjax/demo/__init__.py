@@ -12,13 +12,14 @@ Modules: `world` (tokenizer, corpora, task), `engine` (in-memory training and sc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, describe
 from ftjax.io.checkpoint import RECORD_KEY, check_replaceable
 
 RECORD = "ftjax_demo.json"  # what the demo wrote, so that --overwrite replaces nothing else
@@ -40,6 +41,25 @@ def resolve_seeds(seeds: int | Sequence[int] | None, seed: int) -> tuple[int, ..
     return tuple(int(s) for s in seeds)
 
 
+def _config(mode: str, seeds: tuple[int, ...] | None, seed: int, config: Any, world: str | None) -> Any:
+    """The StudyConfig a run uses: `config`, else the mode's (with `seeds` if given), then the stage boundary
+    `world` if given; FtjaxError for an unknown mode or world."""
+    from ftjax.demo import study
+
+    if config is None:
+        if mode == "full":
+            config = study.StudyConfig.full(tuple(seeds) if seeds else (seed, seed + 1, seed + 2))
+        elif mode == "tiny":
+            config = study.StudyConfig.tiny(seed)
+        elif mode == "quick":
+            config = study.StudyConfig.quick(seed)
+        else:
+            raise FtjaxError(f"unknown demo mode {mode!r}; use quick, full or tiny")
+        if seeds and mode != "full":
+            config = dataclasses.replace(config, seeds=tuple(seeds))
+    return config if world is None else config.with_stage2(world)
+
+
 def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: str = "quick",
              seeds: int | Sequence[int] | None = None, quiet: bool = False, config: Any = None,
              world: str | None = None) -> dict[str, Any]:
@@ -54,37 +74,29 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
     from ftjax.demo.progress import Progress
 
     out = Path(out)
+    config = _config(mode, resolve_seeds(seeds, seed), seed, config, world)  # every refusal before out is touched
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FtjaxError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
         check_replaceable(out)  # only an earlier demo's files (its record lists them) or an empty directory
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = resolve_seeds(seeds, seed)
-    if config is None:
-        if mode == "full":
-            config = study.StudyConfig.full(tuple(seeds) if seeds else (seed, seed + 1, seed + 2))
-        elif mode == "tiny":
-            config = study.StudyConfig.tiny(seed)
-        elif mode == "quick":
-            config = study.StudyConfig.quick(seed)
-        else:
-            raise FtjaxError(f"unknown demo mode {mode!r}; use quick, full or tiny")
-        if seeds and mode != "full":
-            import dataclasses
-
-            config = dataclasses.replace(config, seeds=tuple(seeds))
-    if world is not None:
-        config = config.with_stage2(world)
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    _record(out, [f"seed{s}" for s in config.seeds])  # before anything else: a crashed run can be replaced too
+    # before anything else, everything the run may write: a run that fails anywhere can be replaced by --overwrite
+    _record(out, [*(f"seed{s}" for s in config.seeds), *report.OUTPUTS])
     t0 = time.perf_counter()
-    results = []
-    for s in config.seeds:
-        log(f"ftjax demo: seed {s} -> {out / f'seed{s}'}")
-        results.append(study.run_seed(config, s, out / f"seed{s}", log=log, progress=Progress(enabled=not quiet)))
-    summary = report.write(out, config, results, seconds=time.perf_counter() - t0)
-    _record(out, [p.name for p in out.iterdir()])
+    results, doing = [], "starting"
+    try:
+        for s in config.seeds:
+            doing = f"running seed {s}"
+            log(f"ftjax demo: seed {s} -> {out / f'seed{s}'}")
+            results.append(study.run_seed(config, s, out / f"seed{s}", log=log,
+                                          progress=Progress(enabled=not quiet)))
+        doing = "writing the report"
+        summary = report.write(out, config, results, seconds=time.perf_counter() - t0)
+    except Exception as e:
+        raise FtjaxError(f"ftjax demo failed while {doing} ({describe(e)}); {out} holds a partial run, which "
+                         f"`ftjax demo --out {out} --overwrite` replaces") from e
     log(report.main_table(summary))
     log(f"ftjax demo: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and "
         f"checkpoints under {out}/seed{config.seeds[0]}/ (try `ftjax inspect {out}/seed{config.seeds[0]}/models/M5`)")
