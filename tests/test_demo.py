@@ -119,6 +119,70 @@ def test_refuses_foreign_directory(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+def _replay_seeds(monkeypatch, demo):
+    """study.run_seed replaced by a replay of the tiny demo's results (it writes one file under seed<k>/, as a
+    real seed would, and trains nothing)."""
+    from ftjax.demo import study
+
+    (recorded,) = json.loads((demo / "results.json").read_text())["results"]
+
+    def replay(config, seed, out, **kwargs):
+        out.mkdir(parents=True)
+        (out / "weights.bin").write_bytes(b"0")
+        return dict(recorded, seed=seed)
+
+    monkeypatch.setattr(study, "run_seed", replay)
+
+
+def test_failed_report_leaves_a_folder_overwrite_replaces(demo, tmp_path, monkeypatch, capsys):
+    """A run that fails after results.json is written says so in one line, exits non-zero and leaves a folder whose
+    record lists everything in it: --overwrite replaces it, a file the user added later is refused and kept, and a
+    successful run's record lists exactly what it wrote."""
+    from ftjax.cli import main
+    from ftjax.demo import RECORD, figures, run_demo
+
+    _replay_seeds(monkeypatch, demo)
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer broke")
+
+    with monkeypatch.context() as m:
+        m.setattr(figures, "predictors", broken)
+        assert main(["demo", "--tiny", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "writing the report" in err and "renderer broke" in err and "--overwrite" in err and str(out) in err
+    assert (out / "results.json").exists() and (out / "grid.png").exists() and not (out / "report.md").exists()
+    listed = set(json.loads((out / RECORD).read_text())["files"])
+    assert {p.name for p in out.iterdir()} <= listed
+
+    (out / "notes.txt").write_text("mine")  # the user's own file: never deleted
+    with pytest.raises(FtjaxError, match="holds notes.txt"):
+        run_demo(out, mode="tiny", overwrite=True, quiet=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+
+    run_demo(out, mode="tiny", overwrite=True, quiet=True)
+    assert (out / "report.md").stat().st_size > 0
+    assert {p.name for p in out.iterdir()} == set(json.loads((out / RECORD).read_text())["files"])
+    assert figures.plots(tmp_path, json.loads((out / "results.json").read_text())) == list(figures.PNGS)
+
+
+def test_refusals_come_before_the_old_output_is_removed(demo, tmp_path, monkeypatch):
+    """An unknown mode, world or seed count with --overwrite keeps the earlier output it would have replaced."""
+    from ftjax.demo import run_demo
+
+    _replay_seeds(monkeypatch, demo)
+    out = tmp_path / "out"
+    run_demo(out, mode="tiny", quiet=True)
+    before = sorted(p.name for p in out.iterdir())
+    for bad in (dict(mode="huge"), dict(world="cliff"), dict(seeds=0)):
+        with pytest.raises(FtjaxError):
+            run_demo(out, mode=bad.pop("mode", "tiny"), overwrite=True, quiet=True, **bad)
+        assert sorted(p.name for p in out.iterdir()) == before, bad
+
+
 def test_world_is_deterministic_and_tokenizer_matches():
     cfg = world.WorldConfig()
     a = world.corpus(world.Writer(cfg, 0), 2, 64, __import__("random").Random("x"))
@@ -539,3 +603,25 @@ def test_demo_figures_script(demo, tmp_path):
     bad = subprocess.run([sys.executable, "scripts/demo_figures.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "results.json not found" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_seeds_run_concurrently_give_the_sequential_results(demo, tmp_path):
+    """Seeds 0 and 1 in two worker processes: seed 0's results (every number but the stage times) equal the
+    in-process sequential run's bit for bit, seed 1 differs, and the report covers both in seed order."""
+    from ftjax.demo import run_demo
+
+    summary = run_demo(tmp_path / "out", mode="tiny", seeds=(0, 1), workers=2, quiet=True)
+    (sequential,) = json.loads((demo / "results.json").read_text())["results"]
+    concurrent = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [r["seed"] for r in concurrent] == [r["seed"] for r in summary["results"]] == [0, 1]
+    strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
+    assert strip(concurrent[0]) == strip(sequential)
+    assert strip(concurrent[1])["grid"] != strip(sequential)["grid"]
+    assert (tmp_path / "out" / "seed1" / "models" / "M5" / "config.json").exists()
+
+
+def test_default_workers_one_per_seed_up_to_cores_plus_one(monkeypatch):
+    from ftjax.demo import default_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert [default_workers(n) for n in (1, 2, 3, 5)] == [1, 2, 3, 3]

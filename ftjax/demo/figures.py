@@ -11,6 +11,8 @@ from matplotlib.figure import Figure
 from ftjax.demo.verdicts import CHOSEN_MEASURE, MEASURES, barrier_of
 
 CORE = ("M1", "M2", "M3", "M4", "M5")
+# what `plots` writes; the demo lists them in its record before it writes them
+PNGS = ("grid.png", "alpha.png", "finetune_curves.png", "lmc.png", "predictors.png")
 
 
 def label(key: str) -> str:
@@ -23,8 +25,8 @@ def _pair(d: dict, a: str, b: str):
 
 
 def plots(out: Path, summary: dict) -> list[str]:
-    """grid.png (seed mean), alpha.png, finetune_curves.png, lmc.png and predictors.png (first seed) under out;
-    returns the file names."""
+    """PNGS under out: grid.png (seed mean), alpha.png, finetune_curves.png, lmc.png and predictors.png (first
+    seed); returns the file names."""
     r = summary["results"][0]
     names = r["names"]
     seeds = len(summary["results"])

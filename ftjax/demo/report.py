@@ -20,6 +20,7 @@ from ftjax.demo.figures import label
 from ftjax.results import finite_or_none
 
 ALPHA_PATHS = (("M5", "M4"), ("M4", "M5"), ("M5", "M3"))
+OUTPUTS = ("results.json", "report.md", *figures.PNGS)  # every file `write` may write under out
 
 
 def design_notes(sc: dict) -> str:
@@ -263,7 +264,7 @@ def _header(summary: dict, seconds: float) -> list[str]:
 
 
 def write(out: Path, config: Any, results: list[dict], seconds: float) -> dict[str, Any]:
-    """results.json, the PNGs and report.md under `out`; returns the summary."""
+    """OUTPUTS under `out`: results.json, the PNGs and report.md; returns the summary."""
     summary = aggregate(config, results, seconds)
     (out / "results.json").write_text(json.dumps(finite_or_none(summary), indent=1) + "\n")
     pngs = figures.plots(out, summary)

@@ -81,8 +81,8 @@ class StudyConfig:
 
     @staticmethod
     def quick(seed: int = 0) -> "StudyConfig":
-        """The default: 3 seeds with shorter pretraining (300 + 200 steps) so that all three fit in about 5
-        minutes on 2 CPU cores."""
+        """The default: 3 seeds with shorter pretraining (300 + 200 steps); run concurrently (`run_demo`'s
+        workers) all three fit in 5 minutes on 2 CPU cores."""
         return StudyConfig(stage1_steps=300, stage2_steps=200, seeds=(seed, seed + 1, seed + 2))
 
     @staticmethod
