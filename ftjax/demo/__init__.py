@@ -44,11 +44,19 @@ def resolve_seeds(seeds: int | Sequence[int] | None, seed: int) -> tuple[int, ..
     return tuple(int(s) for s in seeds)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask under taskset or a container's cpuset, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(n_seeds: int) -> int:
     """Seeds run at once by default: one per seed, up to one more than the CPU cores. A quick seed keeps about 3/4
     of one core busy (124 s user over 168 s wall on 2 cores, benchmarks/RESULTS.md), so one process per core
     would leave cores idle."""
-    return max(1, min(n_seeds, (os.cpu_count() or 1) + 1))
+    return max(1, min(n_seeds, _cores() + 1))
 
 
 def _seed_in_worker(config: Any, seed: int, out: Path, quiet: bool) -> dict[str, Any]:
