@@ -26,7 +26,9 @@ def test_seeds_flag_takes_a_count_or_a_list():
 
 
 def _config_passed_to_run_seed(monkeypatch, tmp_path, argv):
-    """The StudyConfig `ftjax demo ARGV` would run (run_seed stopped before any training)."""
+    """The StudyConfig `ftjax demo ARGV` would run (run_seed stopped before any training; the seeds run in this
+    process, where the stop is patched in, not in worker processes)."""
+    import ftjax.demo
     from ftjax.cli import main
     from ftjax.demo import study
 
@@ -37,6 +39,7 @@ def _config_passed_to_run_seed(monkeypatch, tmp_path, argv):
         raise RuntimeError("stopped before training")
 
     monkeypatch.setattr(study, "run_seed", stop)
+    monkeypatch.setattr(ftjax.demo, "default_workers", lambda n: 1)
     assert main(["demo", "--out", str(tmp_path / "out"), "--quiet", *argv]) != 0
     return seen["config"]
 

@@ -107,11 +107,11 @@ def run_demo(out: str | Path, *, seed: int = 0, overwrite: bool = False, mode: s
     """Run the study and write the report. mode: "quick" (the default: 3 seeds from `seed`, about 5 minutes on 2
     CPU cores), "full" (>= 3 seeds, longer training, every transfer-then-finetune pair) or "tiny" (CI: structure
     only, one seed). `seeds` chooses the seeds in any mode: a count from `seed` or the seeds themselves
-    (`resolve_seeds`). `config` (a
-    `study.StudyConfig`) overrides the mode. `world`: the stage boundary, a key of `study.STAGE2` (default: the
-    configuration's own). `workers`: seeds run at once, each in its own process (default
-    `default_workers`; 1: one after another in this process, with progress bars); a seed's results do not depend on
-    it. Progress bars (stderr, only on a terminal) and the log (stdout) are off with quiet. Returns the aggregated summary (also in out/results.json)."""
+    (`resolve_seeds`). `config` (a `study.StudyConfig`) overrides the mode. `world`: the stage boundary, a key of
+    `study.STAGE2` (default: the configuration's own). `workers`: seeds run at once, each in its own process
+    (default `default_workers`; 1: one after another in this process, with progress bars); a seed's results do not
+    depend on it. Progress bars (stderr, only on a terminal) and the log (stdout) are off with quiet. Returns the
+    aggregated summary (also in out/results.json)."""
     from ftjax.demo import report, study
     from ftjax.demo.progress import Progress
 
