@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tests.hf_models import make_hf_model, make_tokenizer, write_jsonl
+from tests.hf_models import (QWEN2_EOT, QWEN2_VOCAB, make_hf_model, make_qwen2_tokenizer, make_tokenizer,
+                              write_jsonl)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -305,18 +306,32 @@ def test_cli_lm_eval_chat_flags_reach_the_harness(tmp_path, task_dir, local_task
         assert chat["results"]["tiny_mc"][key] == pytest.approx(expected[key], rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mistral", "olmo2"])  # qwen2: HFLM itself fails on the test tokenizer
+def _family_model(path, family):
+    """A tiny `family` checkpoint with its tokenizer. qwen2 gets a Qwen2-like one (byte-level BPE, no BOS,
+    "<|endoftext|>" ends text): transformers' AutoTokenizer loads every qwen2 checkpoint as Qwen2Tokenizer, whose
+    byte-level pipeline turns make_tokenizer's word-level vocabulary into empty encodings."""
+    if family == "qwen2":
+        make_hf_model(path, family, vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOT, eos_token_id=QWEN2_EOT)
+        return make_qwen2_tokenizer(path)
+    make_hf_model(path, family)
+    return make_tokenizer(path)
+
+
+@pytest.mark.parametrize("family", ["mistral", "olmo2", "qwen2"])
 def test_other_families_match_hf(tmp_path, family):
     """Log-likelihoods, rolling windows and generations of the other tiny families equal the hf backend's."""
     from lm_eval.models.huggingface import HFLM
 
     from ftjax.lm_eval import FtjaxLM
 
-    path = make_hf_model(tmp_path / family, family)
-    make_tokenizer(path)
+    path = _family_model(tmp_path / family, family)
     hf = HFLM(pretrained=str(path), backend="causal", dtype="float32", device="cpu", batch_size=4,
               max_length=MAX_LENGTH)
     ours = FtjaxLM(pretrained=str(path), batch_size=4, max_length=MAX_LENGTH)
+    assert (ours.prefix_token_id, ours.eot_token_id) == (hf.prefix_token_id, hf.eot_token_id)
+    if family == "qwen2":  # no BOS: an empty context and each rolling window start from end-of-text
+        assert hf.tokenizer.bos_token_id is None and ours.prefix_token_id == QWEN2_EOT
+    assert ours.tok_encode(LONG_TEXT) == hf.tok_encode(LONG_TEXT)
     pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
     got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
     assert [g for _, g in got] == [g for _, g in expected]
