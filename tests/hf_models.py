@@ -10,15 +10,16 @@ LLAMA = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
 
 def make_hf_model(path: Path, family: str = "llama", *, dtype: str = "float32", seed: int = 0, std: float = 0.05,
                   **overrides) -> Path:
-    """Save a random `{family}ForCausalLM` with non-trivial weights (norms and biases randomised too) to `path`."""
+    """Save a random causal LM of model_type `family` (llama, mistral, qwen2, olmo2, gemma2, phi3, ...: the
+    config and `...ForCausalLM` classes transformers maps it to) with non-trivial weights (norms and biases
+    randomised too) to `path`."""
     import torch
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "olmo2": "Olmo2"}
-    name = classes[family]
-    config = getattr(transformers, f"{name}Config")(**{**LLAMA, **overrides})
+    config = transformers.AutoConfig.for_model(family, **{**LLAMA, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{name}ForCausalLM")(config)
+    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])(config)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:

@@ -306,18 +306,23 @@ def test_cli_lm_eval_chat_flags_reach_the_harness(tmp_path, task_dir, local_task
         assert chat["results"]["tiny_mc"][key] == pytest.approx(expected[key], rel=1e-6)
 
 
+QWEN_FAMILIES = ("qwen2", "qwen3")  # real ones: byte-level BPE tokenizers with no BOS
+
+
 def _family_model(path, family):
-    """A tiny `family` checkpoint with its tokenizer. qwen2 gets a Qwen2-like one (byte-level BPE, no BOS,
-    "<|endoftext|>" ends text): transformers' AutoTokenizer loads every qwen2 checkpoint as Qwen2Tokenizer, whose
-    byte-level pipeline turns make_tokenizer's word-level vocabulary into empty encodings."""
-    if family == "qwen2":
+    """A tiny `family` checkpoint with its tokenizer, the config's BOS/EOS ids those of the tokenizer. Qwen families
+    get a Qwen2-like tokenizer (byte-level BPE, no BOS, "<|endoftext|>" ends text): transformers' AutoTokenizer
+    loads every qwen2 checkpoint as Qwen2Tokenizer, whose byte-level pipeline turns make_tokenizer's word-level
+    vocabulary into empty encodings."""
+    if family in QWEN_FAMILIES:
         make_hf_model(path, family, vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOT, eos_token_id=QWEN2_EOT)
         return make_qwen2_tokenizer(path)
-    make_hf_model(path, family)
+    make_hf_model(path, family, bos_token_id=1, eos_token_id=2, pad_token_id=None)  # <s>, </s>
     return make_tokenizer(path)
 
 
-@pytest.mark.parametrize("family", ["mistral", "olmo2", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "olmo2", "olmo3", "qwen2", "qwen3", "smollm3", "gemma2",
+                                    "gemma3_text", "phi3", "granite"])  # every dense family ftjax's forward runs
 def test_other_families_match_hf(tmp_path, family):
     """Log-likelihoods, rolling windows and generations of the other tiny families equal the hf backend's."""
     from lm_eval.models.huggingface import HFLM
@@ -329,7 +334,7 @@ def test_other_families_match_hf(tmp_path, family):
               max_length=MAX_LENGTH)
     ours = FtjaxLM(pretrained=str(path), batch_size=4, max_length=MAX_LENGTH)
     assert (ours.prefix_token_id, ours.eot_token_id) == (hf.prefix_token_id, hf.eot_token_id)
-    if family == "qwen2":  # no BOS: an empty context and each rolling window start from end-of-text
+    if family in QWEN_FAMILIES:  # no BOS: an empty context and each rolling window start from end-of-text
         assert hf.tokenizer.bos_token_id is None and ours.prefix_token_id == QWEN2_EOT
     assert ours.tok_encode(LONG_TEXT) == hf.tok_encode(LONG_TEXT)
     pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
@@ -341,7 +346,7 @@ def test_other_families_match_hf(tmp_path, family):
     assert got == pytest.approx(expected, abs=1e-4)
     requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6}), ("it was", {"max_gen_toks": 4})]
     got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
-    assert got == expected
+    assert got == expected and any(text.strip() for text in expected)  # some text is generated
 
 
 # ---------------------------------------------------------------------------------------- scan --tasks
