@@ -109,6 +109,42 @@ def test_batch_size_and_buckets_do_not_change_results(model_dir, ours, count_cal
             assert ll == pytest.approx(ref, abs=1e-4) and g == ref_g
 
 
+@pytest.mark.parametrize("options", [dict(add_bos_token=False), dict(add_bos_token=False, prefix_token_id=2),
+                                     dict(prefix_token_id=5), dict(add_bos_token=True)])
+def test_bos_and_prefix_options_match_hf(model_dir, options):
+    """add_bos_token / prefix_token_id (lm_eval --model_args) change tokens and scores as in the hf backend."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ftjax.lm_eval import FtjaxLM
+
+    hf = HFLM(pretrained=str(model_dir), backend="causal", dtype="float32", device="cpu", batch_size=4,
+              max_length=MAX_LENGTH, **options)
+    ours = FtjaxLM(pretrained=str(model_dir), batch_size=4, max_length=MAX_LENGTH, **options)
+    assert ours.prefix_token_id == hf.prefix_token_id
+    for text in ("the answer is one", "an answer is one"):  # "an" is token 5: no BOS before a prefix token text
+        assert ours.tok_encode(text) == hf.tok_encode(text), text
+    pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
+    got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    texts = [(LONG_TEXT,), ("the answer is one",)]
+    got, expected = (lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts)) for lm in (ours, hf))
+    assert got == pytest.approx(expected, abs=1e-4)
+    requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6})]
+    got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
+    assert got == expected
+
+
+def test_bad_bos_and_prefix_options_are_refused(ours):
+    from ftjax.errors import FtjaxError
+    from ftjax.lm_eval import FtjaxLM
+
+    with pytest.raises(FtjaxError, match="prefix_token_id must be a token id in 0..127"):
+        FtjaxLM.from_params(ours.params, ours.cfg, ours.tok.tokenizer, eos_token_id=2, prefix_token_id=128)
+    with pytest.raises(FtjaxError, match="add_bos_token must be True or False"):
+        FtjaxLM.from_params(ours.params, ours.cfg, ours.tok.tokenizer, eos_token_id=2, add_bos_token="maybe")
+
+
 def test_from_params_with_a_tokenizer_object(ours):
     from ftjax.lm_eval import FtjaxLM
 
