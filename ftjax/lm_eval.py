@@ -37,6 +37,8 @@ from ftjax.model import forward
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CONTINUE_TAG = "<ftjax-continue-final-message>"  # marks where the final message ends in the rendered text
 DEFAULT_MAX_LENGTH = 2048  # the hf backend's fallback when the config names no context length
+# hf backend options that change prompts, outputs or weights, which this backend does not implement: refused by name
+UNSUPPORTED_OPTIONS = ("enable_thinking", "chat_template_args", "think_end_token", "peft", "delta")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -120,13 +122,18 @@ class FtjaxLM(TemplateLM):
     max_position_embeddings, as the hf backend. add_bos_token, prefix_token_id: as the hf backend's (lm_eval
     --model_args): whether texts get the tokenizer's special tokens (default its post-processor's), and the token
     an empty context or a rolling window starts from (default BOS, else EOS). Other keyword arguments the harness
-    passes (device, max_batch_size) are ignored. For parameters already in memory see `from_params`.
+    passes (device, max_batch_size) are ignored, except the hf backend's UNSUPPORTED_OPTIONS, which are refused.
+    For parameters already in memory see `from_params`.
     """
 
     def __init__(self, pretrained: str | Path | None = None, dtype: str = "float32", batch_size: int | str = 8,
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, mesh: Any = None,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, **ignored: Any) -> None:
         super().__init__()
+        refused = [k for k in UNSUPPORTED_OPTIONS if ignored.get(k) is not None]
+        if refused:
+            raise FtjaxError(f"the ftjax backend does not support {', '.join(refused)} (hf backend options); drop "
+                             "them from --model_args (or score with --model hf)")
         if pretrained is None:
             raise FtjaxError("FtjaxLM needs pretrained=DIR (a model directory or cached Hub id); "
                              "or use FtjaxLM.from_params(params, cfg, tokenizer)")

@@ -145,6 +145,18 @@ def test_bad_bos_and_prefix_options_are_refused(ours):
         FtjaxLM.from_params(ours.params, ours.cfg, ours.tok.tokenizer, eos_token_id=2, add_bos_token="maybe")
 
 
+@pytest.mark.parametrize("option", [dict(enable_thinking=False), dict(think_end_token="</think>"),
+                                    dict(chat_template_args={"enable_thinking": False}), dict(peft="adapter")])
+def test_hf_options_that_change_scores_are_refused(model_dir, option):
+    """Options of the hf backend this backend does not implement are refused by name, not silently ignored."""
+    from ftjax.errors import FtjaxError
+    from ftjax.lm_eval import FtjaxLM
+
+    with pytest.raises(FtjaxError, match=f"does not support {next(iter(option))} "):
+        FtjaxLM(pretrained=str(model_dir), max_length=MAX_LENGTH, **option)
+    assert FtjaxLM(pretrained=str(model_dir), max_length=MAX_LENGTH, device="cpu", enable_thinking=None).max_length
+
+
 def test_from_params_with_a_tokenizer_object(ours):
     from ftjax.lm_eval import FtjaxLM
 
