@@ -38,6 +38,8 @@ from ftjax.model import forward
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CONTINUE_TAG = "<ftjax-continue-final-message>"  # marks where the final message ends in the rendered text
 DEFAULT_MAX_LENGTH = 2048  # the hf backend's fallback when the config names no context length
+# hf backend options that change prompts, outputs or weights, which this backend does not implement: refused by name
+UNSUPPORTED_OPTIONS = ("enable_thinking", "chat_template_args", "think_end_token", "peft", "delta")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -124,14 +126,21 @@ class FtjaxLM(TemplateLM):
     FtjaxLM(pretrained=DIR_OR_HUB_ID, dtype="float32", batch_size=8, max_length=None, max_gen_toks=256, mesh=None):
     a checkpoint's weights (ftjax.params.load_params; dtype "auto" keeps the stored one), tokenizer.json, special
     tokens and generation EOS ids. max_length (tokens): the context scored or generated from; default the config's
-    max_position_embeddings, as the hf backend. Other keyword arguments the harness passes (device, max_batch_size)
-    are ignored. For parameters already in memory see `from_params`.
+    max_position_embeddings, as the hf backend. add_bos_token, prefix_token_id: as the hf backend's (lm_eval
+    --model_args): whether texts get the tokenizer's special tokens (default its post-processor's), and the token
+    an empty context or a rolling window starts from (default BOS, else EOS). Other keyword arguments the harness
+    passes (device, max_batch_size) are ignored, except the hf backend's UNSUPPORTED_OPTIONS, which are refused.
+    For parameters already in memory see `from_params`.
     """
 
     def __init__(self, pretrained: str | Path | None = None, dtype: str = "float32", batch_size: int | str = 8,
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, mesh: Any = None,
-                 **ignored: Any) -> None:
+                 add_bos_token: bool | None = None, prefix_token_id: int | None = None, **ignored: Any) -> None:
         super().__init__()
+        refused = [k for k in UNSUPPORTED_OPTIONS if ignored.get(k) is not None]
+        if refused:
+            raise FtjaxError(f"the ftjax backend does not support {', '.join(refused)} (hf backend options); drop "
+                             "them from --model_args (or score with --model hf)")
         if pretrained is None:
             raise FtjaxError("FtjaxLM needs pretrained=DIR (a model directory or cached Hub id); "
                              "or use FtjaxLM.from_params(params, cfg, tokenizer)")
@@ -143,18 +152,21 @@ class FtjaxLM(TemplateLM):
         model_dir = resolve_model_path(pretrained)
         tokenizer = _DirTokenizer.load(model_dir)  # tokenizer problems fail before the weights load
         cfg, params = load_params(model_dir, dtype=None if dtype == "auto" else dtype, mesh=mesh)
-        self._setup(params, cfg, tokenizer, batch_size, max_length, max_gen_toks, name=str(pretrained))
+        self._setup(params, cfg, tokenizer, batch_size, max_length, max_gen_toks, name=str(pretrained),
+                    add_bos_token=add_bos_token, prefix_token_id=prefix_token_id)
 
     @classmethod
     def from_params(cls, params: dict, cfg: ModelConfig, tokenizer: Any, *, eos_token_id: int | None = None,
                     bos_token_id: int | None = None, eos_ids: Sequence[int] | None = None,
                     chat_template: str | None = None, batch_size: int = 8, max_length: int | None = None,
-                    max_gen_toks: int = 256, name: str = "ftjax") -> FtjaxLM:
+                    max_gen_toks: int = 256, name: str = "ftjax", add_bos_token: bool | None = None,
+                    prefix_token_id: int | None = None) -> FtjaxLM:
         """A harness model over parameters already in memory (e.g. from transfer_params or merge_params).
 
         tokenizer: a model directory (its tokenizer.json, special tokens, generation EOS ids and chat template are
         used) or a `tokenizers.Tokenizer`, which then needs eos_token_id (the harness's end-of-text id); bos_token_id
         (the empty-context prefix; default the EOS id), eos_ids (generation stops; default [eos_token_id]).
+        add_bos_token, prefix_token_id: as in FtjaxLM(...).
         """
         if isinstance(tokenizer, (str, Path)):
             tok = _DirTokenizer.load(Path(tokenizer))
@@ -166,11 +178,19 @@ class FtjaxLM(TemplateLM):
                                 tuple(eos_ids) if eos_ids is not None else (eos_token_id,), chat_template, {})
         self = cls.__new__(cls)
         TemplateLM.__init__(self)
-        self._setup(params, cfg, tok, batch_size, max_length, max_gen_toks, name=name)
+        self._setup(params, cfg, tok, batch_size, max_length, max_gen_toks, name=name, add_bos_token=add_bos_token,
+                    prefix_token_id=prefix_token_id)
         return self
 
-    def _setup(self, params, cfg, tok: _DirTokenizer, batch_size, max_length, max_gen_toks, *, name: str) -> None:
+    def _setup(self, params, cfg, tok: _DirTokenizer, batch_size, max_length, max_gen_toks, *, name: str,
+               add_bos_token: bool | None, prefix_token_id: int | None) -> None:
         self.params, self.cfg, self.tok, self._name = params, cfg, tok, name
+        if add_bos_token is not None and not isinstance(add_bos_token, bool):
+            raise FtjaxError(f"add_bos_token must be True or False, got {add_bos_token!r}")
+        if prefix_token_id is not None and (isinstance(prefix_token_id, bool) or not isinstance(prefix_token_id, int)
+                                            or not 0 <= prefix_token_id < cfg.vocab_size):
+            raise FtjaxError(f"prefix_token_id must be a token id in 0..{cfg.vocab_size - 1}, got {prefix_token_id!r}")
+        self._add_bos_token, self._prefix_token_id = add_bos_token, prefix_token_id
         if batch_size == "auto":
             raise FtjaxError("batch_size 'auto' is not supported by the ftjax backend; give a number, e.g. 8")
         self._batch_size = _int_arg(batch_size, "batch_size")
@@ -184,6 +204,8 @@ class FtjaxLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
+        if self._prefix_token_id is not None:
+            return self._prefix_token_id
         return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
 
     @property
@@ -236,9 +258,11 @@ class FtjaxLM(TemplateLM):
     # --------------------------------------------------------------------------------------------- tokenization
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
-        """Token ids; special tokens (BOS) added unless asked not to or the text starts with the prefix token."""
+        """Token ids; special tokens (BOS) added as asked, else as add_bos_token says (default yes), never when the
+        text starts with the prefix token."""
         if add_special_tokens is None:
-            add_special_tokens = not string.startswith(self.tok.token_text(self.prefix_token_id))
+            starts_with_prefix = string.startswith(self.tok.token_text(self.prefix_token_id))
+            add_special_tokens = not starts_with_prefix and self._add_bos_token is not False
         ids = self.tok.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
 

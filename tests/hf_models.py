@@ -10,15 +10,16 @@ LLAMA = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
 
 def make_hf_model(path: Path, family: str = "llama", *, dtype: str = "float32", seed: int = 0, std: float = 0.05,
                   **overrides) -> Path:
-    """Save a random `{family}ForCausalLM` with non-trivial weights (norms and biases randomised too) to `path`."""
+    """Save a random causal LM of model_type `family` (llama, mistral, qwen2, olmo2, gemma2, phi3, ...: the
+    config and `...ForCausalLM` classes transformers maps it to) with non-trivial weights (norms and biases
+    randomised too) to `path`."""
     import torch
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "olmo2": "Olmo2"}
-    name = classes[family]
-    config = getattr(transformers, f"{name}Config")(**{**LLAMA, **overrides})
+    config = transformers.AutoConfig.for_model(family, **{**LLAMA, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{name}ForCausalLM")(config)
+    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])(config)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:
@@ -54,6 +55,52 @@ def make_tokenizer(path: Path, vocab_size: int = 128, chat_template: str | None 
               "unk_token": "<unk>", "model_max_length": 1024}
     if chat_template is not None:
         config["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+QWEN2_VOCAB = 512  # model vocab_size for make_qwen2_tokenizer: its byte-level BPE needs more than 128 ids
+QWEN2_EOT = QWEN2_VOCAB - 1  # "<|endoftext|>": end of text and padding; config.json's bos/eos id, as in real Qwen2
+
+
+def make_qwen2_tokenizer(path: Path, vocab_size: int = QWEN2_VOCAB) -> Path:
+    """A tokenizer laid out as real Qwen2 ones are, in `path`: a byte-level BPE tokenizer.json with Qwen2's
+    pre-tokenizer (transformers' own `Qwen2Tokenizer` pipeline, which AutoTokenizer imposes on every qwen2
+    checkpoint), no BOS (bos_token null, add_bos_token false), "<|endoftext|>" (id vocab_size - 1) as EOS and pad.
+
+    The vocabulary: the 256 byte-level symbols, then merges spelling " " + word (one token) and word for each of
+    WORDS, then fillers up to vocab_size - 1.
+    """
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in ["\u0120" + w for w in WORDS] + list(WORDS):  # "\u0120" (Ġ): a space; " word" merges first
+        for k in range(2, len(word) + 1):
+            if word[:k] not in vocab:
+                merges.append((word[:k - 1], word[k - 1]))
+                vocab[word[:k]] = len(vocab)
+    if len(vocab) >= vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} < {len(vocab) + 1} ids the tokenizer needs")
+    for i in range(len(vocab), vocab_size - 1):
+        vocab[f"<filler{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    assert tok.token_to_id("<|endoftext|>") == vocab_size - 1
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "add_bos_token": False,
+              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None,
+              "add_prefix_space": False, "model_max_length": 1024}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 

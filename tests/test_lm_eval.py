@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tests.hf_models import make_hf_model, make_tokenizer, write_jsonl
+from tests.hf_models import (QWEN2_EOT, QWEN2_VOCAB, make_hf_model, make_qwen2_tokenizer, make_tokenizer,
+                              write_jsonl)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -106,6 +107,54 @@ def test_batch_size_and_buckets_do_not_change_results(model_dir, ours, count_cal
         assert traces["n"] <= 3, batch_size  # one per bucket, not one per request
         for (ll, g), (ref, ref_g) in zip(got, expected):
             assert ll == pytest.approx(ref, abs=1e-4) and g == ref_g
+
+
+@pytest.mark.parametrize("options", [dict(add_bos_token=False), dict(add_bos_token=False, prefix_token_id=2),
+                                     dict(prefix_token_id=5), dict(add_bos_token=True)])
+def test_bos_and_prefix_options_match_hf(model_dir, options):
+    """add_bos_token / prefix_token_id (lm_eval --model_args) change tokens and scores as in the hf backend."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ftjax.lm_eval import FtjaxLM
+
+    hf = HFLM(pretrained=str(model_dir), backend="causal", dtype="float32", device="cpu", batch_size=4,
+              max_length=MAX_LENGTH, **options)
+    ours = FtjaxLM(pretrained=str(model_dir), batch_size=4, max_length=MAX_LENGTH, **options)
+    assert ours.prefix_token_id == hf.prefix_token_id
+    for text in ("the answer is one", "an answer is one"):  # "an" is token 5: no BOS before a prefix token text
+        assert ours.tok_encode(text) == hf.tok_encode(text), text
+    pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
+    got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    texts = [(LONG_TEXT,), ("the answer is one",)]
+    got, expected = (lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts)) for lm in (ours, hf))
+    assert got == pytest.approx(expected, abs=1e-4)
+    requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6})]
+    got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
+    assert got == expected
+
+
+def test_bad_bos_and_prefix_options_are_refused(ours):
+    from ftjax.errors import FtjaxError
+    from ftjax.lm_eval import FtjaxLM
+
+    with pytest.raises(FtjaxError, match="prefix_token_id must be a token id in 0..127"):
+        FtjaxLM.from_params(ours.params, ours.cfg, ours.tok.tokenizer, eos_token_id=2, prefix_token_id=128)
+    with pytest.raises(FtjaxError, match="add_bos_token must be True or False"):
+        FtjaxLM.from_params(ours.params, ours.cfg, ours.tok.tokenizer, eos_token_id=2, add_bos_token="maybe")
+
+
+@pytest.mark.parametrize("option", [dict(enable_thinking=False), dict(think_end_token="</think>"),
+                                    dict(chat_template_args={"enable_thinking": False}), dict(peft="adapter")])
+def test_hf_options_that_change_scores_are_refused(model_dir, option):
+    """Options of the hf backend this backend does not implement are refused by name, not silently ignored."""
+    from ftjax.errors import FtjaxError
+    from ftjax.lm_eval import FtjaxLM
+
+    with pytest.raises(FtjaxError, match=f"does not support {next(iter(option))} "):
+        FtjaxLM(pretrained=str(model_dir), max_length=MAX_LENGTH, **option)
+    assert FtjaxLM(pretrained=str(model_dir), max_length=MAX_LENGTH, device="cpu", enable_thinking=None).max_length
 
 
 def test_from_params_with_a_tokenizer_object(ours):
@@ -305,18 +354,37 @@ def test_cli_lm_eval_chat_flags_reach_the_harness(tmp_path, task_dir, local_task
         assert chat["results"]["tiny_mc"][key] == pytest.approx(expected[key], rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mistral", "olmo2"])  # qwen2: HFLM itself fails on the test tokenizer
+QWEN_FAMILIES = ("qwen2", "qwen3")  # real ones: byte-level BPE tokenizers with no BOS
+
+
+def _family_model(path, family):
+    """A tiny `family` checkpoint with its tokenizer, the config's BOS/EOS ids those of the tokenizer. Qwen families
+    get a Qwen2-like tokenizer (byte-level BPE, no BOS, "<|endoftext|>" ends text): transformers' AutoTokenizer
+    loads every qwen2 checkpoint as Qwen2Tokenizer, whose byte-level pipeline turns make_tokenizer's word-level
+    vocabulary into empty encodings."""
+    if family in QWEN_FAMILIES:
+        make_hf_model(path, family, vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOT, eos_token_id=QWEN2_EOT)
+        return make_qwen2_tokenizer(path)
+    make_hf_model(path, family, bos_token_id=1, eos_token_id=2, pad_token_id=None)  # <s>, </s>
+    return make_tokenizer(path)
+
+
+@pytest.mark.parametrize("family", ["mistral", "olmo2", "olmo3", "qwen2", "qwen3", "smollm3", "gemma2",
+                                    "gemma3_text", "phi3", "granite"])  # every dense family ftjax's forward runs
 def test_other_families_match_hf(tmp_path, family):
     """Log-likelihoods, rolling windows and generations of the other tiny families equal the hf backend's."""
     from lm_eval.models.huggingface import HFLM
 
     from ftjax.lm_eval import FtjaxLM
 
-    path = make_hf_model(tmp_path / family, family)
-    make_tokenizer(path)
+    path = _family_model(tmp_path / family, family)
     hf = HFLM(pretrained=str(path), backend="causal", dtype="float32", device="cpu", batch_size=4,
               max_length=MAX_LENGTH)
     ours = FtjaxLM(pretrained=str(path), batch_size=4, max_length=MAX_LENGTH)
+    assert (ours.prefix_token_id, ours.eot_token_id) == (hf.prefix_token_id, hf.eot_token_id)
+    if family in QWEN_FAMILIES:  # no BOS: an empty context and each rolling window start from end-of-text
+        assert hf.tokenizer.bos_token_id is None and ours.prefix_token_id == QWEN2_EOT
+    assert ours.tok_encode(LONG_TEXT) == hf.tok_encode(LONG_TEXT)
     pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
     got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
     assert [g for _, g in got] == [g for _, g in expected]
@@ -326,7 +394,7 @@ def test_other_families_match_hf(tmp_path, family):
     assert got == pytest.approx(expected, abs=1e-4)
     requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6}), ("it was", {"max_gen_toks": 4})]
     got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
-    assert got == expected
+    assert got == expected and any(text.strip() for text in expected)  # some text is generated
 
 
 # ---------------------------------------------------------------------------------------- scan --tasks
