@@ -1,6 +1,11 @@
 """Running a merge plan: streamed from checkpoint directories (`merge`, `ftjax merge CONFIG --out OUT`) or over
-pytrees already in memory (`merge_params`). Both run the same Tasks with the same kernels, so they give the same
-bits; the streaming one never holds a tensor (statistics come from extra passes, memory is the engine's buffers).
+pytrees already in memory (`merge_params`). Both run the same Tasks with the same kernels (`_run_task` on whole
+tensors), so they give the same bits.
+
+Streaming, a tensor whose method needs statistics (slerp's angle, model_stock's cosines, TIES' top-k, ...: all of
+them are per tensor) is read once when its inputs fit in `ONE_PASS_BYTES` as float32: held whole, its statistics
+and output computed in memory (`_Held`); a bigger one is never held: its statistics come from extra streamed passes
+over it, memory is the engine's buffers. Both paths give the same bits.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from ftjax.merge.plan import (
     write_kernel,
 )
 from ftjax.engine.outputs import Finish, Output, provenance, write_checkpoint
-from ftjax.engine.streaming import Job, Source, row_elems, stream
+from ftjax.engine.streaming import Job, Source, row_elems, rows_of, stream
 from ftjax.engine.plan import Report
 
 RECORD = "ftjax_merge.json"
 DEFAULT_SEED = 0
+ONE_PASS_BYTES = 256 << 20  # bytes: a tensor with statistics is read once, held, when its inputs' rows take at most
+#                             this as float32 (all inputs together; the kernels' temporaries add a few times that)
 
 
 def _inputs(config: MergeConfig, layouts: dict[str, Layout], keys: dict[str, str]) -> Inputs:
@@ -146,8 +153,8 @@ def _open(config: MergeConfig) -> tuple[dict[str, HFCheckpoint], dict[str, str]]
     return handles, delta_keys
 
 
-def _run_stages(tasks: list[Task], source: Any, progress: bool) -> None:
-    """Every statistics pass, in order, streamed over the tasks that need it."""
+def _run_stages(tasks: list[Task], source: Any, progress: bool, report: Report) -> None:
+    """Every statistics pass, in order, streamed over the tasks that need it; report.bytes_read counts the reads."""
     by_name = {t.name: t for t in tasks}
     for stage in STAGES:
         todo = [t for t in tasks if stage in t.stages]
@@ -160,18 +167,65 @@ def _run_stages(tasks: list[Task], source: Any, progress: bool) -> None:
             shape = (t.rows,) + t.out.shape[1:] if t.out.shape else ()
             jobs.append(Job(TensorInfo(t.name, np.dtype(np.float32), shape), tuple(source(r) for r in t.refs),
                             kernel, args, rows=t.rows))
-        stream(jobs, lambda job, outs, stage=stage: stage_add(by_name[job.name], stage, outs),
-               Report("merge", None, {}), progress,
+        part = Report("merge", None, {})
+        stream(jobs, lambda job, outs, stage=stage: stage_add(by_name[job.name], stage, outs), part, progress,
                chunk_elems=outputs.CHUNK_ELEMS, desc=f"ftjax merge ({stage})")
+        report.bytes_read += part.bytes_read
         for t in todo:
             stage_finish(t, stage)
 
 
-def _jobs(tasks: list[Task], source: Any) -> list[Job]:
+def one_pass(task: Task, budget: int) -> bool:
+    """Whether `task` is read once and held (`_Held`): it has statistics passes, no rows from a second source, and
+    its inputs' kernel rows take at most `budget` bytes as float32."""
+    n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
+    return bool(task.stages) and task.kind != "copy" and task.rest is None and 4 * n_el * len(task.refs) <= budget
+
+
+class _Held:
+    """A computed Reader (`ftjax.engine.streaming.Reader`) of the outputs of one-pass tasks: the first row block
+    asked of a tensor reads each of its inputs once, whole, runs its statistics and write on those arrays
+    (`_run_task`) and holds the output until its last row is served (the engine asks in order, one tensor at a
+    time)."""
+
+    def __init__(self, tasks: Mapping[str, Task], source: Any):
+        self.tasks, self.source = tasks, source
+        self.name: str | None = None
+        self.out: np.ndarray | None = None
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tasks[name].out
+
+    def file_of(self, name: str) -> Any:
+        src = self.source(self.tasks[name].refs[0])
+        return src.reader.file_of(src.name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.rows(name, 0, rows_of(self.tasks[name].out.shape))[0]
+
+    def rows(self, name: str, r0: int, r1: int) -> tuple[np.ndarray, int]:
+        """Rows [r0, r1) of output `name`, and the bytes read from disk for them (all of its inputs' at r0 = 0)."""
+        t = self.tasks[name]
+        nbytes = 0
+        if self.name != name:
+            self.name, self.out = None, None  # the previous tensor's output is released first
+            srcs = [self.source(r) for r in t.refs]
+            arrays = [s.reader.get(s.name) for s in srcs]
+            nbytes = sum(t.rows * row_elems(a.shape) * a.dtype.itemsize for a in arrays)
+            self.out = np.asarray(_run_task(t, arrays))
+            self.name = name
+        block = self.out[r0:r1] if self.out.ndim else self.out
+        if r1 >= rows_of(t.out.shape):
+            self.name, self.out = None, None
+        return block, nbytes
+
+
+def _jobs(tasks: list[Task], source: Any, held: _Held | None = None) -> list[Job]:
     jobs = []
     for t in tasks:
-        kernel, args = write_kernel(t)
-        srcs = tuple(source(r) for r in t.refs)
+        kernel, args = (None, ()) if held is not None and t.name in held.tasks else write_kernel(t)
+        srcs = (Source(held, t.name),) if held is not None and t.name in held.tasks else \
+            tuple(source(r) for r in t.refs)
         if kernel is None:
             jobs.append(Job(t.out, srcs[:1]))
         else:
@@ -182,9 +236,12 @@ def _jobs(tasks: list[Task], source: Any) -> list[Job]:
 
 def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFAULT_SEED, overwrite: bool = False,
           dry_run: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-          progress: bool = True) -> Report:
+          progress: bool = True, one_pass_bytes: int = ONE_PASS_BYTES) -> Report:
     """Merge the models of a mergekit config (a YAML file, its text, or a parsed MergeConfig) into `out` (a Hugging
-    Face checkpoint, atomic, with `ftjax_merge.json`). seed: of DARE / DELLA masks (recorded)."""
+    Face checkpoint, atomic, with `ftjax_merge.json`). seed: of DARE / DELLA masks (recorded). one_pass_bytes: a
+    tensor with statistics whose inputs take at most this many bytes as float32 is read once and held (0: every
+    such tensor streamed in two or more passes; the output bits are the same). The report's bytes_read counts every
+    pass's reads."""
     t0 = time.perf_counter()
     config = load(config)[0] if not isinstance(config, MergeConfig) else config
     refs = _references(config)
@@ -192,11 +249,11 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
     check_output(out, overwrite=overwrite, inputs=paths)  # before any adapter is merged
     with adapters_merged(config, out, dry_run=dry_run, progress=progress) as (merged, written):
         return _merge(merged, out, seed=seed, overwrite=overwrite, dry_run=dry_run, max_shard_bytes=max_shard_bytes,
-                      progress=progress, t0=t0, names=written)
+                      progress=progress, t0=t0, names=written, one_pass_bytes=one_pass_bytes)
 
 
 def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, dry_run: bool, max_shard_bytes: int,
-           progress: bool, t0: float, names: Mapping[str, str]) -> Report:
+           progress: bool, t0: float, names: Mapping[str, str], one_pass_bytes: int = ONE_PASS_BYTES) -> Report:
     """`merge` on a config whose BASE+ADAPTER references are merged; names: such a model's directory -> the reference
     (what the report and provenance record)."""
     handles, delta_keys = _open(config)
@@ -217,8 +274,9 @@ def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, 
     if dry_run:
         return report
     source = lambda ref: Source(handles[ref[0]], ref[1])
-    _run_stages(tasks, source, progress)
-    jobs = _jobs(tasks, source)
+    held = _Held({t.name: t for t in tasks if one_pass(t, one_pass_bytes)}, source)
+    _run_stages([t for t in tasks if t.name not in held.tasks], source, progress, report)
+    jobs = _jobs(tasks, source, held)
     record = provenance("merge", report.inputs, cfg, method=config.method.name, seed=seed, merge_config=config.text,
                         formula=config.method.formula,
                         numerics="float32 error-free arithmetic, one rounding to the output dtype; 'dtype' in the "
@@ -374,27 +432,32 @@ def _run_in_memory(config: MergeConfig, trees: dict[str, dict], delta_refs: dict
     layouts = {k: Layout.of_tree(t) for k, t in trees.items()}
     inputs = _inputs(config, layouts, delta_refs)
     tasks = plan_tensors(config, inputs, seed=seed)
-    arrays = lambda t: [trees[k][n] for k, n in t.refs]
-    for stage in STAGES:
-        for t in (t for t in tasks if stage in t.stages):
-            stage_start(t, stage)
-            kernel, args = stage_kernel(t, stage)
-            stage_add(t, stage, tuple(np.asarray(o) for o in _call(kernel, args, arrays(t), t.rows)))
-            stage_finish(t, stage)
     out = {}
     for t in tasks:
-        kernel, args = write_kernel(t)
-        if kernel is None:
-            out[t.name] = _placed(jnp.asarray(trees[t.refs[0][0]][t.refs[0][1]]).astype(t.out.dtype),
-                                  trees[t.refs[0][0]][t.refs[0][1]])
+        like = trees[t.refs[0][0]][t.refs[0][1]]
+        if t.kind == "copy":
+            out[t.name] = _placed(jnp.asarray(like).astype(t.out.dtype), like)
             continue
-        y = _call(kernel, args, arrays(t), t.rows)[0]
-        y = y[: t.rows * row_elems(t.out.shape)].reshape((t.rows,) + t.out.shape[1:]) if t.out.shape else y[0]
+        y = _run_task(t, [trees[k][n] for k, n in t.refs])
         if t.rest is not None:
             extra = jnp.asarray(trees[t.rest[0]][t.rest[1]])[t.rows: t.out.shape[0]].astype(t.out.dtype)
             y = jnp.concatenate([y, extra])
-        out[t.name] = _placed(y, trees[t.refs[0][0]][t.refs[0][1]])
+        out[t.name] = _placed(y, like)
     return out
+
+
+def _run_task(t: Task, arrays: Sequence[Any]) -> jax.Array:
+    """Every statistics pass of `t`, then its write, on whole tensors (its inputs in `t.refs` order, at least
+    `t.rows` rows each): the output's first `t.rows` rows, shape (t.rows, *t.out.shape[1:]) (a scalar: shape ())."""
+    for stage in STAGES:
+        if stage in t.stages:
+            stage_start(t, stage)
+            kernel, args = stage_kernel(t, stage)
+            stage_add(t, stage, tuple(np.asarray(o) for o in _call(kernel, args, arrays, t.rows)))
+            stage_finish(t, stage)
+    kernel, args = write_kernel(t)
+    y = _call(kernel, args, arrays, t.rows)[0]
+    return y[: t.rows * row_elems(t.out.shape)].reshape((t.rows,) + t.out.shape[1:]) if t.out.shape else y[0]
 
 
 def _placed(y: jax.Array, like: Any) -> jax.Array:
