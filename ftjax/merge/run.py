@@ -10,11 +10,13 @@ over it, memory is the engine's buffers. Both paths give the same bits.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,13 +47,14 @@ from ftjax.merge.plan import (
     write_kernel,
 )
 from ftjax.engine.outputs import Finish, Output, provenance, write_checkpoint
-from ftjax.engine.streaming import Job, Source, row_elems, rows_of, stream
+from ftjax.engine.streaming import Files, Job, Source, aligned, row_elems, rows_of, stream
 from ftjax.engine.plan import Report
 
 RECORD = "ftjax_merge.json"
 DEFAULT_SEED = 0
 ONE_PASS_BYTES = 256 << 20  # bytes: a tensor with statistics is read once, held, when its inputs' rows take at most
 #                             this as float32 (all inputs together; the kernels' temporaries add a few times that)
+HELD_WORKERS = 2  # threads computing held tensors ahead of the write (each holds one tensor's inputs)
 
 
 def _inputs(config: MergeConfig, layouts: dict[str, Layout], keys: dict[str, str]) -> Inputs:
@@ -177,21 +180,33 @@ def _run_stages(tasks: list[Task], source: Any, progress: bool, report: Report) 
 
 def one_pass(task: Task, budget: int) -> bool:
     """Whether `task` is read once and held (`_Held`): it has statistics passes, no rows from a second source, and
-    its inputs' kernel rows take at most `budget` bytes as float32."""
+    its inputs' kernel rows take at most `budget` bytes as float32. Per-column Gram sums (nuslerp_row_wise) are
+    float64 sums of row blocks, whose bits depend on the blocks: those tensors stay streamed."""
     n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
-    return bool(task.stages) and task.kind != "copy" and task.rest is None and 4 * n_el * len(task.refs) <= budget
+    per_col = task.kind == "comb" and task.spec.per_col
+    return bool(task.stages) and task.kind != "copy" and task.rest is None and not per_col and \
+        4 * n_el * len(task.refs) <= budget
 
 
 class _Held:
-    """A computed Reader (`ftjax.engine.streaming.Reader`) of the outputs of one-pass tasks: the first row block
-    asked of a tensor reads each of its inputs once, whole, runs its statistics and write on those arrays
-    (`_run_task`) and holds the output until its last row is served (the engine asks in order, one tensor at a
-    time)."""
+    """A computed Reader (`ftjax.engine.streaming.Reader`) of the outputs of one-pass tasks: each output reads each
+    of its inputs once (pread into reused buffers), runs its statistics and write on those arrays (`_run_task`, in
+    blocks of the engine's CHUNK_ELEMS elements, as the streamed passes run them) and is held until its last row is
+    served (the engine asks in order, one tensor at a time). HELD_WORKERS threads compute the next held tensors (in
+    task order) while the engine writes the current one; `close()` ends them."""
 
-    def __init__(self, tasks: Mapping[str, Task], source: Any):
-        self.tasks, self.source = tasks, source
+    def __init__(self, tasks: Sequence[Task], source: Any):
+        self.tasks = {t.name: t for t in tasks}
+        self.source = source
+        self.order = [t.name for t in tasks]
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.pending: dict[str, concurrent.futures.Future] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(HELD_WORKERS, thread_name_prefix="ftjax-merge-held")
+        self.local = threading.local()
         self.name: str | None = None
         self.out: np.ndarray | None = None
+        self.files: list[Files] = []  # per worker: pread into buffers it reuses for every tensor (no page faults
+        #                               of mmap or of fresh memory)
 
     def info(self, name: str) -> TensorInfo:
         return self.tasks[name].out
@@ -203,21 +218,48 @@ class _Held:
     def get(self, name: str) -> np.ndarray:
         return self.rows(name, 0, rows_of(self.tasks[name].out.shape))[0]
 
+    def _compute(self, name: str) -> tuple[np.ndarray, int]:
+        """Output `name` (its first t.rows rows, the output dtype) and the bytes of its inputs."""
+        t = self.tasks[name]
+        arrays, nbytes = [], 0
+        if not hasattr(self.local, "buffers"):
+            self.local.buffers, self.local.files = [], Files()
+            self.files.append(self.local.files)
+        buffers, files = self.local.buffers, self.local.files
+        for i, src in enumerate(map(self.source, t.refs)):
+            info = src.reader.info(src.name)
+            shape = (t.rows,) + tuple(info.shape[1:]) if info.shape else ()
+            size = t.rows * row_elems(info.shape) * info.dtype.itemsize
+            if i == len(buffers):
+                buffers.append(aligned(0))
+            if buffers[i].size < size:
+                buffers[i] = aligned(size)
+            a = buffers[i][:size].view(info.dtype)
+            nbytes += files.read(src, 0, t.rows, a)
+            arrays.append(a.reshape(shape))
+        return np.asarray(_run_task(t, arrays, max(1, outputs.CHUNK_ELEMS // row_elems(t.out.shape)))), nbytes
+
     def rows(self, name: str, r0: int, r1: int) -> tuple[np.ndarray, int]:
         """Rows [r0, r1) of output `name`, and the bytes read from disk for them (all of its inputs' at r0 = 0)."""
-        t = self.tasks[name]
         nbytes = 0
         if self.name != name:
             self.name, self.out = None, None  # the previous tensor's output is released first
-            srcs = [self.source(r) for r in t.refs]
-            arrays = [s.reader.get(s.name) for s in srcs]
-            nbytes = sum(t.rows * row_elems(a.shape) * a.dtype.itemsize for a in arrays)
-            self.out = np.asarray(_run_task(t, arrays))
+            future = self.pending.pop(name, None) or self.pool.submit(self._compute, name)
+            for nxt in self.order[self.index[name] + 1: self.index[name] + 1 + HELD_WORKERS]:
+                if nxt not in self.pending:
+                    self.pending[nxt] = self.pool.submit(self._compute, nxt)
+            self.out, nbytes = future.result()
             self.name = name
         block = self.out[r0:r1] if self.out.ndim else self.out
-        if r1 >= rows_of(t.out.shape):
+        if r1 >= rows_of(self.tasks[name].out.shape):
             self.name, self.out = None, None
         return block, nbytes
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+        for files in self.files:
+            files.close()
 
 
 def _jobs(tasks: list[Task], source: Any, held: _Held | None = None) -> list[Job]:
@@ -274,19 +316,22 @@ def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, 
     if dry_run:
         return report
     source = lambda ref: Source(handles[ref[0]], ref[1])
-    held = _Held({t.name: t for t in tasks if one_pass(t, one_pass_bytes)}, source)
-    _run_stages([t for t in tasks if t.name not in held.tasks], source, progress, report)
-    jobs = _jobs(tasks, source, held)
-    record = provenance("merge", report.inputs, cfg, method=config.method.name, seed=seed, merge_config=config.text,
-                        formula=config.method.formula,
-                        numerics="float32 error-free arithmetic, one rounding to the output dtype; 'dtype' in the "
-                                 "config sets only the output dtype")
-    tok = handles[inputs.tokenizer]
-    edit = None if config.chat_template is None else functools.partial(_set_chat_template, config=config,
-                                                                        handles=handles)
-    finish = Finish(cfg, tok.path, RECORD, record, ("ftjax_transfer.json", "ftjax_diff.json", RECORD), edit)
-    write_checkpoint(Output(out, tuple(h.path for h in handles.values()), overwrite, max_shard_bytes, progress),
-                     jobs, report, finish, t0=t0)
+    held = _Held([t for t in tasks if one_pass(t, one_pass_bytes)], source)
+    try:
+        _run_stages([t for t in tasks if t.name not in held.tasks], source, progress, report)
+        jobs = _jobs(tasks, source, held)
+        record = provenance("merge", report.inputs, cfg, method=config.method.name, seed=seed, merge_config=config.text,
+                            formula=config.method.formula,
+                            numerics="float32 error-free arithmetic, one rounding to the output dtype; 'dtype' in the "
+                                     "config sets only the output dtype")
+        tok = handles[inputs.tokenizer]
+        edit = None if config.chat_template is None else functools.partial(_set_chat_template, config=config,
+                                                                            handles=handles)
+        finish = Finish(cfg, tok.path, RECORD, record, ("ftjax_transfer.json", "ftjax_diff.json", RECORD), edit)
+        write_checkpoint(Output(out, tuple(h.path for h in handles.values()), overwrite, max_shard_bytes, progress),
+                         jobs, report, finish, t0=t0)
+    finally:
+        held.close()
     return report
 
 
@@ -339,17 +384,17 @@ def _set_chat_template(out: Path, *, config: MergeConfig, handles: Mapping[str, 
 
 
 @functools.lru_cache(maxsize=256)
-def _jit(fn: Any, static: tuple, positional: bool) -> Any:
-    def run(*a):
-        return fn(*a, *((jnp.uint32(0), jnp.uint32(0)) if positional else ()), *static)
-
-    return jax.jit(run)
+def _jit(fn: Any, static: tuple) -> Any:
+    return jax.jit(lambda *a: fn(*a, *static))
 
 
-def _call(kernel, args, arrays: Sequence[jax.Array], rows: int) -> tuple:
-    """A kernel on whole tensors: flat inputs over `rows` rows."""
-    flat = [x[:rows].reshape(-1) if x.ndim else x.reshape(1) for x in arrays]
-    outs = _jit(kernel.fn, kernel.static, kernel.positional)(*flat, *args)
+def _call(kernel, args, arrays: Sequence[jax.Array], r0: int, r1: int, row: int) -> tuple:
+    """A kernel on rows [r0, r1) of whole tensors (`row` elements each) as flat inputs; a positional kernel gets
+    the block's first element index, as the streaming engine gives it."""
+    flat = [x[r0:r1].reshape(-1) if x.ndim else x.reshape(1) for x in arrays]
+    first = r0 * row
+    words = (np.uint32(first >> 32), np.uint32(first & 0xFFFFFFFF)) if kernel.positional else ()
+    outs = _jit(kernel.fn, kernel.static)(*flat, *args, *words)
     return outs if isinstance(outs, tuple) else (outs,)
 
 
@@ -446,18 +491,23 @@ def _run_in_memory(config: MergeConfig, trees: dict[str, dict], delta_refs: dict
     return out
 
 
-def _run_task(t: Task, arrays: Sequence[Any]) -> jax.Array:
+def _run_task(t: Task, arrays: Sequence[Any], step: int = 0) -> Any:
     """Every statistics pass of `t`, then its write, on whole tensors (its inputs in `t.refs` order, at least
-    `t.rows` rows each): the output's first `t.rows` rows, shape (t.rows, *t.out.shape[1:]) (a scalar: shape ())."""
+    `t.rows` rows each), `step` rows per kernel call (0: all at once): the output's first `t.rows` rows, shape
+    (t.rows, *t.out.shape[1:]) (a scalar: shape ()); a jax array for step 0, else numpy."""
+    row = row_elems(t.out.shape)
+    blocks = [(a, min(a + step, t.rows)) for a in range(0, t.rows, step)] if step else [(0, t.rows)]
     for stage in STAGES:
         if stage in t.stages:
             stage_start(t, stage)
             kernel, args = stage_kernel(t, stage)
-            stage_add(t, stage, tuple(np.asarray(o) for o in _call(kernel, args, arrays, t.rows)))
+            for r0, r1 in blocks:
+                stage_add(t, stage, tuple(np.asarray(o) for o in _call(kernel, args, arrays, r0, r1, row)))
             stage_finish(t, stage)
     kernel, args = write_kernel(t)
-    y = _call(kernel, args, arrays, t.rows)[0]
-    return y[: t.rows * row_elems(t.out.shape)].reshape((t.rows,) + t.out.shape[1:]) if t.out.shape else y[0]
+    ys = [_call(kernel, args, arrays, r0, r1, row)[0][: (r1 - r0) * row] for r0, r1 in blocks]
+    y = ys[0] if not step else np.concatenate([np.asarray(y) for y in ys])
+    return y.reshape((t.rows,) + t.out.shape[1:]) if t.out.shape else y[0]
 
 
 def _placed(y: jax.Array, like: Any) -> jax.Array:
