@@ -231,6 +231,31 @@ def test_streaming_equals_in_memory_for_every_method(models, tmp_path, method):
     assert record["method"] == method and record["seed"] == 0 and "merge_method" in record["merge_config"]
 
 
+# reads of every input (the statistics passes, then the write) when each tensor is streamed, not held
+TWO_PASS_READS = {"slerp": 2, "model_stock": 2, "nuslerp": 2, "multislerp": 2, "karcher": 2, "ties": 3, "della": 2,
+                  "breadcrumbs": 3}
+
+
+@pytest.mark.parametrize("method", list(TWO_PASS_READS))
+def test_one_pass_equals_two_pass_bit_for_bit_and_reads_each_input_once(models, tmp_path, method):
+    """Tensors under the budget are read once and held (statistics and write from the same arrays); budget 0
+    streams them in passes. Same bits; the report's bytes_read counts every pass."""
+    base, ms, _ = models
+    cfg = write_yaml(tmp_path, _method_config(method, base, ms))
+    one = merge(cfg, tmp_path / "one", progress=False)
+    two = merge(cfg, tmp_path / "two", progress=False, one_pass_bytes=0)
+    a, b = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for n in a:
+        np.testing.assert_array_equal(bits(a[n]), bits(b[n]), err_msg=f"{method} {n}")
+    n_inputs = len(_method_config(method, base, ms)["models"]) + METHOD_CONFIGS[method][2]  # + the base
+    inputs = n_inputs * sum(t.nbytes for t in checkpoint_tensors(base).values())
+    assert one.bytes_read == inputs
+    assert two.bytes_read == TWO_PASS_READS[method] * inputs
+    record = json.loads((tmp_path / "one" / "ftjax_merge.json").read_text())
+    assert record["report"]["bytes_read"] == inputs
+
+
 def test_passthrough_scale_and_nearswap_follow_their_formulas(models):
     base, ms, _ = models
     name, b, xs = _random_trees(3)

@@ -84,7 +84,7 @@ def provenance(kind: str, inputs: dict[str, str], config: dict, **fields: Any) -
 def write_checkpoint(output: Output, jobs: Sequence[Job], report: Report, finish: Finish, *, t0: float,
                      extras: Extras | None = None) -> None:
     """Stream `jobs` into an atomic temp dir as a HF checkpoint (each row block cast to its job's output dtype), then
-    the small files of `finish`; `report` gets the byte counts, NaN/Inf tensors and
+    the small files of `finish`; `report` gets the byte counts (bytes_read adds to what it holds), NaN/Inf tensors and
     seconds. Multi-process: a collective (see the module docstring)."""
 
     def work(tmp: Path, me: int, n: int) -> None:
@@ -116,7 +116,7 @@ def write_checkpoint(output: Output, jobs: Sequence[Job], report: Report, finish
             except (OSError, ValueError) as e:
                 raise FtjaxError(f"{path}: process {i}'s part report is missing or unreadable ({e})") from None
             path.unlink()
-        report.bytes_read = sum(p["bytes_read"] for p in parts)
+        report.bytes_read += sum(p["bytes_read"] for p in parts)  # after any reads before the write (statistics)
         report.bytes_written = sum(p["bytes_written"] for p in parts)
         report.nonfinite = sorted((t for p in parts for t in p["nonfinite"]), key=order.__getitem__)
         record = dict(finish.record)

@@ -166,7 +166,7 @@ class _Stopped(Exception):
     pass
 
 
-class _Files:
+class Files:
     """Reads row blocks of tensors with pread into caller buffers; one fd per file, offsets found once."""
 
     def __init__(self) -> None:
@@ -226,7 +226,7 @@ class _Files:
         self.fds.clear()
 
 
-def _aligned(nbytes: int) -> np.ndarray:
+def aligned(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     a = -raw.ctypes.data % _ALIGN
     return raw[a: a + nbytes]
@@ -328,10 +328,10 @@ def stream(jobs: Sequence[Job], on_block: Callable[[Job, tuple[np.ndarray, ...]]
     width = max([j.kernel.width for j in jobs if j.kernel is not None] + [0])
     free: queue.Queue = queue.Queue()
     for _ in range(POOL):  # 8: widest dtype; pages are touched only as used; + width: rounding up to whole rows
-        free.put([_aligned((cap + width) * 8) for _ in range(slots)])
+        free.put([aligned((cap + width) * 8) for _ in range(slots)])
     todo: queue.Queue = queue.Queue()
     filled_q: queue.Queue = queue.Queue()
-    stop, errors, files = threading.Event(), [], _Files()
+    stop, errors, files = threading.Event(), [], Files()
     bar = None
     if progress:
         from tqdm import tqdm

@@ -1,15 +1,22 @@
 """Running a merge plan: streamed from checkpoint directories (`merge`, `ftjax merge CONFIG --out OUT`) or over
-pytrees already in memory (`merge_params`). Both run the same Tasks with the same kernels, so they give the same
-bits; the streaming one never holds a tensor (statistics come from extra passes, memory is the engine's buffers).
+pytrees already in memory (`merge_params`). Both run the same Tasks with the same kernels (`_run_task` on whole
+tensors), so they give the same bits.
+
+Streaming, a tensor whose method needs statistics (slerp's angle, model_stock's cosines, TIES' top-k, ...: all of
+them are per tensor) is read once when its inputs fit in `ONE_PASS_BYTES` as float32: held whole, its statistics
+and output computed in memory (`_Held`); a bigger one is never held: its statistics come from extra streamed passes
+over it, memory is the engine's buffers. Both paths give the same bits.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,11 +47,14 @@ from ftjax.merge.plan import (
     write_kernel,
 )
 from ftjax.engine.outputs import Finish, Output, provenance, write_checkpoint
-from ftjax.engine.streaming import Job, Source, row_elems, stream
+from ftjax.engine.streaming import Files, Job, Source, aligned, row_elems, rows_of, stream
 from ftjax.engine.plan import Report
 
 RECORD = "ftjax_merge.json"
 DEFAULT_SEED = 0
+ONE_PASS_BYTES = 256 << 20  # bytes: a tensor with statistics is read once, held, when its inputs' rows take at most
+#                             this as float32 (all inputs together; the kernels' temporaries add a few times that)
+HELD_WORKERS = 2  # threads computing held tensors ahead of the write (each holds one tensor's inputs)
 
 
 def _inputs(config: MergeConfig, layouts: dict[str, Layout], keys: dict[str, str]) -> Inputs:
@@ -146,8 +156,8 @@ def _open(config: MergeConfig) -> tuple[dict[str, HFCheckpoint], dict[str, str]]
     return handles, delta_keys
 
 
-def _run_stages(tasks: list[Task], source: Any, progress: bool) -> None:
-    """Every statistics pass, in order, streamed over the tasks that need it."""
+def _run_stages(tasks: list[Task], source: Any, progress: bool, report: Report) -> None:
+    """Every statistics pass, in order, streamed over the tasks that need it; report.bytes_read counts the reads."""
     by_name = {t.name: t for t in tasks}
     for stage in STAGES:
         todo = [t for t in tasks if stage in t.stages]
@@ -160,18 +170,104 @@ def _run_stages(tasks: list[Task], source: Any, progress: bool) -> None:
             shape = (t.rows,) + t.out.shape[1:] if t.out.shape else ()
             jobs.append(Job(TensorInfo(t.name, np.dtype(np.float32), shape), tuple(source(r) for r in t.refs),
                             kernel, args, rows=t.rows))
-        stream(jobs, lambda job, outs, stage=stage: stage_add(by_name[job.name], stage, outs),
-               Report("merge", None, {}), progress,
+        part = Report("merge", None, {})
+        stream(jobs, lambda job, outs, stage=stage: stage_add(by_name[job.name], stage, outs), part, progress,
                chunk_elems=outputs.CHUNK_ELEMS, desc=f"ftjax merge ({stage})")
+        report.bytes_read += part.bytes_read
         for t in todo:
             stage_finish(t, stage)
 
 
-def _jobs(tasks: list[Task], source: Any) -> list[Job]:
+def one_pass(task: Task, budget: int) -> bool:
+    """Whether `task` is read once and held (`_Held`): it has statistics passes, no rows from a second source, and
+    its inputs' kernel rows take at most `budget` bytes as float32. Per-column Gram sums (nuslerp_row_wise) are
+    float64 sums of row blocks, whose bits depend on the blocks: those tensors stay streamed."""
+    n_el = task.rows * row_elems(task.out.shape) if task.out.shape else 1
+    per_col = task.kind == "comb" and task.spec.per_col
+    return bool(task.stages) and task.kind != "copy" and task.rest is None and not per_col and \
+        4 * n_el * len(task.refs) <= budget
+
+
+class _Held:
+    """A computed Reader (`ftjax.engine.streaming.Reader`) of the outputs of one-pass tasks: each output reads each
+    of its inputs once (pread into reused buffers), runs its statistics and write on those arrays (`_run_task`, in
+    blocks of the engine's CHUNK_ELEMS elements, as the streamed passes run them) and is held until its last row is
+    served (the engine asks in order, one tensor at a time). HELD_WORKERS threads compute the next held tensors (in
+    task order) while the engine writes the current one; `close()` ends them."""
+
+    def __init__(self, tasks: Sequence[Task], source: Any):
+        self.tasks = {t.name: t for t in tasks}
+        self.source = source
+        self.order = [t.name for t in tasks]
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.pending: dict[str, concurrent.futures.Future] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(HELD_WORKERS, thread_name_prefix="ftjax-merge-held")
+        self.local = threading.local()
+        self.name: str | None = None
+        self.out: np.ndarray | None = None
+        self.files: list[Files] = []  # per worker: pread into buffers it reuses for every tensor (no page faults
+        #                               of mmap or of fresh memory)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tasks[name].out
+
+    def file_of(self, name: str) -> Any:
+        src = self.source(self.tasks[name].refs[0])
+        return src.reader.file_of(src.name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.rows(name, 0, rows_of(self.tasks[name].out.shape))[0]
+
+    def _compute(self, name: str) -> tuple[np.ndarray, int]:
+        """Output `name` (its first t.rows rows, the output dtype) and the bytes of its inputs."""
+        t = self.tasks[name]
+        arrays, nbytes = [], 0
+        if not hasattr(self.local, "buffers"):
+            self.local.buffers, self.local.files = [], Files()
+            self.files.append(self.local.files)
+        buffers, files = self.local.buffers, self.local.files
+        for i, src in enumerate(map(self.source, t.refs)):
+            info = src.reader.info(src.name)
+            shape = (t.rows,) + tuple(info.shape[1:]) if info.shape else ()
+            size = t.rows * row_elems(info.shape) * info.dtype.itemsize
+            if i == len(buffers):
+                buffers.append(aligned(0))
+            if buffers[i].size < size:
+                buffers[i] = aligned(size)
+            a = buffers[i][:size].view(info.dtype)
+            nbytes += files.read(src, 0, t.rows, a)
+            arrays.append(a.reshape(shape))
+        return np.asarray(_run_task(t, arrays, max(1, outputs.CHUNK_ELEMS // row_elems(t.out.shape)))), nbytes
+
+    def rows(self, name: str, r0: int, r1: int) -> tuple[np.ndarray, int]:
+        """Rows [r0, r1) of output `name`, and the bytes read from disk for them (all of its inputs' at r0 = 0)."""
+        nbytes = 0
+        if self.name != name:
+            self.name, self.out = None, None  # the previous tensor's output is released first
+            future = self.pending.pop(name, None) or self.pool.submit(self._compute, name)
+            for nxt in self.order[self.index[name] + 1: self.index[name] + 1 + HELD_WORKERS]:
+                if nxt not in self.pending:
+                    self.pending[nxt] = self.pool.submit(self._compute, nxt)
+            self.out, nbytes = future.result()
+            self.name = name
+        block = self.out[r0:r1] if self.out.ndim else self.out
+        if r1 >= rows_of(self.tasks[name].out.shape):
+            self.name, self.out = None, None
+        return block, nbytes
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+        for files in self.files:
+            files.close()
+
+
+def _jobs(tasks: list[Task], source: Any, held: _Held | None = None) -> list[Job]:
     jobs = []
     for t in tasks:
-        kernel, args = write_kernel(t)
-        srcs = tuple(source(r) for r in t.refs)
+        kernel, args = (None, ()) if held is not None and t.name in held.tasks else write_kernel(t)
+        srcs = (Source(held, t.name),) if held is not None and t.name in held.tasks else \
+            tuple(source(r) for r in t.refs)
         if kernel is None:
             jobs.append(Job(t.out, srcs[:1]))
         else:
@@ -182,9 +278,12 @@ def _jobs(tasks: list[Task], source: Any) -> list[Job]:
 
 def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFAULT_SEED, overwrite: bool = False,
           dry_run: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-          progress: bool = True) -> Report:
+          progress: bool = True, one_pass_bytes: int = ONE_PASS_BYTES) -> Report:
     """Merge the models of a mergekit config (a YAML file, its text, or a parsed MergeConfig) into `out` (a Hugging
-    Face checkpoint, atomic, with `ftjax_merge.json`). seed: of DARE / DELLA masks (recorded)."""
+    Face checkpoint, atomic, with `ftjax_merge.json`). seed: of DARE / DELLA masks (recorded). one_pass_bytes: a
+    tensor with statistics whose inputs take at most this many bytes as float32 is read once and held (0: every
+    such tensor streamed in two or more passes; the output bits are the same). The report's bytes_read counts every
+    pass's reads."""
     t0 = time.perf_counter()
     config = load(config)[0] if not isinstance(config, MergeConfig) else config
     refs = _references(config)
@@ -192,11 +291,11 @@ def merge(config: str | Path | MergeConfig, out: str | Path, *, seed: int = DEFA
     check_output(out, overwrite=overwrite, inputs=paths)  # before any adapter is merged
     with adapters_merged(config, out, dry_run=dry_run, progress=progress) as (merged, written):
         return _merge(merged, out, seed=seed, overwrite=overwrite, dry_run=dry_run, max_shard_bytes=max_shard_bytes,
-                      progress=progress, t0=t0, names=written)
+                      progress=progress, t0=t0, names=written, one_pass_bytes=one_pass_bytes)
 
 
 def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, dry_run: bool, max_shard_bytes: int,
-           progress: bool, t0: float, names: Mapping[str, str]) -> Report:
+           progress: bool, t0: float, names: Mapping[str, str], one_pass_bytes: int = ONE_PASS_BYTES) -> Report:
     """`merge` on a config whose BASE+ADAPTER references are merged; names: such a model's directory -> the reference
     (what the report and provenance record)."""
     handles, delta_keys = _open(config)
@@ -217,18 +316,22 @@ def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, 
     if dry_run:
         return report
     source = lambda ref: Source(handles[ref[0]], ref[1])
-    _run_stages(tasks, source, progress)
-    jobs = _jobs(tasks, source)
-    record = provenance("merge", report.inputs, cfg, method=config.method.name, seed=seed, merge_config=config.text,
-                        formula=config.method.formula,
-                        numerics="float32 error-free arithmetic, one rounding to the output dtype; 'dtype' in the "
-                                 "config sets only the output dtype")
-    tok = handles[inputs.tokenizer]
-    edit = None if config.chat_template is None else functools.partial(_set_chat_template, config=config,
-                                                                        handles=handles)
-    finish = Finish(cfg, tok.path, RECORD, record, ("ftjax_transfer.json", "ftjax_diff.json", RECORD), edit)
-    write_checkpoint(Output(out, tuple(h.path for h in handles.values()), overwrite, max_shard_bytes, progress),
-                     jobs, report, finish, t0=t0)
+    held = _Held([t for t in tasks if one_pass(t, one_pass_bytes)], source)
+    try:
+        _run_stages([t for t in tasks if t.name not in held.tasks], source, progress, report)
+        jobs = _jobs(tasks, source, held)
+        record = provenance("merge", report.inputs, cfg, method=config.method.name, seed=seed, merge_config=config.text,
+                            formula=config.method.formula,
+                            numerics="float32 error-free arithmetic, one rounding to the output dtype; 'dtype' in the "
+                                     "config sets only the output dtype")
+        tok = handles[inputs.tokenizer]
+        edit = None if config.chat_template is None else functools.partial(_set_chat_template, config=config,
+                                                                            handles=handles)
+        finish = Finish(cfg, tok.path, RECORD, record, ("ftjax_transfer.json", "ftjax_diff.json", RECORD), edit)
+        write_checkpoint(Output(out, tuple(h.path for h in handles.values()), overwrite, max_shard_bytes, progress),
+                         jobs, report, finish, t0=t0)
+    finally:
+        held.close()
     return report
 
 
@@ -281,17 +384,17 @@ def _set_chat_template(out: Path, *, config: MergeConfig, handles: Mapping[str, 
 
 
 @functools.lru_cache(maxsize=256)
-def _jit(fn: Any, static: tuple, positional: bool) -> Any:
-    def run(*a):
-        return fn(*a, *((jnp.uint32(0), jnp.uint32(0)) if positional else ()), *static)
-
-    return jax.jit(run)
+def _jit(fn: Any, static: tuple) -> Any:
+    return jax.jit(lambda *a: fn(*a, *static))
 
 
-def _call(kernel, args, arrays: Sequence[jax.Array], rows: int) -> tuple:
-    """A kernel on whole tensors: flat inputs over `rows` rows."""
-    flat = [x[:rows].reshape(-1) if x.ndim else x.reshape(1) for x in arrays]
-    outs = _jit(kernel.fn, kernel.static, kernel.positional)(*flat, *args)
+def _call(kernel, args, arrays: Sequence[jax.Array], r0: int, r1: int, row: int) -> tuple:
+    """A kernel on rows [r0, r1) of whole tensors (`row` elements each) as flat inputs; a positional kernel gets
+    the block's first element index, as the streaming engine gives it."""
+    flat = [x[r0:r1].reshape(-1) if x.ndim else x.reshape(1) for x in arrays]
+    first = r0 * row
+    words = (np.uint32(first >> 32), np.uint32(first & 0xFFFFFFFF)) if kernel.positional else ()
+    outs = _jit(kernel.fn, kernel.static)(*flat, *args, *words)
     return outs if isinstance(outs, tuple) else (outs,)
 
 
@@ -374,27 +477,37 @@ def _run_in_memory(config: MergeConfig, trees: dict[str, dict], delta_refs: dict
     layouts = {k: Layout.of_tree(t) for k, t in trees.items()}
     inputs = _inputs(config, layouts, delta_refs)
     tasks = plan_tensors(config, inputs, seed=seed)
-    arrays = lambda t: [trees[k][n] for k, n in t.refs]
-    for stage in STAGES:
-        for t in (t for t in tasks if stage in t.stages):
-            stage_start(t, stage)
-            kernel, args = stage_kernel(t, stage)
-            stage_add(t, stage, tuple(np.asarray(o) for o in _call(kernel, args, arrays(t), t.rows)))
-            stage_finish(t, stage)
     out = {}
     for t in tasks:
-        kernel, args = write_kernel(t)
-        if kernel is None:
-            out[t.name] = _placed(jnp.asarray(trees[t.refs[0][0]][t.refs[0][1]]).astype(t.out.dtype),
-                                  trees[t.refs[0][0]][t.refs[0][1]])
+        like = trees[t.refs[0][0]][t.refs[0][1]]
+        if t.kind == "copy":
+            out[t.name] = _placed(jnp.asarray(like).astype(t.out.dtype), like)
             continue
-        y = _call(kernel, args, arrays(t), t.rows)[0]
-        y = y[: t.rows * row_elems(t.out.shape)].reshape((t.rows,) + t.out.shape[1:]) if t.out.shape else y[0]
+        y = _run_task(t, [trees[k][n] for k, n in t.refs])
         if t.rest is not None:
             extra = jnp.asarray(trees[t.rest[0]][t.rest[1]])[t.rows: t.out.shape[0]].astype(t.out.dtype)
             y = jnp.concatenate([y, extra])
-        out[t.name] = _placed(y, trees[t.refs[0][0]][t.refs[0][1]])
+        out[t.name] = _placed(y, like)
     return out
+
+
+def _run_task(t: Task, arrays: Sequence[Any], step: int = 0) -> Any:
+    """Every statistics pass of `t`, then its write, on whole tensors (its inputs in `t.refs` order, at least
+    `t.rows` rows each), `step` rows per kernel call (0: all at once): the output's first `t.rows` rows, shape
+    (t.rows, *t.out.shape[1:]) (a scalar: shape ()); a jax array for step 0, else numpy."""
+    row = row_elems(t.out.shape)
+    blocks = [(a, min(a + step, t.rows)) for a in range(0, t.rows, step)] if step else [(0, t.rows)]
+    for stage in STAGES:
+        if stage in t.stages:
+            stage_start(t, stage)
+            kernel, args = stage_kernel(t, stage)
+            for r0, r1 in blocks:
+                stage_add(t, stage, tuple(np.asarray(o) for o in _call(kernel, args, arrays, r0, r1, row)))
+            stage_finish(t, stage)
+    kernel, args = write_kernel(t)
+    ys = [_call(kernel, args, arrays, r0, r1, row)[0][: (r1 - r0) * row] for r0, r1 in blocks]
+    y = ys[0] if not step else np.concatenate([np.asarray(y) for y in ys])
+    return y.reshape((t.rows,) + t.out.shape[1:]) if t.out.shape else y[0]
 
 
 def _placed(y: jax.Array, like: Any) -> jax.Array:
