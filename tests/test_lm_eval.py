@@ -43,6 +43,17 @@ def _instances(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0, metadata=("t", i, 1)) for i, a in enumerate(args)]
 
 
+def _assert_scores_match(ours, hf):
+    """Log-likelihoods (with is_greedy) and rolling log-likelihoods of a few requests equal the hf backend's."""
+    pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
+    got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    texts = [(LONG_TEXT,), ("the answer is one",)]
+    got, expected = (lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts)) for lm in (ours, hf))
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
 def _greedy_word(hf, context):
     """The hf backend's greedy next word after `context` (so one request is greedy for sure)."""
     return hf.generate_until(_instances("generate_until", [(context, {"until": ["\n"], "max_gen_toks": 1})]))[0]
@@ -123,13 +134,7 @@ def test_bos_and_prefix_options_match_hf(model_dir, options):
     assert ours.prefix_token_id == hf.prefix_token_id
     for text in ("the answer is one", "an answer is one"):  # "an" is token 5: no BOS before a prefix token text
         assert ours.tok_encode(text) == hf.tok_encode(text), text
-    pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
-    got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
-    assert [g for _, g in got] == [g for _, g in expected]
-    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
-    texts = [(LONG_TEXT,), ("the answer is one",)]
-    got, expected = (lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts)) for lm in (ours, hf))
-    assert got == pytest.approx(expected, abs=1e-4)
+    _assert_scores_match(ours, hf)
     requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6})]
     got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
     assert got == expected
@@ -385,13 +390,7 @@ def test_other_families_match_hf(tmp_path, family):
     if family in QWEN_FAMILIES:  # no BOS: an empty context and each rolling window start from end-of-text
         assert hf.tokenizer.bos_token_id is None and ours.prefix_token_id == QWEN2_EOT
     assert ours.tok_encode(LONG_TEXT) == hf.tok_encode(LONG_TEXT)
-    pairs = [("the answer is", " one"), ("", "two three"), (LONG_TEXT, " five six")]
-    got, expected = (lm.loglikelihood(_instances("loglikelihood", pairs)) for lm in (ours, hf))
-    assert [g for _, g in got] == [g for _, g in expected]
-    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
-    texts = [(LONG_TEXT,), ("the answer is one",)]
-    got, expected = (lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts)) for lm in (ours, hf))
-    assert got == pytest.approx(expected, abs=1e-4)
+    _assert_scores_match(ours, hf)
     requests = [("one plus one equals", {"until": ["\n"], "max_gen_toks": 6}), ("it was", {"max_gen_toks": 4})]
     got, expected = (lm.generate_until(_instances("generate_until", requests)) for lm in (ours, hf))
     assert got == expected and any(text.strip() for text in expected)  # some text is generated
