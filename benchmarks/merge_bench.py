@@ -8,9 +8,9 @@ ft_s (base + N(0, 1e-3)) and base_t (an independent random model). Methods, each
 tools (bf16, mergekit's default flags): ties (density 0.5), dare_ties (density 0.5), task_arithmetic, slerp
 (t 0.5), model_stock (`--methods` picks a subset). Every run is a subprocess; rows interleave so background load
 hits all alike. Peak anonymous RSS sampled as in transfer_bench. I/O floor: read the three inputs once, write one
-output, fsync. Passes: ties reads its inputs three times (two radix-select passes, the write), slerp twice (a
-Gram pass, the write); task_arithmetic once (dare_ties twice: its L1 rescale needs the norms of the kept and the
-whole deltas first), model_stock twice (a Gram pass for the cosines, the write).
+output, fsync. Passes: the bytes ftjax read (its record's `bytes_read`) over the inputs' size: 1 for one read of
+each input; a statistics pass (ties' radix select, slerp's and model_stock's Gram, dare's L1 norms) reads a tensor
+again unless its float32 inputs fit in ftjax.merge.run.ONE_PASS_BYTES, when it is read once and held.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer_bench import FULL, IO_FLOOR, SMALL, make_models, timed, versions
 
 METHODS = {
-    "ties": ({"weight": 0.5, "density": 0.5}, {}, 3),
-    "dare_ties": ({"weight": 0.5, "density": 0.5}, {}, 2),
-    "task_arithmetic": ({"weight": 0.5}, {}, 1),
-    "slerp": (None, {"t": 0.5}, 2),
-    "model_stock": (None, {}, 2),
+    "ties": ({"weight": 0.5, "density": 0.5}, {}),
+    "dare_ties": ({"weight": 0.5, "density": 0.5}, {}),
+    "task_arithmetic": ({"weight": 0.5}, {}),
+    "slerp": (None, {"t": 0.5}),
+    "model_stock": (None, {}),
 }
 
 
 def config(method: str, base: str, models: list[str]) -> dict:
-    per, top, _ = METHODS[method]
+    per, top = METHODS[method]
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": base, "models": [{"model": models[0]}], "parameters": top,
                 "dtype": "bfloat16"}
@@ -83,12 +83,16 @@ def main() -> None:
         if args.mergekit_yaml:
             runs[f"mergekit {method}"] = [args.mergekit_yaml, str(y), str(out)]
     res: dict[str, list] = {k: [] for k in runs}
+    passes: dict[str, float] = {}
     for _ in range(args.repeats):
         for label, cmd in runs.items():
             shutil.rmtree(out, ignore_errors=True)
             (root / "floor.bin").unlink(missing_ok=True)
             subprocess.run(["sync"])
             res[label].append(timed(cmd, env))
+            if label.startswith("ftjax "):  # what it read, from its record
+                record = json.loads((out / "ftjax_merge.json").read_text())
+                passes[label] = record["report"]["bytes_read"] / in_bytes
             print(f"  {label}: {res[label][-1][0]:.1f} s, {res[label][-1][2]:.0f} MB", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     (root / "floor.bin").unlink(missing_ok=True)
@@ -100,12 +104,11 @@ def main() -> None:
           "| passes | ftjax peak anon RSS MB | mergekit peak anon RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for method in methods:
-        passes = METHODS[method][2]
         fj, mk = f"ftjax {method}", f"mergekit {method}"
         mk_s = f"{med[mk]:.1f} (+{medw[mk] - med[mk]:.1f})" if mk in med else "-"
         ratio = f"{medw[mk] / med[fj]:.1f}x" if mk in med else "-"
         mk_rss = f"{max(r[2] for r in res[mk]):.0f}" if mk in res else "-"
-        print(f"| {method} | {med[fj]:.1f} | {mk_s} | {ratio} | {med[fj] / floor:.2f} | {passes} "
+        print(f"| {method} | {med[fj]:.1f} | {mk_s} | {ratio} | {med[fj] / floor:.2f} | {passes[fj]:.2f} "
               f"| {max(r[2] for r in res[fj]):.0f} | {mk_rss} |")
     print(f"\nI/O floor {floor:.1f} s; {time.strftime('%Y-%m-%d')}; versions: {versions(args.mergekit_yaml)}")
 

@@ -28,14 +28,26 @@ from ftjax.merge import kernels as K
 # --- kernels (the engine calls fn(*inputs, *args, [index words,] *static); static = (spec,)) ---------------------
 
 
+LANES = 256  # row sums add blocks of this many elements as vectors (RESULTS.md: 3-6x the speed of one flat tree)
+
+
 def row_sums(x: jax.Array, width: int) -> jax.Array:
     """Sums of consecutive rows of `width` elements of flat x (length a multiple of width; or [k, n]: k such
-    vectors at once), each in a fixed pairwise order of elementwise adds (rows zero-padded to a power of two): the
-    same bits for any chunking or device."""
+    vectors at once), each in a fixed order of elementwise adds that depends on `width` only, so the same bits for
+    any chunking or device: a row is cut into blocks of LANES elements (zero-padded), the blocks are added pairwise
+    as vectors (an odd block out carried to the next level), then the LANES sums pairwise. Error: ~log2(width)
+    roundings, as one pairwise tree."""
     r = x.reshape(x.shape[:-1] + (-1, width))
-    p = pow2_bucket(width)
-    if p != width:
-        r = jnp.pad(r, [(0, 0)] * (r.ndim - 1) + [(0, p - width)])
+    lanes = min(LANES, pow2_bucket(width))
+    padded = -(-width // lanes) * lanes
+    if padded != width:
+        r = jnp.pad(r, [(0, 0)] * (r.ndim - 1) + [(0, padded - width)])
+    r = r.reshape(r.shape[:-1] + (padded // lanes, lanes))
+    while r.shape[-2] > 1:
+        n, h = r.shape[-2], r.shape[-2] // 2
+        top = r[..., :h, :] + r[..., h: 2 * h, :]
+        r = jnp.concatenate([top, r[..., 2 * h:, :]], axis=-2) if n % 2 else top
+    r = r[..., 0, :]
     while r.shape[-1] > 1:
         h = r.shape[-1] // 2
         r = r[..., :h] + r[..., h:]
@@ -92,8 +104,8 @@ def gram_fn(*a):
     prods = [vs[i] * vs[j] for i, j in pairs(n)]
     if per_element:
         return tuple(prods)
-    sums = row_sums(jnp.stack(prods), width)  # one reduction (see l1_fn)
-    return tuple(sums[k] for k in range(len(prods)))
+    return tuple(row_sums(p, width) for p in prods)  # one reduction each: products are cheap to recompute, and
+    #                                                   XLA:CPU vectorises a lone tree better than a stacked one
 
 
 def pairs(n: int) -> list[tuple[int, int]]:
