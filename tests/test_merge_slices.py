@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import merge_reference as R
 import ml_dtypes
 import numpy as np
 import pytest
-from hf_models import checkpoint_tensors, make_hf_model, write_yaml
+from hf_models import checkpoint_tensors, make_hf_model, make_tokenizer, write_yaml
 from reference import bits, round_f64
 
 from ftjax.cli import main
@@ -202,15 +203,20 @@ def _per_slice_bases(a: Path, ta: Path, **slice1) -> dict:
 
 def test_a_base_model_per_slice_is_the_base_of_its_layers_as_in_mergekit(deep, tmp_path):
     """mergekit's rule: slice i's layers are merged against slice i's base_model, the embeddings against slices[0]'s,
-    the final norm and head against slices[-1]'s; the output takes the first slice's base's config and names (A:
-    untied, with its own lm_head), though TA is that slice's first source. Dyadic weights: float64 is exact, so the
-    output is the reference rounded once, bit for bit."""
-    a, ta = deep["a"], deep["ta"]
+    the final norm and head against slices[-1]'s; the output takes the first slice's base's config, names (A:
+    untied, with its own lm_head) and tokenizer, though TA is that slice's first source. Dyadic weights: float64 is
+    exact, so the output is the reference rounded once, bit for bit."""
+    a, ta = tmp_path / "A", tmp_path / "TA"
+    for src, dst in ((deep["a"], a), (deep["ta"], ta)):  # copies with tokenizers that tell them apart
+        shutil.copytree(src, dst)
+        make_tokenizer(dst, chat_template=f"{dst.name}: {{{{ messages }}}}")
     merge(write_yaml(tmp_path, _per_slice_bases(a, ta)), tmp_path / "out", progress=False)
     out, xa, xt = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(a), checkpoint_tensors(ta)
     assert sorted(out) == sorted(xa)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 and not cfg.get("tie_word_embeddings")
+    tok = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tok["chat_template"].startswith("A: "), tok["chat_template"]
     emb = "model.embed_tokens.weight"
     want = {}
     for i in range(2):  # slice 0: base A, TA's layer 1 + i with weight 0.75
