@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import merge_reference as R
 import ml_dtypes
 import numpy as np
 import pytest
-from hf_models import checkpoint_tensors, make_hf_model, write_yaml
+from hf_models import checkpoint_tensors, make_hf_model, make_tokenizer, write_yaml
 from reference import bits, round_f64
 
 from ftjax.cli import main
@@ -186,6 +187,89 @@ def test_slerp_slices_with_a_t_gradient_equal_the_per_layer_reference(deep, tmp_
     check(out["lm_head.weight"], ta["lm_head.weight"], tb[emb], grad[0], "lm_head")
 
 
+# --- a base model per slice, residual_weight ------------------------------------------------------------------------
+
+
+def _per_slice_bases(a: Path, ta: Path, **slice1) -> dict:
+    """task_arithmetic over two slices, no top-level base: slice 0 (TA listed first) merged against A, slice 1
+    against TA; `slice1`: more keys of slice 1 (residual_weight)."""
+    return {"merge_method": "task_arithmetic", "slices": [
+        {"base_model": str(a), "sources": [{"model": str(ta), "layer_range": [1, 3], "parameters": {"weight": 0.75}},
+                                           {"model": str(a), "layer_range": [0, 2]}]},
+        {"base_model": str(ta), **slice1, "sources": [
+            {"model": str(a), "layer_range": [2, 4], "parameters": {"weight": [0.5, -0.25]}},
+            {"model": str(ta), "layer_range": [0, 2]}]}]}
+
+
+def test_a_base_model_per_slice_is_the_base_of_its_layers_as_in_mergekit(deep, tmp_path):
+    """mergekit's rule: slice i's layers are merged against slice i's base_model, the embeddings against slices[0]'s,
+    the final norm and head against slices[-1]'s; the output takes the first slice's base's config, names (A:
+    untied, with its own lm_head) and tokenizer, though TA is that slice's first source. Dyadic weights: float64 is
+    exact, so the output is the reference rounded once, bit for bit."""
+    a, ta = tmp_path / "A", tmp_path / "TA"
+    for src, dst in ((deep["a"], a), (deep["ta"], ta)):  # copies with tokenizers that tell them apart
+        shutil.copytree(src, dst)
+        make_tokenizer(dst, chat_template=f"{dst.name}: {{{{ messages }}}}")
+    merge(write_yaml(tmp_path, _per_slice_bases(a, ta)), tmp_path / "out", progress=False)
+    out, xa, xt = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(a), checkpoint_tensors(ta)
+    assert sorted(out) == sorted(xa)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4 and not cfg.get("tie_word_embeddings")
+    tok = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tok["chat_template"].startswith("A: "), tok["chat_template"]
+    emb = "model.embed_tokens.weight"
+    want = {}
+    for i in range(2):  # slice 0: base A, TA's layer 1 + i with weight 0.75
+        for k, x in _layer(xa, i).items():
+            want[f"model.layers.{i}.{k}"] = R.task_arithmetic(x, [_layer(xt, 1 + i)[k]], [0.75])
+    for i, w in enumerate([0.5, -0.25]):  # slice 1: base TA, A's layer 2 + i, the weight gradient over 2 layers
+        for k, x in _layer(xt, i).items():
+            want[f"model.layers.{2 + i}.{k}"] = R.task_arithmetic(x, [_layer(xa, 2 + i)[k]], [w])
+    want[emb] = R.task_arithmetic(xa[emb], [xt[emb]], [0.75])  # slices[0]'s base and weight at t = 0
+    want["model.norm.weight"] = R.task_arithmetic(xt["model.norm.weight"], [xa["model.norm.weight"]], [0.5])
+    want["lm_head.weight"] = R.task_arithmetic(xt[emb], [xa["lm_head.weight"]], [0.5])  # TA's tied head: its embedding
+    assert sorted(want) == sorted(out)
+    for n, x in out.items():
+        np.testing.assert_array_equal(bits(x), bits(round_f64(want[n], BF16)), err_msg=n)
+
+
+def test_residual_weight_is_accepted_warned_about_and_changes_nothing(deep, tmp_path, capsys):
+    """mergekit declares residual_weight on a slice and never reads it: the output is bit-identical to the config
+    without it, and the merge's report says so in one warning line."""
+    a, ta = deep["a"], deep["ta"]
+    merge(write_yaml(tmp_path, _per_slice_bases(a, ta), "plain.yml"), tmp_path / "plain", progress=False)
+    cfg = write_yaml(tmp_path, _per_slice_bases(a, ta, residual_weight=0.3), "rw.yml")
+    capsys.readouterr()
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "rw")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("warning: ")
+             and "residual_weight" in ln]
+    assert len(lines) == 1 and "slices[1]: residual_weight 0.3 ignored" in lines[0], lines
+    assert "never applies" in lines[0] and "ignores it" in lines[0], lines
+    want, got = checkpoint_tensors(tmp_path / "plain"), checkpoint_tensors(tmp_path / "rw")
+    assert sorted(got) == sorted(want)
+    for n, x in want.items():
+        np.testing.assert_array_equal(bits(got[n]), bits(x), err_msg=n)
+
+
+def test_merge_params_takes_a_base_model_per_slice(deep, tmp_path):
+    """merge_params with slices naming their base by model index (and a residual_weight) gives the streamed
+    command's tensors bit for bit."""
+    from ftjax.merge import merge_params
+    from ftjax.params import flatten, load_params
+
+    a, ta = deep["a"], deep["ta"]
+    merge(write_yaml(tmp_path, _per_slice_bases(a, ta)), tmp_path / "out", progress=False)
+    want = checkpoint_tensors(tmp_path / "out")
+    index = {str(a): 0, str(ta): 1}
+    slices = [{**sl, "base_model": index[sl["base_model"]],
+               "sources": [{**src, "model": index[src["model"]]} for src in sl["sources"]]}
+              for sl in _per_slice_bases(a, ta, residual_weight=0.3)["slices"]]
+    got = flatten(merge_params("task_arithmetic", None, [load_params(p)[1] for p in (a, ta)], slices=slices))
+    assert sorted(got) == sorted(want)
+    for n, x in want.items():
+        np.testing.assert_array_equal(bits(np.asarray(got[n])), bits(x), err_msg=n)
+
+
 # --- bad configs --------------------------------------------------------------------------------------------------
 
 BAD = [
@@ -210,8 +294,13 @@ BAD = [
     ("merge_method: passthrough\nslices: []\n", "slices must be a non-empty list"),
     ("merge_method: task_arithmetic\nbase_model: A\nslices:\n  - sources: [{model: A, layer_range: [0, 2]}, "
      "{model: B, layer_range: [0, 2], delta_base: A, parameters: {weight: 1}}]\n", "delta_base is not supported in slices"),
-    ("merge_method: slerp\nbase_model: A\nparameters: {t: 0.5}\nslices:\n  - base_model: B\n    sources: [{model: A, "
-     "layer_range: [0, 2]}, {model: B, layer_range: [0, 2]}]\n", "a base_model per slice is not supported"),
+    ("merge_method: task_arithmetic\nslices:\n  - base_model: A\n    sources: [{model: A, layer_range: [0, 2]}]\n"
+     "  - base_model: B\n    sources: [{model: A, layer_range: [2, 4], parameters: {weight: 1}}]\n",
+     r"slices\[1\]: its base_model .*b is not one of its sources; list it with its layer_range"),
+    ("merge_method: passthrough\nslices:\n  - base_model: A\n    sources: [{model: A, layer_range: [0, 2]}]\n",
+     r"slices\[0\]: passthrough takes no base_model"),
+    ("merge_method: passthrough\nslices:\n  - residual_weight: half\n    sources: [{model: A, layer_range: [0, 2]}]\n",
+     r"slices\[0\]: residual_weight must be a number, got 'half'"),
 ]
 
 

@@ -2,7 +2,10 @@
 
 Schema (mergekit's): `merge_method`, `base_model`, `models: [{model, parameters}]` or `slices: [{sources: [{model,
 layer_range: [a, b], parameters}], parameters}]` (layers a..b-1 of each source; the sources of one slice have ranges of
-one length and are merged layer by layer; the slices are stacked, their layers renumbered from 0),
+one length and are merged layer by layer; the slices are stacked, their layers renumbered from 0; a slice's own
+`base_model`, one of its sources, is the base of its layers, slices[0]'s of the embeddings and slices[-1]'s of the norm
+and head, as in mergekit; `residual_weight`, which mergekit reads but never applies, is accepted and ignored with a
+warning),
 top-level `parameters`, `dtype`, `out_dtype`, `tokenizer_source` / `tokenizer: {source}`, `chat_template`. ftjax adds
 `delta_base` to a model entry: that model's delta is `model - delta_base` (mergekit has one base for every delta).
 
@@ -51,11 +54,13 @@ class ModelEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """One output slice: layers [start, end) of each source (equal lengths), merged layer by layer, and the slice's
-    own parameter settings (between its sources' and the top-level ones)."""
+    """One output slice: layers [start, end) of each source (equal lengths), merged layer by layer, the slice's
+    own parameter settings (between its sources' and the top-level ones) and its base model: the slice's own
+    `base_model`, else the top-level one (mergekit's ConfigReader.base_model)."""
 
     sources: tuple[tuple[ModelEntry, int, int], ...]
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    base_model: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -76,6 +81,7 @@ class MergeConfig:
     slices: tuple[Slice, ...] = ()  # the slices form (empty: the models form)
     slice_parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # of the slice being planned
     module_parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # `modules: {default: ...}`'s
+    warnings: tuple[str, ...] = ()  # what the config sets that has no effect (printed with the merge's report)
 
     @property
     def output_dtype(self) -> str | None:
@@ -154,9 +160,10 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
     if ("models" in data) == ("slices" in data):
         raise FtjaxError(f"{source}: give exactly one of 'models' and 'slices'")
     base = _ref(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
-    slices = _slices(data, source, m, base) if "slices" in data else ()
+    warnings: list[str] = []
+    slices = _slices(data, source, m, base, warnings) if "slices" in data else ()
     entries = _models(data, source, m) if not slices else _distinct(slices)
-    if m.base == "required" and base is None:
+    if m.base == "required" and (base is None if not slices else any(sl.base_model is None for sl in slices)):
         raise FtjaxError(f"{source}: {m.name} needs a base_model")
     if m.base == "input" and base is not None and base not in [e.model for e in entries] and not slices:
         if "weight" in m.per_model:
@@ -165,10 +172,10 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
         entries.append(ModelEntry(base))  # mergekit appends it as one more input
     if m.base == "none" and base is not None:
         raise FtjaxError(f"{source}: {m.name} takes no base_model")
-    groups = [(source, entries)] if not slices else [(f"{source}: slices[{i}]", [e for e, _, _ in sl.sources])
-                                                     for i, sl in enumerate(slices)]
-    for where, group in groups:
-        inputs = [e for e in group if e.model != base or m.base == "input"]
+    groups = [(source, entries, base)] if not slices else [
+        (f"{source}: slices[{i}]", [e for e, _, _ in sl.sources], sl.base_model) for i, sl in enumerate(slices)]
+    for where, group, group_base in groups:
+        inputs = [e for e in group if e.model != group_base or m.base == "input"]
         if len(inputs) < m.min_models or (m.max_models is not None and len(inputs) > m.max_models):
             n = m.min_models if m.max_models is None else (m.min_models, m.max_models)
             want = f"at least {n}" if m.max_models is None else (f"exactly {n[0]}" if n[0] == n[1] else
@@ -203,7 +210,7 @@ def parse(data: Any, *, source: str = "config") -> MergeConfig:
         raise FtjaxError(f"{source}: chat_template {template!r}: give 'auto' (the inputs' most common one) or a Jinja "
                          "template (mergekit's named built-in templates are not bundled)")
     return MergeConfig(m, base, tuple(entries), globals_, data.get("dtype"), data.get("out_dtype"), tok, template,
-                       slices=slices, module_parameters=module_params)
+                       slices=slices, module_parameters=module_params, warnings=tuple(warnings))
 
 
 def _without_modules(data: dict, source: str) -> tuple[dict, Any]:
@@ -245,9 +252,10 @@ def _entry(e: Any, where: str, keys: Sequence[str], m: Method) -> ModelEntry:
     return ModelEntry(_ref(e["model"], where), delta, _params(e.get("parameters"), where, list(m.per_model), "model", m))
 
 
-def _slices(data: dict, source: str, m: Method, base: str | None) -> tuple[Slice, ...]:
-    """The slices as mergekit reads them; ranges checked here as far as the config alone allows (a range past a
-    model's layers is found when the checkpoints are read)."""
+def _slices(data: dict, source: str, m: Method, base: str | None, warnings: list[str]) -> tuple[Slice, ...]:
+    """The slices as mergekit reads them, each with its base (its own base_model, else `base`); ranges checked here
+    as far as the config alone allows (a range past a model's layers is found when the checkpoints are read); a
+    residual_weight (mergekit reads it and never applies it) appends a line to `warnings`."""
     raw = data["slices"]
     if not isinstance(raw, list) or not raw:
         raise FtjaxError(f"{source}: slices must be a non-empty list of {{sources: [...]}}")
@@ -256,9 +264,17 @@ def _slices(data: dict, source: str, m: Method, base: str | None) -> tuple[Slice
         where = f"{source}: slices[{i}]"
         if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
             raise FtjaxError(f"{where}: a slice is a mapping with a non-empty 'sources' list")
-        _unknown(list(sl), ("sources", "parameters", "base_model"), where)
-        if sl.get("base_model") is not None and _ref(sl["base_model"], f"{where}: base_model") != base:
-            raise FtjaxError(f"{where}: a base_model per slice is not supported; set base_model at the top level")
+        _unknown(list(sl), ("sources", "parameters", "base_model", "residual_weight"), where)
+        own = sl.get("base_model") is not None
+        if own and m.base == "none":
+            raise FtjaxError(f"{where}: {m.name} takes no base_model")
+        slice_base = _ref(sl["base_model"], f"{where}: base_model") if own else base
+        rw = sl.get("residual_weight")
+        if rw is not None:
+            if isinstance(rw, bool) or not isinstance(rw, (int, float)):
+                raise FtjaxError(f"{where}: residual_weight must be a number, got {rw!r}")
+            warnings.append(f"{where}: residual_weight {rw} ignored: mergekit reads it but never applies it, so "
+                            "ftjax ignores it as well (the output is mergekit's)")
         sources = []
         for j, src in enumerate(sl["sources"]):
             at = f"{where}.sources[{j}]"
@@ -279,10 +295,12 @@ def _slices(data: dict, source: str, m: Method, base: str | None) -> tuple[Slice
         if len(lengths) > 1:
             raise FtjaxError(f"{where}: the layer_ranges of one slice must have one length, got "
                              + ", ".join(f"[{a}, {b}] ({b - a}) of {e.model}" for e, a, b in sources))
-        if base is not None and m.base in ("required", "optional") and base not in [e.model for e, _, _ in sources]:
-            raise FtjaxError(f"{where}: base_model {base} is not one of its sources; list it with its layer_range")
+        if slice_base is not None and (own or m.base in ("required", "optional")) and slice_base not in [
+                e.model for e, _, _ in sources]:
+            which = "its base_model" if own else "base_model"
+            raise FtjaxError(f"{where}: {which} {slice_base} is not one of its sources; list it with its layer_range")
         params = _params(sl.get("parameters"), f"{where}: parameters", [*m.globals, *m.per_model], "top", m)
-        out.append(Slice(tuple(sources), params))
+        out.append(Slice(tuple(sources), params, slice_base))
     return tuple(out)
 
 

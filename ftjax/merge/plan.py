@@ -11,8 +11,8 @@ kernel merges the rows every input has; rows beyond them come from the tokenizer
 tensor and the models (mergekit skips such tensors with a warning). Integer tensors are the base's.
 
 A slices config is planned as mergekit plans it (`_plan_slices`): each slice is a merge of its own sources, layer by
-layer, its layers renumbered after the previous slices'; the embeddings come from the first slice's sources, the
-final norm and head from the last slice's.
+layer, against the slice's base (its own base_model, else the top-level one), its layers renumbered after the previous
+slices'; the embeddings come from the first slice's sources and base, the final norm and head from the last slice's.
 """
 
 from __future__ import annotations
@@ -111,10 +111,13 @@ def _key_of(inputs: Inputs, model: str) -> str:
 
 
 def slice_target(config: MergeConfig, inputs: Inputs) -> str:
-    """The key of the model whose config and non-layer tensor names the output of a slices merge takes: the base
-    model when it is a source of the first slice, else that slice's first source (mergekit's out_model_config)."""
+    """The key of the model whose config and non-layer tensor names the output of a slices merge takes: the first
+    slice's base when it is one of its sources, else that slice's first source. mergekit takes the top-level
+    base_model's config, else `referenced_models()[0]`, the first of a set (its order changes with PYTHONHASHSEED);
+    the first slice's base, whose embeddings the output keeps, is the deterministic choice."""
     first = [e.model for e, _, _ in config.slices[0].sources]
-    return _key_of(inputs, config.base_model if config.base_model in first else first[0])
+    base = config.slices[0].base_model
+    return _key_of(inputs, base if base in first else first[0])
 
 
 def slice_layers(config: MergeConfig, inputs: Inputs) -> list[tuple[str, int]]:
@@ -122,7 +125,7 @@ def slice_layers(config: MergeConfig, inputs: Inputs) -> list[tuple[str, int]]:
     out = []
     for sl in config.slices:
         models = [e.model for e, _, _ in sl.sources]
-        j = models.index(config.base_model) if config.base_model in models else 0
+        j = models.index(sl.base_model) if sl.base_model in models else 0
         entry, start, _ = sl.sources[j]
         out += [(_key_of(inputs, entry.model), start + i) for i in range(sl.num_layers)]
     return out
@@ -130,15 +133,15 @@ def slice_layers(config: MergeConfig, inputs: Inputs) -> list[tuple[str, int]]:
 
 def _slice_inputs(config: MergeConfig, inputs: Inputs, sl: Slice, where: str, vocab: bool
                   ) -> tuple[MergeConfig, Inputs, dict[str, int], dict[str, str]]:
-    """The slice as a merge of its own: its config (its sources as the models, its parameters), its inputs keyed
-    "base" / "m{j}" as plan_tensors keys them, each key's first layer and the key of the merge's inputs it stands for.
-    vocab: it plans the embeddings or head."""
+    """The slice as a merge of its own: its config (its sources as the models, its base, its parameters), its
+    inputs keyed "base" / "m{j}" as plan_tensors keys them, each key's first layer and the key of the merge's inputs
+    it stands for. vocab: it plans the embeddings or head."""
     entries, layouts, first, glob = {}, {}, {}, {}
     base = None
     for j, (e, start, _) in enumerate(sl.sources):
         key = _key_of(inputs, e.model)
         entries[f"m{j}"], layouts[f"m{j}"], first[f"m{j}"], glob[f"m{j}"] = e, inputs.layouts[key], start, key
-        if e.model == config.base_model and base is None:
+        if e.model == sl.base_model and base is None:
             base, layouts["base"], first["base"], glob["base"] = "base", inputs.layouts[key], start, key
     tok = "base" if base else "m0"
     if config.tokenizer_source not in (None, "base"):  # a model's vocabulary: rows beyond the common ones are its
@@ -147,7 +150,8 @@ def _slice_inputs(config: MergeConfig, inputs: Inputs, sl: Slice, where: str, vo
         if not found and vocab:
             raise FtjaxError(f"{where}: tokenizer_source {config.tokenizer_source} is not one of its sources (the "
                              "embeddings come from the first slice's sources, the head from the last's); add it there")
-    view = dataclasses.replace(config, models=tuple(entries.values()), slice_parameters=sl.parameters)
+    view = dataclasses.replace(config, base_model=sl.base_model, models=tuple(entries.values()),
+                               slice_parameters=sl.parameters)
     return view, Inputs(layouts, entries, base, {k: "base" for k in entries}, tok), first, glob
 
 

@@ -64,8 +64,10 @@ def _inputs(config: MergeConfig, layouts: dict[str, Layout], keys: dict[str, str
     for k, e in entries.items():
         deltas[k] = "base" if e.delta_base is None or e.delta_base == config.base_model else keys[e.delta_base]
     tok = config.tokenizer_source
-    if tok in (None, "base"):
-        tok_key = "base" if config.base_model else "m0"
+    if tok in (None, "base"):  # a slices merge with bases per slice only: the first slice's, which the embeddings keep
+        first_base = config.slices[0].base_model if config.slices else None
+        tok_key = "base" if config.base_model else next(
+            (k for k, e in entries.items() if e.model == first_base), "m0")
     else:
         found = [k for k, e in entries.items() if e.model == tok] + (["base"] if tok == config.base_model else [])
         if not found:
@@ -98,8 +100,8 @@ def _renamed(config: MergeConfig, new: Mapping[str, str]) -> MergeConfig:
     """The config with every model reference in `new` replaced (base, models, delta bases, slice sources, tokenizer)."""
     ref = lambda r: new.get(r, r) if r else r
     entry = lambda e: dataclasses.replace(e, model=ref(e.model), delta_base=ref(e.delta_base))
-    slices = tuple(dataclasses.replace(sl, sources=tuple((entry(e), a, b) for e, a, b in sl.sources))
-                   for sl in config.slices)
+    slices = tuple(dataclasses.replace(sl, sources=tuple((entry(e), a, b) for e, a, b in sl.sources),
+                                       base_model=ref(sl.base_model)) for sl in config.slices)
     return dataclasses.replace(config, base_model=ref(config.base_model), models=tuple(map(entry, config.models)),
                                slices=slices, tokenizer_source=ref(config.tokenizer_source))
 
@@ -301,6 +303,7 @@ def _merge(config: MergeConfig, out: str | Path, *, seed: int, overwrite: bool, 
     handles, delta_keys = _open(config)
     refs = {k: names.get(str(Path(h.path).resolve()), str(h.path)) for k, h in handles.items()}
     report = Report("merge", str(out), refs, dry_run=dry_run)
+    report.warnings += config.warnings
     out = check_output(out, overwrite=overwrite, inputs=[h.path for h in handles.values()])
     problems = P.compare_configs({k: _shape_config(h.config, config) for k, h in handles.items()}, report.warnings)
     P.fail(problems, "inputs do not match")
@@ -464,7 +467,9 @@ def _merge_slices_params(method: str, base: Any, models: Sequence[Any], slices: 
         raise FtjaxError("merge_params: slices must be a list of {sources: [...], parameters: {...}}")
     config = _params_config({"merge_method": method, "parameters": dict(parameters), "slices": [
         {**sl, "sources": [{**src, "model": ref(src.get("model"), f"slices[{i}].sources[{j}]")}
-                           for j, src in enumerate(sl.get("sources") or [])]} for i, sl in enumerate(slices)]},
+                           for j, src in enumerate(sl.get("sources") or [])],
+         **({"base_model": ref(sl["base_model"], f"slices[{i}].base_model")} if sl.get("base_model") is not None
+            else {})} for i, sl in enumerate(slices)]},
         base is not None, out_dtype, tokenizer_source)
     trees = {f"m{i}": flatten(pool[e.model]) for i, e in enumerate(config.models)}
     if base is not None:
