@@ -105,6 +105,13 @@ OTHERS = {
         {"model": "M0"}, {"model": "M1"}, {"model": "M2"}], "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 1.0}},
     "passthrough (scale 0.5)": {"merge_method": "passthrough", "models": [
         {"model": "M0", "parameters": {"scale": 0.5}}]},
+    "task_arithmetic (slices: a base_model per slice, residual_weight)": {
+        "merge_method": "task_arithmetic", "base_model": "B", "slices": [
+            {"sources": [{"model": "B", "layer_range": [0, 1]},
+                         {"model": "M0", "layer_range": [0, 1], "parameters": {"weight": 0.7}}]},
+            {"base_model": "M1", "residual_weight": 0.3,
+             "sources": [{"model": "M1", "layer_range": [1, 2]},
+                         {"model": "M2", "layer_range": [1, 2], "parameters": {"weight": 0.5}}]}]},
 }
 
 
