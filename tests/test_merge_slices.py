@@ -252,8 +252,8 @@ def test_residual_weight_is_accepted_warned_about_and_changes_nothing(deep, tmp_
 
 
 def test_merge_params_takes_a_base_model_per_slice(deep, tmp_path):
-    """merge_params with slices naming their base by model index (and a residual_weight) gives the streamed
-    command's tensors bit for bit."""
+    """merge_params with slices naming their base by model index (and a residual_weight, warned about with a Python
+    UserWarning) gives the streamed command's tensors bit for bit."""
     from ftjax.merge import merge_params
     from ftjax.params import flatten, load_params
 
@@ -264,7 +264,8 @@ def test_merge_params_takes_a_base_model_per_slice(deep, tmp_path):
     slices = [{**sl, "base_model": index[sl["base_model"]],
                "sources": [{**src, "model": index[src["model"]]} for src in sl["sources"]]}
               for sl in _per_slice_bases(a, ta, residual_weight=0.3)["slices"]]
-    got = flatten(merge_params("task_arithmetic", None, [load_params(p)[1] for p in (a, ta)], slices=slices))
+    with pytest.warns(UserWarning, match=r"slices\[1\]: residual_weight 0.3 ignored"):  # as the command prints it
+        got = flatten(merge_params("task_arithmetic", None, [load_params(p)[1] for p in (a, ta)], slices=slices))
     assert sorted(got) == sorted(want)
     for n, x in want.items():
         np.testing.assert_array_equal(bits(np.asarray(got[n])), bits(x), err_msg=n)

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings as _warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -412,7 +413,9 @@ def merge_params(method: str, base: Any, models: Sequence[Any], *, seed: int = D
     ...: scalars, gradients or filter lists as in a mergekit config).
     slices: mergekit's slices form, e.g. [{"sources": [{"model": 0, "layer_range": [0, 8]}, ...], "parameters":
     {...}}, ...], where a source's "model" is an index into `models` (plain pytrees here) or "base"; the output's
-    layers are the slices' layers stacked and renumbered from 0, as `ftjax merge` writes them."""
+    layers are the slices' layers stacked and renumbered from 0, as `ftjax merge` writes them.
+    What the command prints as warnings (a setting without effect, inputs that tie embeddings differently) comes as
+    a UserWarning."""
     from ftjax.params import flatten, nest
 
     if slices is not None:
@@ -481,7 +484,10 @@ def _run_in_memory(config: MergeConfig, trees: dict[str, dict], delta_refs: dict
     """Plan and run `config` over flat trees keyed as the planner keys inputs (base, m{i}, d{j}); flat output."""
     layouts = {k: Layout.of_tree(t) for k, t in trees.items()}
     inputs = _inputs(config, layouts, delta_refs)
-    tasks = plan_tensors(config, inputs, seed=seed)
+    notes = list(config.warnings)
+    tasks = plan_tensors(config, inputs, seed=seed, warnings=notes)
+    for note in notes:  # what the command prints with its report (a setting without effect, tying that differs)
+        _warnings.warn(f"merge_params: {note}", UserWarning, stacklevel=3)
     out = {}
     for t in tasks:
         like = trees[t.refs[0][0]][t.refs[0][1]]
