@@ -207,7 +207,16 @@ REFERENCES = {
     "karcher": lambda t, _n: mr.karcher([t["M0"], t["M1"], t["M2"]]).reshape(np.shape(t["M0"])),
     "model_stock": lambda t, _n: mr.model_stock(t["B"], [t["M0"], t["M1"], t["M2"]]).reshape(np.shape(t["B"])),
     "nearswap": lambda t, _n: mr.nearswap(t["B"], t["M0"], 0.01),
+    "task_arithmetic (slices: a base_model per slice, residual_weight)": lambda t, n: per_slice_bases(t, n),
 }
+
+
+def per_slice_bases(t: dict, name: str) -> np.ndarray:
+    """The per-slice-base config above as mergekit plans it: layer 0 and the embeddings (slices[0]) against B, layer 1,
+    the final norm and the head (slices[-1]) against slice 1's own base M1; residual_weight has no effect."""
+    if name.startswith("model.layers.0.") or "embed_tokens" in name:
+        return mr.task_arithmetic(t["B"], [t["M0"]], [0.7])
+    return mr.task_arithmetic(t["M1"], [t["M2"]], [0.5])
 
 
 def off_reference(label: str, paths: dict[str, Path], out: Path) -> tuple[int, float]:
