@@ -7,12 +7,13 @@ The models of benchmarks/transfer_bench.py (made there if missing): base = its b
 ft_s (base + N(0, 1e-3)) and base_t (an independent random model). Methods, each from one config given to both
 tools (bf16, mergekit's default flags): ties (density 0.5), dare_ties (density 0.5), task_arithmetic, slerp
 (t 0.5), model_stock (`--methods` picks a subset). Every run is a subprocess; rows interleave so background load
-hits all alike. `--cold`: before every run the inputs' pages are dropped from the page cache
-(posix_fadvise DONTNEED after a sync; the dropped share is printed), so every tool and the floor read from disk.
-Peak anonymous RSS sampled as in transfer_bench. I/O floor: read the three inputs once, write one
-output, fsync. Passes: the bytes ftjax read (its record's `bytes_read`) over the size of the inputs the method
-reads (slerp: the base and one model): 1 for one read of each; a statistics pass (ties' radix select, slerp's and model_stock's Gram, dare's L1 norms) reads a tensor
-again unless its float32 inputs fit in ftjax.merge.run.ONE_PASS_BYTES, when it is read once and held.
+hits all alike. `--cold`: before every run the inputs' pages are dropped from the page cache (posix_fadvise
+DONTNEED after a sync; the share still cached is printed), so every tool and the floor read from disk. Peak
+anonymous RSS sampled as in transfer_bench. I/O floor: read the three inputs once, write one output, fsync.
+Passes: the bytes ftjax read (its record's `bytes_read`) over the size of the inputs the method reads (slerp: the
+base and one model): 1 for one read of each; a statistics pass (ties' radix select, slerp's and model_stock's Gram,
+dare's L1 norms) reads a tensor again unless its float32 inputs fit in ftjax.merge.run.ONE_PASS_BYTES, when it is
+read once and held.
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     b, f, t = (str(p) for p in make_models(root, SMALL if args.small else FULL))
     shards = {p: sorted(Path(p).glob("*.safetensors")) for p in (b, f, t)}
-    in_bytes = sum(os.path.getsize(x) for v in shards.values() for x in v)
     inputs = [x for v in shards.values() for x in v]
+    in_bytes = sum(os.path.getsize(x) for x in inputs)
     left: list[float] = []  # --cold: the share of input pages still cached when a run starts
-    for x in (x for v in shards.values() for x in v):  # warm the page cache
+    for x in inputs:  # warm the page cache
         with open(x, "rb") as fh:
             while fh.read(64 << 20):
                 pass
